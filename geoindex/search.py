@@ -1,0 +1,123 @@
+"""FAISS indexes over L2-normalised embeddings (inner product = cosine similarity).
+
+Indexes are built from the embeddings file in row blocks, saved in CPU format (so one file
+serves CPU and GPU machines), and moved to the GPU at load time when there is one.
+"""
+from __future__ import annotations
+
+import math
+
+import faiss
+import numpy as np
+
+from .errors import GeoindexError
+from .fileio import atomic_path
+
+INDEX_TYPES = ("flat", "ivfpq", "hnsw")
+
+
+def default_params(kind: str, n: int, d: int) -> dict:
+    """Parameters from the data's size, after FAISS's own guidelines (nlist ~ 4*sqrt(N), >= 39 points per list)."""
+    if kind == "flat":
+        return {}
+    if kind == "ivfpq":
+        nlist = int(max(1, min(4 * math.sqrt(n), n // 39, 65536)))
+        m = next(m for m in (d // 8, d // 4, d // 2, d, 1) if m >= 1 and d % m == 0)
+        nbits = int(max(1, min(8, math.floor(math.log2(max(2, n // 39))))))
+        return {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": min(nlist, 32)}
+    if kind == "hnsw":
+        return {"M": 32, "efConstruction": 80, "efSearch": 128}
+    raise GeoindexError(f"unknown index type {kind!r}; choose one of {', '.join(INDEX_TYPES)}")
+
+
+def new_index(kind: str, d: int, params: dict) -> faiss.Index:
+    if kind == "flat":
+        return faiss.IndexFlatIP(d)
+    if kind == "ivfpq":
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFPQ(quantizer, d, params["nlist"], params["m"], params["nbits"], faiss.METRIC_INNER_PRODUCT)
+        index.nprobe = params["nprobe"]
+        # Small data sets cannot give k-means its 39 points per centroid; accept that quietly.
+        index.cp.min_points_per_centroid = 1
+        index.pq.cp.min_points_per_centroid = 1
+        return index
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, params["M"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = params["efConstruction"]
+        index.hnsw.efSearch = params["efSearch"]
+        return index
+    raise GeoindexError(f"unknown index type {kind!r}; choose one of {', '.join(INDEX_TYPES)}")
+
+
+def build_from_blocks(kind: str, d: int, n: int, blocks, training_sample=None, params: dict | None = None,
+                      progress: bool = True) -> tuple[faiss.Index, dict]:
+    """Build an index from an iterable of float32 row blocks (added in order, so ids = row numbers)."""
+    from tqdm.auto import tqdm
+
+    params = {**default_params(kind, n, d), **(params or {})}
+    index = new_index(kind, d, params)
+    if not index.is_trained:
+        if training_sample is None:
+            raise GeoindexError(f"a {kind} index needs a training sample")
+        index.train(np.ascontiguousarray(training_sample, dtype=np.float32))
+    with tqdm(total=n, desc=f"indexing ({kind})", unit="vec", disable=not progress) as bar:
+        for block in blocks:
+            index.add(np.ascontiguousarray(block, dtype=np.float32))
+            bar.update(len(block))
+    return index, params
+
+
+def save_index(index: faiss.Index, path) -> None:
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
+
+
+def load_index_file(path) -> faiss.Index:
+    return faiss.read_index(str(path))
+
+
+def gpu_count() -> int:
+    try:
+        return faiss.get_num_gpus()
+    except AttributeError:  # a CPU-only FAISS build
+        return 0
+
+
+def to_gpu(index: faiss.Index) -> faiss.Index:
+    """Move to all GPUs when FAISS sees any (HNSW has no GPU form and stays put)."""
+    if gpu_count() == 0 or isinstance(index, faiss.IndexHNSW):
+        return index
+    options = faiss.GpuMultipleClonerOptions()
+    options.useFloat16 = True  # halves GPU memory for flat/IVF vectors; recall is unaffected at cosine scale
+    options.shard = True
+    return faiss.index_cpu_to_all_gpus(index, co=options)
+
+
+def set_search_params(index: faiss.Index, nprobe: int | None = None, ef_search: int | None = None) -> None:
+    if nprobe is not None:
+        try:
+            faiss.extract_index_ivf(index).nprobe = nprobe
+        except RuntimeError:
+            pass
+    if ef_search is not None and isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = ef_search
+
+
+def exact_search(queries: np.ndarray, blocks, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner product against row blocks, merged block by block (bounded memory)."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(q), k), -1, dtype=np.int64)
+    for start, block in blocks:
+        s, i = faiss.knn(q, np.ascontiguousarray(block, dtype=np.float32), min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+        s_all = np.concatenate([best_s, s], axis=1)
+        i_all = np.concatenate([best_i, i + start], axis=1)
+        top = np.argsort(-s_all, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(s_all, top, 1), np.take_along_axis(i_all, top, 1)
+    return best_s, best_i
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    k = exact_ids.shape[1]
+    hits = sum(len(set(a[:k]) & set(e[e >= 0])) for a, e in zip(approx_ids, exact_ids))
+    return hits / max(1, int((exact_ids >= 0).sum()))

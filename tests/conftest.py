@@ -1,0 +1,55 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Tests never reach the network: a missing weights file must fail fast with its message.
+os.environ["GEOINDEX_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CITIES = ("Barcelona", "London", "Osaka", "PRS")
+
+
+@pytest.fixture(scope="session")
+def gsv_tree(tmp_path_factory):
+    from geoindex.synthetic import make_synthetic_gsv
+    return make_synthetic_gsv(tmp_path_factory.mktemp("gsv") / "GSV-Cities", cities=CITIES, places_per_city=8,
+                              images_per_place=2, image_size=(64, 48))
+
+
+@pytest.fixture
+def index_dir(tmp_path):
+    return tmp_path / "indexes"
+
+
+def write_bad_files(folder: Path, city: str) -> dict[str, str]:
+    """Odd and broken files with GSV-Cities names; returns {kind: path}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+
+    def name(place, tag):
+        return folder / f"{city}_{place:07d}_2020_01_000_41.400000_2.170000_{tag}.jpg"
+
+    files = {k: name(900 + i, k) for i, k in enumerate(["empty", "truncated", "text", "alpha", "gray", "cmyk"])}
+    files["empty"].write_bytes(b"")
+    good = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    good.save(files["truncated"], format="JPEG")
+    data = files["truncated"].read_bytes()
+    files["truncated"].write_bytes(data[: len(data) // 2])
+    files["text"].write_text("this is not a picture\n")
+    rgba = Image.fromarray(rng.integers(0, 255, (48, 64, 4), dtype=np.uint8), "RGBA")
+    rgba.save(files["alpha"], format="PNG")  # a PNG behind a .jpg name, as happens in scraped data
+    good.convert("L").save(files["gray"], format="JPEG")
+    good.convert("CMYK").save(files["cmyk"], format="JPEG")
+    return {k: str(v) for k, v in files.items()}
+
+
+def shared_photos_root():
+    """A GSV-Cities tree in ../shared/data when one is provided, else None (with the reason)."""
+    for candidate in (SHARED / "data" / "gsv_cities", SHARED / "data" / "GSV-Cities", SHARED / "data"):
+        if (candidate / "Images").is_dir():
+            return candidate, ""
+    return None, f"no real street-level photos under {SHARED / 'data'} (see ../shared/README.md)"

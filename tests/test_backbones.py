@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+import torch
+
+from geoindex.backbones import create_backbone, list_backbones
+from geoindex.errors import GeoindexError, WeightsNotFound
+
+DIMS = {"densenet": 1024, "resnet18": 512, "cnn": 512, "clip": 512, "effnet": 1280}
+
+
+def test_registry_lists_every_backbone():
+    assert set(list_backbones()) == set(DIMS)
+    with pytest.raises(GeoindexError, match="unknown backbone"):
+        create_backbone("vgg")
+
+
+@pytest.mark.parametrize("name", sorted(DIMS))
+def test_each_backbone_embeds_to_its_declared_size(name):
+    size = 224 if name == "clip" else 64
+    bb = create_backbone(name, weights="none", image_size=size)
+    assert bb.embed_dim == DIMS[name] and bb.weights.source == "random"
+    with torch.inference_mode():
+        out = bb.model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, DIMS[name])
+
+
+def test_random_weights_are_reproducible():
+    a = create_backbone("resnet18", weights="none", image_size=64)
+    b = create_backbone("resnet18", weights="none", image_size=64)
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_missing_pretrained_weights_name_the_file(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(WeightsNotFound, match=r"densenet121-a639ec97\.pth.*--weights"):
+        create_backbone("densenet")
+    with pytest.raises(WeightsNotFound, match="not found"):
+        create_backbone("resnet18", weights=tmp_path / "missing.pth")
+
+
+def test_weights_file_round_trip(tmp_path):
+    source = create_backbone("resnet18", weights="none", image_size=64)
+    with torch.no_grad():
+        for p in source.model.parameters():
+            p.add_(0.01)
+    path = tmp_path / "r18.pth"
+    torch.save(source.model.state_dict(), path)
+    loaded = create_backbone("resnet18", weights=path, image_size=64)
+    assert loaded.weights.source == "file" and len(loaded.weights.sha256) == 64
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.model(x), source.model.eval()(x))
+    wrong = tmp_path / "cnn.pth"
+    torch.save(create_backbone("cnn", weights="none").model.state_dict(), wrong)
+    with pytest.raises(GeoindexError, match="does not fit"):
+        create_backbone("resnet18", weights=wrong)

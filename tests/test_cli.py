@@ -1,0 +1,97 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import shared_photos_root
+from geoindex.cli import main
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+@pytest.fixture(scope="module")
+def cli_index(gsv_tree, tmp_path_factory):
+    index_dir = tmp_path_factory.mktemp("cli")
+    result = run("build", "--data", gsv_tree, "--backbone", "cnn", "--weights", "none", "--image-size", "64",
+                 "--batch-size", "16", "--workers", "0", "--name", "tiny", "--index-dir", index_dir)
+    assert result.exit_code == 0, result.output
+    assert "index 'tiny' written" in result.output and "SYNTHETIC" in result.output
+    return index_dir
+
+
+def test_build_list_query_json(cli_index, gsv_tree):
+    listed = run("indexes", "--index-dir", cli_index)
+    assert listed.exit_code == 0 and "tiny" in listed.output and "cnn" in listed.output
+
+    photo = next((gsv_tree / "Images" / "Osaka").glob("*.jpg"))
+    text = run("query", photo, "--index-dir", cli_index, "--k", "5")
+    assert text.exit_code == 0, text.output
+    assert "GPS estimate" in text.output and "nearest" in text.output
+
+    out = run("query", photo, photo, "--index", "tiny", "--index-dir", cli_index, "--json")
+    assert out.exit_code == 0, out.output
+    payload = json.loads(out.output)
+    assert payload["backbone"] == "cnn" and len(payload["results"]) == 2
+    first = payload["results"][0]
+    assert len(first["top5"]) == 4 and abs(sum(c["probability"] for c in first["top5"]) - 1) < 1e-4
+    sims = [n["similarity"] for n in first["neighbours"]]
+    assert len(sims) == 5 and sims == sorted(sims, reverse=True) and sims[0] <= 1.001
+    assert -90 <= first["gps"]["lat"] <= 90
+
+
+def test_query_refuses_bad_files_with_one_line(cli_index, tmp_path):
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("hello")
+    env = {**os.environ, "GEOINDEX_HOME": str(cli_index)}
+    for target, message in ((tmp_path / "missing.jpg", "no such file"), (not_image, "not an image")):
+        proc = subprocess.run([sys.executable, "-m", "geoindex.cli", "query", str(target)],
+                              capture_output=True, text=True, env=env)
+        assert proc.returncode != 0
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_query_with_another_backbone_is_refused(cli_index, gsv_tree):
+    photo = next((gsv_tree / "Images" / "Osaka").glob("*.jpg"))
+    result = run("query", photo, "--index-dir", cli_index, "--backbone", "densenet")
+    assert result.exit_code != 0 and "built with backbone 'cnn'" in result.output
+
+
+def test_unknown_index_lists_what_exists(cli_index, gsv_tree):
+    photo = next((gsv_tree / "Images" / "Osaka").glob("*.jpg"))
+    result = run("query", photo, "--index", "nope", "--index-dir", cli_index)
+    assert result.exit_code != 0 and "tiny" in result.output
+
+
+def test_build_and_query_with_real_effnet_weights(gsv_tree, tmp_path):
+    result = run("build", "--data", gsv_tree, "--backbone", "effnet", "--batch-size", "32", "--workers", "0",
+                 "--index-dir", tmp_path)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "GSV-Cities-effnet" / "manifest.json").read_text())
+    assert manifest["weights"]["source"] == "pretrained" and manifest["embed_dim"] == 1280
+    photo = next((gsv_tree / "Images" / "PRS").glob("*.jpg"))
+    out = run("query", photo, "--index-dir", tmp_path, "--json")
+    assert json.loads(out.output)["results"][0]["neighbours"][0]["similarity"] > 0.99
+
+
+def test_end_to_end_on_real_photos_from_shared(tmp_path):
+    root, reason = shared_photos_root()
+    if root is None:
+        print(f"SKIP reason: {reason}")
+        pytest.skip(reason)
+    result = run("build", "--data", root, "--backbone", "effnet", "--per-city", "40", "--index-dir", tmp_path,
+                 "--name", "real")
+    assert result.exit_code == 0, result.output
+    from geoindex.geo_index import load_index
+    index = load_index("real", tmp_path)
+    test = index.store.metadata("test")
+    probs = index.knn_predict(index.store.embeddings("test"))["probs"]
+    accuracy = (probs.argmax(1) == test["label"].to_numpy()).mean()
+    print(f"kNN top-1 on real test photos: {accuracy:.3f}")
+    assert accuracy > 1.5 / len(index.classes)
