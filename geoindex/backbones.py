@@ -349,10 +349,15 @@ def _clip(weights, image_size):
                 f"--weights FILE (an open_clip checkpoint), or --weights none ({type(exc).__name__})") from None
         info = WeightsInfo("pretrained", None, None, f"open_clip {arch} {CLIP_PRETRAINED}")
     else:
-        try:
-            model = open_clip.create_model(arch, pretrained=str(weights))
-        except Exception as exc:
-            raise GeoindexError(f"cannot load CLIP weights from {weights}: {exc}") from None
+        state = _read_state_dict(weights)
+        if any(k.startswith("clip.") for k in state):  # a geoindex fine-tuned image tower
+            model = _seeded(lambda: open_clip.create_model(arch, pretrained=None))
+            _load_strict(_ClipImageTower(model), state, weights)
+        else:
+            try:
+                model = open_clip.create_model(arch, pretrained=str(weights))
+            except Exception as exc:
+                raise GeoindexError(f"cannot load CLIP weights from {weights}: {exc}") from None
         info = _file_weights(weights)
     tokenizer = open_clip.get_tokenizer(arch)
     cfg = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}

@@ -176,6 +176,72 @@ def indexes_command(index_dir, as_json):
 
 
 @main.command()
+@click.option("--index", "index_name", default=None, help="Index name or path [default: the latest built].")
+@click.option("--mode", type=click.Choice(["probe", "finetune"]), default="probe", show_default=True,
+              help="probe: softmax head on the stored embeddings (fast on CPU); finetune: the whole backbone "
+                   "on images with augmentation (wants a GPU).")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="[default: probe 30, finetune 10]")
+@click.option("--lr", type=float, default=None, help="Adam learning rate [default: probe 1e-3, finetune 1e-4].")
+@click.option("--weight-decay", type=float, default=1e-5, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="[default: probe 256, finetune 32]")
+@click.option("--patience", type=click.IntRange(1), default=3, show_default=True,
+              help="Stop after this many epochs without a better validation accuracy.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted fine-tuning from its last checkpoint.")
+@click.option("--workers", type=click.IntRange(0), default=None, help="Decoding processes (finetune).")
+@device_option
+@index_dir_option
+@friendly_errors
+def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resume, workers, device, index_dir):
+    """Train a classifier head; saved with its curves under <index>/heads/<mode>/."""
+    from .geo_index import load_index
+    from .heads import train_finetune, train_probe
+
+    index = load_index(index_name, index_dir, device=device)
+    common = dict(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, patience=patience,
+                  device=device, log=click.echo)
+    if mode == "probe":
+        result = train_probe(index, **common)
+    else:
+        result = train_finetune(index, resume=resume, num_workers=workers, **common)
+    click.echo(f"best validation accuracy {result.best_val_accuracy:.3f} at epoch {result.best_epoch}; "
+               f"head, history.csv and curves.png in {result.folder}")
+
+
+@main.command()
+@click.option("--index", "index_name", default=None, help="Index name or path [default: the latest built].")
+@click.option("--methods", default=",".join(("knn", "classifier", "zeroshot", "hybrid")), show_default=True,
+              help="Comma-separated: knn, classifier, zeroshot, hybrid.")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="[default: <index>/bench/]")
+@click.option("--external", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A second labelled folder (e.g. fresh Street View photos) scored in its own rows.")
+@click.option("--k", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--vote", "vote_method", type=click.Choice(VOTE_METHODS), default="softmax", show_default=True)
+@click.option("--clip-weights", default=None, help="CLIP weights for zero-shot when the index is not a CLIP one "
+              "(a file, or 'none') [default: open_clip's cache].")
+@click.option("--templates", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Prompt templates for the ensemble, one per line with {place}.")
+@click.option("--workers", type=click.IntRange(0), default=None)
+@device_option
+@index_dir_option
+@friendly_errors
+def bench(index_name, methods, split, out, external, k, vote_method, clip_weights, templates, workers, device, index_dir):
+    """Score kNN, classifier heads, CLIP zero-shot and their fusion on the same images, one metrics function."""
+    from .bench import format_table, run_bench
+    from .geo_index import load_index
+
+    index = load_index(index_name, index_dir, device=device)
+    results = run_bench(index, [m.strip() for m in methods.split(",") if m.strip()], split=split, out=out,
+                        external=external, log=click.echo, k=k, vote_method=vote_method, clip_weights=clip_weights,
+                        templates_file=templates, device=device, num_workers=workers)
+    click.echo("")
+    click.echo(format_table(results))
+    if results["synthetic"]:
+        click.secho("NOTE: SYNTHETIC data: these figures say nothing about real photos", fg="yellow")
+    click.echo(f"\nresults.json, results.md and confusion matrices in {results['out']}")
+
+
+@main.command()
 @click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
               help="A GSV-Cities root [default: the sample in ../shared, else a generated tree].")
 @click.option("--backbone", default="auto", show_default=True, type=click.Choice(["auto", *list_backbones()]))

@@ -73,8 +73,10 @@ class EmbeddedBatch:
 class Embedder:
     """Runs a backbone on uint8 batches with the settings that make it fast on the device."""
 
-    def __init__(self, backbone: Backbone, device="auto", amp: bool | None = None, channels_last: bool = True):
+    def __init__(self, backbone: Backbone, device="auto", amp: bool | None = None, channels_last: bool = True,
+                 normalize: bool = True):
         self.backbone = backbone
+        self.normalize = normalize
         self.device = resolve_device(device)
         backbone.to(self.device).model.eval()
         self.amp = (self.device.type == "cuda") if amp is None else amp
@@ -90,15 +92,17 @@ class Embedder:
         dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp):
             features = self.backbone.model(x)
-        return torch.nn.functional.normalize(features.float(), dim=1)
+        features = features.float()
+        return torch.nn.functional.normalize(features, dim=1) if self.normalize else features
 
 
 def iter_embeddings(backbone: Backbone, paths: Sequence[str], batch_size: int = 64, num_workers: int | None = None,
-                    device="auto", amp: bool | None = None, progress: bool = True, desc: str = "embedding") -> Iterator[EmbeddedBatch]:
+                    device="auto", amp: bool | None = None, progress: bool = True, desc: str = "embedding",
+                    normalize: bool = True) -> Iterator[EmbeddedBatch]:
     """Yield embeddings batch by batch, in the order of `paths`; memory stays at one batch."""
     from tqdm.auto import tqdm
 
-    embedder = Embedder(backbone, device, amp)
+    embedder = Embedder(backbone, device, amp, normalize=normalize)
     num_workers = default_num_workers() if num_workers is None else num_workers
     loader = DataLoader(ImageFiles(paths, backbone.transform), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=_collate, pin_memory=embedder.device.type == "cuda",

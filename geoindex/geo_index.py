@@ -171,7 +171,7 @@ class GeoIndex:
         return {"probs": probs, "coords": coords, "similarities": sims, "ids": ids}
 
     def query(self, images, k: int = 20, vote_method: str = "softmax", temperature: float = 0.05,
-              backbone: Backbone | None = None, n_neighbours: int = 5) -> list[Prediction]:
+              backbone: Backbone | None = None, n_neighbours: int = 5, with_classifier: bool = True) -> list[Prediction]:
         """Photos (paths or PIL images) -> one Prediction each. Raises ImageError for an unreadable file."""
         if backbone is not None:
             self.check_backbone(backbone)
@@ -179,6 +179,13 @@ class GeoIndex:
         images = list(images)
         embeddings = backbone.embed(images)
         result = self.knn_predict(embeddings, k, vote_method, temperature)
+        classifier_probs = None
+        if with_classifier:
+            from .heads import load_classifier
+            classifier = load_classifier(self, device=self.device)
+            if classifier is not None:
+                classifier_probs = (classifier.predict_features(embeddings) if classifier.mode == "probe"
+                                    else classifier.predict_images(images))
         predictions = []
         for q, image in enumerate(images):
             probs = result["probs"][q]
@@ -190,8 +197,12 @@ class GeoIndex:
                 row = self._train_meta.iloc[int(i)]
                 neighbours.append(Neighbour(row["path"], row["city"], round(float(sim), 4), float(row["lat"]), float(row["lon"])))
             source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"<image {q}>"
-            predictions.append(Prediction(source, [(self.classes[c], float(probs[c])) for c in top],
-                                          float(result["coords"][q][0]), float(result["coords"][q][1]), neighbours))
+            prediction = Prediction(source, [(self.classes[c], float(probs[c])) for c in top],
+                                    float(result["coords"][q][0]), float(result["coords"][q][1]), neighbours)
+            if classifier_probs is not None:
+                top = np.argsort(-classifier_probs[q])[:5]
+                prediction.classifier = [(self.classes[c], float(classifier_probs[q][c])) for c in top]
+            predictions.append(prediction)
         return predictions
 
 

@@ -1,0 +1,361 @@
+"""Softmax classifier heads: a linear probe on stored embeddings, or a fine-tuned backbone.
+
+Both are saved under `<index>/heads/<mode>/` with their training curves (CSV and PNG), and
+come back as a `Classifier` that gives (N, C) probabilities like every other method.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .backbones import create_backbone
+from .errors import GeoindexError, ImageError
+from .extraction import default_num_workers, iter_embeddings, resolve_device
+from .fileio import atomic_path, write_json_atomic
+from .images import load_image
+
+HEADS = "heads"
+MODES = ("probe", "finetune")
+DEFAULTS = {"probe": {"epochs": 30, "lr": 1e-3, "batch_size": 256},
+            "finetune": {"epochs": 10, "lr": 1e-4, "batch_size": 32}}
+
+
+class ProbeHead(nn.Module):
+    """Standardise with the train split's statistics, then one linear layer."""
+
+    def __init__(self, dim: int, n_classes: int, mean=None, std=None):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim) if mean is None else torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.ones(dim) if std is None else torch.as_tensor(std, dtype=torch.float32))
+        self.linear = nn.Linear(dim, n_classes)
+
+    def forward(self, x):
+        return self.linear((x - self.mean) / self.std)
+
+
+@dataclass
+class TrainResult:
+    mode: str
+    folder: Path
+    history: pd.DataFrame
+    best_epoch: int
+    best_val_accuracy: float
+
+
+def head_folder(index, mode: str) -> Path:
+    return Path(index.path) / HEADS / mode
+
+
+def save_curves(history: pd.DataFrame, folder: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with atomic_path(folder / "history.csv") as tmp:
+        history.to_csv(tmp, index=False)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "val"):
+        ax_loss.plot(history["epoch"], history[f"{split}_loss"], marker="o", label=split)
+        ax_acc.plot(history["epoch"], history[f"{split}_accuracy"], marker="o", label=split)
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(folder / "curves.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+class _EarlyStopping:
+    def __init__(self, patience: int):
+        self.patience, self.best, self.best_epoch, self.bad = patience, -1.0, 0, 0
+
+    def update(self, epoch: int, val_accuracy: float) -> tuple[bool, bool]:
+        """(improved, stop)"""
+        if val_accuracy > self.best:
+            self.best, self.best_epoch, self.bad = val_accuracy, epoch, 0
+            return True, False
+        self.bad += 1
+        return False, self.bad >= self.patience
+
+
+# ---------------------------------------------------------------------------- probe
+def fit_probe(x_train, y_train, x_val, y_val, n_classes: int, epochs: int = 30, lr: float = 1e-3,
+              weight_decay: float = 1e-5, batch_size: int = 256, patience: int = 3, device="cpu", seed: int = 0,
+              log=None) -> tuple[ProbeHead, pd.DataFrame, int, float]:
+    """Train a softmax head on arrays; returns (best head, history, best epoch, best val accuracy)."""
+    device = resolve_device(device)
+    x_train, x_val = torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(x_val, dtype=torch.float32)
+    y_train, y_val = torch.as_tensor(y_train).long(), torch.as_tensor(y_val).long()
+    torch.manual_seed(seed)
+    head = ProbeHead(x_train.shape[1], n_classes, x_train.mean(0), x_train.std(0) + 1e-6).to(device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    stopper, rows, best_state = _EarlyStopping(patience), [], None
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(1, epochs + 1):
+        head.train()
+        order = torch.randperm(len(x_train), generator=generator)
+        total_loss, correct = 0.0, 0
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            xb, yb = x_train[idx].to(device), y_train[idx].to(device)
+            logits = head(xb)
+            loss = loss_fn(logits, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == yb).sum())
+        head.eval()
+        with torch.no_grad():
+            val_logits = head(x_val.to(device))
+            val_loss = float(loss_fn(val_logits, y_val.to(device)))
+            val_acc = float((val_logits.argmax(1).cpu() == y_val).float().mean())
+        rows.append({"epoch": epoch, "train_loss": total_loss / len(order), "train_accuracy": correct / len(order),
+                     "val_loss": val_loss, "val_accuracy": val_acc})
+        improved, stop = stopper.update(epoch, val_acc)
+        if improved:
+            best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+        if log:
+            log(f"probe epoch {epoch:3d}: train loss {rows[-1]['train_loss']:.4f} acc {rows[-1]['train_accuracy']:.3f}"
+                f"  val loss {val_loss:.4f} acc {val_acc:.3f}")
+        if stop:
+            break
+    head.load_state_dict(best_state)
+    return head.cpu().eval(), pd.DataFrame(rows), stopper.best_epoch, stopper.best
+
+
+def train_probe(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=None, patience=3, device="cpu", seed=0,
+                progress=True, log=print) -> TrainResult:
+    """Train a softmax head on the index's stored train embeddings, early-stopped on validation accuracy."""
+    defaults = DEFAULTS["probe"]
+    epochs, lr, batch_size = epochs or defaults["epochs"], lr or defaults["lr"], batch_size or defaults["batch_size"]
+    store = index.store
+    x_train, y_train = store.embeddings("train"), store.labels("train")
+    split = "val" if store.count("val") else "train"
+    head, history, best_epoch, best_acc = fit_probe(x_train, y_train, store.embeddings(split), store.labels(split),
+                                                    len(index.classes), epochs, lr, weight_decay, batch_size, patience,
+                                                    device, seed, log if progress else None)
+    folder = head_folder(index, "probe")
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "head.pt") as tmp:
+        torch.save(head.state_dict(), tmp)
+    save_curves(history, folder, f"linear probe on {index.manifest['backbone']} embeddings ({index.name})")
+    write_json_atomic(folder / "meta.json", {"mode": "probe", "classes": index.classes, "embed_dim": x_train.shape[1],
+                                             "best_epoch": best_epoch, "best_val_accuracy": best_acc,
+                                             "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size})
+    return TrainResult("probe", folder, history, best_epoch, best_acc)
+
+
+# ---------------------------------------------------------------------------- fine-tuning
+class _LabelledImages(Dataset):
+    def __init__(self, paths, labels, transform, augment: bool):
+        from torchvision import transforms
+
+        self.paths, self.labels, self.transform = list(paths), np.asarray(labels), transform
+        # The seed study's augmentations: colour jitter and horizontal flips on top of the resize.
+        self.augment = transforms.Compose([transforms.RandomHorizontalFlip(),
+                                           transforms.ColorJitter(0.2, 0.2, 0.2, 0.02)]) if augment else None
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            img = load_image(self.paths[i], draft_size=self.transform.resize_size)
+        except ImageError:
+            img = None
+        if img is None:  # the build already dropped unreadable files; one that went bad since is masked out
+            return torch.zeros(3, self.transform.image_size, self.transform.image_size, dtype=torch.uint8), -1
+        if self.augment is not None:
+            img = self.augment(img)
+        return self.transform(img), int(self.labels[i])
+
+
+class FineTuneModel(nn.Module):
+    def __init__(self, trunk: nn.Module, dim: int, n_classes: int):
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, x):
+        return self.head(self.trunk(x))
+
+
+def train_finetune(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=None, patience=3, device="auto",
+                   resume=False, num_workers=None, seed=0, progress=True, log=print) -> TrainResult:
+    """Fine-tune the whole backbone with a new linear head (Adam, AMP and channels-last on a GPU).
+
+    A checkpoint is written after every epoch; resume=True continues from it.
+    """
+    from tqdm.auto import tqdm
+
+    defaults = DEFAULTS["finetune"]
+    epochs, lr, batch_size = epochs or defaults["epochs"], lr or defaults["lr"], batch_size or defaults["batch_size"]
+    device = resolve_device(device)
+    folder = head_folder(index, "finetune")
+    checkpoint_path = folder / "checkpoint.pt"
+    if checkpoint_path.exists() and not resume:
+        raise GeoindexError(f"a fine-tuning checkpoint exists in {folder}; pass --resume to continue it, "
+                            "or delete that folder to start over")
+    backbone = create_backbone(index.manifest["backbone"], weights=index._weights_argument(),
+                               image_size=index.manifest["image_size"])
+    torch.manual_seed(seed)
+    model = FineTuneModel(backbone.model, backbone.embed_dim, len(index.classes)).to(device)
+    use_amp = device.type == "cuda"
+    if use_amp:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler(enabled=use_amp)
+    stopper, rows, start_epoch = _EarlyStopping(patience), [], 1
+    if resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        rows, start_epoch = state["history"], state["epoch"] + 1
+        stopper.best, stopper.best_epoch, stopper.bad = state["best"], state["best_epoch"], state["bad"]
+        log(f"resuming fine-tuning after epoch {state['epoch']}")
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {s: index.store.metadata(s) for s in ("train", "val")}
+    if len(meta["val"]) == 0:
+        meta["val"] = meta["train"]
+    num_workers = default_num_workers() if num_workers is None else num_workers
+
+    def loader(split, augment):
+        ds = _LabelledImages(meta[split]["path"], meta[split]["label"], backbone.transform, augment)
+        return DataLoader(ds, batch_size=batch_size, shuffle=augment, num_workers=num_workers,
+                          pin_memory=use_amp, generator=torch.Generator().manual_seed(seed))
+
+    loss_fn = nn.CrossEntropyLoss(ignore_index=-1)
+
+    def run_epoch(data, train: bool, desc: str):
+        model.train(train)
+        total_loss, correct, count = 0.0, 0, 0
+        with torch.set_grad_enabled(train), tqdm(data, desc=desc, disable=not progress, leave=False) as bar:
+            for images, labels in bar:
+                x = backbone.normalize(images.to(device, non_blocking=True))
+                if use_amp:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                labels = labels.to(device)
+                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    logits = model(x)
+                    loss = loss_fn(logits.float(), labels)
+                if train:
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                valid = labels >= 0
+                total_loss += loss.item() * int(valid.sum())
+                correct += int((logits.argmax(1) == labels)[valid].sum())
+                count += int(valid.sum())
+        return total_loss / max(1, count), correct / max(1, count)
+
+    for epoch in range(start_epoch, epochs + 1):
+        started = time.perf_counter()
+        train_loss, train_acc = run_epoch(loader("train", True), True, f"fine-tune epoch {epoch}")
+        val_loss, val_acc = run_epoch(loader("val", False), False, "validation")
+        rows.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
+                     "val_accuracy": val_acc, "seconds": time.perf_counter() - started})
+        improved, stop = stopper.update(epoch, val_acc)
+        if improved:
+            with atomic_path(folder / "backbone.pt") as tmp:
+                torch.save(model.trunk.state_dict(), tmp)
+            with atomic_path(folder / "head.pt") as tmp:
+                torch.save(model.head.state_dict(), tmp)
+        with atomic_path(checkpoint_path) as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                        "epoch": epoch, "history": rows, "best": stopper.best, "best_epoch": stopper.best_epoch,
+                        "bad": stopper.bad}, tmp)
+        save_curves(pd.DataFrame(rows), folder, f"fine-tuned {index.manifest['backbone']} ({index.name})")
+        log(f"fine-tune epoch {epoch:3d}: train loss {train_loss:.4f} acc {train_acc:.3f}  "
+            f"val loss {val_loss:.4f} acc {val_acc:.3f}  ({rows[-1]['seconds']:.0f} s)")
+        if stop:
+            log(f"early stop: no val improvement for {patience} epochs")
+            break
+    write_json_atomic(folder / "meta.json", {"mode": "finetune", "classes": index.classes, "backbone": index.manifest["backbone"],
+                                             "embed_dim": backbone.embed_dim, "best_epoch": stopper.best_epoch,
+                                             "best_val_accuracy": stopper.best, "lr": lr, "weight_decay": weight_decay,
+                                             "batch_size": batch_size, "amp": use_amp})
+    return TrainResult("finetune", folder, pd.DataFrame(rows), stopper.best_epoch, stopper.best)
+
+
+# ---------------------------------------------------------------------------- inference
+class Classifier:
+    """A trained head of an index, giving (N, C) probabilities for embeddings, images, or a stored split."""
+
+    def __init__(self, index, mode: str, device="cpu"):
+        self.index, self.mode = index, mode
+        self.folder = head_folder(index, mode)
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        if self.meta["classes"] != index.classes:
+            raise GeoindexError(f"the {mode} head in {self.folder} was trained for other classes; retrain it")
+        self.device = resolve_device(device)
+        dim, n = self.meta["embed_dim"], len(index.classes)
+        state = torch.load(self.folder / "head.pt", map_location="cpu", weights_only=True)
+        self.head = (ProbeHead(dim, n) if mode == "probe" else nn.Linear(dim, n))
+        self.head.load_state_dict(state)
+        self.head.to(self.device).eval()
+        self._backbone = None
+
+    @property
+    def backbone(self):
+        """The backbone whose features the head reads: the index's own (probe) or the fine-tuned one."""
+        if self._backbone is None:
+            if self.mode == "probe":
+                self._backbone = self.index.backbone
+            else:
+                self._backbone = create_backbone(self.index.manifest["backbone"], weights=self.folder / "backbone.pt",
+                                                 image_size=self.index.manifest["image_size"], device=self.device)
+        return self._backbone
+
+    @torch.no_grad()
+    def predict_features(self, features: np.ndarray) -> np.ndarray:
+        logits = self.head(torch.as_tensor(np.asarray(features, dtype=np.float32), device=self.device))
+        return logits.softmax(1).cpu().numpy().astype(np.float64)
+
+    def predict_paths(self, paths, batch_size=64, num_workers=None, progress=True) -> np.ndarray:
+        normalize = self.mode == "probe"  # the probe was trained on stored (L2-normalised) embeddings
+        out = np.full((len(paths), len(self.index.classes)), 1.0 / len(self.index.classes))
+        for item in iter_embeddings(self.backbone, list(paths), batch_size=batch_size, num_workers=num_workers,
+                                    device=self.device, progress=progress, desc=f"classifier ({self.mode})",
+                                    normalize=normalize):
+            if item.ok.any():
+                out[item.positions[item.ok]] = self.predict_features(item.embeddings)
+        return out
+
+    def predict_split(self, split: str, **kwargs) -> np.ndarray:
+        if self.mode == "probe":
+            return self.predict_features(self.index.store.embeddings(split))
+        return self.predict_paths(self.index.store.metadata(split)["path"].tolist(), **kwargs)
+
+    def predict_images(self, images) -> np.ndarray:
+        if self.mode == "probe":
+            return self.predict_features(self.backbone.embed(images))
+        return self.predict_features(self.backbone.embed(images, normalize=False))
+
+
+def available_heads(index) -> list[str]:
+    return [m for m in MODES if (head_folder(index, m) / "meta.json").is_file()]
+
+
+def load_classifier(index, mode: str | None = None, device="cpu") -> Classifier | None:
+    """The requested head, else the fine-tuned one, else the probe; None when none is trained."""
+    modes = [mode] if mode else ["finetune", "probe"]
+    for m in modes:
+        if (head_folder(index, m) / "meta.json").is_file():
+            return Classifier(index, m, device)
+    return None

@@ -1,0 +1,108 @@
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import shared_photos_root
+from geoindex.backbones import create_backbone
+from geoindex.cli import main
+from geoindex.errors import GeoindexError
+from geoindex.zeroshot import ZeroShotClassifier, place_name, read_templates
+
+
+def test_place_names_spell_out_codes():
+    assert place_name("PRS", "city_country") == "Paris, France"
+    assert place_name("TRT", "city") == "Toronto"
+    assert place_name("OSL", "country") == "Norway"
+    assert place_name("PRG", "city_country") == "Prague, Czech Republic"
+
+
+@pytest.fixture(scope="module")
+def random_clip():
+    return create_backbone("clip", weights="none")
+
+
+def test_country_format_merges_cities_of_one_country(random_clip):
+    zs = ZeroShotClassifier(random_clip, ["Boston", "Chicago", "PRS"], "country")
+    assert zs.labels == ["United States", "France"]
+    assert zs.map_labels(np.array([0, 1, 2])).tolist() == [0, 0, 1]
+    probs = zs.predict(np.random.default_rng(0).normal(size=(3, 512)))
+    assert probs.shape == (3, 2) and np.allclose(probs.sum(1), 1)
+
+
+def test_prompts_follow_the_text_tower(random_clip):
+    # Text embeddings must equal a direct encode of the prompt, or zero-shot silently scores garbage.
+    import torch
+    zs = ZeroShotClassifier(random_clip, ["Rome"], "city_country", ["a photo in {place}."])
+    model, tok = random_clip.extras["clip_model"], random_clip.extras["tokenizer"]
+    with torch.inference_mode():
+        direct = torch.nn.functional.normalize(model.encode_text(tok(["a photo in Rome, Italy."])).float(), dim=-1)
+    np.testing.assert_allclose(zs.text_embeddings, direct.numpy(), atol=1e-5)
+
+
+def test_templates_file(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("# mine\na view of {city}\n\nstreets of {place}\n")
+    assert read_templates(f) == ["a view of {place}", "streets of {place}"]
+    f.write_text("no field here\n")
+    with pytest.raises(GeoindexError):
+        read_templates(f)
+
+
+def test_bench_end_to_end_every_method_on_the_same_ids(gsv_tree, tmp_path):
+    runner = CliRunner()
+    build = runner.invoke(main, ["build", "--data", str(gsv_tree), "--backbone", "resnet18", "--weights", "none",
+                                 "--image-size", "64", "--workers", "0", "--name", "b", "--index-dir", str(tmp_path)])
+    assert build.exit_code == 0, build.output
+    out = tmp_path / "bench-out"
+    external = gsv_tree / "Images"  # a <city>/*.jpg folder, as a user's fresh photos would be
+    result = runner.invoke(main, ["bench", "--index", "b", "--index-dir", str(tmp_path), "--out", str(out),
+                                  "--clip-weights", "none", "--workers", "0", "--external", str(external)])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    for set_name, n in (("test", 8), ("external", 64)):
+        block = results["sets"][set_name]
+        methods = block["methods"]
+        assert {"knn", "classifier:probe", "zeroshot:city_country", "zeroshot:city", "zeroshot:country",
+                "zeroshot:ensemble", "hybrid"} <= set(methods), block["skipped"]
+        assert {m["ids_sha256"] for m in methods.values()} == {block["ids_sha256"]}
+        assert all(m["n"] == n for m in methods.values())
+        assert methods["zeroshot:country"]["level"] == "country" and len(methods["zeroshot:country"]["classes"]) == 4
+    # A plain <city>/*.jpg folder has no coordinates: distance figures must say so, not invent them.
+    assert np.isfinite(results["sets"]["test"]["methods"]["knn"]["median_km"])
+    assert results["sets"]["external"]["methods"]["knn"]["n_located"] == 0
+    assert (out / "results.md").read_text().count("| test |") == 7
+    assert (out / "confusion_test_knn.png").read_bytes()[:4] == b"\x89PNG"
+    assert "accuracy" in result.output and "hybrid" in result.output
+
+
+def test_zeroshot_without_clip_weights_is_reported_not_fatal(tmp_path, gsv_tree):
+    runner = CliRunner()
+    runner.invoke(main, ["build", "--data", str(gsv_tree), "--backbone", "cnn", "--weights", "none", "--image-size",
+                         "32", "--workers", "0", "--name", "c", "--index-dir", str(tmp_path)])
+    result = runner.invoke(main, ["bench", "--index", "c", "--index-dir", str(tmp_path), "--methods", "knn,zeroshot",
+                                  "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "c" / "bench" / "results.json").read_text())
+    assert "knn" in results["sets"]["test"]["methods"]
+    assert "CLIP" in results["sets"]["test"]["skipped"]["zeroshot"]
+
+
+def test_real_clip_zero_shot_beats_chance_on_shared_photos(tmp_path):
+    root, reason = shared_photos_root()
+    if root is None:
+        print(f"SKIP reason: {reason}")
+        pytest.skip(reason)
+    try:
+        create_backbone("clip")
+    except GeoindexError as exc:
+        print(f"SKIP reason: {exc}")
+        pytest.skip(f"no CLIP weights on this machine: {exc}")
+    runner = CliRunner()
+    runner.invoke(main, ["build", "--data", str(root), "--backbone", "clip", "--per-city", "30", "--name", "z",
+                         "--index-dir", str(tmp_path)])
+    runner.invoke(main, ["bench", "--index", "z", "--index-dir", str(tmp_path), "--methods", "zeroshot"])
+    results = json.loads((tmp_path / "z" / "bench" / "results.json").read_text())
+    zs = results["sets"]["test"]["methods"]["zeroshot:city_country"]
+    assert zs["accuracy"] > 3 / len(zs["classes"])
