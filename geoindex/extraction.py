@@ -59,7 +59,14 @@ def _collate(items):
 
 
 def _worker_init(_):
+    # One thread per decoder, and a lower priority: on a small CPU the model's threads are the
+    # bottleneck, and a decoder that preempts them stalls every thread of the parallel region.
+    # The prefetch queue lets decoders catch up in the gaps.
     torch.set_num_threads(1)
+    try:
+        os.nice(10)
+    except OSError:
+        pass
 
 
 @dataclass
