@@ -8,7 +8,7 @@ import resource
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("GEOINDEX_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def peak_rss_mb() -> float:

