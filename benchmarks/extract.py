@@ -123,7 +123,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--weights", default="none", help="'none' (random; same speed as real ones) or a file")
-    parser.add_argument("--n", type=int, default=256, help="images per measurement")
+    parser.add_argument("--n", type=int, default=512, help="images per measurement")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs of each")
     parser.add_argument("--workers", type=int, default=None)

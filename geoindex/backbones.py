@@ -84,19 +84,18 @@ class Backbone:
         """PIL image -> normalised float (3,H,W): the exact input the pipeline feeds the model."""
         return self.normalize(self.transform(img).unsqueeze(0))[0]
 
-    @torch.inference_mode()
     def embed(self, images, normalize: bool = True) -> np.ndarray:
-        """Embed PIL images or file paths directly (no DataLoader); float32 (N, D)."""
+        """Embed PIL images or file paths in one batch, exactly as an index build does; float32 (N, D).
+
+        Raises ImageError for an unreadable file (a build skips those instead).
+        """
+        from .extraction import Embedder
         from .images import load_image
 
         tensors = [self.transform(img if not isinstance(img, (str, os.PathLike)) else
                                   load_image(img, draft_size=self.transform.resize_size)) for img in images]
-        self.model.eval()
-        batch = self.normalize(torch.stack(tensors).to(self.device))
-        features = self.model(batch).float()
-        if normalize:
-            features = torch.nn.functional.normalize(features, dim=1)
-        return features.cpu().numpy()
+        embedder = Embedder(self, device=self.device, normalize=normalize)
+        return embedder(torch.stack(tensors)).cpu().numpy()
 
 
 @dataclass(frozen=True)

@@ -119,21 +119,18 @@ def query(photos, index_name, k, vote_method, temperature, backbone, as_json, de
     from .geo_index import load_index
     from .images import load_image
 
-    images = []
     for photo in photos:  # check every file before loading a model, and name the bad one
         if not Path(photo).is_file():
             raise click.ClickException(f"{photo}: no such file")
         try:
-            images.append(load_image(photo))
+            load_image(photo)
         except ImageError as exc:
             raise click.ClickException(f"{photo}: {exc}") from None
     index = load_index(index_name, index_dir, device=device)
     if backbone is not None and backbone != index.manifest["backbone"]:
         raise BackboneMismatch(f"index {index.name!r} was built with backbone {index.manifest['backbone']!r}, "
                                f"not {backbone!r}; query it without --backbone or build one with {backbone!r}")
-    predictions = index.query(images, k=k, vote_method=vote_method, temperature=temperature)
-    for prediction, photo in zip(predictions, photos):
-        prediction.source = photo
+    predictions = index.query(list(photos), k=k, vote_method=vote_method, temperature=temperature)
     if as_json:
         click.echo(json.dumps({"index": index.name, "backbone": index.manifest["backbone"],
                                "results": [p.to_dict() for p in predictions]}, indent=2))
@@ -266,10 +263,14 @@ def demo(data, backbone, per_city, device, index_dir):
     for prediction, truth in zip(index.query(list(sample["path"])), sample["city"]):
         click.echo(f"query {Path(prediction.source).name}: predicted {display_name(prediction.city)} "
                    f"(p={prediction.cities[0][1]:.2f}), truth {display_name(truth)}")
-    result = index.knn_predict(index.store.embeddings("test"))
-    accuracy = float((result["probs"].argmax(1) == test["label"].to_numpy()).mean())
-    click.echo(f"kNN top-1 accuracy on the {len(test)} test images: {accuracy:.3f}"
-               + ("  (SYNTHETIC data: meaningless)" if synthetic else ""))
+    from .bench import format_table, run_bench
+
+    click.echo("\nscoring kNN, a linear-probe classifier, CLIP zero-shot and their fusion on the test split:")
+    results = run_bench(index, log=click.echo, device=device)
+    click.echo(format_table(results))
+    click.echo(f"results in {results['out']}")
+    if synthetic:
+        click.secho("NOTE: SYNTHETIC data: these figures are meaningless; pass --data for real ones", fg="yellow")
 
 
 @main.command("backbones")

@@ -7,11 +7,13 @@ import textwrap
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from conftest import write_bad_files
 from geoindex import build_index, create_backbone
 from geoindex.errors import BackboneMismatch, GeoindexError
 from geoindex.geo_index import load_index
+from geoindex.images import load_image
 
 FAST = dict(backbone="resnet18", weights="none", image_size=64, batch_size=8, num_workers=0, progress=False)
 
@@ -41,7 +43,10 @@ def test_stored_embeddings_match_a_direct_forward_pass(built):
     with h5py.File(report.path / "embeddings.h5") as f:
         paths = f["test"]["path"].asstr()[:5]
         stored = f["test"]["embeddings"][:5].astype(np.float32)
-    direct = bb.embed(list(paths))
+    # The reference is computed by hand: decode, preprocess, forward, L2-normalise, no geoindex pipeline.
+    x = torch.stack([bb.preprocess(load_image(p, draft_size=bb.transform.resize_size)) for p in paths])
+    with torch.inference_mode():
+        direct = torch.nn.functional.normalize(bb.model.eval()(x), dim=1).numpy()
     np.testing.assert_allclose(stored, direct, atol=2e-3)  # float16 storage
     np.testing.assert_allclose(np.linalg.norm(stored, axis=1), 1, atol=2e-3)
 
