@@ -1,6 +1,7 @@
 """Shared helpers for the benchmark scripts: timing, peak memory, machine facts, saving results."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import platform
@@ -12,8 +13,16 @@ RESULTS = Path(os.environ.get("GEOINDEX_BENCH_RESULTS") or Path(__file__).resolv
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process (ru_maxrss is KiB on Linux)."""
+    """Peak resident memory of this process: VmHWM, not ru_maxrss, which a child inherits from the
+    parent it was forked from (so a small child of a big parent would report the parent's peak)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+PEAK_RSS_SOURCE = inspect.getsource(peak_rss_mb) + "\n"  # pasted into child scripts
 
 
 def current_rss_mb() -> float:

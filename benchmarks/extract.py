@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, peak_rss_mb, save  # noqa: E402
+from common import PEAK_RSS_SOURCE, Timer, peak_rss_mb, save  # noqa: E402
 
 from geoindex.backbones import create_backbone  # noqa: E402
 from geoindex.extraction import Embedder, iter_embeddings, resolve_device  # noqa: E402
@@ -96,8 +96,7 @@ t = time.perf_counter()
 r = build_index(root, name="mem", index_dir=out, backbone=backbone, weights="none", progress=False, overwrite=True,
                 log=lambda m: None)
 print(json.dumps({"n": sum(r.manifest["counts"].values()), "seconds": time.perf_counter() - t,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "workers_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_mb()}))
 """
 
 
@@ -114,7 +113,7 @@ def memory_run(workdir: Path, n: int, backbone: str) -> dict:
             target = folder / f"{city}_{i:07d}_2020_01_000_{40 + c}.0_{c}.0_pano{i}.jpg"
             if not target.exists():
                 target.hardlink_to(photos[(i + c) % len(photos)])
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(root), str(workdir / "idx"), backbone],
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS_SOURCE + CHILD, str(root), str(workdir / "idx"), backbone],
                           capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -161,8 +160,7 @@ def main():
     if args.memory_sizes:
         runs = [memory_run(workdir, int(s), args.backbone) for s in args.memory_sizes.split(",")]
         for r in runs:
-            print(f"full build of {r['n']:6d} images: peak RSS {r['peak_rss_mb']:7.1f} MB "
-                  f"(decoder worker {r['workers_peak_rss_mb']:.1f} MB), {r['seconds']:.0f} s")
+            print(f"full build of {r['n']:6d} images: peak RSS {r['peak_rss_mb']:7.1f} MB, {r['seconds']:.0f} s")
         results["memory"] = runs
         spread = max(r["peak_rss_mb"] for r in runs) / min(r["peak_rss_mb"] for r in runs) - 1
         results["memory_peak_spread"] = spread

@@ -26,7 +26,7 @@ from .data import SPLITS, prepare_records, scan_dataset
 from .errors import GeoindexError
 from .extraction import default_num_workers, iter_embeddings, resolve_device
 from .fileio import atomic_path, index_home, write_json_atomic
-from .search import INDEX_TYPES, build_from_blocks, exact_search, recall_at_k, save_index
+from .search import INDEX_TYPES, build_from_blocks, exact_search, recall_at_k, save_index, search
 from .store import EmbeddingStore, create_store, write_metadata
 from .synthetic import SYNTHETIC_MARKER
 
@@ -297,7 +297,7 @@ def _build_faiss(store: EmbeddingStore, out: Path, index_type: str, index_params
         rows = np.arange(min(recall_queries, store.count(split)))
         queries = store.embeddings(split, rows)
         kk = min(k, n)
-        _, approx = index.search(queries, kk)
+        _, approx = search(index, queries, kk, store.memmap("train"), int(params.get("rerank", 1)))
         _, exact = exact_search(queries, store.iter_blocks("train"), kk)
         info[f"recall@{kk}"] = round(recall_at_k(approx, exact), 4)
     return info

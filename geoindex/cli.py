@@ -252,12 +252,22 @@ def demo(data, backbone, per_city, device, index_dir):
     from .demo import find_demo_data
     from .geo_index import load_index
 
+    from .errors import IndexNotFound
+    from .geo_index import resolve_index_path
+
     root, synthetic = find_demo_data(data, log=click.echo)
-    name = "demo-synthetic" if synthetic else None
-    report = build_index(root, name=name, backbone=backbone, per_city=per_city, device=device, index_dir=index_dir,
-                         overwrite=synthetic, log=click.echo)
-    click.echo(f"built {report.name!r}: {report.manifest['counts']}, {report.images_per_second:.1f} images/s")
-    index = load_index(report.path, device=device)
+    name = "demo-synthetic" if synthetic else f"demo-{Path(root).resolve().name}-{backbone}"
+    try:  # a second demo on the same real data reuses its index instead of re-embedding everything
+        path = None if synthetic else resolve_index_path(name, index_dir)
+        click.echo(f"reusing index {name!r} (delete {path} to rebuild it)")
+    except IndexNotFound:
+        path = None
+    if path is None:
+        report = build_index(root, name=name, backbone=backbone, per_city=per_city, device=device,
+                             index_dir=index_dir, overwrite=synthetic, log=click.echo)
+        click.echo(f"built {report.name!r}: {report.manifest['counts']}, {report.images_per_second:.1f} images/s")
+        path = report.path
+    index = load_index(path, device=device)
     test = index.store.metadata("test")
     sample = test.groupby("city").head(1).head(3)
     for prediction, truth in zip(index.query(list(sample["path"])), sample["city"]):

@@ -19,7 +19,7 @@ from .cities import display_name
 from .errors import BackboneMismatch, GeoindexError, IndexNotFound
 from .extraction import resolve_device
 from .fileio import index_home
-from .search import load_index_file, set_search_params, to_gpu
+from .search import load_index_file, search, set_search_params, to_gpu
 from .store import EmbeddingStore
 from .voting import estimate_locations, vote
 
@@ -101,6 +101,9 @@ class GeoIndex:
         index = load_index_file(self.path / FAISS_INDEX)
         self.index = to_gpu(index) if self.device.type == "cuda" else index
         self._train_meta = self.store.metadata("train")
+        params = self.manifest["index"].get("params") or {}
+        self.rerank_factor = int(params.get("rerank", 1))
+        self._refine_vectors = self.store.memmap("train") if self.rerank_factor > 1 else None
         self._backbone: Backbone | None = None
 
     @classmethod
@@ -157,7 +160,7 @@ class GeoIndex:
             raise BackboneMismatch(f"index {self.name!r} holds {self.manifest['embed_dim']}-d embeddings; "
                                    f"got shape {embeddings.shape}")
         set_search_params(self.index, nprobe=nprobe)
-        return self.index.search(embeddings, min(k, self.index.ntotal))
+        return search(self.index, embeddings, k, self._refine_vectors, self.rerank_factor)
 
     def knn_predict(self, embeddings: np.ndarray, k: int = 20, vote_method: str = "softmax", temperature: float = 0.05,
                     gps_method: str = "mean") -> dict:

@@ -29,9 +29,9 @@ def create_store(path, counts: dict[str, int], embed_dim: int, dtype: str, class
     for split in SPLITS:
         n = counts.get(split, 0)
         g = f.create_group(split)
-        chunk_rows = max(1, min(n, max(1, (1 << 20) // (embed_dim * np.dtype(dtype).itemsize))))
-        g.create_dataset("embeddings", shape=(n, embed_dim), dtype=dtype,
-                         chunks=(chunk_rows, embed_dim) if n else None)
+        # Contiguous, uncompressed: readers can memory-map the rows (exact re-ranking after a
+        # compressed search reads a few rows per query straight from the page cache).
+        g.create_dataset("embeddings", shape=(n, embed_dim), dtype=dtype, chunks=None)
         g.create_dataset("path", shape=(n,), dtype=STRING)
         g.create_dataset("city", shape=(n,), dtype=STRING)
         g.create_dataset("label", shape=(n,), dtype=np.int32)
@@ -79,6 +79,14 @@ class EmbeddingStore:
             return data[...].astype(np.float32)
         uniq, inverse = np.unique(np.asarray(rows), return_inverse=True)  # h5py wants sorted, unique rows
         return data[uniq].astype(np.float32)[inverse]
+
+    def memmap(self, split: str) -> np.ndarray | None:
+        """A read-only memory map of a split's embeddings, or None where the layout does not allow one."""
+        data = self.file[split]["embeddings"]
+        offset = data.id.get_offset()
+        if offset is None or data.chunks is not None or data.compression is not None:
+            return None
+        return np.memmap(self.path, dtype=data.dtype, mode="r", offset=offset, shape=data.shape)
 
     def iter_blocks(self, split: str, block_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         data = self.file[split]["embeddings"]
