@@ -216,6 +216,9 @@ def default_weights_available(name: str) -> bool:
     """Whether `create_backbone(name)` would find pretrained weights without downloading."""
     if name == "effnet":
         return True
+    if name == "clip":
+        import open_clip
+        return _cached_clip_file(open_clip, os.environ.get("GEOINDEX_CLIP_ARCH", CLIP_ARCH)) is not None
     if name in ("densenet", "resnet18"):
         from torchvision import models
         tv = {"densenet": models.DenseNet121_Weights.IMAGENET1K_V1, "resnet18": models.ResNet18_Weights.IMAGENET1K_V1}[name]
@@ -323,6 +326,38 @@ class _ClipImageTower(nn.Module):
         return self.clip.encode_image(x)
 
 
+def _cached_clip_file(open_clip, arch) -> str | None:
+    """The pretrained CLIP file if open_clip's caches already hold it (Hugging Face hub or the OpenAI URL cache)."""
+    cfg = open_clip.get_pretrained_cfg(arch, CLIP_PRETRAINED)
+    repo = (cfg.get("hf_hub") or "").strip("/")
+    if repo:
+        from huggingface_hub import try_to_load_from_cache
+        for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            found = try_to_load_from_cache(repo, filename)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+    url = cfg.get("url")
+    if url:
+        candidate = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def _clip_from_cache_then_hub(open_clip, arch):
+    """The cache first, with no network round trip; the hub only when we may download.
+
+    Checking the cache by hand matters: huggingface_hub reads HF_HUB_OFFLINE once at import, and
+    a blocked network otherwise costs about a minute of retries before the error.
+    """
+    cached = _cached_clip_file(open_clip, arch)
+    if cached:
+        return open_clip.create_model(arch, pretrained=cached)
+    if offline():
+        raise FileNotFoundError("not cached, and downloads are off (GEOINDEX_OFFLINE / HF_HUB_OFFLINE)")
+    return open_clip.create_model(arch, pretrained=CLIP_PRETRAINED)
+
+
 CLIP_ARCH = "ViT-B-32"
 CLIP_PRETRAINED = "openai"
 
@@ -340,7 +375,7 @@ def _clip(weights, image_size):
     elif weights is None:
         cfg = open_clip.get_pretrained_cfg(arch, CLIP_PRETRAINED)
         try:
-            model = open_clip.create_model(arch, pretrained=CLIP_PRETRAINED)
+            model = _clip_from_cache_then_hub(open_clip, arch)
         except Exception as exc:
             raise WeightsNotFound(
                 f"CLIP {arch}/{CLIP_PRETRAINED} weights are not in open_clip's cache (Hugging Face hub repo "

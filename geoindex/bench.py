@@ -256,9 +256,12 @@ def results_table(results: dict) -> list[list[str]]:
             table.append([set_name, method, m["level"], str(m["n"]), _fmt(m["accuracy"]), _fmt(m.get("top5_accuracy")),
                           _fmt(m["macro_f1"]), _fmt(m["weighted_f1"]), _fmt(m.get("median_km"), "{:.1f}"),
                           _fmt(m.get("within_25km"))])
-        for method, reason in block["skipped"].items():
-            table.append([set_name, method, "skipped", "-", reason[:60], "", "", "", "", ""])
     return table
+
+
+def skipped_lines(results: dict) -> list[str]:
+    return [f"{set_name}: {method} skipped: {reason}" for set_name, block in results["sets"].items()
+            for method, reason in block["skipped"].items()]
 
 
 def results_markdown(results: dict) -> str:
@@ -268,6 +271,7 @@ def results_markdown(results: dict) -> str:
         lines += ["**Synthetic data: these figures say nothing about real photos.**", ""]
     lines += ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
     lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
+    lines += [""] + [f"- {line}" for line in skipped_lines(results)]
     lines += ["", "Every row is scored by `geoindex.metrics.evaluate` on the same image ids "
               "(see `ids_sha256` in results.json). Country-level zero-shot is scored on countries."]
     return "\n".join(lines) + "\n"
@@ -276,7 +280,8 @@ def results_markdown(results: dict) -> str:
 def format_table(results: dict) -> str:
     table = results_table(results)
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in table)
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    return "\n".join(lines + skipped_lines(results))
 
 
 def plot_confusion(metrics: dict, path: Path, title: str) -> None:
