@@ -180,10 +180,14 @@ def _file_weights(path) -> WeightsInfo:
     return WeightsInfo("file", path, file_sha256(path), f"state dict from {path}")
 
 
+def _torchvision_cache_path(tv_weights) -> Path:
+    """Where torchvision's own download puts this weights file."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(tv_weights.url)
+
+
 def _torchvision_pretrained(model: nn.Module, tv_weights, label: str) -> WeightsInfo:
     """Load torchvision weights from its hub cache, downloading only when online."""
-    filename = os.path.basename(tv_weights.url)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    cached = _torchvision_cache_path(tv_weights)
     if not cached.is_file():
         missing = (f"{label} ImageNet weights are not in torchvision's cache: expected {cached} "
                    f"(download {tv_weights.url} to that path, pass --weights FILE, or --weights none)")
@@ -222,7 +226,7 @@ def default_weights_available(name: str) -> bool:
     if name in ("densenet", "resnet18"):
         from torchvision import models
         tv = {"densenet": models.DenseNet121_Weights.IMAGENET1K_V1, "resnet18": models.ResNet18_Weights.IMAGENET1K_V1}[name]
-        return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(tv.url)).is_file()
+        return _torchvision_cache_path(tv).is_file()
     return False
 
 

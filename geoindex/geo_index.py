@@ -105,6 +105,7 @@ class GeoIndex:
         self.rerank_factor = int(params.get("rerank", 1))
         self._refine_vectors = self.store.memmap("train") if self.rerank_factor > 1 else None
         self._backbone: Backbone | None = None
+        self._classifier = None
 
     @classmethod
     def open(cls, name_or_path=None, index_dir=None, device="auto") -> "GeoIndex":
@@ -153,6 +154,14 @@ class GeoIndex:
             raise BackboneMismatch(f"index {self.name!r} expects {m['image_size']} px images and {m['embed_dim']}-d "
                                    f"embeddings; got {backbone.image_size} px and {backbone.embed_dim}-d")
 
+    @property
+    def classifier(self):
+        """The index's trained head (fine-tuned first, else probe), loaded once; None until one is trained."""
+        if self._classifier is None:  # None is not cached: a head trained later is picked up
+            from .heads import load_classifier
+            self._classifier = load_classifier(self, device=self.device)
+        return self._classifier
+
     # --------------------------------------------------------------- search
     def search(self, embeddings: np.ndarray, k: int = 20, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
@@ -184,8 +193,7 @@ class GeoIndex:
         result = self.knn_predict(embeddings, k, vote_method, temperature)
         classifier_probs = None
         if with_classifier:
-            from .heads import load_classifier
-            classifier = load_classifier(self, device=self.device)
+            classifier = self.classifier
             if classifier is not None:
                 classifier_probs = (classifier.predict_features(embeddings) if classifier.mode == "probe"
                                     else classifier.predict_images(images))
