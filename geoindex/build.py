@@ -108,6 +108,7 @@ def build_index(data, name: str | None = None, backbone: str | Backbone = "auto"
                 num_workers: int | None = None, device: str = "auto", index_type: str = "flat",
                 index_params: dict | None = None, seed: int = 0, fractions=(0.8, 0.1, 0.1), dtype: str = "float16",
                 overwrite: bool = False, progress: bool = True, checkpoint_rows: int = 2048,
+                split_by: str = "auto", cell_km: float = 1.0, follow_symlinks: bool = False,
                 checkpoint_seconds: float = 30.0, on_batch: Callable[[int], None] | None = None,
                 log: Callable[[str], None] = print) -> BuildReport:
     """Embed every image of a dataset and index the train split; returns a BuildReport.
@@ -122,13 +123,21 @@ def build_index(data, name: str | None = None, backbone: str | Backbone = "auto"
     if isinstance(backbone, str) and backbone == "auto":
         backbone, reason = choose_default_backbone()
         log(f"backbone: {backbone} ({reason})")
-    dataset = scan_dataset(data)
-    records = prepare_records(dataset, seed=seed, fractions=fractions, per_city=per_city)
+    dataset = scan_dataset(data, follow_symlinks=follow_symlinks)
+    records, split_info = prepare_records(dataset, seed=seed, fractions=fractions, per_city=per_city,
+                                          split_by=split_by, cell_km=cell_km)
+    for note in dataset.notes:
+        log(f"data: {note}")
+    log(f"split: by {split_info.by}" + (f" ({cell_km:g} km cells)" if split_info.by == "cell" else ""))
+    if split_info.warning:
+        log(f"WARNING: {split_info.warning}")
+    if split_info.small_cities:
+        log(f"WARNING: too few places/cells for train, val and test in: {', '.join(split_info.small_cities)}")
     synthetic = (Path(dataset.root) / SYNTHETIC_MARKER).exists()
     device = resolve_device(device)
     if isinstance(backbone, str):
         backbone = create_backbone(backbone, weights=weights, image_size=image_size, device=device)
-    name = name or f"{Path(dataset.root).resolve().name}-{backbone.name}"
+    name = name or f"{Path(data).expanduser().resolve().stem}-{backbone.name}"
     out = index_home(index_dir) / name
     if (out / MANIFEST).exists():
         if not overwrite:
@@ -162,7 +171,7 @@ def build_index(data, name: str | None = None, backbone: str | Backbone = "auto"
                                          progress, checkpoint_rows, checkpoint_seconds, on_batch, report)
     manifest = _finish(out, records, checkpoints, backbone, dataset, plan, index_type, index_params, progress, report,
                        dict(seed=seed, fractions=list(fractions), per_city=per_city, batch_size=batch_size,
-                            device=str(device), synthetic=synthetic))
+                            device=str(device), synthetic=synthetic, split_info=split_info))
     shutil.rmtree(partial)
     report.manifest = manifest
     return report
@@ -261,8 +270,7 @@ def _finish(out: Path, records: pd.DataFrame, checkpoints: _Checkpoints, backbon
         "data_root": str(Path(dataset.root).resolve()),
         "layout": dataset.layout,
         "synthetic": settings.pop("synthetic"),
-        "split": {"seed": settings["seed"], "fractions": settings["fractions"], "by": "place_id" if dataset.layout == "gsv-cities" else "image",
-                  "per_city": settings["per_city"]},
+        "split": settings.pop("split_info").to_dict() | {"per_city": settings["per_city"]},
         "classes": classes,
         "counts": counts,
         "counts_per_city": per_city,

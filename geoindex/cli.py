@@ -48,8 +48,16 @@ def main():
 
 
 @main.command()
-@click.option("--data", "data", required=True, type=click.Path(exists=True, file_okay=False),
-              help="A GSV-Cities root (Dataframes/, Images/<City>/) or a folder of <city>/*.jpg.")
+@click.option("--data", "data", required=True, type=click.Path(exists=True),
+              help="A GSV-Cities root (Images/<City>/...), a folder of <city>/*.jpg, or a CSV manifest "
+                   "(path, city[, lat, lon, place_id]; OSV-5M's metadata CSV works too).")
+@click.option("--split-by", type=click.Choice(["auto", "place", "cell", "image"]), default="auto", show_default=True,
+              help="Unit of the train/val/test split. auto: place ids where the data has them, else map cells where "
+                   "it has coordinates, else images (with a warning: photos metres apart can leak into test).")
+@click.option("--cell-km", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+              help="Side of the map cells of --split-by cell; each cell lies wholly in one split.")
+@click.option("--follow-symlinks", is_flag=True, help="Index symlinks that point outside the data folder "
+              "(skipped with their reason by default).")
 @click.option("--backbone", default="auto", show_default=True,
               type=click.Choice(["auto", *list_backbones()]),
               help="auto: densenet if its ImageNet weights are cached, else effnet (weights ship with pip).")
@@ -69,9 +77,9 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace an existing index (or unfinished build) of this name.")
 @index_dir_option
 @friendly_errors
-def build(data, backbone, weights, name, per_city, image_size, batch_size, workers, device, index_type, seed, dtype,
-          overwrite, index_dir):
-    """Embed every image, split by place (80/10/10), and index the train split.
+def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, per_city, image_size, batch_size, workers,
+          device, index_type, seed, dtype, overwrite, index_dir):
+    """Embed every image, split by place or map cell (80/10/10), and index the train split.
 
     An interrupted build resumes when the same command is run again.
     """
@@ -79,7 +87,8 @@ def build(data, backbone, weights, name, per_city, image_size, batch_size, worke
 
     report = build_index(data, name=name, backbone=backbone, weights=weights, index_dir=index_dir, per_city=per_city,
                          image_size=image_size, batch_size=batch_size, num_workers=workers, device=device,
-                         index_type=index_type, seed=seed, dtype=dtype, overwrite=overwrite, log=click.echo)
+                         index_type=index_type, seed=seed, dtype=dtype, overwrite=overwrite, split_by=split_by,
+                         cell_km=cell_km, follow_symlinks=follow_symlinks, log=click.echo)
     m = report.manifest
     click.echo(f"\nindex {report.name!r} written to {report.path}")
     click.echo(f"  backbone   {m['backbone']} ({m['weights']['source']} weights), {m['embed_dim']}-d")

@@ -30,7 +30,8 @@ def test_manifest_describes_the_build(built):
     m = json.loads((report.path / "manifest.json").read_text())
     assert m["backbone"] == "resnet18" and m["embed_dim"] == 512 and m["normalization"] == "l2"
     assert m["weights"]["source"] == "random" and m["synthetic"] is True
-    assert m["split"] == {"seed": 0, "fractions": [0.8, 0.1, 0.1], "by": "place_id", "per_city": None}
+    assert {k: m["split"][k] for k in ("seed", "fractions", "by", "per_city", "warning")} == \
+        {"seed": 0, "fractions": [0.8, 0.1, 0.1], "by": "place", "per_city": None, "warning": None}
     assert sum(m["counts"].values()) == 64 and m["skipped"] == []
     assert set(m["counts_per_city"]["test"]) == {"Barcelona", "London", "Osaka", "PRS"}
     assert {"torch", "faiss", "h5py"} <= set(m["versions"])

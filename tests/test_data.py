@@ -23,14 +23,14 @@ def test_scan_reads_every_image_with_coordinates(gsv_tree):
 
 def test_split_is_place_disjoint_and_deterministic(gsv_tree):
     ds = scan_dataset(gsv_tree)
-    a = prepare_records(ds, seed=0)
-    b = prepare_records(ds, seed=0)
+    a, _ = prepare_records(ds, seed=0)
+    b, _ = prepare_records(ds, seed=0)
     pd.testing.assert_frame_equal(a, b)
     places = a.groupby(["city", "place_id"])["split"].nunique()
     assert (places == 1).all(), "a place appears in two splits"
     for city, group in a.groupby("city"):
         assert set(group["split"]) == set(SPLITS), f"{city} lacks a split"
-    c = prepare_records(ds, seed=1)
+    c, _ = prepare_records(ds, seed=1)
     assert not a.set_index("path")["split"].equals(c.set_index("path").loc[a["path"], "split"]), "seed has no effect"
 
 
@@ -53,12 +53,12 @@ def test_plain_folder_splits_by_image(tmp_path):
     (tmp_path / "Rome" / "notes.txt").write_text("ignored")
     ds = scan_dataset(tmp_path)
     assert ds.layout == "folder" and len(ds.records) == 20
-    records = prepare_records(ds)
+    records, _ = prepare_records(ds)
     assert records.groupby("city")["split"].value_counts().loc[("Rome", "test")] == 1
 
 
 def test_per_city_keeps_whole_places(gsv_tree):
-    records = prepare_records(scan_dataset(gsv_tree), per_city=5)
+    records, _ = prepare_records(scan_dataset(gsv_tree), per_city=5)
     counts = records["city"].value_counts()
     assert (counts == 6).all()  # 3 places x 2 images: whole places, just past 5
     assert (records.groupby(["city", "place_id"]).size() == 2).all()

@@ -1,0 +1,159 @@
+"""Geotagged CSV manifests: geoindex's own (`path, city[, lat, lon, place_id, ...]`) and OSV-5M's metadata.
+
+geoindex CSV: `path` is relative to the CSV's folder or absolute; `city` names the class; `lat`/`lon`
+(or `latitude`/`longitude`) and `place_id` are optional; every other column is kept.
+OSV-5M (`id, latitude, longitude, city, country, ...`): photos are `<id>.jpg` beside the CSV, under
+`images/`, or anywhere below the CSV's folder. A photo whose row has no coordinates gets its EXIF GPS.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import DatasetError
+from .files import find_by_stem
+from .records import COLUMNS, Dataset, empty_row, make_records
+
+LAT_NAMES, LON_NAMES = ("lat", "latitude"), ("lon", "lng", "longitude")
+
+
+def _column(columns, names) -> str | None:
+    lower = {c.lower(): c for c in columns}
+    return next((lower[n] for n in names if n in lower), None)
+
+
+def place_id_value(text: str) -> int:
+    """Integer ids are kept; any other non-empty id maps to a stable 63-bit number; empty is -1 (unknown)."""
+    text = text.strip()
+    if not text:
+        return -1
+    try:
+        value = int(text)
+        return value if value >= 0 else -1
+    except ValueError:
+        return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()[:8], "big") >> 1
+
+
+def _float(text: str):
+    text = text.strip()
+    if not text:
+        return np.nan
+    try:
+        return float(text)
+    except ValueError:
+        return text  # kept as text so the row check names it
+
+
+def exif_gps(path) -> tuple[float, float] | None:
+    """(lat, lon) from a photo's EXIF GPS block, or None. Reads the header only."""
+    from PIL import Image
+
+    def degrees(value):
+        d, m, s = (float(v) for v in value)
+        return d + m / 60 + s / 3600
+
+    try:
+        with Image.open(path) as img:
+            gps = img.getexif().get_ifd(0x8825)
+        if not gps or 2 not in gps or 4 not in gps:
+            return None
+        lat, lon = degrees(gps[2]), degrees(gps[4])
+        if str(gps.get(1, "N")).upper().startswith("S"):
+            lat = -lat
+        if str(gps.get(3, "E")).upper().startswith("W"):
+            lon = -lon
+        return lat, lon
+    except Exception:  # noqa: BLE001 - a photo without readable EXIF simply has no GPS from it
+        return None
+
+
+def is_osv5m(columns) -> bool:
+    lower = {c.lower() for c in columns}
+    return "path" not in lower and {"id", "latitude", "longitude"} <= lower
+
+
+def is_manifest(columns) -> bool:
+    lower = {c.lower() for c in columns}
+    return {"path", "city"} <= lower or is_osv5m(columns)
+
+
+def read_csv_strings(path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", encoding_errors="replace")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
+        raise DatasetError(f"cannot read CSV {path}: {exc}") from None
+
+
+def scan_manifest(csv_path, use_exif: bool = True) -> Dataset:
+    csv_path = Path(csv_path).expanduser()
+    table = read_csv_strings(csv_path)
+    root = csv_path.parent
+    if is_osv5m(table.columns):
+        layout = "osv5m"
+        id_col = _column(table.columns, ("id",))
+        ids = table[id_col].str.strip()
+        found = {}
+        for candidate in (root, root / "images"):
+            found.update({i: str(Path(candidate) / f"{i}.jpg") for i in ids if (Path(candidate) / f"{i}.jpg").is_file()
+                          and i not in found})
+        missing = set(ids) - set(found)
+        if missing:
+            found.update(find_by_stem(root, missing))
+        paths = [found.get(i, os.path.abspath(root / f"{i}.jpg")) for i in ids]
+        city_col = _column(table.columns, ("city",))
+        if city_col is None:
+            raise DatasetError(f"{csv_path}: an OSV-5M CSV needs a city column to label photos")
+    elif is_manifest(table.columns):
+        layout = "csv"
+        path_col, city_col = _column(table.columns, ("path",)), _column(table.columns, ("city",))
+        paths = [os.path.abspath(p if os.path.isabs(p) else root / p) if p.strip() else "" for p in table[path_col]]
+    else:
+        raise DatasetError(f"{csv_path}: a CSV manifest needs columns path and city (plus optional lat, lon, place_id), "
+                           f"or OSV-5M's id, latitude, longitude, city; found {', '.join(table.columns)}")
+    lat_col, lon_col = _column(table.columns, LAT_NAMES), _column(table.columns, LON_NAMES)
+    place_col = _column(table.columns, ("place_id",))
+    known = {c for c in (city_col, lat_col, lon_col, place_col, _column(table.columns, ("path",))) if c}
+    extra = [c for c in table.columns if c not in known and c not in COLUMNS and c.strip() and not c.startswith("Unnamed")]
+    rows, skipped, from_exif = [], [], 0
+    for i, path in enumerate(paths):
+        if not path:
+            skipped.append({"path": f"{csv_path}:row {i + 2}", "reason": "no path given"})
+            continue
+        if not os.path.isfile(path):
+            skipped.append({"path": path, "reason": f"file not found (listed in {csv_path.name}, row {i + 2})"})
+            continue
+        row = empty_row(path, table[city_col].iat[i].strip())
+        if lat_col and lon_col:
+            row["lat"], row["lon"] = _float(table[lat_col].iat[i]), _float(table[lon_col].iat[i])
+        if place_col:
+            row["place_id"] = place_id_value(table[place_col].iat[i])
+        if use_exif and isinstance(row["lat"], float) and np.isnan(row["lat"]):
+            gps = exif_gps(path)
+            if gps is not None:
+                row["lat"], row["lon"] = gps
+                from_exif += 1
+        row.update({c: table[c].iat[i] for c in extra})
+        rows.append(row)
+    records = make_records(rows, skipped)
+    if records.empty:
+        raise DatasetError(f"no usable photo listed in {csv_path} ({len(skipped)} rows skipped; "
+                           f"first: {skipped[0]['reason'] if skipped else 'the CSV is empty'})")
+    notes = [f"{from_exif} photos took their coordinates from EXIF GPS"] if from_exif else []
+    return Dataset(root, layout, records, skipped, notes)
+
+
+def find_manifest_in(folder: Path) -> Path | None:
+    """A folder whose top level holds exactly one CSV manifest is read through it (it knows coordinates)."""
+    candidates = []
+    for csv in sorted(folder.glob("*.csv")):
+        try:
+            header = pd.read_csv(csv, nrows=0, encoding_errors="replace").columns
+        except Exception:  # noqa: BLE001 - not a readable CSV: not a manifest
+            continue
+        if is_manifest(header):
+            candidates.append(csv)
+    return candidates[0] if len(candidates) == 1 else None
