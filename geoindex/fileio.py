@@ -7,6 +7,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .jsonio import dumps
+
 
 def index_home(index_dir=None) -> Path:
     """--index-dir, else $GEOINDEX_HOME, else ./indexes."""
@@ -33,4 +35,4 @@ def atomic_path(path):
 
 def write_json_atomic(path, obj) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        tmp.write_text(dumps(obj) + "\n")
