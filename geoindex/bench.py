@@ -1,247 +1,310 @@
-"""`geoindex bench`: kNN vs classifier heads vs CLIP zero-shot vs their fusion, on the same images,
-all scored by `metrics.evaluate`.
+"""`geoindex bench`: kNN vs classifier heads vs CLIP zero-shot vs their fusion, on the same photos,
+every row from the same method objects `query` uses, every figure from `metrics.evaluate`.
+
+Honesty rules: anything tuned (kNN's k and temperature, fusion weights) is tuned on the validation
+split and says so; with no validation split the tuned methods are skipped with the reason. External
+photos that are also in the index (same bytes, same place, or same map cell) are dropped, with counts.
 """
 from __future__ import annotations
 
 import hashlib
-import itertools
-import json
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .backbones import create_backbone
 from .cities import display_name
-from .data import scan_dataset
 from .errors import GeoindexError
-from .extraction import embed_paths
 from .fileio import atomic_path, write_json_atomic
-from .heads import available_heads, load_classifier, train_probe
+from .jsonio import dumps
+from .methods import HybridMethod, Photos, ZeroShotMethod, classifier_methods
 from .metrics import evaluate
-from .zeroshot import ENSEMBLE_TEMPLATES, LABEL_FORMATS, SINGLE_TEMPLATE, ZeroShotClassifier, read_templates
+from .zeroshot import ENSEMBLE_TEMPLATES, SINGLE_TEMPLATE, read_templates
 
 METHODS = ("knn", "classifier", "zeroshot", "hybrid")
+# (row name, label format, templates): the seed study prompted with the bare label; the rest add a sentence.
+ZERO_SHOT_VARIANTS = (("zeroshot:bare", "city", ("{place}",)), ("zeroshot:city_country", "city_country", (SINGLE_TEMPLATE,)),
+                      ("zeroshot:city", "city", (SINGLE_TEMPLATE,)), ("zeroshot:country", "country", (SINGLE_TEMPLATE,)))
 
 
-@dataclass
-class EvalSet:
-    """Images to score, with truth, and their embeddings from the index's backbone."""
-
-    name: str
-    paths: list[str]
-    labels: np.ndarray
-    coords: np.ndarray
-    embeddings: np.ndarray
-    clip_embeddings: np.ndarray | None = None
-
-    @property
-    def ids_sha256(self) -> str:
-        return hashlib.sha256("\n".join(self.paths).encode()).hexdigest()
-
-
-def split_set(index, split: str) -> EvalSet:
+def split_photos(index, split: str) -> Photos:
     meta = index.store.metadata(split)
     if len(meta) == 0:
-        raise GeoindexError(f"index {index.name!r} has no {split} images")
-    return EvalSet(split, meta["path"].tolist(), meta["label"].to_numpy(), meta[["lat", "lon"]].to_numpy(),
-                   index.store.embeddings(split))
+        raise GeoindexError(f"index {index.name!r} has no {split} photos")
+    return Photos(index.store.embeddings(split), meta["path"].tolist(), meta["label"].to_numpy(),
+                  meta[["lat", "lon"]].to_numpy(dtype=np.float64), split)
 
 
-def external_set(index, folder, log, **embed_kwargs) -> EvalSet:
-    """A second labelled folder (GSV tree or <city>/*.jpg); cities the index does not know are left out."""
-    records = scan_dataset(folder).records
-    known = records["city"].isin(index.classes)
+def _sha256(path, chunk=1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def overlap_with_index(index, records) -> dict[str, np.ndarray]:
+    """Which external rows the index already holds: the same file bytes, the same place id of the same
+    city, or (for an index split by map cell) the same cell as any indexed photo."""
+    from .data import cell_keys
+
+    n = len(records)
+    meta = {s: index.store.metadata(s) for s in ("train", "val", "test")}
+    indexed = [m for m in meta.values() if len(m)]
+    all_meta = __import__("pandas").concat(indexed) if indexed else None
+    reasons = {}
+    # Same bytes: hash only files whose size matches an indexed photo's.
+    sizes = {}
+    for path in all_meta["path"]:
+        try:
+            sizes.setdefault(os.path.getsize(path), []).append(path)
+        except OSError:
+            continue
+    same_bytes = np.zeros(n, dtype=bool)
+    hashed: dict[str, str] = {}
+    for i, path in enumerate(records["path"]):
+        try:
+            candidates = sizes.get(os.path.getsize(path), [])
+        except OSError:
+            continue
+        if candidates:
+            mine = _sha256(path)
+            for other in candidates:
+                if other not in hashed:
+                    hashed[other] = _sha256(other)
+                if hashed[other] == mine:
+                    same_bytes[i] = True
+                    break
+    reasons["same file bytes"] = same_bytes
+    places = set(zip(all_meta["city"], all_meta["place_id"]))
+    reasons["same place id"] = np.array([(c, p) in places and p >= 0 for c, p in zip(records["city"], records["place_id"])],
+                                        dtype=bool)
+    split = index.manifest.get("split", {})
+    if split.get("by") == "cell" and split.get("cell_km"):
+        km = float(split["cell_km"])
+        cells = set(cell_keys(all_meta["lat"], all_meta["lon"], km)) - {""}
+        reasons["same map cell"] = np.array([c in cells for c in cell_keys(records["lat"], records["lon"], km)], dtype=bool)
+    return reasons
+
+
+def external_photos(index, source, log, embed_kwargs) -> tuple[Photos, dict]:
+    """A second labelled set (CSV manifest, OSV-5M CSV, GSV tree or <city>/*.jpg): cities the index does not know
+    and photos it already holds are left out, each with a count."""
+    from .data import scan_dataset
+    from .extraction import embed_paths
+
+    dataset = scan_dataset(source)
+    records = dataset.records
+    report = {"source": str(source), "rows": int(len(records)), "skipped_rows": len(dataset.skipped)}
+    known = records["city"].isin(index.classes).to_numpy()
     if (~known).any():
-        log(f"external: leaving out {int((~known).sum())} images of cities the index does not know: "
-            f"{', '.join(sorted(records.loc[~known, 'city'].unique()))}")
-    records = records[known]
+        unknown = sorted(records.loc[~known, "city"].unique())
+        log(f"external: leaving out {int((~known).sum())} photos of {len(unknown)} cities the index does not know"
+            + (f": {', '.join(unknown[:8])}" + (" ..." if len(unknown) > 8 else "")))
+    report["unknown_city"] = int((~known).sum())
+    records = records[known].reset_index(drop=True)
     if records.empty:
-        raise GeoindexError(f"no image in {folder} belongs to a city of index {index.name!r}")
+        raise GeoindexError(f"no photo in {source} belongs to a city of index {index.name!r}")
+    overlap = overlap_with_index(index, records)
+    dropped = np.zeros(len(records), dtype=bool)
+    report["dropped_as_in_index"] = {}
+    for reason, mask in overlap.items():
+        new = mask & ~dropped
+        report["dropped_as_in_index"][reason] = int(new.sum())
+        dropped |= mask
+    if dropped.any():
+        log(f"external: dropping {int(dropped.sum())} photos the index already holds ("
+            + ", ".join(f"{r}: {c}" for r, c in report["dropped_as_in_index"].items() if c) + ")")
+    records = records[~dropped].reset_index(drop=True)
+    if records.empty:
+        raise GeoindexError(f"every photo in {source} is already in index {index.name!r}; nothing left to score")
     emb, ok, errors = embed_paths(index.backbone, records["path"].tolist(), desc="external", **embed_kwargs)
     for path, err in zip(records["path"][~ok], np.asarray(errors, dtype=object)[~ok]):
         log(f"external: skipping {path}: {err}")
+    report["unreadable"] = int((~ok).sum())
     records = records[ok]
     labels = records["city"].map({c: i for i, c in enumerate(index.classes)}).to_numpy()
-    return EvalSet("external", records["path"].tolist(), labels, records[["lat", "lon"]].to_numpy(), emb[ok])
+    report["scored"] = int(len(records))
+    return Photos(emb[ok], records["path"].tolist(), labels, records[["lat", "lon"]].to_numpy(dtype=np.float64),
+                  "external"), report
 
 
-@dataclass
-class Row:
-    method: str
-    probs: np.ndarray
-    y_true: np.ndarray
-    classes: list[str]
-    coords: np.ndarray | None = None
-    level: str = "city"
-    notes: str = ""
-    extra: dict = field(default_factory=dict)
+def _ids_sha256(photos: Photos) -> str:
+    return hashlib.sha256("\n".join(map(str, photos.sources)).encode()).hexdigest()
 
 
 class Bench:
-    def __init__(self, index, k: int = 20, vote_method: str = "softmax", temperature: float = 0.05,
-                 clip_weights=None, templates_file=None, device="auto", batch_size: int = 64, num_workers=None,
-                 progress: bool = True, log: Callable[[str], None] = print):
-        self.index, self.k, self.vote_method, self.temperature = index, k, vote_method, temperature
-        self.clip_weights, self.device, self.progress, self.log = clip_weights, device, progress, log
-        self.embed_kwargs = dict(batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+    """Builds the methods once, tunes what is tuned on val, and scores them on any set of photos."""
+
+    def __init__(self, index, methods=METHODS, k=None, vote_method=None, temperature=None, clip_weights=None,
+                 templates_file=None, device="auto", batch_size: int = 64, num_workers=None, progress: bool = True,
+                 log: Callable[[str], None] = print):
+        self.index, self.log = index, log
+        self.embed_kwargs = dict(batch_size=batch_size, num_workers=num_workers, device=index.device, progress=progress)
         self.templates = read_templates(templates_file) if templates_file else list(ENSEMBLE_TEMPLATES)
-        self._clip = None
-        self._classifiers = None
+        self.clip_weights = clip_weights
+        self.val = split_photos(index, "val") if index.store.count("val") else None
+        self.skipped: dict[str, str] = {}
+        self.tuned: dict[str, dict] = {}
+        self.methods: list = []
+        overrides = dict(k=k, vote=vote_method, temperature=temperature)
+        if "knn" in methods:
+            knn = index.knn_method(**overrides)
+            if knn.tuned_on is None and not any(v is not None for v in overrides.values()):
+                if self.val is not None:
+                    self.tuned["knn"] = knn.fit(self.val)
+                    log(f"knn: k={knn.k}, {knn.vote} vote, T={knn.temperature:g} (tuned on val, accuracy "
+                        f"{self.tuned['knn']['val_accuracy']:.3f})")
+                else:
+                    log("knn: no validation split to tune k and temperature on; using the defaults")
+            elif knn.tuned_on:
+                self.tuned["knn"] = knn.params
+            self.methods.append(knn)
+        if "classifier" in methods or "hybrid" in methods:
+            heads = classifier_methods(index, self.embed_kwargs)
+            if not heads:
+                if self.val is None:
+                    self.skipped["classifier"] = "no head trained and no validation split to train a probe with"
+                else:
+                    from .heads import train_probe
+                    log("no classifier head yet: training a linear probe on the stored embeddings")
+                    train_probe(index, progress=False, log=log)
+                    heads = classifier_methods(index, self.embed_kwargs)
+            self._heads = heads
+            if "classifier" in methods:
+                self.methods.extend(heads)
+        else:
+            self._heads = []
+        self._zero_shot = []
+        if "zeroshot" in methods or "hybrid" in methods:
+            self._zero_shot = self._make_zero_shot()
+            if "zeroshot" in methods:
+                self.methods.extend(self._zero_shot)
+        if "hybrid" in methods:
+            self._make_hybrid()
 
-    # ------------------------------------------------------------------ methods
-    def knn(self, data: EvalSet) -> Row:
-        result = self.index.knn_predict(data.embeddings, self.k, self.vote_method, self.temperature)
-        return Row("knn", result["probs"], data.labels, self.index.classes, result["coords"],
-                   notes=f"k={self.k}, {self.vote_method} vote")
+    def _make_zero_shot(self) -> list:
+        from .backbones import create_backbone
 
-    def classifiers(self):
-        if self._classifiers is None:
-            if not available_heads(self.index):
-                self.log("no classifier head yet: training a linear probe on the stored embeddings")
-                train_probe(self.index, progress=False, log=self.log)
-            self._classifiers = [load_classifier(self.index, m, device=self.device) for m in available_heads(self.index)]
-        return self._classifiers
-
-    def classifier(self, data: EvalSet) -> list[Row]:
-        rows = []
-        for clf in self.classifiers():
-            if clf.mode == "probe":
-                probs = clf.predict_features(data.embeddings)
-            else:
-                probs = clf.predict_paths(data.paths, **{k: v for k, v in self.embed_kwargs.items() if k != "device"})
-            rows.append(Row(f"classifier:{clf.mode}", probs, data.labels, self.index.classes,
-                            notes=f"best val acc {clf.meta['best_val_accuracy']:.3f} at epoch {clf.meta['best_epoch']}"))
-        return rows
-
-    @property
-    def clip(self):
-        if self._clip is None:
+        try:
             if self.index.manifest["backbone"] == "clip":
-                self._clip = self.index.backbone
+                clip = self.index.backbone
             else:
-                self._clip = create_backbone("clip", weights=self.clip_weights, device=self.index.device)
-        return self._clip
+                clip = create_backbone("clip", weights=self.clip_weights, device=self.index.device)
+        except GeoindexError as exc:
+            self.skipped["zeroshot"] = str(exc)
+            self.log(f"zeroshot: skipped: {exc}")
+            return []
+        note = "" if clip.weights.source != "random" else "; RANDOM CLIP weights (--clip-weights none): meaningless"
+        variants = [ZeroShotMethod(self.index, clip, fmt, templates, name, self.embed_kwargs, note)
+                    for name, fmt, templates in ZERO_SHOT_VARIANTS]
+        variants.append(ZeroShotMethod(self.index, clip, "city_country", self.templates, "zeroshot:ensemble",
+                                       self.embed_kwargs, note))
+        self.clip_random = clip.weights.source == "random"
+        return variants
 
-    def clip_embeddings(self, data: EvalSet) -> np.ndarray:
-        if data.clip_embeddings is None:
-            if self.index.manifest["backbone"] == "clip":
-                data.clip_embeddings = data.embeddings
-            else:
-                emb, ok, _ = embed_paths(self.clip, data.paths, desc=f"CLIP ({data.name})", **self.embed_kwargs)
-                data.clip_embeddings = np.where(ok[:, None], emb, 0.0)
-        return data.clip_embeddings
+    def _make_hybrid(self) -> None:
+        if self.val is None:
+            self.skipped["hybrid"] = ("the index has no validation split, and fusion weights are only ever chosen on "
+                                      "val (never on the photos being scored)")
+            return
+        parts = [m for m in self.methods if m.name == "knn"]
+        if not parts:
+            parts = [self.index.knn_method()]
+        parts += self._heads[:1]
+        parts += [z for z in self._zero_shot if z.name == "zeroshot:ensemble"]
+        if len(parts) < 2:
+            self.skipped["hybrid"] = "needs at least two of knn, classifier, zeroshot"
+            return
+        hybrid = HybridMethod(self.index, parts)
+        self.tuned["hybrid"] = hybrid.fit(self.val)
+        self.log(f"hybrid weights {self.tuned['hybrid']['weights']} (tuned on val, accuracy "
+                 f"{self.tuned['hybrid']['val_accuracy']:.3f})")
+        self.methods.append(hybrid)
 
-    def zeroshot(self, data: EvalSet) -> list[Row]:
-        emb = self.clip_embeddings(data)
-        rows = []
-        variants = [(f, [SINGLE_TEMPLATE], f"zeroshot:{f}") for f in LABEL_FORMATS]
-        variants.append(("city_country", self.templates, "zeroshot:ensemble"))
-        for label_format, templates, name in variants:
-            zs = ZeroShotClassifier(self.clip, self.index.classes, label_format, templates)
-            level = "country" if label_format == "country" else "city"
-            rows.append(Row(name, zs.predict(emb), zs.map_labels(data.labels), zs.labels, level=level,
-                            notes=f"{len(templates)} template(s), labels '{label_format}'"))
-        return rows
-
-    # ------------------------------------------------------------------ fusion
-    @staticmethod
-    def fuse(parts: list[np.ndarray], weights) -> np.ndarray:
-        logp = sum(w * np.log(np.clip(p, 1e-9, 1)) for w, p in zip(weights, parts))
-        logp = logp - logp.max(axis=1, keepdims=True)
-        probs = np.exp(logp)
-        return probs / probs.sum(axis=1, keepdims=True)
-
-    def choose_hybrid_weights(self, parts_val: list[np.ndarray], y_val: np.ndarray, step: float = 0.1):
-        """Grid over the simplex: best validation accuracy, ties broken by lower validation log-loss."""
-        n, ticks = len(parts_val), int(round(1 / step))
-        best, best_key = None, (-1.0, -np.inf)
-        for combo in itertools.product(range(ticks + 1), repeat=n):
-            if sum(combo) != ticks:
-                continue
-            weights = [c / ticks for c in combo]
-            fused = self.fuse(parts_val, weights)
-            nll = float(-np.log(np.clip(fused[np.arange(len(y_val)), y_val], 1e-12, 1)).mean())
-            key = (float((fused.argmax(1) == y_val).mean()), -nll)
-            if key > best_key:
-                best, best_key = weights, key
-        return best, best_key[0]
+    def score(self, photos: Photos) -> dict:
+        scored = {}
+        ids = _ids_sha256(photos)
+        for method in self.methods:
+            answer = method.predict(photos)
+            y = answer.true_labels(photos.labels)
+            metrics = evaluate(y, answer.probs, answer.classes, answer.coords,
+                               photos.coords if answer.coords is not None else None)
+            confidence = float(answer.probs.max(axis=1).mean()) if len(photos) else None
+            scored[answer.method] = {"level": answer.level, "notes": answer.notes, "ids_sha256": ids,
+                                     "mean_top_probability": confidence, **metrics, "classes": answer.classes}
+        return scored
 
 
 def run_bench(index, methods=METHODS, split: str = "test", out=None, external=None, log: Callable[[str], None] = print,
               **bench_kwargs) -> dict:
-    """Score the chosen methods on one split (and optionally an external folder); write results to `out`."""
+    """Score the chosen methods on one split (and optionally an external set); merge into `out`/results.json."""
+    methods = list(methods)
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise GeoindexError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
-    bench = Bench(index, log=log, **bench_kwargs)
+    if split == "val" and {"hybrid", "knn"} & set(methods):
+        log("NOTE: scoring on val, the split that tunes kNN and the fusion: these figures are optimistic")
+    bench = Bench(index, methods, log=log, **bench_kwargs)
     out = Path(out) if out else Path(index.path) / "bench"
-    sets = [split_set(index, split)]
+    sets = [split_photos(index, split)]
+    external_report = None
     if external:
-        sets.append(external_set(index, external, log, **bench.embed_kwargs))
-    need_val = "hybrid" in methods
-    val = split_set(index, "val") if need_val and index.store.count("val") else None
+        photos, external_report = external_photos(index, external, log, bench.embed_kwargs)
+        sets.append(photos)
+    split_info = index.manifest.get("split", {})
     results = {"index": index.name, "backbone": index.manifest["backbone"], "split": split,
-               "synthetic": bool(index.manifest.get("synthetic")), "sets": {}}
-    hybrid_weights = None
-    for data in sets:
-        rows, skipped = _method_rows(bench, data, methods, skipped_log=log)
-        if "hybrid" in methods:
-            city_rows = {r.method: r for r in rows if r.level == "city"}
-            parts = [m for m in ("knn", _best_classifier(city_rows), "zeroshot:ensemble") if m in city_rows]
-            if len(parts) >= 2:
-                if hybrid_weights is None:
-                    source = val or data
-                    val_rows, _ = _method_rows(bench, source, {p.split(":")[0] for p in parts}, skipped_log=lambda m: None)
-                    val_rows = {r.method: r for r in val_rows}
-                    hybrid_weights, val_acc = bench.choose_hybrid_weights([val_rows[p].probs for p in parts], source.labels)
-                    log(f"hybrid weights {dict(zip(parts, hybrid_weights))} (val accuracy {val_acc:.3f})")
-                fused = bench.fuse([city_rows[p].probs for p in parts], hybrid_weights)
-                rows.append(Row("hybrid", fused, data.labels, index.classes,
-                                notes="log-prob fusion " + ", ".join(f"{p}={w:.1f}" for p, w in zip(parts, hybrid_weights))))
-            else:
-                skipped["hybrid"] = "needs at least two of knn, classifier, zeroshot"
-        scored = {}
-        for row in rows:
-            metrics = evaluate(row.y_true, row.probs, row.classes, row.coords,
-                               data.coords if row.coords is not None else None)
-            scored[row.method] = {"level": row.level, "notes": row.notes, "ids_sha256": data.ids_sha256, **metrics,
-                                  "classes": row.classes}
-        results["sets"][data.name] = {"n": len(data.paths), "ids_sha256": data.ids_sha256, "methods": scored,
-                                      "skipped": skipped}
+               "split_by": split_info.get("by"), "cell_km": split_info.get("cell_km"),
+               "split_warning": split_info.get("warning"), "synthetic": bool(index.manifest.get("synthetic")),
+               "tuned": {name: {**params, "tuned_on": params.get("tuned_on", "val")} for name, params in bench.tuned.items()},
+               "external": external_report, "sets": {}}
+    for photos in sets:
+        results["sets"][photos.name] = {"n": len(photos), "ids_sha256": _ids_sha256(photos),
+                                        "methods": bench.score(photos), "skipped": dict(bench.skipped)}
+    results = merge_previous(out / "results.json", results)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results.json", results)
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(results_markdown(results))
+    keep = set()
     for set_name, block in results["sets"].items():
         for method, metrics in block["methods"].items():
-            plot_confusion(metrics, out / f"confusion_{set_name}_{method.replace(':', '_')}.png",
-                           f"{method} on {set_name} ({index.name})")
+            png = out / f"confusion_{set_name}_{method.replace(':', '_')}.png"
+            keep.add(png.name)
+            plot_confusion(metrics, png, f"{method} on {set_name} ({index.name})")
+    for stale in out.glob("confusion_*.png"):
+        if stale.name not in keep:
+            stale.unlink()
     results["out"] = str(out)
     return results
 
 
-def _best_classifier(rows: dict) -> str:
-    for name in ("classifier:finetune", "classifier:probe"):
-        if name in rows:
-            return name
-    return "classifier"
+def merge_previous(path: Path, results: dict) -> dict:
+    """Rows of methods not rerun now are kept from the previous results of the same index, split and photos."""
+    import json
 
-
-def _method_rows(bench: Bench, data: EvalSet, methods, skipped_log) -> tuple[list[Row], dict]:
-    rows, skipped = [], {}
-    for method in ("knn", "classifier", "zeroshot"):
-        if method not in methods:
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return results
+    if previous.get("index") != results["index"] or previous.get("split") != results["split"]:
+        return results
+    for set_name, block in results["sets"].items():
+        old = previous.get("sets", {}).get(set_name)
+        if not old or old.get("ids_sha256") != block["ids_sha256"]:
             continue
-        try:
-            produced = getattr(bench, method)(data)
-        except GeoindexError as exc:  # e.g. no CLIP weights offline: report it, keep the other methods
-            skipped[method] = str(exc)
-            skipped_log(f"{method}: skipped ({exc})")
-            continue
-        rows.extend(produced if isinstance(produced, list) else [produced])
-    return rows, skipped
+        for method, metrics in old.get("methods", {}).items():
+            block["methods"].setdefault(method, metrics)
+        for method, reason in old.get("skipped", {}).items():
+            if method not in block["methods"]:
+                block["skipped"].setdefault(method, reason)
+        for method in block["methods"]:
+            block["skipped"].pop(method, None)
+    for name, params in previous.get("tuned", {}).items():
+        results["tuned"].setdefault(name, params)
+    return results
 
 
 def _fmt(value, pattern="{:.3f}"):
@@ -249,19 +312,40 @@ def _fmt(value, pattern="{:.3f}"):
 
 
 def results_table(results: dict) -> list[list[str]]:
-    header = ["set", "method", "level", "n", "accuracy", "top5", "macro-F1", "weighted-F1", "median km", "<=25 km"]
+    header = ["set", "method", "level", "n", "accuracy", "top5", "macro-F1", "median km", "<=25 km", "<=200 km",
+              "mean top p"]
     table = [header]
     for set_name, block in results["sets"].items():
         for method, m in block["methods"].items():
             table.append([set_name, method, m["level"], str(m["n"]), _fmt(m["accuracy"]), _fmt(m.get("top5_accuracy")),
-                          _fmt(m["macro_f1"]), _fmt(m["weighted_f1"]), _fmt(m.get("median_km"), "{:.1f}"),
-                          _fmt(m.get("within_25km"))])
+                          _fmt(m["macro_f1"]), _fmt(m.get("median_km"), "{:.1f}"), _fmt(m.get("within_25km")),
+                          _fmt(m.get("within_200km")), _fmt(m.get("mean_top_probability"))])
     return table
 
 
 def skipped_lines(results: dict) -> list[str]:
-    return [f"{set_name}: {method} skipped: {reason}" for set_name, block in results["sets"].items()
-            for method, reason in block["skipped"].items()]
+    lines = []
+    for method, reason in next(iter(results["sets"].values()))["skipped"].items():
+        lines.append(f"{method} skipped: {reason}")
+    return lines
+
+
+def notes_lines(results: dict) -> list[str]:
+    lines = []
+    if results.get("split_warning"):
+        lines.append(f"WARNING: {results['split_warning']}")
+    by = results.get("split_by")
+    if by:
+        lines.append(f"split by {by}" + (f" ({results['cell_km']:g} km cells)" if results.get("cell_km") else ""))
+    for name, params in results.get("tuned", {}).items():
+        shown = {k: v for k, v in params.items() if k not in ("tuned_on", "val_accuracy", "gps")}
+        lines.append(f"{name} tuned on {params.get('tuned_on', 'val')}: {dumps(shown, indent=None)}")
+    ext = results.get("external")
+    if ext:
+        dropped = ", ".join(f"{k} {v}" for k, v in ext.get("dropped_as_in_index", {}).items())
+        lines.append(f"external {ext['source']}: {ext['scored']} scored; left out: unknown city {ext['unknown_city']}, "
+                     f"already in the index ({dropped}), unreadable {ext['unreadable']}")
+    return lines
 
 
 def results_markdown(results: dict) -> str:
@@ -269,11 +353,14 @@ def results_markdown(results: dict) -> str:
     lines = [f"# geoindex bench: {results['index']} ({results['backbone']}), split {results['split']}", ""]
     if results["synthetic"]:
         lines += ["**Synthetic data: these figures say nothing about real photos.**", ""]
+    if results.get("split_warning"):
+        lines += [f"**{results['split_warning']}**", ""]
     lines += ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
     lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
-    lines += [""] + [f"- {line}" for line in skipped_lines(results)]
-    lines += ["", "Every row is scored by `geoindex.metrics.evaluate` on the same image ids "
-              "(see `ids_sha256` in results.json). Country-level zero-shot is scored on countries."]
+    lines += [""] + [f"- {line}" for line in notes_lines(results) + skipped_lines(results)]
+    lines += ["", "Every row is scored by `geoindex.metrics.evaluate` on the same photo ids (see `ids_sha256` in "
+              "results.json). Country-level zero-shot is scored on countries. top5 is shown only with more than 5 "
+              "classes; a classifier's or zero-shot's km figures use the centre of its predicted city's train photos."]
     return "\n".join(lines) + "\n"
 
 
@@ -281,7 +368,7 @@ def format_table(results: dict) -> str:
     table = results_table(results)
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
-    return "\n".join(lines + skipped_lines(results))
+    return "\n".join(lines + notes_lines(results) + skipped_lines(results))
 
 
 def plot_confusion(metrics: dict, path: Path, title: str) -> None:
@@ -292,14 +379,24 @@ def plot_confusion(metrics: dict, path: Path, title: str) -> None:
     cm = np.asarray(metrics["confusion"], dtype=np.float64)
     rates = cm / np.clip(cm.sum(axis=1, keepdims=True), 1, None)
     names = [display_name(c) for c in metrics["classes"]]
-    size = max(5, 0.35 * len(names) + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    n = len(names)
+    size = max(4.5, 0.45 * n + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.set(xlabel="predicted", ylabel="true", title=f"{title}\naccuracy {metrics['accuracy']:.3f}")
-    fig.colorbar(image, ax=ax, fraction=0.046, label="share of true class")
+    tick_size = 11 if n <= 10 else 9 if n <= 25 else 7
+    ax.set_xticks(range(n), names, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center", fontsize=tick_size)
+    ax.set_yticks(range(n), names, fontsize=tick_size)
+    if n <= 25:  # counts in the cells while they fit, white on dark cells
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j] or i == j:
+                    ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=tick_size,
+                            color="white" if rates[i, j] > 0.55 else "black")
+    accuracy = metrics["accuracy"]
+    ax.set(xlabel="predicted", ylabel="true",
+           title=f"{title}\naccuracy {accuracy:.3f} on {metrics['n']} photos" if accuracy is not None else title)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class (cell text: count)")
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)

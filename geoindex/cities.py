@@ -40,17 +40,53 @@ _CITIES = [
     City("Phoenix", "Phoenix", "United States", 33.4484, -112.0740),
     City("Rome", "Rome", "Italy", 41.9028, 12.4964),
     City("TRT", "Toronto", "Canada", 43.6532, -79.3832),
-    City("WashingtonDC", "Washington", "United States", 38.9072, -77.0369),
+    City("WashingtonDC", "Washington, D.C.", "United States", 38.9072, -77.0369),
 ]
 
 GSV_CITIES: dict[str, City] = {c.id: c for c in _CITIES}
 
 
+def humanize(city_id: str) -> str:
+    """A folder name as a place name: `London_Ontario` -> `London Ontario`, `NewYork` -> `New York`."""
+    import re
+    text = city_id.replace("_", " ").replace("-", " ")
+    text = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", text)
+    return " ".join(text.split()) or city_id
+
+
 def city_info(city_id: str) -> City:
-    """Known cities come from the table; a user's own folder names pass through unchanged."""
+    """Known cities come from the table (or a names file loaded with `load_names`); other ids are humanised."""
+    if city_id in _EXTRA:
+        return _EXTRA[city_id]
     if city_id in GSV_CITIES:
         return GSV_CITIES[city_id]
-    return City(city_id, city_id, "", float("nan"), float("nan"))
+    return City(city_id, humanize(city_id), "", float("nan"), float("nan"))
+
+
+_EXTRA: dict[str, City] = {}
+
+
+def load_names(path) -> list[str]:
+    """A CSV of `city_id,name[,country,lat,lon]` (the format of GSV-Cities' city table): prompts and reports
+    use these names. Returns the ids read."""
+    import pandas as pd
+    from .errors import GeoindexError
+
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable names file is the user's to fix
+        raise GeoindexError(f"cannot read names file {path}: {exc}") from None
+    if not {"city_id", "name"} <= set(table.columns):
+        raise GeoindexError(f"names file {path} needs columns city_id,name (optional country, lat, lon)")
+    for row in table.itertuples():
+        def num(v):
+            try:
+                return float(v)
+            except (TypeError, ValueError):
+                return float("nan")
+        _EXTRA[row.city_id] = City(row.city_id, row.name, getattr(row, "country", "") or "",
+                                   num(getattr(row, "lat", "")), num(getattr(row, "lon", "")))
+    return list(table["city_id"])
 
 
 def display_name(city_id: str) -> str:

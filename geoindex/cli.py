@@ -211,6 +211,9 @@ def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resu
         result = train_finetune(index, resume=resume, num_workers=workers, **common)
     click.echo(f"best validation accuracy {result.best_val_accuracy:.3f} at epoch {result.best_epoch}; "
                f"head, history.csv and curves.png in {result.folder}")
+    if index.store.count("val"):
+        from .tuning import tune_knn
+        tune_knn(index, log=click.echo)
 
 
 @main.command()
@@ -219,10 +222,12 @@ def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resu
               help="Comma-separated: knn, classifier, zeroshot, hybrid.")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="[default: <index>/bench/]")
-@click.option("--external", type=click.Path(exists=True, file_okay=False), default=None,
-              help="A second labelled folder (e.g. fresh Street View photos) scored in its own rows.")
-@click.option("--k", type=click.IntRange(1), default=20, show_default=True)
-@click.option("--vote", "vote_method", type=click.Choice(VOTE_METHODS), default="softmax", show_default=True)
+@click.option("--external", type=click.Path(exists=True), default=None,
+              help="A second labelled set (CSV manifest, OSV-5M CSV, GSV tree or <city>/*.jpg folder), e.g. fresh "
+                   "photos of other places, scored in its own rows; photos already in the index are dropped.")
+@click.option("--k", type=click.IntRange(1), default=None, help="Neighbours that vote [default: tuned on val].")
+@click.option("--vote", "vote_method", type=click.Choice(VOTE_METHODS), default=None,
+              help="[default: tuned on val]")
 @click.option("--clip-weights", default=None, help="CLIP weights for zero-shot when the index is not a CLIP one "
               "(a file, or 'none') [default: open_clip's cache].")
 @click.option("--templates", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -237,6 +242,8 @@ def bench(index_name, methods, split, out, external, k, vote_method, clip_weight
     from .geo_index import load_index
 
     index = load_index(index_name, index_dir, device=device)
+    if external and not Path(external).exists():
+        raise click.ClickException(f"--external {external}: no such file or folder")
     results = run_bench(index, [m.strip() for m in methods.split(",") if m.strip()], split=split, out=out,
                         external=external, log=click.echo, k=k, vote_method=vote_method, clip_weights=clip_weights,
                         templates_file=templates, device=device, num_workers=workers)

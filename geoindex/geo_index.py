@@ -21,7 +21,6 @@ from .extraction import resolve_device
 from .fileio import index_home
 from .search import load_index_file, search, set_search_params, to_gpu
 from .store import EmbeddingStore
-from .voting import estimate_locations, vote
 
 
 @dataclass
@@ -31,11 +30,12 @@ class Neighbour:
     similarity: float
     lat: float
     lon: float
+    row: int = -1  # the train row in the index (thumbnails are served by row, never by path)
 
 
 @dataclass
 class Prediction:
-    """One photo's answer: top cities with probabilities, a GPS estimate, and the evidence."""
+    """One photo's answer: top cities with probabilities per method, a GPS estimate, and the evidence."""
 
     source: str
     cities: list[tuple[str, float]]
@@ -43,6 +43,10 @@ class Prediction:
     lon: float
     neighbours: list[Neighbour] = field(default_factory=list)
     classifier: list[tuple[str, float]] | None = None
+    classifier_mode: str | None = None
+    index: str | None = None
+    top_similarity: float | None = None
+    unlike_indexed: bool = False
 
     @property
     def city(self) -> str:
@@ -51,13 +55,20 @@ class Prediction:
     def to_dict(self) -> dict:
         def cities(pairs):
             return [{"city": c, "name": display_name(c), "probability": round(float(p), 6)} for c, p in pairs]
-        out = {"source": self.source, "city": self.city, "name": display_name(self.city),
+        out = {"source": self.source, "index": self.index, "city": self.city, "name": display_name(self.city),
                "top5": cities(self.cities),
-               "gps": {"lat": None if np.isnan(self.lat) else self.lat, "lon": None if np.isnan(self.lon) else self.lon},
-               "neighbours": [asdict(n) for n in self.neighbours]}
+               "gps": {"lat": _finite(self.lat), "lon": _finite(self.lon)},
+               "top_similarity": _finite(self.top_similarity),
+               "unlike_indexed": bool(self.unlike_indexed),
+               "neighbours": [{**asdict(n), "lat": _finite(n.lat), "lon": _finite(n.lon)} for n in self.neighbours]}
         if self.classifier is not None:
+            out["classifier"] = self.classifier_mode
             out["classifier_top5"] = cities(self.classifier)
         return out
+
+
+def _finite(value):
+    return None if value is None or not np.isfinite(value) else float(value)
 
 
 def resolve_index_path(name_or_path, index_dir=None) -> Path:
@@ -106,6 +117,7 @@ class GeoIndex:
         self._refine_vectors = self.store.memmap("train") if self.rerank_factor > 1 else None
         self._backbone: Backbone | None = None
         self._classifier = None
+        self._city_centres = None
 
     @classmethod
     def open(cls, name_or_path=None, index_dir=None, device="auto") -> "GeoIndex":
@@ -156,10 +168,10 @@ class GeoIndex:
 
     @property
     def classifier(self):
-        """The index's trained head (fine-tuned first, else probe), loaded once; None until one is trained."""
+        """The index's trained head with the best validation accuracy, loaded once; None until one is trained."""
         if self._classifier is None:  # None is not cached: a head trained later is picked up
-            from .heads import load_classifier
-            self._classifier = load_classifier(self, device=self.device)
+            from .heads import load_best_classifier
+            self._classifier = load_best_classifier(self, device=self.device)
         return self._classifier
 
     # --------------------------------------------------------------- search
@@ -171,48 +183,87 @@ class GeoIndex:
         set_search_params(self.index, nprobe=nprobe)
         return search(self.index, embeddings, k, self._refine_vectors, self.rerank_factor)
 
+    # --------------------------------------------------------------- methods
+    @property
+    def train_meta(self):
+        return self._train_meta
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def city_centres(self) -> np.ndarray:
+        if self._city_centres is None:
+            from .methods import city_centres
+            self._city_centres = city_centres(self._train_meta, self.classes)
+        return self._city_centres
+
+    def knn_method(self, **overrides):
+        """kNN with the parameters tuned on val by `geoindex train` (heads/knn/params.json), else the defaults."""
+        from .methods import KNNMethod
+
+        params = {}
+        tuned = self.path / "heads" / "knn" / "params.json"
+        if tuned.is_file():
+            try:
+                saved = json.loads(tuned.read_text())
+                params = {k: saved[k] for k in ("k", "vote", "temperature", "unlike_threshold", "tuned_on") if k in saved}
+            except (OSError, ValueError, KeyError):
+                params = {}
+        params.update({k: v for k, v in overrides.items() if v is not None})
+        return KNNMethod(self, **params)
+
+    def classifier_method(self):
+        """The trained head that scored best on val, or None."""
+        from .methods import ClassifierMethod
+
+        classifier = self.classifier
+        return None if classifier is None else ClassifierMethod(self, classifier)
+
     def knn_predict(self, embeddings: np.ndarray, k: int = 20, vote_method: str = "softmax", temperature: float = 0.05,
                     gps_method: str = "mean") -> dict:
         """City probabilities (Q, C) and GPS estimates (Q, 2) for embeddings, with the raw neighbours."""
-        sims, ids = self.search(embeddings, k)
-        labels = np.where(ids >= 0, self._train_meta["label"].to_numpy()[np.clip(ids, 0, None)], -1)
-        probs = vote(labels, sims, len(self.classes), vote_method, temperature)
-        lats = self._train_meta["lat"].to_numpy()[np.clip(ids, 0, None)]
-        lons = self._train_meta["lon"].to_numpy()[np.clip(ids, 0, None)]
-        coords = estimate_locations(labels, sims, lats, lons, probs.argmax(1), vote_method, temperature, gps_method)
-        return {"probs": probs, "coords": coords, "similarities": sims, "ids": ids}
+        from .methods import KNNMethod, Photos
 
-    def query(self, images, k: int = 20, vote_method: str = "softmax", temperature: float = 0.05,
+        answer = KNNMethod(self, k, vote_method, temperature, gps_method).predict(Photos(embeddings, [None] * len(embeddings)))
+        return {"probs": answer.probs, "coords": answer.coords, "similarities": answer.extra["similarities"],
+                "ids": answer.extra["ids"]}
+
+    def query(self, images, k: int | None = None, vote_method: str | None = None, temperature: float | None = None,
               backbone: Backbone | None = None, n_neighbours: int = 5, with_classifier: bool = True) -> list[Prediction]:
-        """Photos (paths or PIL images) -> one Prediction each. Raises ImageError for an unreadable file."""
+        """Photos (paths or PIL images) -> one Prediction each. Raises ImageError for an unreadable file.
+
+        kNN uses the k/vote/temperature tuned on val by `geoindex train` unless given here; the classifier
+        is the head that scored best on val.
+        """
+        from .methods import Photos
+
         if backbone is not None:
             self.check_backbone(backbone)
         backbone = backbone or self.backbone
         images = list(images)
-        embeddings = backbone.embed(images)
-        result = self.knn_predict(embeddings, k, vote_method, temperature)
-        classifier_probs = None
-        if with_classifier:
-            classifier = self.classifier
-            if classifier is not None:
-                classifier_probs = (classifier.predict_features(embeddings) if classifier.mode == "probe"
-                                    else classifier.predict_images(images))
+        photos = Photos(backbone.embed(images), images)
+        knn = self.knn_method(k=k, vote=vote_method, temperature=temperature).predict(photos)
+        classifier = self.classifier_method() if with_classifier else None
+        head = classifier.predict(photos) if classifier is not None else None
         predictions = []
+        sims, ids = knn.extra["similarities"], knn.extra["ids"]
         for q, image in enumerate(images):
-            probs = result["probs"][q]
-            top = np.argsort(-probs)[:5]
             neighbours = []
-            for sim, i in zip(result["similarities"][q][:n_neighbours], result["ids"][q][:n_neighbours]):
+            for sim, i in zip(sims[q][:n_neighbours], ids[q][:n_neighbours]):
                 if i < 0:
                     continue
                 row = self._train_meta.iloc[int(i)]
-                neighbours.append(Neighbour(row["path"], row["city"], round(float(sim), 4), float(row["lat"]), float(row["lon"])))
+                neighbours.append(Neighbour(row["path"], row["city"], round(float(sim), 4), float(row["lat"]),
+                                            float(row["lon"]), int(i)))
             source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"<image {q}>"
-            prediction = Prediction(source, [(self.classes[c], float(probs[c])) for c in top],
-                                    float(result["coords"][q][0]), float(result["coords"][q][1]), neighbours)
-            if classifier_probs is not None:
-                top = np.argsort(-classifier_probs[q])[:5]
-                prediction.classifier = [(self.classes[c], float(classifier_probs[q][c])) for c in top]
+            prediction = Prediction(source, knn.top(q), float(knn.coords[q][0]), float(knn.coords[q][1]), neighbours,
+                                    index=self.name, top_similarity=float(sims[q][0]) if ids[q][0] >= 0 else None,
+                                    unlike_indexed=bool(knn.extra["unlike"][q]))
+            if head is not None:
+                prediction.classifier = head.top(q)
+                prediction.classifier_mode = classifier.classifier.mode
             predictions.append(prediction)
         return predictions
 

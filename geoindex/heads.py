@@ -352,6 +352,13 @@ def available_heads(index) -> list[str]:
     return [m for m in MODES if (head_folder(index, m) / "meta.json").is_file()]
 
 
+def load_best_classifier(index, device="cpu") -> Classifier | None:
+    """The trained head with the best validation accuracy (a fine-tuned head that lost to the probe on val is
+    not used); None when none is trained."""
+    heads = [Classifier(index, m, device) for m in available_heads(index)]
+    return max(heads, key=lambda c: float(c.meta.get("best_val_accuracy") or 0.0), default=None)
+
+
 def load_classifier(index, mode: str | None = None, device="cpu") -> Classifier | None:
     """The requested head, else the fine-tuned one, else the probe; None when none is trained."""
     modes = [mode] if mode else ["finetune", "probe"]

@@ -56,25 +56,64 @@ def test_bench_end_to_end_every_method_on_the_same_ids(gsv_tree, tmp_path):
                                  "--image-size", "64", "--workers", "0", "--name", "b", "--index-dir", str(tmp_path)])
     assert build.exit_code == 0, build.output
     out = tmp_path / "bench-out"
-    external = gsv_tree / "Images"  # a <city>/*.jpg folder, as a user's fresh photos would be
+    external = _external_csv(tmp_path)  # fresh photos of other places, as a geotagged CSV
     result = runner.invoke(main, ["bench", "--index", "b", "--index-dir", str(tmp_path), "--out", str(out),
                                   "--clip-weights", "none", "--workers", "0", "--external", str(external)])
     assert result.exit_code == 0, result.output
-    results = json.loads((out / "results.json").read_text())
+    text = (out / "results.json").read_text()
+    results = json.loads(text, parse_constant=lambda c: pytest.fail(f"results.json holds {c}: not strict JSON"))
     for set_name, n in (("test", 8), ("external", 64)):
         block = results["sets"][set_name]
         methods = block["methods"]
-        assert {"knn", "classifier:probe", "zeroshot:city_country", "zeroshot:city", "zeroshot:country",
-                "zeroshot:ensemble", "hybrid"} <= set(methods), block["skipped"]
+        assert {"knn", "classifier:probe", "zeroshot:bare", "zeroshot:city_country", "zeroshot:city",
+                "zeroshot:country", "zeroshot:ensemble", "hybrid"} <= set(methods), block["skipped"]
         assert {m["ids_sha256"] for m in methods.values()} == {block["ids_sha256"]}
         assert all(m["n"] == n for m in methods.values())
         assert methods["zeroshot:country"]["level"] == "country" and len(methods["zeroshot:country"]["classes"]) == 4
-    # A plain <city>/*.jpg folder has no coordinates: distance figures must say so, not invent them.
-    assert np.isfinite(results["sets"]["test"]["methods"]["knn"]["median_km"])
-    assert results["sets"]["external"]["methods"]["knn"]["n_located"] == 0
-    assert (out / "results.md").read_text().count("| test |") == 7
+    # Every city-level method has km figures on the external CSV's coordinates (classifiers: the city centre).
+    for method in ("knn", "classifier:probe", "hybrid", "zeroshot:ensemble"):
+        assert results["sets"]["external"]["methods"][method]["n_located"] == 64
+        assert results["sets"]["external"]["methods"][method]["median_km"] is not None
+    assert "median_km" not in results["sets"]["external"]["methods"]["zeroshot:country"]
+    assert results["tuned"]["hybrid"]["tuned_on"] == "val" and results["tuned"]["knn"]["tuned_on"] == "val"
+    assert results["sets"]["external"]["methods"]["zeroshot:ensemble"]["notes"].count("RANDOM CLIP") == 1
+    assert (out / "results.md").read_text().count("| test |") == 8
     assert (out / "confusion_test_knn.png").read_bytes()[:4] == b"\x89PNG"
     assert "accuracy" in result.output and "hybrid" in result.output
+
+
+def _external_csv(tmp_path):
+    from geoindex.synthetic import make_synthetic_gsv
+    from geoindex.data import scan_dataset
+    tree = make_synthetic_gsv(tmp_path / "fresh", places_per_city=8, images_per_place=2, image_size=(64, 48), seed=1)
+    records = scan_dataset(tree).records
+    csv = tmp_path / "fresh.csv"
+    records[["path", "city", "lat", "lon"]].to_csv(csv, index=False)  # absolute paths, no place ids
+    return csv
+
+
+def test_external_photos_already_in_the_index_are_dropped(gsv_tree, tmp_path):
+    runner = CliRunner()
+    runner.invoke(main, ["build", "--data", str(gsv_tree), "--backbone", "cnn", "--weights", "none", "--image-size",
+                         "32", "--workers", "0", "--name", "d", "--index-dir", str(tmp_path)])
+    result = runner.invoke(main, ["bench", "--index", "d", "--index-dir", str(tmp_path), "--methods", "knn",
+                                  "--workers", "0", "--external", str(gsv_tree)])
+    assert result.exit_code == 1 and "already in index" in result.output
+    assert "same file bytes: 64" in result.output
+
+
+def test_hybrid_is_never_tuned_on_the_scored_photos(tmp_path, gsv_tree):
+    from geoindex import build_index
+    from geoindex.bench import run_bench
+    from geoindex.geo_index import load_index
+    # No validation split: fusion weights would have to come from the test photos, so hybrid is skipped.
+    build_index(gsv_tree, name="nv", index_dir=tmp_path, backbone="cnn", weights="none", image_size=32,
+                num_workers=0, fractions=(0.8, 0.0, 0.2), progress=False, log=lambda m: None)
+    index = load_index("nv", tmp_path)
+    assert index.store.count("val") == 0
+    results = run_bench(index, ["knn", "classifier", "hybrid"], log=lambda m: None, num_workers=0, progress=False)
+    block = results["sets"]["test"]
+    assert "hybrid" not in block["methods"] and "validation" in block["skipped"]["hybrid"]
 
 
 def test_zeroshot_without_clip_weights_is_reported_not_fatal(tmp_path, gsv_tree):

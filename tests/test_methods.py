@@ -1,0 +1,62 @@
+"""The method objects that query, bench and the service share: ties, tuning on val, GPS guesses."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from geoindex.methods import KNNMethod, Photos, break_ties, city_centres
+
+
+class FixedNeighbours:
+    """An index whose search returns given neighbours: enough to exercise the vote and the tuning."""
+
+    def __init__(self, sims, ids, train_labels, classes, lats=None, lons=None):
+        self.sims, self.ids, self.classes = np.asarray(sims, float), np.asarray(ids), classes
+        n = len(train_labels)
+        self.train_meta = pd.DataFrame({"label": train_labels, "lat": lats if lats is not None else np.zeros(n),
+                                        "lon": lons if lons is not None else np.zeros(n)})
+        self.ntotal = n
+
+    def search(self, embeddings, k):
+        return self.sims[:, :k], self.ids[:, :k]
+
+
+def test_majority_ties_go_to_the_nearest_neighbours_city():
+    # Neighbours: city 2 (nearest), city 0, city 2, city 0 -> a 2-2 tie; the old rule gave it to class 0.
+    index = FixedNeighbours([[0.9, 0.8, 0.7, 0.6]], [[0, 1, 2, 3]], [2, 0, 2, 0], ["a", "b", "c"])
+    answer = KNNMethod(index, k=4, vote="majority").predict(Photos(np.zeros((1, 2)), [None]))
+    assert answer.probs.argmax(1).tolist() == [2]
+    assert answer.probs[0, 2] == pytest.approx(0.5, abs=1e-6) and answer.probs.sum() == pytest.approx(1)
+
+
+def test_break_ties_leaves_clear_winners_alone():
+    probs = np.array([[0.2, 0.8], [0.5, 0.5]])
+    out = break_ties(probs, np.array([0, 1]))
+    assert out.argmax(1).tolist() == [1, 1]
+    assert out[0].tolist() == [0.2, 0.8]
+
+
+def test_knn_fit_tunes_on_the_validation_photos_and_records_it():
+    # On val, the single nearest neighbour is right and the crowd behind it is wrong: k=1 must win.
+    rng = np.random.default_rng(0)
+    n_val, k = 40, 50
+    train_labels = np.array([0, 1] * 100)
+    ids = np.zeros((n_val, k), dtype=int)
+    truth = rng.integers(0, 2, n_val)
+    for q in range(n_val):
+        right = np.flatnonzero(train_labels == truth[q])
+        wrong = np.flatnonzero(train_labels != truth[q])
+        ids[q] = np.concatenate([[right[q]], wrong[: k - 1]])
+    sims = np.tile(np.linspace(0.9, 0.5, k), (n_val, 1))
+    index = FixedNeighbours(sims, ids, train_labels, ["a", "b"])
+    knn = KNNMethod(index)
+    val = Photos(np.zeros((n_val, 2)), [None] * n_val, truth, name="val")
+    params = knn.fit(val)
+    assert params["k"] == 1 and params["tuned_on"] == "val" and params["val_accuracy"] == 1.0
+    assert params["unlike_threshold"] == pytest.approx(0.9)
+
+
+def test_city_centres_are_spherical_means_of_train_photos():
+    meta = pd.DataFrame({"label": [0, 0, 1], "lat": [10.0, 20.0, -5.0], "lon": [179.0, -179.0, 3.0]})
+    centres = city_centres(meta, ["x", "y", "z"])
+    assert centres[0, 0] == pytest.approx(15.0, abs=0.1) and abs(abs(centres[0, 1]) - 180) < 0.5  # across the date line
+    assert centres[1] == pytest.approx([-5.0, 3.0]) and np.isnan(centres[2]).all()
