@@ -375,7 +375,7 @@ def _clip(weights, image_size):
         raise GeoindexError(f"the CLIP backbone takes 224 px images (its positional embeddings are fixed); got {image_size}")
     if _is_random(weights):
         model = _seeded(lambda: open_clip.create_model(arch, pretrained=None))
-        info = WeightsInfo("random", description=f"random initialisation, torch seed {RANDOM_INIT_SEED}")
+        info = WeightsInfo("random", description=f"open_clip {arch} random initialisation, torch seed {RANDOM_INIT_SEED}")
     elif weights is None:
         cfg = open_clip.get_pretrained_cfg(arch, CLIP_PRETRAINED)
         try:
@@ -397,6 +397,7 @@ def _clip(weights, image_size):
             except Exception as exc:
                 raise GeoindexError(f"cannot load CLIP weights from {weights}: {exc}") from None
         info = _file_weights(weights)
+        info.description = f"open_clip {arch} from {info.description or weights}"
     tokenizer = open_clip.get_tokenizer(arch)
     cfg = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
     mean = tuple(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))

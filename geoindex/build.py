@@ -302,7 +302,9 @@ def _build_faiss(store: EmbeddingStore, out: Path, index_type: str, index_params
     if index_type != "flat":
         # Recall is measured, not assumed: approximate vs exact neighbours for held-out queries.
         split = "val" if store.count("val") else "train"
-        rows = np.arange(min(recall_queries, store.count(split)))
+        # A seeded sample across the whole split: its first rows would be one or two cities only.
+        count = store.count(split)
+        rows = np.sort(np.random.default_rng(0).choice(count, size=min(recall_queries, count), replace=False))
         queries = store.embeddings(split, rows)
         kk = min(k, n)
         _, approx = search(index, queries, kk, store.memmap("train"), int(params.get("rerank", 1)))

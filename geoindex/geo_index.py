@@ -162,6 +162,10 @@ class GeoIndex:
             raise BackboneMismatch(f"index {self.name!r} was built with {m['backbone']} weights "
                                    f"{m['weights']['description'] or m['weights']['source']} (sha256 {m['weights']['sha256']}); "
                                    f"the weights given now differ ({backbone.weights.description}, sha256 {backbone.weights.sha256})")
+        if backbone.name == "clip" and backbone.weights.description != m["weights"].get("description"):
+            # The CLIP architecture and pretrained tag live in the description (pretrained weights have no file hash).
+            raise BackboneMismatch(f"index {self.name!r} was built with CLIP {m['weights'].get('description')!r}; "
+                                   f"this CLIP is {backbone.weights.description!r}")
         if backbone.image_size != m["image_size"] or backbone.embed_dim != m["embed_dim"]:
             raise BackboneMismatch(f"index {self.name!r} expects {m['image_size']} px images and {m['embed_dim']}-d "
                                    f"embeddings; got {backbone.image_size} px and {backbone.embed_dim}-d")

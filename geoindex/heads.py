@@ -184,6 +184,15 @@ class _LabelledImages(Dataset):
         return self.transform(img), int(self.labels[i])
 
 
+def make_loader(paths, labels, transform, augment: bool, batch_size: int, num_workers: int, seed: int, epoch: int,
+                pin_memory: bool = False) -> DataLoader:
+    """Seeded by epoch: reproducible, yet each epoch sees other flips and jitter (and another order); workers
+    draw their random state from this generator, so one fixed seed would repeat the same augmentations."""
+    ds = _LabelledImages(paths, labels, transform, augment)
+    return DataLoader(ds, batch_size=batch_size, shuffle=augment, num_workers=num_workers, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
 class FineTuneModel(nn.Module):
     def __init__(self, trunk: nn.Module, dim: int, n_classes: int):
         super().__init__()
@@ -234,10 +243,9 @@ def train_finetune(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=No
         meta["val"] = meta["train"]
     num_workers = default_num_workers() if num_workers is None else num_workers
 
-    def loader(split, augment):
-        ds = _LabelledImages(meta[split]["path"], meta[split]["label"], backbone.transform, augment)
-        return DataLoader(ds, batch_size=batch_size, shuffle=augment, num_workers=num_workers,
-                          pin_memory=use_amp, generator=torch.Generator().manual_seed(seed))
+    def loader(split, augment, epoch):
+        return make_loader(meta[split]["path"], meta[split]["label"], backbone.transform, augment, batch_size,
+                           num_workers, seed, epoch, pin_memory=use_amp)
 
     loss_fn = nn.CrossEntropyLoss(ignore_index=-1)
 
@@ -266,8 +274,8 @@ def train_finetune(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=No
 
     for epoch in range(start_epoch, epochs + 1):
         started = time.perf_counter()
-        train_loss, train_acc = run_epoch(loader("train", True), True, f"fine-tune epoch {epoch}")
-        val_loss, val_acc = run_epoch(loader("val", False), False, "validation")
+        train_loss, train_acc = run_epoch(loader("train", True, epoch), True, f"fine-tune epoch {epoch}")
+        val_loss, val_acc = run_epoch(loader("val", False, 0), False, "validation")
         rows.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
                      "val_accuracy": val_acc, "seconds": time.perf_counter() - started})
         improved, stop = stopper.update(epoch, val_acc)

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from geoindex import build_index
 from geoindex.geo_index import load_index
@@ -62,3 +63,19 @@ def test_finetune_checkpoints_and_resumes(small_index, tmp_path):
     assert clf.predict_split("test").shape == (index.store.count("test"), 4)
     meta = json.loads((second.folder / "meta.json").read_text())
     assert meta["mode"] == "finetune" and meta["amp"] is False
+
+
+def test_finetune_augmentations_differ_between_epochs(gsv_tree):
+    from geoindex.data import scan_dataset
+    from geoindex.heads import make_loader
+    from geoindex.images import ImageTransform
+
+    paths = scan_dataset(gsv_tree).records["path"].tolist()[:8]
+    transform = ImageTransform(32, 36)
+
+    def first_batch(epoch):
+        loader = make_loader(paths, [0] * len(paths), transform, True, 8, 1, seed=0, epoch=epoch)
+        return next(iter(loader))[0]
+
+    assert torch.equal(first_batch(1), first_batch(1)), "the same epoch must be reproducible"
+    assert not torch.equal(first_batch(1), first_batch(2)), "epoch 2 repeated epoch 1's augmentations"
