@@ -1,20 +1,33 @@
 """geoindex: which city was this street-level photo taken in?
 
     import geoindex
-    report = geoindex.build_index("/data/GSV-Cities", backbone="effnet")
+    report = geoindex.build_index("/data/london.csv", backbone="effnet")
     index = geoindex.load_index(report.name)
     index.query(["photo.jpg"])
     geoindex.run_bench(index)
+
+Names are imported on first use, so `import geoindex` (and the CLI's listing commands) stay fast.
 """
 __version__ = "0.1.0"
 
-from .backbones import Backbone, create_backbone, list_backbones  # noqa: E402
-from .errors import GeoindexError  # noqa: E402
-from .build import build_index  # noqa: E402
-from .geo_index import GeoIndex, load_index, list_indexes  # noqa: E402
-from .metrics import evaluate  # noqa: E402
-from .bench import run_bench  # noqa: E402
-from .heads import train_finetune, train_probe  # noqa: E402
+_EXPORTS = {
+    "Backbone": "backbones", "create_backbone": "backbones", "list_backbones": "backbones",
+    "GeoindexError": "errors", "build_index": "build", "GeoIndex": "geo_index", "load_index": "geo_index",
+    "list_indexes": "geo_index", "evaluate": "metrics", "run_bench": "bench", "train_probe": "heads",
+    "train_finetune": "heads", "tune_knn": "tuning", "scan_dataset": "data",
+}
 
-__all__ = ["Backbone", "create_backbone", "list_backbones", "build_index", "GeoIndex", "load_index", "list_indexes",
-           "evaluate", "run_bench", "train_probe", "train_finetune", "GeoindexError", "__version__"]
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'geoindex' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -26,8 +26,9 @@ RANDOM_INIT_SEED = 0
 
 
 def offline() -> bool:
-    """True when nothing may be downloaded (GEOINDEX_OFFLINE=1 or HF_HUB_OFFLINE=1)."""
-    return any(os.environ.get(v, "0") not in ("", "0", "false") for v in ("GEOINDEX_OFFLINE", "HF_HUB_OFFLINE"))
+    """True when nothing may be downloaded: GEOINDEX_OFFLINE=1 / HF_HUB_OFFLINE=1, or no network (checked once, ~1 s)."""
+    from .netcheck import offline_reason
+    return offline_reason() is not None
 
 
 def file_sha256(path, chunk_size: int = 1 << 20) -> str:
@@ -157,8 +158,14 @@ def _seeded(factory: Callable[[], nn.Module]) -> nn.Module:
 def _read_state_dict(path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise GeoindexError(f"weights file {path} does not exist") from None
     except Exception as exc:  # pickle errors, zip errors, truncated files all mean the same to a user
-        raise GeoindexError(f"cannot read weights file {path}: {exc}") from None
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if len(detail) < 20 or detail.isdigit():  # e.g. a bare pickle opcode number: say what it means instead
+            detail = f"{type(exc).__name__}: {detail}"
+        raise GeoindexError(f"cannot read weights file {path}: it is not a PyTorch state dict saved with torch.save "
+                            f"(a .pt/.pth file of tensors) [{detail}]") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -191,8 +198,10 @@ def _torchvision_pretrained(model: nn.Module, tv_weights, label: str) -> Weights
     if not cached.is_file():
         missing = (f"{label} ImageNet weights are not in torchvision's cache: expected {cached} "
                    f"(download {tv_weights.url} to that path, pass --weights FILE, or --weights none)")
-        if offline():
-            raise WeightsNotFound(missing)
+        from .netcheck import offline_reason
+        reason = offline_reason()
+        if reason:
+            raise WeightsNotFound(f"{missing}; not downloaded: {reason}")
         try:
             torch.hub.load_state_dict_from_url(tv_weights.url, progress=True, check_hash=False)
         except Exception as exc:
@@ -357,8 +366,10 @@ def _clip_from_cache_then_hub(open_clip, arch):
     cached = _cached_clip_file(open_clip, arch)
     if cached:
         return open_clip.create_model(arch, pretrained=cached)
-    if offline():
-        raise FileNotFoundError("not cached, and downloads are off (GEOINDEX_OFFLINE / HF_HUB_OFFLINE)")
+    from .netcheck import offline_reason
+    reason = offline_reason()
+    if reason:
+        raise FileNotFoundError(f"not cached, and {reason}")
     return open_clip.create_model(arch, pretrained=CLIP_PRETRAINED)
 
 
@@ -382,9 +393,9 @@ def _clip(weights, image_size):
             model = _clip_from_cache_then_hub(open_clip, arch)
         except Exception as exc:
             raise WeightsNotFound(
-                f"CLIP {arch}/{CLIP_PRETRAINED} weights are not in open_clip's cache (Hugging Face hub repo "
-                f"{cfg.get('hf_hub', '?')} or {cfg.get('url', '?')}); download them once online, or pass "
-                f"--weights FILE (an open_clip checkpoint), or --weights none ({type(exc).__name__})") from None
+                f"CLIP {arch}/{CLIP_PRETRAINED} weights: {exc} (open_clip looks in the Hugging Face cache for "
+                f"{cfg.get('hf_hub', '?').strip('/')}); run once online to cache them, or give an open_clip checkpoint "
+                f"file (--weights FILE; for bench: --clip-weights FILE)") from None
         info = WeightsInfo("pretrained", None, None, f"open_clip {arch} {CLIP_PRETRAINED}")
     else:
         state = _read_state_dict(weights)

@@ -193,9 +193,8 @@ class Bench:
                 clip = self.index.backbone
             else:
                 clip = create_backbone("clip", weights=self.clip_weights, device=self.index.device)
-        except GeoindexError as exc:
+        except GeoindexError as exc:  # reported once, in the table's footer and results.json
             self.skipped["zeroshot"] = str(exc)
-            self.log(f"zeroshot: skipped: {exc}")
             return []
         note = "" if clip.weights.source != "random" else "; RANDOM CLIP weights (--clip-weights none): meaningless"
         variants = [ZeroShotMethod(self.index, clip, fmt, templates, name, self.embed_kwargs, note)

@@ -8,11 +8,15 @@ from pathlib import Path
 
 import click
 
-from .backbones import backbone_spec, list_backbones
+from .catalog import BACKBONES, INDEX_TYPES, weights_status
 from .cities import display_name
 from .errors import GeoindexError
-from .search import INDEX_TYPES
-from .voting import VOTE_METHODS
+
+VOTE_METHODS = ("majority", "weighted", "softmax")  # geoindex.voting.VOTE_METHODS, without importing numpy
+
+
+def list_backbones():
+    return sorted(BACKBONES)
 
 index_dir_option = click.option("--index-dir", type=click.Path(file_okay=False), default=None,
                                 help="Where indexes live [default: $GEOINDEX_HOME or ./indexes].")
@@ -40,10 +44,17 @@ def main():
     """Tell which city a street-level photo was taken in.
 
     \b
-    geoindex build --data PATH     embed a GSV-Cities tree (or <city>/*.jpg folder) and index it
-    geoindex query photo.jpg       top-5 cities, a GPS estimate and the nearest photos
+    geoindex build --data PATH     embed photos (GSV-Cities tree, <city>/*.jpg folder or CSV manifest), index them
+    geoindex train                 train a classifier head and tune kNN on the validation split
+    geoindex query photo.jpg       top cities, a GPS estimate and the nearest indexed photos
+    geoindex bench                 score kNN, classifier, zero-shot and hybrid on the same photos
     geoindex indexes               list built indexes
-    geoindex backbones             list embedding backbones
+    geoindex backbones             list embedding backbones and their weights
+    geoindex demo                  build, query and score end to end on a sample
+
+    \b
+    Environment: GEOINDEX_HOME (where indexes live, default ./indexes), GEOINDEX_OFFLINE=1 (never download
+    weights; also detected automatically when the network is unreachable).
     """
 
 
@@ -164,14 +175,15 @@ def query(photos, index_name, k, vote_method, temperature, backbone, as_json, de
 def indexes_command(index_dir, as_json):
     """List built indexes."""
     from .fileio import index_home
-    from .geo_index import list_indexes
+    from .locate import list_indexes
 
     manifests = list_indexes(index_dir)
     if as_json:
         click.echo(json.dumps(manifests, indent=2))
         return
     if not manifests:
-        click.echo(f"no index in {index_home(index_dir)}; build one with `geoindex build --data PATH`")
+        from .locate import where
+        click.echo(f"no index in {where(index_dir)}; build one with `geoindex build --data PATH`")
         return
     for m in manifests:
         counts = m["counts"]
@@ -255,62 +267,37 @@ def bench(index_name, methods, split, out, external, k, vote_method, clip_weight
 
 
 @main.command()
-@click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
-              help="A GSV-Cities root [default: the sample in ../shared, else a generated tree].")
+@click.option("--data", type=click.Path(exists=True), default=None,
+              help="A GSV-Cities tree, <city>/*.jpg folder or CSV manifest [default: the real London-or-London "
+                   "photos in ../shared when present, else a generated tree announced as SYNTHETIC].")
 @click.option("--backbone", default="auto", show_default=True, type=click.Choice(["auto", *list_backbones()]))
 @click.option("--per-city", type=click.IntRange(1), default=None, help="Use about N images per city.")
+@click.option("--rebuild", is_flag=True, help="Build the demo index again even if it exists.")
 @device_option
 @index_dir_option
 @friendly_errors
-def demo(data, backbone, per_city, device, index_dir):
-    """Build, query and score an index end to end, on your data or a sample."""
-    from .build import build_index
-    from .demo import find_demo_data
-    from .geo_index import load_index
+def demo(data, backbone, per_city, rebuild, device, index_dir):
+    """Build, train, query and score an index end to end, on your data or a sample."""
+    from .demo import run_demo
 
-    from .errors import IndexNotFound
-    from .geo_index import resolve_index_path
-
-    root, synthetic = find_demo_data(data, log=click.echo)
-    name = "demo-synthetic" if synthetic else f"demo-{Path(root).resolve().name}-{backbone}"
-    try:  # a second demo on the same real data reuses its index instead of re-embedding everything
-        path = None if synthetic else resolve_index_path(name, index_dir)
-        click.echo(f"reusing index {name!r} (delete {path} to rebuild it)")
-    except IndexNotFound:
-        path = None
-    if path is None:
-        report = build_index(root, name=name, backbone=backbone, per_city=per_city, device=device,
-                             index_dir=index_dir, overwrite=synthetic, log=click.echo)
-        click.echo(f"built {report.name!r}: {report.manifest['counts']}, {report.images_per_second:.1f} images/s")
-        path = report.path
-    index = load_index(path, device=device)
-    test = index.store.metadata("test")
-    sample = test.groupby("city").head(1).head(3)
-    for prediction, truth in zip(index.query(list(sample["path"])), sample["city"]):
-        click.echo(f"query {Path(prediction.source).name}: predicted {display_name(prediction.city)} "
-                   f"(p={prediction.cities[0][1]:.2f}), truth {display_name(truth)}")
-    from .bench import format_table, run_bench
-
-    import os
-    # The demo downloads nothing: zero-shot runs when CLIP weights are already cached, else is reported skipped.
-    os.environ.setdefault("GEOINDEX_OFFLINE", "1")
-    click.echo("\nscoring kNN, a linear-probe classifier, CLIP zero-shot and their fusion on the test split:")
-    results = run_bench(index, log=click.echo, device=device)
-    click.echo(format_table(results))
-    click.echo(f"results in {results['out']}")
-    if synthetic:
-        click.secho("NOTE: SYNTHETIC data: these figures are meaningless; pass --data for real ones", fg="yellow")
+    run_demo(data, backbone=backbone, per_city=per_city, rebuild=rebuild, device=device, index_dir=index_dir,
+             log=click.echo, warn=lambda m: click.secho(m, fg="yellow"))
 
 
 @main.command("backbones")
-def backbones_command():
-    """List the embedding backbones."""
-    from .backbones import default_weights_available
-
+@click.option("--check", is_flag=True, help="Load each backbone's weights to prove they are usable (slow).")
+def backbones_command(check):
+    """List the embedding backbones and where their weights would come from."""
     for name in list_backbones():
-        spec = backbone_spec(name)
-        cached = "weights available" if default_weights_available(name) else "weights not cached"
-        click.echo(f"{name:<10} {spec.description}  [{cached}]")
+        status = weights_status(name)
+        if check:
+            from .backbones import create_backbone
+            try:
+                info = create_backbone(name, weights="none" if name == "cnn" else None).weights
+                status = f"loaded: {info.description or info.source}"
+            except GeoindexError as exc:
+                status = f"not usable: {exc}"
+        click.echo(f"{name:<14} {BACKBONES[name]}\n{'':<14} [{status}]")
 
 
 if __name__ == "__main__":

@@ -1,26 +1,81 @@
-"""The end-to-end job behind the README's first command: build an index, query it, score it."""
+"""The end-to-end job behind the README's first command: build an index, train, query it, score it."""
 from __future__ import annotations
 
-import tempfile
+import os
 from pathlib import Path
 from typing import Callable
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REAL_SAMPLE = SHARED / "data" / "real" / "london-or-london"
 
 
-def find_demo_data(data=None, log: Callable[[str], None] = print) -> tuple[Path, bool]:
-    """The user's data, else a real sample in ../shared, else a generated tree (returns (root, synthetic))."""
+def find_demo_data(data=None, index_dir=None, log: Callable[[str], None] = print) -> tuple[Path, bool]:
+    """The user's data, else the real photos in ../shared, else a generated tree (returns (source, synthetic)).
+
+    The generated tree lives beside the indexes (not in a temporary folder), so the demo index keeps
+    pointing at photos that exist, and a second demo reuses both.
+    """
     if data:
         return Path(data), False
-    for candidate in (SHARED / "data" / "gsv_cities", SHARED / "data" / "GSV-Cities", SHARED / "data"):
-        if (candidate / "Images").is_dir():
-            log(f"using the real sample in {candidate}")
-            return candidate, False
-    from .synthetic import make_synthetic_gsv
+    if (REAL_SAMPLE / "index.csv").is_file():
+        log(f"using the real London-or-London photos in {REAL_SAMPLE}")
+        return REAL_SAMPLE, False
+    from .fileio import index_home
+    from .synthetic import SYNTHETIC_MARKER, make_synthetic_gsv
 
-    root = make_synthetic_gsv(Path(tempfile.mkdtemp(prefix="geoindex-demo-")) / "GSV-Synthetic",
-                              places_per_city=12, images_per_place=2, image_size=(160, 120))
+    root = index_home(index_dir) / ".demo-data" / "GSV-Synthetic"
+    if not (root / SYNTHETIC_MARKER).is_file():
+        root = make_synthetic_gsv(root, places_per_city=12, images_per_place=2, image_size=(160, 120))
     banner = "=" * 78
     log(f"{banner}\nNO REAL PHOTOS FOUND: running on a tiny SYNTHETIC tree at {root}\n"
-        f"(pass --data /path/to/GSV-Cities for real figures; these ones mean nothing)\n{banner}")
+        f"(pass --data PATH for real figures; these ones mean nothing)\n{banner}")
     return root, True
+
+
+def run_demo(data=None, backbone: str = "auto", per_city=None, rebuild: bool = False, device="auto", index_dir=None,
+             log: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> dict:
+    """build -> train (probe + kNN tuning on val) -> query three test photos -> bench; returns the bench results."""
+    from .bench import format_table, run_bench
+    from .build import build_index, choose_default_backbone
+    from .cities import display_name
+    from .errors import IndexNotFound
+    from .geo_index import load_index
+    from .heads import train_probe
+    from .locate import resolve_index_path
+    from .tuning import tune_knn
+
+    source, synthetic = find_demo_data(data, index_dir, log)
+    if backbone == "auto":
+        backbone, reason = choose_default_backbone()
+        log(f"backbone: {backbone} ({reason})")
+    name = "demo-synthetic" if synthetic else f"demo-{Path(source).resolve().stem}-{backbone}"
+    path = None
+    if not rebuild:
+        try:
+            path = resolve_index_path(name, index_dir)
+            log(f"reusing index {name!r} at {path} (pass --rebuild to build it again)")
+        except IndexNotFound:
+            path = None
+    if path is None:
+        report = build_index(source, name=name, backbone=backbone, per_city=per_city, device=device,
+                             index_dir=index_dir, overwrite=True, log=log)
+        log(f"built {report.name!r}: {report.manifest['counts']}, {report.images_per_second:.1f} images/s")
+        path = report.path
+    index = load_index(path, device=device)
+    if index.store.count("val"):
+        train_probe(index, progress=False, log=lambda m: None)
+        tune_knn(index, log=log)
+    test = index.store.metadata("test")
+    sample = test.groupby("city").head(1).head(3)
+    for prediction, truth in zip(index.query(list(sample["path"])), sample["city"]):
+        log(f"query {Path(prediction.source).name}: kNN says {display_name(prediction.city)} "
+            f"(p={prediction.cities[0][1]:.2f}), truth {display_name(truth)}")
+    # The demo downloads nothing: zero-shot runs when CLIP weights are already cached, else is reported skipped.
+    os.environ.setdefault("GEOINDEX_OFFLINE", "1")
+    log("\nscoring kNN, the classifier heads, CLIP zero-shot and their fusion on the test split:")
+    results = run_bench(index, log=log, device=device)
+    log(format_table(results))
+    log(f"results in {results['out']}")
+    if synthetic:
+        warn("NOTE: SYNTHETIC data: these figures are meaningless; pass --data for real ones")
+    return results

@@ -19,6 +19,7 @@ from .cities import display_name
 from .errors import BackboneMismatch, GeoindexError, IndexNotFound
 from .extraction import resolve_device
 from .fileio import index_home
+from .locate import default_index_name, list_index_paths, list_indexes, resolve_index_path  # noqa: F401
 from .search import load_index_file, search, set_search_params, to_gpu
 from .store import EmbeddingStore
 
@@ -69,37 +70,6 @@ class Prediction:
 
 def _finite(value):
     return None if value is None or not np.isfinite(value) else float(value)
-
-
-def resolve_index_path(name_or_path, index_dir=None) -> Path:
-    candidate = Path(name_or_path).expanduser()
-    if (candidate / MANIFEST).is_file():
-        return candidate
-    path = index_home(index_dir) / str(name_or_path)
-    if (path / MANIFEST).is_file():
-        return path
-    available = [p.name for p in list_index_paths(index_dir)]
-    hint = f"built indexes: {', '.join(available)}" if available else "none is built yet; run `geoindex build`"
-    raise IndexNotFound(f"no index named {name_or_path!r} in {index_home(index_dir)} ({hint})")
-
-
-def list_index_paths(index_dir=None) -> list[Path]:
-    home = index_home(index_dir)
-    if not home.is_dir():
-        return []
-    return sorted(p for p in home.iterdir() if (p / MANIFEST).is_file())
-
-
-def list_indexes(index_dir=None) -> list[dict]:
-    return [json.loads((p / MANIFEST).read_text()) | {"path": str(p)} for p in list_index_paths(index_dir)]
-
-
-def default_index_name(index_dir=None) -> str:
-    """The most recently built index, so `geoindex query photo.jpg` works right after a build."""
-    paths = list_index_paths(index_dir)
-    if not paths:
-        raise IndexNotFound(f"no index in {index_home(index_dir)}; run `geoindex build` first or pass --index-dir")
-    return max(paths, key=lambda p: (p / MANIFEST).stat().st_mtime).name
 
 
 class GeoIndex:

@@ -67,7 +67,12 @@ def save_curves(history: pd.DataFrame, folder: Path, title: str) -> None:
         ax_acc.plot(history["epoch"], history[f"{split}_accuracy"], marker="o", label=split)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
+    from matplotlib.ticker import MaxNLocator
+    best = _chosen_epoch(history)
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        if best is not None:
+            ax.axvline(best, color="grey", linestyle="--", linewidth=1, label=f"kept: epoch {best}")
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(title)
@@ -75,6 +80,15 @@ def save_curves(history: pd.DataFrame, folder: Path, title: str) -> None:
     with atomic_path(folder / "curves.png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def _chosen_epoch(history: pd.DataFrame):
+    """The epoch whose weights were kept: recorded in history as `kept`, else the best val accuracy."""
+    if history.empty:
+        return None
+    if "kept" in history and history["kept"].any():
+        return int(history.loc[history["kept"].astype(bool), "epoch"].iloc[-1])
+    return int(history.loc[history["val_accuracy"].idxmax(), "epoch"])
 
 
 class _EarlyStopping:

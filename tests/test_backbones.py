@@ -55,3 +55,22 @@ def test_weights_file_round_trip(tmp_path):
     torch.save(create_backbone("cnn", weights="none").model.state_dict(), wrong)
     with pytest.raises(GeoindexError, match="does not fit"):
         create_backbone("resnet18", weights=wrong)
+
+
+def test_catalog_lists_exactly_the_registry():
+    # The CLI lists backbones from a torch-free table; it must never drift from the registry that builds them.
+    from geoindex.backbones import list_backbones
+    from geoindex.catalog import BACKBONES
+    assert sorted(BACKBONES) == list_backbones()
+
+
+def test_listing_commands_do_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+    code = ("import sys; from click.testing import CliRunner; from geoindex.cli import main; "
+            f"r = CliRunner().invoke(main, ['indexes', '--index-dir', {str(tmp_path)!r}]); "
+            "r2 = CliRunner().invoke(main, ['backbones']); "
+            "assert r.exit_code == 0 and r2.exit_code == 0, (r.output, r2.output); "
+            "print(sorted(m for m in ('torch', 'faiss', 'h5py', 'sklearn', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -95,3 +95,14 @@ def test_end_to_end_on_real_photos_from_shared(tmp_path):
     accuracy = (probs.argmax(1) == test["label"].to_numpy()).mean()
     print(f"kNN top-1 on real test photos: {accuracy:.3f}")
     assert accuracy > 1.5 / len(index.classes)
+
+
+def test_demo_on_given_data_builds_trains_queries_and_scores(gsv_tree, tmp_path):
+    result = run("demo", "--data", gsv_tree, "--backbone", "cnn", "--index-dir", tmp_path)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    name = f"demo-{gsv_tree.name}-cnn"
+    assert f"built '{name}'" in out and "kNN tuned on val" in out and "query " in out
+    assert (tmp_path / name / "bench" / "results.json").is_file()
+    again = run("demo", "--data", gsv_tree, "--backbone", "cnn", "--index-dir", tmp_path).output
+    assert f"reusing index '{name}' at {tmp_path / name}" in again and "built" not in again
