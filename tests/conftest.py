@@ -48,8 +48,32 @@ def write_bad_files(folder: Path, city: str) -> dict[str, str]:
 
 
 def shared_photos_root():
-    """A GSV-Cities tree in ../shared/data when one is provided, else None (with the reason)."""
+    """Real street-level photos in ../shared/data (a GSV-Cities tree, or the London-or-London folder read through
+    its index.csv), else None with the reason."""
     for candidate in (SHARED / "data" / "gsv_cities", SHARED / "data" / "GSV-Cities", SHARED / "data"):
         if (candidate / "Images").is_dir():
             return candidate, ""
+    london = SHARED / "data" / "real" / "london-or-london"
+    if (london / "index.csv").is_file():
+        return london, ""
     return None, f"no real street-level photos under {SHARED / 'data'} (see ../shared/README.md)"
+
+
+def london_csvs(tmp_path, n_index: int = 100, n_external: int = 40):
+    """Two geotagged CSVs of real London-or-London photos with absolute paths, from disjoint areas: photos west of
+    a per-city longitude for the index, east of it for the external set. None (with the reason) when absent."""
+    import pandas as pd
+    london = SHARED / "data" / "real" / "london-or-london"
+    if not (london / "index.csv").is_file():
+        return None, None, f"no London-or-London photos at {london} (see ../shared/README.md)"
+    table = pd.read_csv(london / "index.csv")
+    table["path"] = [str(london / p) for p in table["path"]]
+    index_rows, external_rows = [], []
+    for city, group in table.groupby("city"):
+        group = group.sort_values("lon")
+        index_rows.append(group.head(len(group) // 2).sample(n_index, random_state=0))
+        external_rows.append(group.tail(len(group) // 3).sample(n_external, random_state=0))
+    index_csv, external_csv = tmp_path / "index.csv", tmp_path / "external.csv"
+    pd.concat(index_rows)[["path", "city", "lat", "lon"]].to_csv(index_csv, index=False)
+    pd.concat(external_rows)[["path", "city", "lat", "lon"]].to_csv(external_csv, index=False)
+    return index_csv, external_csv, ""
