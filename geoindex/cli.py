@@ -50,6 +50,7 @@ def main():
     geoindex bench                 score kNN, classifier, zero-shot and hybrid on the same photos
     geoindex indexes               list built indexes
     geoindex backbones             list embedding backbones and their weights
+    geoindex serve                 a web page and an HTTP API that keep the model loaded
     geoindex demo                  build, query and score end to end on a sample
 
     \b
@@ -299,6 +300,10 @@ def backbones_command(check):
                 status = f"not usable: {exc}"
         click.echo(f"{name:<14} {BACKBONES[name]}\n{'':<14} [{status}]")
 
+
+from .serve.cli import serve  # noqa: E402  (click only: the server's imports happen when it starts)
+
+main.add_command(serve)
 
 if __name__ == "__main__":
     main()

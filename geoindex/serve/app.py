@@ -1,0 +1,306 @@
+"""The FastAPI app: `create_app(index)` serves one loaded GeoIndex over HTTP, and the page at `/`.
+
+Answers come from the public API only (`index.query(images, k=...)` and `Prediction.to_dict()`),
+so a photo gets the same JSON here as from `geoindex query --json`, plus timings and, for each
+neighbour, the index row its thumbnail is served under. Uploads are decoded on a small thread
+pool while the model thread runs the previous batch; the model sees one call per micro-batch.
+"""
+
+import asyncio
+import io
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from functools import lru_cache
+from pathlib import Path
+
+from .batching import MicroBatcher, QueueFull
+from .uploads import DEFAULT_MAX_PIXELS, MULTIPART_OVERHEAD, UploadError, decode_image, read_body, split_uploads
+
+STATIC = Path(__file__).resolve().parent / "static"
+THUMBNAIL_PX = 320
+MAX_K = 200
+log = logging.getLogger("geoindex.serve")
+
+
+def strict_json(value):
+    """NaN and infinities become null: the API answers strict JSON, whatever a float holds."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalars
+        return strict_json(value.item())
+    return value
+
+
+def default_decode_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _error_responses(*codes: int) -> dict:
+    schema = {"type": "object", "properties": {"error": {"type": "string"}, "code": {"type": "string"}}}
+    why = {400: "empty body or malformed form", 413: "over --max-upload-mb, or too many pixels (decompression bomb)",
+           415: "not an image, or a Content-Type other than multipart/form-data or image/*",
+           422: "corrupt or truncated image, or a bad query parameter", 503: "too many photos already waiting",
+           404: "no such row in the index"}
+    return {c: {"description": why[c], "content": {"application/json": {"schema": schema}}} for c in codes}
+
+
+_PHOTO_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["image"],
+                                       "properties": {"image": {"type": "string", "format": "binary"}}}},
+    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+    "image/png": {"schema": {"type": "string", "format": "binary"}},
+    "image/webp": {"schema": {"type": "string", "format": "binary"}}}}}
+_BATCH_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": "one file part per photo (field name 'image' or 'images')"}}}}}}}
+
+
+class Locator:
+    """The index, the micro-batcher in front of its model, and the decoding pool: all a request needs."""
+
+    def __init__(self, index, max_upload_mb: float = 20.0, max_batch: int = 16, max_wait_ms: float = 5.0,
+                 decode_threads: int | None = None, k: int = 20, max_files: int = 32, max_queue: int = 256,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, warmup: bool = True):
+        self.index = index
+        self.k = k
+        self.max_upload_bytes = int(max_upload_mb * 2**20)
+        self.max_files = max_files
+        self.max_pixels = max_pixels
+        self.train = index.store.metadata("train")  # row numbers are the neighbour ids, and the only photos served
+        self.row_of_path = {p: i for i, p in enumerate(self.train["path"])}
+        transform = getattr(index.backbone, "transform", None)  # loads the backbone now, not on the first request
+        self.resize_short_side = getattr(transform, "resize_size", None)
+        self.resample = getattr(transform, "interpolation", "bicubic")
+        classifier = index.classifier
+        self.classifier_mode = getattr(classifier, "mode", None) if classifier is not None else None
+        self.decode_pool = ThreadPoolExecutor(decode_threads or default_decode_threads(), thread_name_prefix="decode")
+        if warmup:  # first calls pay for allocator and kernel set-up; not a user's request
+            from PIL import Image
+            gray = Image.new("RGB", (256, 256), (128, 128, 128))
+            for n in sorted({1, max_batch}):
+                self._run_batch([gray] * n, k)
+        self.decoding = 0  # uploads being decoded: the batcher waits for them, and only for them
+        self.batcher = MicroBatcher(self._run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                                    expecting=lambda: self.decoding)
+        self.thumbnail = lru_cache(maxsize=1024)(self._thumbnail)
+
+    def close(self):
+        self.batcher.close()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run_batch(self, images, k):
+        return [p.to_dict() for p in self.index.query(list(images), k=k)]
+
+    async def locate(self, uploads, k: int) -> list[dict]:
+        loop = asyncio.get_running_loop()
+
+        async def one(upload):
+            t0 = time.perf_counter()
+            self.decoding += 1  # only the event loop thread touches the counter
+            try:
+                image = await loop.run_in_executor(self.decode_pool, decode_image, upload.data, self.max_pixels,
+                                                   self.resize_short_side, self.resample)
+                decoded = time.perf_counter()
+                future = self.batcher.submit(image, k)
+            except UploadError as exc:
+                if len(uploads) > 1:  # say which photo of a batch is the bad one
+                    exc.message = f"{upload.filename}: {exc.message}"
+                raise
+            finally:
+                self.decoding -= 1
+            answer, timing = await asyncio.wrap_future(future)
+            answer = dict(answer, source=upload.filename)
+            answer["neighbours"] = [dict(n, row=self.row_of_path.get(n.get("path"))) for n in answer["neighbours"]]
+            answer["timings_ms"] = {"decode": round((decoded - t0) * 1000, 2), "queue": timing.queue_ms,
+                                    "model_batch": timing.batch_ms, "batch_size": timing.batch_size}
+            return answer
+
+        return list(await asyncio.gather(*(one(u) for u in uploads)))
+
+    def describe(self) -> dict:
+        m = self.index.manifest
+        train = self.train
+        classes = []
+        for city in self.index.classes:
+            rows = train[train["city"] == city]
+            classes.append({"city": city, "name": _display_name(city), "train_photos": int(len(rows)),
+                            "lat": _median(rows["lat"]), "lon": _median(rows["lon"])})
+        methods = ["knn"] + (["classifier"] if self.classifier_mode else [])
+        return strict_json({
+            "name": self.index.name, "backbone": m["backbone"], "weights": m["weights"].get("source"),
+            "embed_dim": m["embed_dim"], "image_size": m["image_size"], "index_type": m["index"]["type"],
+            "counts": m["counts"], "synthetic": bool(m.get("synthetic", False)), "cities": classes,
+            "methods": methods, "classifier": self.classifier_mode, "device": str(self.index.device),
+            "limits": {"max_upload_mb": self.max_upload_bytes / 2**20, "max_pixels": self.max_pixels,
+                       "max_files_per_batch": self.max_files, "k_default": self.k, "k_max": MAX_K},
+            "batching": {"max_batch": self.batcher.max_batch, "max_wait_ms": self.batcher.max_wait * 1000},
+            "version": _version()})
+
+    def _thumbnail(self, row: int) -> bytes | None:
+        from PIL import Image
+
+        from ..errors import ImageError
+        from ..images import load_image
+        try:
+            img = load_image(self.train["path"].iat[row], draft_size=THUMBNAIL_PX)
+        except ImageError:
+            return None
+        img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        img.save(out, format="JPEG", quality=85)
+        return out.getvalue()
+
+
+def _median(values):
+    values = values.dropna()
+    return float(values.median()) if len(values) else None
+
+
+def _display_name(city: str) -> str:
+    from ..cities import display_name
+    return display_name(city)
+
+
+def _version() -> str:
+    from .. import __version__
+    return __version__
+
+
+def create_app(index, *, max_upload_mb: float = 20.0, max_batch: int = 16, max_wait_ms: float = 5.0,
+               decode_threads: int | None = None, k: int = 20, max_files: int = 32, max_queue: int = 256,
+               max_pixels: int = DEFAULT_MAX_PIXELS, warmup: bool = True, root_path: str = ""):
+    """A FastAPI app answering for `index` (a loaded GeoIndex). Run it with uvicorn."""
+    from fastapi import FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.middleware.gzip import GZipMiddleware
+    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.staticfiles import StaticFiles
+    from starlette.exceptions import HTTPException
+
+    from ..errors import GeoindexError
+
+    locator = Locator(index, max_upload_mb=max_upload_mb, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                      decode_threads=decode_threads, k=k, max_files=max_files, max_queue=max_queue,
+                      max_pixels=max_pixels, warmup=warmup)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        locator.close()
+
+    app = FastAPI(title="geoindex", version=_version(), root_path=root_path, lifespan=lifespan,
+                  description="Which city was this street-level photo taken in? kNN over an index of photos, "
+                              "classifier heads, a GPS estimate, and the nearest indexed photos as evidence. "
+                              "Errors are JSON: `{\"error\": why, \"code\": short_code}`.")
+    app.state.locator = locator
+    app.add_middleware(GZipMiddleware, minimum_size=2048)
+
+    def error(status: int, code: str, message: str, headers=None):
+        return JSONResponse({"error": message, "code": code}, status_code=status, headers=headers)
+
+    @app.exception_handler(UploadError)
+    async def _upload_error(_request, exc: UploadError):
+        return error(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(QueueFull)
+    async def _busy(_request, exc: QueueFull):
+        return error(503, "busy", str(exc), headers={"Retry-After": "1"})
+
+    @app.exception_handler(GeoindexError)
+    async def _geoindex_error(_request, exc: GeoindexError):
+        return error(422, "unusable_image", str(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request, exc: HTTPException):
+        return error(exc.status_code, f"http_{exc.status_code}", str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request, exc: RequestValidationError):
+        why = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        return error(422, "invalid_request", why)
+
+    @app.exception_handler(Exception)
+    async def _internal(_request, exc: Exception):
+        log.exception("unexpected error")
+        return error(500, "internal", f"internal error ({type(exc).__name__}); the server keeps serving")
+
+    def k_param(default=k):
+        return Query(default, ge=1, le=MAX_K, description="Neighbours that vote.")
+
+    async def answer(request: Request, k_value: int, max_files: int, started: float) -> dict:
+        read_start = time.perf_counter()
+        body = await read_body(request, locator.max_upload_bytes * max_files + MULTIPART_OVERHEAD)
+        read_ms = round((time.perf_counter() - read_start) * 1000, 2)
+        uploads = split_uploads(body, request.headers.get("content-type"), max_files)
+        for upload in uploads:
+            if len(upload.data) > locator.max_upload_bytes:
+                raise UploadError(413, "too_large", f"{upload.filename}: {len(upload.data) / 2**20:.1f} MB is over "
+                                                    f"the limit of {max_upload_mb:g} MB (--max-upload-mb)")
+        results = await locator.locate(uploads, k_value)
+        return strict_json({"index": index.name, "backbone": index.manifest["backbone"], "results": results,
+                            "timings_ms": {"read": read_ms, "total": round((time.perf_counter() - started) * 1000, 2)}})
+
+    @app.post("/v1/locate", tags=["locate"], openapi_extra=_PHOTO_BODY, responses=_error_responses(400, 413, 415, 422, 503),
+              summary="Where was this photo taken?")
+    async def locate(request: Request, k: int = k_param()):
+        """One photo, as multipart field `image` or a raw `image/*` body. The answer is `geoindex query --json`'s:
+        kNN top cities with probabilities (`top5`), the classifier's (`classifier_top5`) when the index has a
+        trained head, the GPS estimate, and the nearest indexed photos (`row` is their thumbnail's id), plus timings."""
+        return await answer(request, k, 1, time.perf_counter())
+
+    @app.post("/v1/locate/batch", tags=["locate"], openapi_extra=_BATCH_BODY,
+              responses=_error_responses(400, 413, 415, 422, 503), summary="Several photos in one request")
+    async def locate_batch(request: Request, k: int = k_param()):
+        """Several photos as repeated multipart file fields; one result per photo, in order. A bad photo
+        fails the request with a 4xx naming it."""
+        return await answer(request, k, locator.max_files, time.perf_counter())
+
+    @app.get("/v1/index", tags=["index"], summary="What is loaded")
+    async def describe():
+        """Name, backbone, cities (with their median coordinates), counts, methods, limits."""
+        return locator.describe()
+
+    @app.get("/v1/photos/{row}", tags=["index"], responses={200: {"content": {"image/jpeg": {}}},
+                                                            **_error_responses(404)},
+             summary="Thumbnail of an indexed photo", response_class=Response)
+    async def photo(row: int):
+        """A JPEG thumbnail of train row `row` (the `row` of a neighbour). Only rows of the index are served."""
+        if not 0 <= row < len(locator.train):
+            return error(404, "no_such_row", f"row {row} is not in the index (it has rows 0-{len(locator.train) - 1})")
+        data = await asyncio.get_running_loop().run_in_executor(locator.decode_pool, locator.thumbnail, row)
+        if data is None:
+            return error(404, "photo_unavailable", f"the photo of row {row} can no longer be read on the server")
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
+
+    @app.get("/healthz", tags=["index"], summary="Liveness, with batching counters")
+    async def healthz():
+        return {"status": "ok", "index": index.name, "batching": locator.batcher.stats()}
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def create_app_from_env():
+    """Factory for `uvicorn --factory` worker processes (`geoindex serve --workers N`): options come as JSON."""
+    import json
+
+    import torch
+
+    from ..geo_index import load_index
+    torch.set_num_threads(int(os.environ.get("GEOINDEX_SERVE_TORCH_THREADS", torch.get_num_threads())))
+    options = json.loads(os.environ["GEOINDEX_SERVE_OPTIONS"])
+    index = load_index(options.pop("index"), options.pop("index_dir"), device=options.pop("device"))
+    return create_app(index, **options)

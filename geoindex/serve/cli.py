@@ -1,0 +1,116 @@
+"""The `geoindex serve` command (registered on the main group with `main.add_command(serve)`).
+
+Only click is imported here: torch, FastAPI and uvicorn load when the command runs, so
+`geoindex --help` and `geoindex serve --help` stay fast.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+EPILOG = """\b
+Start it:
+  geoindex serve --index NAME                 # then open http://127.0.0.1:8000/
+  curl -F image=@photo.jpg http://127.0.0.1:8000/v1/locate
+  curl --data-binary @photo.jpg -H 'Content-Type: image/jpeg' http://127.0.0.1:8000/v1/locate
+API documentation (OpenAPI): http://127.0.0.1:8000/docs
+
+\b
+Behind a reverse proxy: keep --host 127.0.0.1 and let the proxy face the network. To publish
+it under a path prefix, e.g. https://example.org/geoindex/, with nginx:
+  location /geoindex/ {
+      proxy_pass http://127.0.0.1:8000/;     # the trailing / strips the prefix
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      client_max_body_size 20m;              # at least --max-upload-mb
+      proxy_read_timeout 60s;
+  }
+and start geoindex with the same prefix, so /docs and the OpenAPI schema name the public URLs:
+  geoindex serve --index NAME --root-path /geoindex
+X-Forwarded-For/-Proto are trusted only from --forwarded-allow-ips (default 127.0.0.1, the
+proxy on this host). The page uses relative URLs, so it works under any prefix that ends in /.
+"""
+
+
+@click.command("serve", epilog=EPILOG,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--index", "index_name", default=None, help="Index name or path [default: the latest built].")
+@click.option("--index-dir", type=click.Path(file_okay=False), default=None,
+              help="Where indexes live [default: $GEOINDEX_HOME or ./indexes].")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on; 0.0.0.0 exposes it to the network (prefer a reverse proxy).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="Server processes, each with its own copy of the model. One is best on a small CPU: "
+                   "micro-batching already keeps the cores busy.")
+@click.option("--max-upload-mb", type=click.FloatRange(min=0.001), default=20.0, show_default=True,
+              help="Largest photo accepted; bigger ones get a 413.")
+@click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True,
+              help="Most photos embedded in one model call (1 turns micro-batching off).")
+@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="How long a photo may wait for others to share its batch.")
+@click.option("--decode-threads", type=click.IntRange(1), default=None,
+              help="Threads decoding uploads [default: cores, at most 4].")
+@click.option("--torch-threads", type=click.IntRange(1), default=None,
+              help="Threads of the model [default: torch's own, divided among --workers].")
+@click.option("--k", type=click.IntRange(1, 200), default=20, show_default=True,
+              help="Neighbours that vote, unless a request says ?k=.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto uses a CUDA GPU when torch sees one.")
+@click.option("--root-path", default="", help="Path prefix the reverse proxy publishes this under, e.g. /geoindex.")
+@click.option("--forwarded-allow-ips", default="127.0.0.1", show_default=True,
+              help="Proxies whose X-Forwarded-* headers are trusted (comma-separated, or *).")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)
+def serve(index_name, index_dir, host, port, workers, max_upload_mb, max_batch, max_wait_ms, decode_threads,
+          torch_threads, k, device, root_path, forwarded_allow_ips, log_level):
+    """An HTTP API and a web page: drop a photo, see where it was taken.
+
+    Loads the index, its backbone and its classifier head once, then answers POST /v1/locate
+    (one photo), POST /v1/locate/batch (several), GET /v1/index, GET /healthz, thumbnails of
+    indexed photos at GET /v1/photos/ROW, and the page at GET /. Photos that arrive together are
+    embedded together (dynamic micro-batching). Nothing from an upload is written to disk.
+    """
+    from ..errors import GeoindexError
+
+    options = {"max_upload_mb": max_upload_mb, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
+               "decode_threads": decode_threads, "k": k}
+    try:
+        _run(index_name, index_dir, host, port, workers, torch_threads, device, root_path, forwarded_allow_ips,
+             log_level, options)
+    except GeoindexError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _run(index_name, index_dir, host, port, workers, torch_threads, device, root_path, forwarded_allow_ips, log_level,
+         options):
+    import torch
+    import uvicorn
+
+    from ..geo_index import load_index, resolve_index_path, default_index_name
+
+    threads = torch_threads or max(1, torch.get_num_threads() // workers)
+    torch.set_num_threads(threads)
+    path = resolve_index_path(index_name or default_index_name(index_dir), index_dir)  # fail fast, one line
+    common = dict(host=host, port=port, log_level=log_level, proxy_headers=True,
+                  forwarded_allow_ips=forwarded_allow_ips, root_path=root_path.rstrip("/"), timeout_keep_alive=30)
+    where = f"http://{'localhost' if host in ('127.0.0.1', '::1') else host}:{port}{root_path.rstrip('/')}/"
+    if workers == 1:
+        index = load_index(path, device=device)
+        from .app import create_app
+        app = create_app(index, **options)
+        click.echo(f"geoindex serve: index {index.name!r} ({index.manifest['backbone']}, {len(index.classes)} cities, "
+                   f"{index.manifest['counts']['train']} photos), torch threads {threads}, max batch "
+                   f"{options['max_batch']}; page at {where}", err=True)
+        uvicorn.run(app, **common)
+        return
+    # Several processes need an importable factory; each loads its own copy of the index.
+    os.environ["GEOINDEX_SERVE_OPTIONS"] = json.dumps({**options, "index": str(path), "index_dir": None,
+                                                       "device": device})
+    os.environ["GEOINDEX_SERVE_TORCH_THREADS"] = str(threads)
+    click.echo(f"geoindex serve: index {path.name!r} in {workers} processes, torch threads {threads} each; "
+               f"page at {where}", err=True)
+    uvicorn.run("geoindex.serve.app:create_app_from_env", factory=True, workers=workers, **common)

@@ -1,0 +1,160 @@
+"""The page at `/`, driven end to end by Debian's chromium (headless) through Selenium.
+
+Needs `chromium` and `chromium-driver` (scripts/install-browser.sh) and the `selenium` package;
+skips with the reason printed only where they cannot be found.
+"""
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import SHARED
+from test_serve import ServerProcess, build_tiny_index, photo_of
+
+CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1500,1150")
+SCREENSHOT_DIR = Path(os.environ.get("GEOINDEX_SCREENSHOT_DIR") or tempfile.gettempdir())
+
+
+def find_browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        return None, "chromium / chromedriver not found: run scripts/install-browser.sh (Debian: chromium chromium-driver)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return None, "selenium is not installed: pip install -e '.[test]'"
+    return (chromium, driver), ""
+
+
+@pytest.fixture
+def browser(tmp_path):
+    found, reason = find_browser()
+    if found is None:
+        print(f"SKIP reason: {reason}")
+        pytest.skip(reason)
+    from selenium import webdriver
+    chromium, driver_path = found
+    options = webdriver.ChromeOptions()
+    for flag in (*CHROME_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    options.binary_location = chromium
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(driver_path))
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def page_state(driver):
+    return driver.execute_script("return document.body.dataset.state")
+
+
+def upload_and_wait(driver, url, photo: Path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    WebDriverWait(driver, 60).until(lambda d: page_state(d) in ("ready", "error"))
+    assert page_state(driver) == "ready", driver.find_element(By.ID, "status").text
+    driver.find_element(By.ID, "file").send_keys(str(photo))
+    WebDriverWait(driver, 120).until(lambda d: page_state(d) in ("done", "error"))
+    assert page_state(driver) == "done", driver.find_element(By.ID, "status").text
+    # thumbnails are lazy images: wait until every one has arrived and decoded
+    WebDriverWait(driver, 60).until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#neighbours img')].every(i => i.complete && i.naturalWidth > 0)"))
+
+
+def full_page_screenshot(driver, path: Path) -> Path:
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1500, height + 8)
+    driver.save_screenshot(str(path))
+    print(f"screenshot: {path}")
+    return path
+
+
+def check_answer_on_page(driver, expected: dict):
+    from selenium.webdriver.common.by import By
+
+    assert driver.find_element(By.ID, "city").get_attribute("data-city") == expected["city"]
+    assert driver.find_element(By.ID, "city").text == expected["name"]
+    methods = [m.get_attribute("data-method") for m in driver.find_elements(By.CSS_SELECTOR, "#methods .method")]
+    assert methods == ["knn", "classifier"][: len(methods)] and "knn" in methods
+    located = [n for n in expected["neighbours"] if n["lat"] is not None]
+    markers = driver.find_elements(By.CSS_SELECTOR, "#markers .marker.neighbour")
+    assert len(markers) == len(located)
+    assert [m.get_attribute("data-city") for m in markers] == [n["city"] for n in located]
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#markers .marker.estimate")) == (expected["gps"]["lat"] is not None)
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#land path")) >= 1  # the coast around the points was drawn
+    cards = driver.find_elements(By.CSS_SELECTOR, "#neighbours li")
+    assert [c.get_attribute("data-city") for c in cards] == [n["city"] for n in expected["neighbours"]]
+    for card, n in zip(cards, expected["neighbours"]):
+        assert f"{n['similarity']:.3f}" in card.text
+    # the map's markers sit inside the drawing, not off its edge
+    for marker in markers:
+        transform = marker.get_attribute("transform")
+        x, y = (float(v) for v in transform[len("translate("):-1].split(","))
+        assert 0 <= x <= 800 and 0 <= y <= 460
+    severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert severe == [], severe
+
+
+def test_page_locates_a_dropped_photo(browser, gsv_tree, tmp_path):
+    build_tiny_index(gsv_tree, tmp_path / "indexes")
+    server = ServerProcess("--index", "tiny", "--index-dir", tmp_path / "indexes")
+    try:
+        photo = photo_of(gsv_tree, "PRS", 2)
+        with open(photo, "rb") as fh:
+            expected = httpx.post(server.url + "/v1/locate", files={"image": (photo.name, fh, "image/jpeg")}).json()["results"][0]
+        upload_and_wait(browser, server.url + "/", photo)
+        check_answer_on_page(browser, expected)
+        full_page_screenshot(browser, SCREENSHOT_DIR / "geoindex-serve-synthetic.png")
+    finally:
+        server.stop()
+
+
+def london_or_london_tree(root: Path, per_city: int = 40) -> Path | None:
+    """A GSV-Cities-layout tree of links to shared real photos (with their coordinates in the names)."""
+    import csv
+    source = SHARED / "data" / "real" / "london-or-london"
+    if not (source / "index.csv").is_file():
+        return None
+    rows = list(csv.DictReader(open(source / "index.csv")))
+    for city in ("London", "London_Ontario"):
+        picked = [r for r in rows if r["city"] == city][::17][:per_city]
+        folder = root / "Images" / city
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, r in enumerate(picked):
+            # place = a cell of about 1 km, so near-identical photos of one corner stay in one split
+            place = int((float(r["lat"]) + 90) * 100) * 100000 + int((float(r["lon"]) + 180) * 100)
+            name = f"{city}_{place:07d}_{r['yyyymm'][:4]}_{r['yyyymm'][4:]}_000_{r['lat']}_{r['lon']}_{r['pano_id']}.jpg"
+            (folder / name).symlink_to(source / r["path"])
+    return root
+
+
+def test_page_on_real_photos(browser, tmp_path):
+    """Over a small effnet index of real street photos from ../shared (never committed): the screenshot in docs/."""
+    root = london_or_london_tree(tmp_path / "GSV-Cities")
+    if root is None:
+        reason = f"no real photos under {SHARED / 'data' / 'real' / 'london-or-london'}"
+        print(f"SKIP reason: {reason}")
+        pytest.skip(reason)
+    import geoindex
+    geoindex.build_index(root, name="london-or-london", index_dir=tmp_path / "indexes", backbone="effnet",
+                         batch_size=32, num_workers=0, device="cpu", progress=False, log=lambda m: None)
+    index = geoindex.load_index("london-or-london", tmp_path / "indexes", device="cpu")
+    geoindex.train_probe(index, progress=False, log=lambda m: None)
+    query = index.store.metadata("test")
+    photo = Path(query[query["city"] == "London"]["path"].iloc[0]).resolve()
+    server = ServerProcess("--index", "london-or-london", "--index-dir", tmp_path / "indexes")
+    try:
+        with open(photo, "rb") as fh:
+            expected = httpx.post(server.url + "/v1/locate", files={"image": ("street.jpg", fh, "image/jpeg")}).json()["results"][0]
+        upload_and_wait(browser, server.url + "/", photo)
+        check_answer_on_page(browser, expected)
+        full_page_screenshot(browser, SCREENSHOT_DIR / "geoindex-serve-real.png")
+    finally:
+        server.stop()
