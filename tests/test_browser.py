@@ -116,30 +116,11 @@ def test_page_locates_a_dropped_photo(browser, gsv_tree, tmp_path):
         server.stop()
 
 
-def london_or_london_tree(root: Path, per_city: int = 40) -> Path | None:
-    """A GSV-Cities-layout tree of links to shared real photos (with their coordinates in the names)."""
-    import csv
-    source = SHARED / "data" / "real" / "london-or-london"
-    if not (source / "index.csv").is_file():
-        return None
-    rows = list(csv.DictReader(open(source / "index.csv")))
-    for city in ("London", "London_Ontario"):
-        picked = [r for r in rows if r["city"] == city][::17][:per_city]
-        folder = root / "Images" / city
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, r in enumerate(picked):
-            # place = a cell of about 1 km, so near-identical photos of one corner stay in one split
-            place = int((float(r["lat"]) + 90) * 100) * 100000 + int((float(r["lon"]) + 180) * 100)
-            name = f"{city}_{place:07d}_{r['yyyymm'][:4]}_{r['yyyymm'][4:]}_000_{r['lat']}_{r['lon']}_{r['pano_id']}.jpg"
-            (folder / name).symlink_to(source / r["path"])
-    return root
-
-
 def test_page_on_real_photos(browser, tmp_path):
     """Over a small effnet index of real street photos from ../shared (never committed): the screenshot in docs/."""
-    root = london_or_london_tree(tmp_path / "GSV-Cities")
+    from conftest import london_csvs
+    root, _, reason = london_csvs(tmp_path, n_index=40, n_external=1)
     if root is None:
-        reason = f"no real photos under {SHARED / 'data' / 'real' / 'london-or-london'}"
         print(f"SKIP reason: {reason}")
         pytest.skip(reason)
     import geoindex
