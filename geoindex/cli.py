@@ -245,15 +245,22 @@ def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resu
               "(a file, or 'none') [default: open_clip's cache].")
 @click.option("--templates", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Prompt templates for the ensemble, one per line with {place}.")
+@click.option("--names", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A CSV of city_id,name[,country] giving place names for prompts and reports "
+                   "[default: GSV-Cities' names; other folder names are humanised, London_Ontario -> London Ontario].")
 @click.option("--workers", type=click.IntRange(0), default=None)
 @device_option
 @index_dir_option
 @friendly_errors
-def bench(index_name, methods, split, out, external, k, vote_method, clip_weights, templates, workers, device, index_dir):
+def bench(index_name, methods, split, out, external, k, vote_method, clip_weights, templates, names, workers, device,
+          index_dir):
     """Score kNN, classifier heads, CLIP zero-shot and their fusion on the same images, one metrics function."""
     from .bench import format_table, run_bench
     from .geo_index import load_index
 
+    if names:
+        from .cities import load_names
+        load_names(names)
     index = load_index(index_name, index_dir, device=device)
     if external and not Path(external).exists():
         raise click.ClickException(f"--external {external}: no such file or folder")

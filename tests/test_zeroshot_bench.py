@@ -160,3 +160,15 @@ def test_bench_on_real_effnet_weights(gsv_tree, tmp_path):
     assert set(methods) == {"knn", "classifier:probe", "hybrid"}
     # Real ImageNet features separate the generated cities' palettes and stripes easily.
     assert methods["knn"]["accuracy"] >= 0.75
+
+
+def test_names_file_and_humanised_folder_names_feed_the_prompts(tmp_path):
+    from geoindex.cities import display_name, load_names
+    from geoindex.zeroshot import place_name
+    assert place_name("London_Ontario", "city") == "London Ontario"
+    assert place_name("WashingtonDC", "city_country") == "Washington, D.C., United States"
+    names = tmp_path / "names.csv"
+    names.write_text("city_id,name,country\nLondon_Ontario,\"London, Ontario\",Canada\n")
+    load_names(names)
+    assert place_name("London_Ontario", "city_country") == "London, Ontario, Canada"
+    assert display_name("London_Ontario") == "London, Ontario"
