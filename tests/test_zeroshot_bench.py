@@ -162,8 +162,10 @@ def test_bench_on_real_effnet_weights(gsv_tree, tmp_path):
     assert methods["knn"]["accuracy"] >= 0.75
 
 
-def test_names_file_and_humanised_folder_names_feed_the_prompts(tmp_path):
+def test_names_file_and_humanised_folder_names_feed_the_prompts(tmp_path, monkeypatch):
+    from geoindex import cities
     from geoindex.cities import display_name, load_names
+    monkeypatch.setattr(cities, "_EXTRA", {})
     from geoindex.zeroshot import place_name
     assert place_name("London_Ontario", "city") == "London Ontario"
     assert place_name("WashingtonDC", "city_country") == "Washington, D.C., United States"
