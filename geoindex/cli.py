@@ -227,9 +227,9 @@ class _QueryOutput:
         else:
             click.echo(f"index: {self.index.name} ({m['backbone']}, {m['counts']['train']} indexed photos, "
                        f"{len(self.index.classes)} cities)")
-        if m.get("synthetic"):
+        if m.get("synthetic") and self.mode == "text":  # JSON and CSV carry it as a field / the index name
             click.secho(f"WARNING: index {self.index.name!r} was built on SYNTHETIC images: its answers say nothing "
-                        "about real photos", fg="red", bold=True, err=True)
+                        "about real photos", fg="red", bold=True)
 
     def error(self, source: str, message: str):
         self.errors.append({"source": source, "error": message})
@@ -263,7 +263,7 @@ class _QueryOutput:
     def finish(self):
         if self.mode == "json":
             click.echo("\n], " + json.dumps({"errors": self.errors}, allow_nan=False)[1:])
-        elif self.mode == "text" and self.errors:
+        elif self.mode == "text" and self.errors and self.count:
             click.echo(f"\n{self.count} photo(s) answered, {len(self.errors)} could not be read (listed above)", err=True)
 
 

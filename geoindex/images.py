@@ -56,6 +56,10 @@ def read_image_bytes(path) -> bytes:
             raise ImageError(f"file is {size / 1e6:.0f} MB, more than any photo ({MAX_FILE_BYTES / 1e6:.0f} MB limit)")
         with open(path, "rb") as fh:
             return fh.read()
+    except FileNotFoundError:
+        raise ImageError("no such file") from None
+    except IsADirectoryError:
+        raise ImageError("a folder, not an image file") from None
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
 
