@@ -567,6 +567,7 @@ def _assemble(paths: BuildPaths, ordered: pd.DataFrame, cache: EmbeddingCache, b
     counts = {s: int((ordered["split"] == s).sum()) for s in SPLITS}
     if counts["train"] == 0:
         raise GeoindexError("no training image could be read; see the skipped files for reasons")
+    _check_free_space(out, ordered, counts, backbone.embed_dim, dtype, index_type, len(cache))
     split_of = ordered["split"].to_numpy()
     position = np.zeros(len(ordered), dtype=np.int64)
     for split in SPLITS:
@@ -641,6 +642,21 @@ def _assemble(paths: BuildPaths, ordered: pd.DataFrame, cache: EmbeddingCache, b
     write_json_atomic(out / MANIFEST, manifest)
     fault_point("manifest")
     return manifest
+
+
+def _check_free_space(out: Path, ordered: pd.DataFrame, counts: dict, dim: int, dtype: str, index_type: str,
+                      kept: int) -> None:
+    """Refuse before writing rather than after: HDF5 cannot recover from a full disk mid-write (it may even crash)."""
+    n = len(ordered)
+    embeddings = n * dim * np.dtype(dtype).itemsize
+    metadata = int(ordered["path"].str.len().sum()) + n * 96
+    vectors = counts["train"] * dim * 4 * (1.3 if index_type == "hnsw" else 1 if index_type == "flat" else 0.2)
+    needed = int(1.1 * (embeddings + metadata + vectors)) + (1 << 16)
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        raise GeoindexError(f"disk full: the index needs about {needed / 1e6:.1f} MB in {out.parent}, "
+                            f"{free / 1e6:.1f} MB are free; {kept} photos' embeddings are kept in "
+                            f"{out.parent / 'cache'}; free some space and rerun the same command to resume")
 
 
 def _build_faiss(store: EmbeddingStore, out: Path, index_type: str, index_params: dict | None, progress: bool,
