@@ -221,7 +221,7 @@ class _QueryOutput:
                                    "synthetic": bool(m.get("synthetic"))})[:-1] + ', "results": [', nl=False)
         elif self.mode == "csv":
             import csv
-            self.writer = csv.writer(click.get_text_stream("stdout"), lineterminator="\n")
+            self.writer = csv.writer(sys.stdout, lineterminator="\n")
             self.writer.writerow(["source", "city", "name", "probability", "lat", "lon", "top5", "nearest_path",
                                   "nearest_similarity", "error"])
         else:

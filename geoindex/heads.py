@@ -6,6 +6,7 @@ come back as a `Classifier` that gives (N, C) probabilities like every other met
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,6 +248,8 @@ def train_finetune(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=No
     meta = {s: index.store.metadata(s) for s in ("train", "val")}
     if len(meta["val"]) == 0:
         meta["val"] = meta["train"]
+    if not any(os.path.isfile(p) for p in meta["train"]["path"]):
+        raise GeoindexError(_no_readable_photo(meta["train"]["path"]))
     num_workers = default_num_workers() if num_workers is None else num_workers
 
     def loader(split, augment):
