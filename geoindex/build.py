@@ -1,18 +1,30 @@
-"""`build_index`: dataset -> embeddings (HDF5) -> FAISS index -> manifest, resumable.
+"""`build_index`: dataset -> embeddings (keyed by photo) -> split of what decodes -> HDF5 + FAISS -> manifest.
 
-Extraction writes checkpoint shards to `<index>/.partial/` (each shard written atomically),
-so a killed build loses at most the rows since the last shard and a rerun of the same command
-picks up where it stopped. The final files are each written to a temporary name and renamed;
-manifest.json goes last, so its presence means the index is complete.
+Nothing is lost, nothing is half-visible:
+
+* A build works in `<home>/.staging/<name>/`: `cache/` holds checkpoint shards of embeddings keyed
+  by the photo (path, size, mtime), written atomically every `checkpoint_rows` photos or
+  `checkpoint_seconds`, whichever comes first; `index/` is where the finished index is assembled.
+* The finished folder replaces `<home>/<name>` in one atomic swap, so a query sees the old index
+  or the new one, never a mix; then the staging folder (and the old index) is deleted.
+* A rerun after a kill at any point picks up from the shards and gives the same index, bit for bit.
+  A rerun over a changed file list embeds only new or changed photos (also from the index it replaces).
+* One build per name at a time (locks.IndexLock); SIGTERM saves like Ctrl-C; a full disk stops with
+  one line saying what is kept.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
-import hashlib
+import errno
 import json
+import os
 import platform
 import shutil
+import signal
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,10 +34,14 @@ import pandas as pd
 
 from . import __version__
 from .backbones import Backbone, create_backbone, default_weights_available
-from .data import SPLITS, prepare_records, scan_dataset
+from .data import SPLITS, limit_per_city, order_by_split, scan_dataset, split_records
 from .errors import GeoindexError
-from .extraction import default_num_workers, iter_embeddings, resolve_device
-from .fileio import atomic_path, index_home, write_json_atomic
+from .extraction import iter_embeddings, resolve_device
+from .fileio import (MARKER, STAGING, atomic_path, check_index_name, fault_point, index_home, made_by_geoindex,
+                     name_from, remove_geoindex_folder, replace_dir, write_json_atomic)
+from .images import DEFAULT_MAX_PIXELS
+from .integrity import IndexCorrupt, describe_files, read_manifest, verify_files
+from .locks import IndexLock
 from .search import INDEX_TYPES, build_from_blocks, exact_search, recall_at_k, save_index, search
 from .store import EmbeddingStore, create_store, write_metadata
 from .synthetic import SYNTHETIC_MARKER
@@ -33,7 +49,8 @@ from .synthetic import SYNTHETIC_MARKER
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.h5"
 FAISS_INDEX = "faiss.index"
-PARTIAL = ".partial"
+SKIPPED = "skipped.json"
+INDEX_FILES = (EMBEDDINGS, FAISS_INDEX, SKIPPED)
 
 
 def choose_default_backbone() -> tuple[str, str]:
@@ -49,47 +66,150 @@ class BuildReport:
     name: str
     path: Path
     manifest: dict
-    extracted_rows: int = 0          # rows embedded by this run (less than the total when resuming)
-    resumed_rows: int = 0            # rows found already done in checkpoint shards
+    extracted_rows: int = 0          # photos embedded by this run (readable ones only)
+    failed_rows: int = 0             # photos this run tried and could not read
+    resumed_rows: int = 0            # photos whose embedding came from a checkpoint or the replaced index
     seconds_extracting: float = 0.0
     skipped: list[dict] = field(default_factory=list)
+    duplicates: list[dict] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
         return self.extracted_rows / self.seconds_extracting if self.seconds_extracting else float("nan")
 
 
-def _fingerprint(records: pd.DataFrame) -> str:
-    digest = hashlib.sha256()
-    for path, split in zip(records["path"], records["split"]):
-        digest.update(f"{path}\t{split}\n".encode())
-    return digest.hexdigest()
+@dataclass
+class BuildPaths:
+    home: Path
+    name: str
+
+    @property
+    def target(self) -> Path:
+        return self.home / self.name
+
+    @property
+    def staging(self) -> Path:
+        return self.home / STAGING / self.name
+
+    @property
+    def cache(self) -> Path:
+        return self.staging / "cache"
+
+    @property
+    def assembly(self) -> Path:
+        return self.staging / "index"
+
+    @property
+    def plan(self) -> Path:
+        return self.staging / "plan.json"
 
 
-class _Checkpoints:
-    """Shards of finished rows under .partial/: rows, ok mask, errors, embeddings of the ok rows."""
+# ---------------------------------------------------------------------------------------------- cache
+SHARD_FIELDS = ("paths", "sizes", "mtimes", "ok", "errors", "digests", "embeddings")
 
-    def __init__(self, folder: Path):
-        self.folder = folder
 
-    def shards(self) -> list[Path]:
-        return sorted(self.folder.glob("shard-*.npz"))
+class EmbeddingCache:
+    """Embeddings keyed by photo: (path, size, mtime_ns) -> (source, row, ok, error, digest).
 
-    def done_rows(self, n: int) -> np.ndarray:
-        done = np.zeros(n, dtype=bool)
-        for shard in self.shards():
-            with np.load(shard) as z:
-                done[z["rows"]] = True
-        return done
+    Sources are this build's checkpoint shards and, when an index is rebuilt, the index it replaces.
+    `write` is the checkpoint sink: it persists one shard of finished rows atomically.
+    """
 
-    def write(self, rows, ok, errors, embeddings) -> None:
-        index = len(self.shards())
-        with atomic_path(self.folder / f"shard-{index:06d}.npz") as tmp:
+    def __init__(self, folder: Path, embed_dim: int):
+        self.folder = Path(folder)
+        self.embed_dim = embed_dim
+        self.entries: dict[tuple, tuple] = {}
+        self.sources: list = []      # Path of a shard, or (EmbeddingStore, split)
+        self.row_keys: list[tuple] = []
+        self._next_shard = 0
+
+    def __len__(self):
+        return len(self.entries)
+
+    def load_shards(self) -> int:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob(".*.tmp"):  # a shard being written when a run was killed
+            stale.unlink()
+        shards = sorted(self.folder.glob("shard-*.npz"))
+        for shard in shards:
+            self._register_shard(shard)
+        if shards:
+            self._next_shard = int(shards[-1].stem.split("-")[1]) + 1
+        return len(shards)
+
+    def _register_shard(self, shard: Path) -> None:
+        try:
+            with np.load(shard, allow_pickle=False) as z:
+                if set(z.files) != set(SHARD_FIELDS):
+                    raise ValueError(f"fields {sorted(z.files)}")
+                paths, sizes, mtimes = z["paths"], z["sizes"], z["mtimes"]
+                ok, errors, digests = z["ok"].astype(bool), z["errors"], z["digests"]
+            if not (len(paths) == len(sizes) == len(mtimes) == len(ok) == len(errors) == len(digests)):
+                raise ValueError("columns of different lengths")
+        except Exception as exc:  # noqa: BLE001 - a planted or damaged file: refuse it, never unpickle it
+            raise GeoindexError(f"checkpoint {shard} is not a geoindex checkpoint ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}); delete it (or rebuild with "
+                                "--overwrite) and rerun") from None
+        source = len(self.sources)
+        self.sources.append(shard)
+        position = np.cumsum(ok) - 1
+        for i in range(len(paths)):
+            key = (str(paths[i]), int(sizes[i]), int(mtimes[i]))
+            self.entries[key] = (source, int(position[i]) if ok[i] else -1, bool(ok[i]), str(errors[i]),
+                                 str(digests[i]))
+
+    def add_index(self, store: EmbeddingStore) -> int:
+        """Offer the rows of the index being replaced; returns how many photos it holds."""
+        added = 0
+        for split in SPLITS:
+            keys = store.photo_keys(split)
+            if keys is None:
+                return 0
+            source = len(self.sources)
+            self.sources.append((store, split))
+            for row, (path, size, mtime, digest) in enumerate(keys.itertuples(index=False)):
+                self.entries.setdefault((path, int(size), int(mtime)), (source, row, True, "", digest))
+                added += 1
+        return added
+
+    def bind(self, keys: list[tuple]) -> None:
+        """The (path, size, mtime_ns) of each row number `write` will be given."""
+        self.row_keys = keys
+
+    def write(self, rows, ok, errors, embeddings, digests=None) -> None:
+        """Checkpoint sink: persist finished rows (indices into the bound rows) as one shard, atomically."""
+        rows = np.asarray(rows, dtype=np.int64)
+        ok = np.asarray(ok, dtype=bool)
+        digests = [""] * len(rows) if digests is None else list(digests)
+        keys = [self.row_keys[r] for r in rows]
+        shard = self.folder / f"shard-{self._next_shard:06d}.npz"
+        with atomic_path(shard) as tmp:
             with open(tmp, "wb") as fh:
-                np.savez(fh, rows=np.asarray(rows, dtype=np.int64), ok=np.asarray(ok, dtype=bool),
-                         errors=np.asarray(errors, dtype=str), embeddings=np.asarray(embeddings))
+                np.savez(fh, paths=np.array([k[0] for k in keys], dtype=str),
+                         sizes=np.array([k[1] for k in keys], dtype=np.int64),
+                         mtimes=np.array([k[2] for k in keys], dtype=np.int64), ok=ok,
+                         errors=np.array([str(e) for e in errors], dtype=str), digests=np.array(digests, dtype=str),
+                         embeddings=np.asarray(embeddings, dtype=np.float32).reshape(-1, self.embed_dim))
+                fh.flush()
+                os.fsync(fh.fileno())
+        self._next_shard += 1
+        source = len(self.sources)
+        self.sources.append(shard)
+        position = np.cumsum(ok) - 1
+        for i, key in enumerate(keys):
+            self.entries[key] = (source, int(position[i]) if ok[i] else -1, bool(ok[i]), str(errors[i]), digests[i])
+        fault_point("checkpoint")
+
+    def embeddings(self, source: int, rows: np.ndarray) -> np.ndarray:
+        src = self.sources[source]
+        if isinstance(src, Path):
+            with np.load(src, allow_pickle=False) as z:
+                return z["embeddings"][rows].astype(np.float32)
+        store, split = src
+        return store.embeddings(split, rows)
 
 
+# ---------------------------------------------------------------------------------------------- helpers
 def _library_versions() -> dict:
     import faiss, h5py, torch, torchvision
     versions = {"geoindex": __version__, "python": platform.python_version(), "torch": torch.__version__,
@@ -103,6 +223,74 @@ def _library_versions() -> dict:
     return versions
 
 
+def _photo_keys(paths) -> tuple[list[tuple], dict[int, str]]:
+    keys, problems = [], {}
+    for i, path in enumerate(paths):
+        try:
+            st = os.stat(path)
+            keys.append((path, int(st.st_size), int(st.st_mtime_ns)))
+        except OSError as exc:
+            keys.append((path, -1, -1))
+            problems[i] = f"cannot read file: {exc.strerror or exc}"
+    return keys, problems
+
+
+def _embedding_plan(backbone: Backbone, max_pixels) -> dict:
+    """What an embedding depends on: two builds agreeing on this can share embeddings."""
+    return {"backbone": backbone.name, "weights_sha256": backbone.weights.sha256, "weights_source": backbone.weights.source,
+            "image_size": backbone.image_size, "resize": backbone.transform.resize_size,
+            "interpolation": backbone.transform.interpolation, "max_pixels": max_pixels}
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt(state: dict):
+    """SIGTERM (a scheduler, `kill`, a closed session) saves like Ctrl-C instead of losing the unsaved rows."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        state["terminated"] = True
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left" in text or "errno = 28" in text or "Disk quota" in text
+
+
+def _clean_leftovers(paths: BuildPaths) -> None:
+    """What builds of earlier versions (or killed ones) left beside a finished index."""
+    if paths.target.is_dir():
+        for tmp in paths.target.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        legacy = paths.target / ".partial"
+        if legacy.is_dir():
+            shutil.rmtree(legacy)
+    if paths.staging.exists():
+        shutil.rmtree(paths.staging)
+    with contextlib.suppress(OSError):
+        paths.staging.parent.rmdir()  # .staging/ itself, once empty
+
+
+def _report_from_index(paths: BuildPaths) -> BuildReport:
+    manifest = read_manifest(paths.target)
+    report = BuildReport(paths.name, paths.target, manifest)
+    with contextlib.suppress(OSError, ValueError):
+        listed = json.loads((paths.target / SKIPPED).read_text())
+        report.skipped, report.duplicates = listed.get("skipped", []), listed.get("duplicates", [])
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- build
 def build_index(data, name: str | None = None, backbone: str | Backbone = "auto", weights=None, index_dir=None,
                 per_city: int | None = None, image_size: int | None = None, batch_size: int = 64,
                 num_workers: int | None = None, device: str = "auto", index_type: str = "flat",
@@ -110,75 +298,223 @@ def build_index(data, name: str | None = None, backbone: str | Backbone = "auto"
                 overwrite: bool = False, progress: bool = True, checkpoint_rows: int = 2048,
                 split_by: str = "auto", cell_km: float = 1.0, follow_symlinks: bool = False,
                 checkpoint_seconds: float = 30.0, on_batch: Callable[[int], None] | None = None,
-                log: Callable[[str], None] = print) -> BuildReport:
-    """Embed every image of a dataset and index the train split; returns a BuildReport.
+                max_pixels: int | None = DEFAULT_MAX_PIXELS, log: Callable[[str], None] = print) -> BuildReport:
+    """Embed every photo of a dataset, split those that decode, and index the train split; returns a BuildReport.
 
-    Rerunning after an interruption resumes from the checkpoint shards, provided the dataset,
-    split and backbone are the same (otherwise pass overwrite=True to start over).
+    Rerunning after an interruption resumes from the checkpoints. With overwrite=True an existing
+    index is rebuilt (it keeps answering queries until the new one replaces it), reusing the
+    embeddings of photos that did not change: this is how photos are added to an index.
     """
     if index_type not in INDEX_TYPES:
         raise GeoindexError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
     if dtype not in ("float16", "float32"):
         raise GeoindexError("dtype must be float16 or float32")
+    if max_pixels is not None and max_pixels < 1:
+        raise GeoindexError("max_pixels must be positive")
     if isinstance(backbone, str) and backbone == "auto":
         backbone, reason = choose_default_backbone()
         log(f"backbone: {backbone} ({reason})")
+    backbone_name = backbone if isinstance(backbone, str) else backbone.name
+    name = check_index_name(name) if name is not None else \
+        f"{name_from(Path(data).expanduser().resolve().stem)}-{backbone_name}"
+    home = index_home(index_dir)
+    home.mkdir(parents=True, exist_ok=True)
+    paths = BuildPaths(home, name)
+    state = {"terminated": False}
+    with IndexLock(home, name), _sigterm_as_interrupt(state):
+        return _build_locked(paths, data, backbone, weights, per_city, image_size, batch_size, num_workers, device,
+                             index_type, index_params, seed, fractions, dtype, overwrite, progress, checkpoint_rows,
+                             split_by, cell_km, follow_symlinks, checkpoint_seconds, on_batch, max_pixels, log, state)
+
+
+def _build_locked(paths: BuildPaths, data, backbone, weights, per_city, image_size, batch_size, num_workers, device,
+                  index_type, index_params, seed, fractions, dtype, overwrite, progress, checkpoint_rows, split_by,
+                  cell_km, follow_symlinks, checkpoint_seconds, on_batch, max_pixels, log, state) -> BuildReport:
+    name, target = paths.name, paths.target
+    # A run killed after its swap but before its clean-up: the index is complete; finish the clean-up.
+    if paths.plan.is_file() and (target / MANIFEST).is_file():
+        with contextlib.suppress(OSError, ValueError, IndexCorrupt):
+            if json.loads(paths.plan.read_text()).get("build_id") == read_manifest(target).get("build_id"):
+                _clean_leftovers(paths)
+                log(f"index {name!r} was already complete; removed what the interrupted run left behind")
+                return _report_from_index(paths)
+    if target.exists():
+        if not made_by_geoindex(target):
+            raise GeoindexError(f"{target} exists and was not made by geoindex; choose another --name "
+                                "(geoindex never deletes a folder it did not make)")
+        if not overwrite:
+            raise GeoindexError(f"index {name!r} already exists at {target}; pass --overwrite to rebuild it "
+                                "(unchanged photos are not embedded again) or --name to build another")
+
     dataset = scan_dataset(data, follow_symlinks=follow_symlinks)
-    records, split_info = prepare_records(dataset, seed=seed, fractions=fractions, per_city=per_city,
-                                          split_by=split_by, cell_km=cell_km)
+    fault_point("scan")
     for note in dataset.notes:
         log(f"data: {note}")
+    records = dataset.records
+    if per_city:
+        records = limit_per_city(records, per_city, seed, split_by, cell_km)
+    # The embedding order is the path order: a resumed run then embeds exactly the batches a fresh one would.
+    records = records.sort_values("path", kind="stable").reset_index(drop=True)
+    synthetic = (Path(dataset.root) / SYNTHETIC_MARKER).exists()
+    device = resolve_device(device)
+    if isinstance(backbone, str):
+        backbone = create_backbone(backbone, weights=weights, image_size=image_size, device=device)
+    embedding_plan = _embedding_plan(backbone, max_pixels)
+
+    if paths.staging.exists():
+        try:
+            previous = json.loads(paths.plan.read_text())
+        except (OSError, ValueError):
+            previous = None
+        if previous is None or previous.get("embedding") != embedding_plan:
+            if not overwrite:
+                raise GeoindexError(f"an unfinished build of {name!r} with other settings (backbone, weights or image "
+                                    f"size) is in {paths.staging}; rerun it with the settings it was started with, "
+                                    "or pass --overwrite to discard it")
+            remove_geoindex_folder(paths.staging, paths.home)
+    paths.staging.mkdir(parents=True, exist_ok=True)
+    if paths.assembly.exists():  # an assembly a killed run did not finish: redone from the cache
+        shutil.rmtree(paths.assembly)
+    build_id = uuid.uuid4().hex
+    write_json_atomic(paths.plan, {"build_id": build_id, "embedding": embedding_plan, "started_by_pid": os.getpid()})
+
+    cache = EmbeddingCache(paths.cache, backbone.embed_dim)
+    cache.load_shards()
+    old_store = None
+    try:
+        if overwrite and (target / EMBEDDINGS).is_file():
+            old_store = _open_reusable_index(target, embedding_plan, dtype, log)
+            if old_store is not None:
+                cache.add_index(old_store)
+        report = BuildReport(name, target, {})
+        if synthetic:
+            log("NOTE: this data tree is SYNTHETIC (generated images); its figures say nothing about real photos")
+        try:
+            report.manifest = _run(paths, cache, records, dataset, backbone, batch_size, num_workers, device, progress,
+                                   checkpoint_rows, checkpoint_seconds, on_batch, max_pixels, index_type, index_params,
+                                   seed, fractions, dtype, split_by, cell_km, per_city, synthetic, build_id, report,
+                                   log, state)
+        except KeyboardInterrupt:
+            log(f"\ninterrupted{' (SIGTERM)' if state['terminated'] else ''}: {len(cache)} photos' embeddings are "
+                f"saved in {paths.cache}; rerun the same command to resume")
+            raise
+        except (OSError, RuntimeError) as exc:
+            if not _is_disk_full(exc):
+                raise
+            raise GeoindexError(f"disk full while writing {getattr(exc, 'filename', None) or paths.staging}: "
+                                f"{len(cache)} photos' embeddings are kept in {paths.cache}; free some space and "
+                                "rerun the same command to resume") from None
+    finally:
+        if old_store is not None:
+            old_store.close()
+
+    replace_dir(paths.assembly, target)       # the one step that makes the new index visible
+    fault_point("commit")
+    if paths.assembly.exists():               # now the replaced index (if any)
+        shutil.rmtree(paths.assembly)
+    fault_point("cleanup")
+    _clean_leftovers(paths)
+    return report
+
+
+def _open_reusable_index(target: Path, embedding_plan: dict, dtype: str, log) -> EmbeddingStore | None:
+    """The index being replaced, when its embeddings can stand in for recomputing them; else None."""
+    try:
+        manifest = read_manifest(target)
+        verify_files(target, manifest)
+    except IndexCorrupt as exc:
+        log(f"not reusing the old index's embeddings: {exc}")
+        return None
+    if manifest.get("embedding") != embedding_plan:
+        return None
+    if manifest.get("dtype") == "float16" and dtype == "float32":
+        return None  # its rows lost precision the new index asks to keep
+    try:
+        return EmbeddingStore(target / EMBEDDINGS)
+    except OSError:
+        return None
+
+
+def _run(paths, cache, records, dataset, backbone, batch_size, num_workers, device, progress, checkpoint_rows,
+         checkpoint_seconds, on_batch, max_pixels, index_type, index_params, seed, fractions, dtype, split_by, cell_km,
+         per_city, synthetic, build_id, report, log, state) -> dict:
+    keys, stat_problems = _photo_keys(records["path"].tolist())
+    cache.bind(keys)
+    known = np.array([k in cache.entries for k in keys], dtype=bool)
+    for i in stat_problems:
+        known[i] = True  # nothing to embed: its error is recorded below
+    pending = np.flatnonzero(~known)
+    report.resumed_rows = int(known.sum()) - len(stat_problems)
+    if report.resumed_rows:
+        log(f"resuming: {report.resumed_rows} of {len(records)} photos already embedded")
+    report.seconds_extracting = _extract(backbone, records, pending, cache, batch_size, num_workers, device, progress,
+                                         checkpoint_rows, checkpoint_seconds, on_batch, report, max_pixels, state)
+
+    n = len(records)
+    ok = np.zeros(n, dtype=bool)
+    source = np.full(n, -1, dtype=np.int64)
+    row_in_source = np.full(n, -1, dtype=np.int64)
+    errors = [""] * n
+    digests = [""] * n
+    for i, key in enumerate(keys):
+        if i in stat_problems:
+            errors[i] = stat_problems[i]
+            continue
+        src, row, good, error, digest = cache.entries[key]
+        ok[i], source[i], row_in_source[i], errors[i], digests[i] = good, src, row, error, digest
+    skipped = list(dataset.skipped) + [{"path": records["path"][i], "reason": errors[i]} for i in np.flatnonzero(~ok)]
+    report.skipped = skipped
+    if not ok.any():
+        raise GeoindexError("no photo could be read; see the skipped files for reasons")
+
+    # The split is drawn over the photos that decode, so every split gets its share of usable photos.
+    decodable = records[ok].assign(size=[keys[i][1] for i in np.flatnonzero(ok)],
+                                   mtime_ns=[keys[i][2] for i in np.flatnonzero(ok)],
+                                   digest=[digests[i] for i in np.flatnonzero(ok)],
+                                   _source=source[ok], _row=row_in_source[ok])
+    split, split_info = split_records(decodable, seed, fractions, split_by, cell_km)
+    decodable = decodable.assign(split=split)
     log(f"split: by {split_info.by}" + (f" ({cell_km:g} km cells)" if split_info.by == "cell" else ""))
     if split_info.warning:
         log(f"WARNING: {split_info.warning}")
     if split_info.small_cities:
         log(f"WARNING: too few places/cells for train, val and test in: {', '.join(split_info.small_cities)}")
-    synthetic = (Path(dataset.root) / SYNTHETIC_MARKER).exists()
-    device = resolve_device(device)
-    if isinstance(backbone, str):
-        backbone = create_backbone(backbone, weights=weights, image_size=image_size, device=device)
-    name = name or f"{Path(data).expanduser().resolve().stem}-{backbone.name}"
-    out = index_home(index_dir) / name
-    if (out / MANIFEST).exists():
-        if not overwrite:
-            raise GeoindexError(f"index {name!r} already exists at {out}; pass --overwrite to rebuild it "
-                                "or --name to build another")
-        shutil.rmtree(out)
 
-    plan = {"backbone": backbone.name, "weights": backbone.weights.to_dict(), "image_size": backbone.image_size,
-            "dtype": dtype, "records": _fingerprint(records), "n": len(records)}
-    partial = out / PARTIAL
-    if partial.exists():
-        previous = json.loads((partial / "plan.json").read_text()) if (partial / "plan.json").exists() else None
-        if previous != plan:
-            if not overwrite:
-                raise GeoindexError(f"an unfinished build with other settings or data is in {partial}; pass "
-                                    "--overwrite to discard it, or rerun with the settings it was started with")
-            shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(partial / "plan.json", plan)
+    decodable, duplicates, dropped = _handle_duplicates(decodable)
+    report.duplicates = duplicates
+    skipped.extend(dropped)
+    if duplicates:
+        cross = sum(1 for d in duplicates if len(set(d["cities"])) > 1)
+        log(f"WARNING: {len(duplicates)} photo(s) stored more than once ({cross} under different cities); "
+            f"{len(dropped)} copies kept out of val/test (listed in {SKIPPED})")
+    ordered = order_by_split(decodable)
+    manifest = _assemble(paths, ordered, cache, backbone, dataset, dtype, index_type, index_params, progress,
+                         report, skipped, duplicates, build_id,
+                         dict(seed=seed, per_city=per_city, batch_size=batch_size, device=str(device),
+                              synthetic=synthetic, split_info=split_info, max_pixels=max_pixels,
+                              embedding=_embedding_plan(backbone, max_pixels)))
+    return manifest
 
-    checkpoints = _Checkpoints(partial)
-    done = checkpoints.done_rows(len(records))
-    pending = np.flatnonzero(~done)
-    report = BuildReport(name, out, {}, resumed_rows=int(done.sum()))
-    if report.resumed_rows:
-        log(f"resuming: {report.resumed_rows} of {len(records)} images already embedded")
-    if synthetic:
-        log("NOTE: this data tree is SYNTHETIC (generated images); its figures say nothing about real photos")
 
-    report.seconds_extracting = _extract(backbone, records, pending, checkpoints, batch_size, num_workers, device,
-                                         progress, checkpoint_rows, checkpoint_seconds, on_batch, report)
-    manifest = _finish(out, records, checkpoints, backbone, dataset, plan, index_type, index_params, progress, report,
-                       dict(seed=seed, fractions=list(fractions), per_city=per_city, batch_size=batch_size,
-                            device=str(device), synthetic=synthetic, split_info=split_info))
-    shutil.rmtree(partial)
-    report.manifest = manifest
-    return report
+def _handle_duplicates(decodable: pd.DataFrame) -> tuple[pd.DataFrame, list[dict], list[dict]]:
+    """Byte-identical photos: listed; copies in val/test dropped (a test photo must not be in the index)."""
+    repeated = decodable["digest"].duplicated(keep=False) & (decodable["digest"] != "")
+    if not repeated.any():
+        return decodable, [], []
+    groups = []
+    for digest, group in decodable[repeated].groupby("digest", sort=True):
+        groups.append({"digest": digest, "paths": group["path"].tolist(), "cities": group["city"].tolist(),
+                       "splits": group["split"].tolist()})
+    drop = repeated & (decodable["split"] != "train")
+    first_path = decodable[repeated].groupby("digest")["path"].first()
+    dropped = [{"path": row.path, "reason": f"same bytes as {first_path[row.digest]}"
+                + (" (under another city)" if decodable[decodable["digest"] == row.digest]["city"].nunique() > 1 else "")
+                + "; kept out of val/test"} for row in decodable[drop].itertuples()]
+    return decodable[~drop], groups, dropped
 
 
 def _extract(backbone, records, pending, checkpoints, batch_size, num_workers, device, progress, checkpoint_rows,
-             checkpoint_seconds, on_batch, report) -> float:
+             checkpoint_seconds, on_batch, report, max_pixels=DEFAULT_MAX_PIXELS, state=None) -> float:
     if len(pending) == 0:
         return 0.0
     buffer: list = []
@@ -188,7 +524,8 @@ def _extract(backbone, records, pending, checkpoints, batch_size, num_workers, d
         nonlocal buffer, buffered_rows, last_flush
         if buffer:
             checkpoints.write(np.concatenate([b[0] for b in buffer]), np.concatenate([b[1] for b in buffer]),
-                              sum((b[2] for b in buffer), []), np.concatenate([b[3] for b in buffer]))
+                              sum((b[2] for b in buffer), []), np.concatenate([b[3] for b in buffer]),
+                              sum((b[4] for b in buffer), []))
         buffer, buffered_rows, last_flush = [], 0, time.monotonic()
 
     paths = records["path"].to_numpy()[pending]
@@ -196,94 +533,130 @@ def _extract(backbone, records, pending, checkpoints, batch_size, num_workers, d
     batches = 0
     try:
         for item in iter_embeddings(backbone, paths, batch_size=batch_size, num_workers=num_workers, device=device,
-                                    progress=progress, desc=f"embedding ({backbone.name})"):
-            buffer.append((pending[item.positions], item.ok, item.errors, item.embeddings.astype(np.float32)))
+                                    progress=progress, desc=f"embedding ({backbone.name})", max_pixels=max_pixels):
+            buffer.append((pending[item.positions], item.ok, item.errors, item.embeddings.astype(np.float32),
+                           list(item.digests or [""] * len(item.positions))))
             buffered_rows += len(item.positions)
-            report.extracted_rows += len(item.positions)
+            report.extracted_rows += int(item.ok.sum())
+            report.failed_rows += int((~item.ok).sum())
             if buffered_rows >= checkpoint_rows or time.monotonic() - last_flush >= checkpoint_seconds:
                 flush()
             batches += 1
+            fault_point("extract")
             if on_batch is not None:
                 on_batch(batches)
-    finally:
-        flush()  # on Ctrl-C too: what was embedded is kept for the resume
+    except BaseException as exc:
+        try:
+            flush()  # on Ctrl-C and SIGTERM too: what was embedded is kept for the resume
+        except OSError:
+            pass  # disk full while saving: the shards written before are still there
+        if state and state.get("terminated") and not isinstance(exc, KeyboardInterrupt):
+            raise KeyboardInterrupt("SIGTERM") from None  # e.g. a DataLoader worker that got the signal too
+        raise
+    flush()
     return time.perf_counter() - start
 
 
-def _finish(out: Path, records: pd.DataFrame, checkpoints: _Checkpoints, backbone: Backbone, dataset, plan,
-            index_type, index_params, progress, report: BuildReport, settings: dict) -> dict:
-    n = len(records)
-    ok = np.zeros(n, dtype=bool)
-    errors = np.empty(n, dtype=object)
-    shards = checkpoints.shards()
-    for shard in shards:
-        with np.load(shard) as z:
-            ok[z["rows"]] = z["ok"]
-            errors[z["rows"]] = z["errors"]
-    skipped = list(dataset.skipped) + [{"path": p, "reason": str(e)} for p, e in
-                                       zip(records["path"][~ok], errors[~ok])]
-    report.skipped = skipped
-    classes = sorted(records["city"].unique())
-    kept = records[ok]
-    counts = {s: int((kept["split"] == s).sum()) for s in SPLITS}
+def _assemble(paths: BuildPaths, ordered: pd.DataFrame, cache: EmbeddingCache, backbone: Backbone, dataset, dtype,
+              index_type, index_params, progress, report: BuildReport, skipped, duplicates, build_id,
+              settings: dict) -> dict:
+    out = paths.assembly
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("made by geoindex: this folder is an index; `geoindex rm NAME` deletes it\n")
+    classes = sorted(ordered["city"].unique())
+    counts = {s: int((ordered["split"] == s).sum()) for s in SPLITS}
     if counts["train"] == 0:
         raise GeoindexError("no training image could be read; see the skipped files for reasons")
-
-    # Row -> position inside its split's block of the final file.
-    position = np.full(n, -1, dtype=np.int64)
+    _check_free_space(out, ordered, counts, backbone.embed_dim, dtype, index_type, len(cache))
+    split_of = ordered["split"].to_numpy()
+    position = np.zeros(len(ordered), dtype=np.int64)
     for split in SPLITS:
-        rows = np.flatnonzero(ok & (records["split"].to_numpy() == split))
-        position[rows] = np.arange(len(rows))
-    split_of = records["split"].to_numpy()
+        mine = split_of == split
+        position[mine] = np.arange(int(mine.sum()))
 
     with atomic_path(out / EMBEDDINGS) as tmp:
-        with create_store(tmp, counts, backbone.embed_dim, plan["dtype"], classes,
+        with create_store(tmp, counts, backbone.embed_dim, dtype, classes,
                           {"backbone": backbone.name, "normalization": "l2"}) as f:
             for split in SPLITS:
-                write_metadata(f[split], kept[kept["split"] == split], classes)
-            for shard in shards:
-                with np.load(shard) as z:
-                    rows = z["rows"][z["ok"]]
+                write_metadata(f[split], ordered[split_of == split], classes)
+            sources = ordered["_source"].to_numpy()
+            rows = ordered["_row"].to_numpy()
+            for src in np.unique(sources):
+                mine = np.flatnonzero(sources == src)
+                for start in range(0, len(mine), 65536):
+                    chunk = mine[start:start + 65536]
+                    vectors = cache.embeddings(int(src), rows[chunk])
                     for split in SPLITS:
-                        mine = split_of[rows] == split
-                        if mine.any():
-                            pos = position[rows[mine]]
+                        sel = split_of[chunk] == split
+                        if sel.any():
+                            pos = position[chunk[sel]]
                             order = np.argsort(pos)
-                            f[split]["embeddings"][pos[order]] = z["embeddings"][mine][order].astype(plan["dtype"])
+                            f[split]["embeddings"][pos[order]] = vectors[sel][order].astype(dtype)
+    fault_point("h5")
 
     with EmbeddingStore(out / EMBEDDINGS) as store:
         index_info = _build_faiss(store, out, index_type, index_params, progress)
+    fault_point("index")
 
-    per_city = {split: kept[kept["split"] == split]["city"].value_counts().sort_index().to_dict() for split in SPLITS}
+    write_json_atomic(out / SKIPPED, {"skipped": skipped, "duplicates": duplicates})
+    reasons: dict[str, int] = {}
+    for item in skipped:
+        reason = item["reason"].split(" (")[0].split(":")[0]
+        reasons[reason] = reasons.get(reason, 0) + 1
+    kept = ordered
+    per_city = {split: kept[split_of == split]["city"].value_counts().sort_index().to_dict() for split in SPLITS}
     manifest = {
         "format": 1,
-        "name": out.name,
+        "name": paths.name,
+        "build_id": build_id,
         "backbone": backbone.name,
         "weights": backbone.weights.to_dict(),
         "embed_dim": backbone.embed_dim,
         "normalization": "l2",
-        "dtype": plan["dtype"],
+        "dtype": dtype,
         "image_size": backbone.image_size,
         "preprocessing": {"resize": backbone.transform.resize_size, "crop": backbone.image_size,
                           "interpolation": backbone.transform.interpolation, "mean": list(backbone.mean),
-                          "std": list(backbone.std)},
+                          "std": list(backbone.std), "max_pixels": settings["max_pixels"]},
+        "embedding": settings["embedding"],
         "data_root": str(Path(dataset.root).resolve()),
         "layout": dataset.layout,
-        "synthetic": settings.pop("synthetic"),
-        "split": settings.pop("split_info").to_dict() | {"per_city": settings["per_city"]},
+        "synthetic": settings["synthetic"],
+        "split": settings["split_info"].to_dict() | {"per_city": settings["per_city"]},
         "classes": classes,
         "counts": counts,
         "counts_per_city": per_city,
-        "skipped": skipped,
+        "skipped": {"count": len(skipped), "file": SKIPPED, "reasons": dict(sorted(reasons.items()))},
+        "duplicates": {"groups": len(duplicates),
+                       "across_cities": sum(1 for d in duplicates if len(set(d["cities"])) > 1),
+                       "file": SKIPPED},
         "index": index_info,
         "extraction": {"batch_size": settings["batch_size"], "device": settings["device"],
                        "images_per_second": round(report.images_per_second, 2) if report.extracted_rows else None,
+                       "embedded_rows": report.extracted_rows, "unreadable_rows": report.failed_rows,
                        "resumed_rows": report.resumed_rows},
         "versions": _library_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "files": describe_files(out, INDEX_FILES),
     }
     write_json_atomic(out / MANIFEST, manifest)
+    fault_point("manifest")
     return manifest
+
+
+def _check_free_space(out: Path, ordered: pd.DataFrame, counts: dict, dim: int, dtype: str, index_type: str,
+                      kept: int) -> None:
+    """Refuse before writing rather than after: HDF5 cannot recover from a full disk mid-write (it may even crash)."""
+    n = len(ordered)
+    embeddings = n * dim * np.dtype(dtype).itemsize
+    metadata = int(ordered["path"].str.len().sum()) + n * 96
+    vectors = counts["train"] * dim * 4 * (1.3 if index_type == "hnsw" else 1 if index_type == "flat" else 0.2)
+    needed = int(1.1 * (embeddings + metadata + vectors)) + (1 << 16)
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        raise GeoindexError(f"disk full: the index needs about {needed / 1e6:.1f} MB in {out.parent}, "
+                            f"{free / 1e6:.1f} MB are free; {kept} photos' embeddings are kept in "
+                            f"{out.parent / 'cache'}; free some space and rerun the same command to resume")
 
 
 def _build_faiss(store: EmbeddingStore, out: Path, index_type: str, index_params: dict | None, progress: bool,

@@ -21,6 +21,8 @@ TORCHVISION_FILES = {"densenet": "densenet121-a639ec97.pth", "resnet18": "resnet
 NO_PRETRAINED = {"cnn"}
 CLIP_HF_REPO = "timm/vit_base_patch32_clip_224.openai"
 INDEX_TYPES = ("flat", "ivfpq", "hnsw")
+# Well under PIL's bomb limit (89 MP): a 40 MP photo is already larger than any street-level camera gives.
+DEFAULT_MAX_PIXELS = 40_000_000
 
 
 def torch_hub_dir() -> Path:

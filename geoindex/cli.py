@@ -11,6 +11,7 @@ import click
 from .catalog import BACKBONES, INDEX_TYPES, weights_status
 from .cities import display_name
 from .errors import GeoindexError
+from .catalog import DEFAULT_MAX_PIXELS
 
 VOTE_METHODS = ("majority", "weighted", "softmax")  # geoindex.voting.VOTE_METHODS, without importing numpy
 
@@ -25,7 +26,7 @@ device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda
 
 
 def friendly_errors(func):
-    """User errors become one line and exit 1; Ctrl-C exits 130 without a traceback."""
+    """User errors become one line and exit 1; Ctrl-C (and SIGTERM during a build) exits 130 without a traceback."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
@@ -35,6 +36,9 @@ def friendly_errors(func):
         except KeyboardInterrupt:
             click.echo("\ninterrupted; rerun the same command to resume where it stopped", err=True)
             sys.exit(130)
+        except OSError as exc:  # a read-only folder, a full disk, a file where a folder should be
+            where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+            raise click.ClickException(f"{exc.strerror or exc}{where}") from None
     return wrapper
 
 
@@ -86,11 +90,16 @@ def main():
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the place-disjoint split.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="How embeddings are stored in embeddings.h5.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing index (or unfinished build) of this name.")
+@click.option("--overwrite", is_flag=True, help="Rebuild an existing index of this name (it keeps answering until the "
+              "new one replaces it; unchanged photos are not embedded again), or discard an unfinished build "
+              "with other settings.")
+@click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Refuse images with more pixels than this (JPEGs counted at their draft-decoded size), before "
+                   "decoding them.")
 @index_dir_option
 @friendly_errors
 def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, per_city, image_size, batch_size, workers,
-          device, index_type, seed, dtype, overwrite, index_dir):
+          device, index_type, seed, dtype, overwrite, max_pixels, index_dir):
     """Embed every image, split by place or map cell (80/10/10), and index the train split.
 
     An interrupted build resumes when the same command is run again.
@@ -100,24 +109,28 @@ def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, per
     report = build_index(data, name=name, backbone=backbone, weights=weights, index_dir=index_dir, per_city=per_city,
                          image_size=image_size, batch_size=batch_size, num_workers=workers, device=device,
                          index_type=index_type, seed=seed, dtype=dtype, overwrite=overwrite, split_by=split_by,
-                         cell_km=cell_km, follow_symlinks=follow_symlinks, log=click.echo)
+                         cell_km=cell_km, follow_symlinks=follow_symlinks, max_pixels=max_pixels, log=click.echo)
     m = report.manifest
     click.echo(f"\nindex {report.name!r} written to {report.path}")
     click.echo(f"  backbone   {m['backbone']} ({m['weights']['source']} weights), {m['embed_dim']}-d")
     click.echo(f"  images     " + ", ".join(f"{s} {m['counts'][s]}" for s in ("train", "val", "test"))
                + f" across {len(m['classes'])} cities")
-    if report.extracted_rows:
-        click.echo(f"  speed      {report.images_per_second:.1f} images/s ({report.extracted_rows} embedded this run"
-                   + (f", {report.resumed_rows} resumed" if report.resumed_rows else "") + ")")
+    click.echo(f"  embedded   {report.extracted_rows} photo(s) this run, {report.failed_rows} unreadable"
+               + (f", {report.resumed_rows} reused from checkpoints or the replaced index" if report.resumed_rows else "")
+               + (f"; {report.images_per_second:.1f} photos/s" if report.extracted_rows else ""))
     index = m["index"]
     recall = {k: v for k, v in index.items() if k.startswith("recall@")}
     click.echo(f"  index      {index['type']} {index['params'] or ''} {index['bytes'] / 1e6:.1f} MB"
                + (f", {', '.join(f'{k} {v}' for k, v in recall.items())}" if recall else ""))
-    click.echo(f"  skipped    {len(report.skipped)} file(s)")
+    click.echo(f"  skipped    {len(report.skipped)} file(s)" + (" (all listed in skipped.json)" if report.skipped else ""))
     for item in report.skipped[:10]:
         click.echo(f"    {item['path']}: {item['reason']}")
     if len(report.skipped) > 10:
-        click.echo(f"    ... and {len(report.skipped) - 10} more (all listed in manifest.json)")
+        click.echo(f"    ... and {len(report.skipped) - 10} more")
+    if report.duplicates:
+        cross = sum(1 for d in report.duplicates if len(set(d["cities"])) > 1)
+        click.secho(f"  duplicates {len(report.duplicates)} photo(s) stored more than once, {cross} under different "
+                    "cities; copies outside train were kept out of evaluation (see skipped.json)", fg="yellow")
     if m.get("synthetic"):
         click.secho("  NOTE: built on SYNTHETIC images; these figures say nothing about real photos", fg="yellow")
 
@@ -130,68 +143,197 @@ def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, per
 @click.option("--temperature", type=click.FloatRange(min=1e-4), default=0.05, show_default=True,
               help="Softmax vote temperature on cosine similarity.")
 @click.option("--backbone", default=None, help="Refuse to run unless the index was built with this backbone.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help="Strict JSON: {index, results, errors}.")
+@click.option("--csv", "as_csv", is_flag=True, help="One CSV row per photo (for batch queries).")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+              help="Photos decoded and embedded together; memory stays flat in the number of photos.")
+@click.option("--verify", is_flag=True, help="Hash every index file in full before answering.")
 @device_option
 @index_dir_option
 @friendly_errors
-def query(photos, index_name, k, vote_method, temperature, backbone, as_json, device, index_dir):
-    """Which city? Top-5 cities, a GPS estimate and the nearest indexed photos, per photo."""
+def query(photos, index_name, k, vote_method, temperature, backbone, as_json, as_csv, batch_size, verify, device,
+          index_dir):
+    """Which city? Top-5 cities, a GPS estimate and the nearest indexed photos, per photo.
+
+    Every photo that can be read is answered; each one that cannot is reported (exit status 1).
+    """
+    from tqdm.auto import tqdm
+
     from .errors import BackboneMismatch, ImageError
     from .geo_index import load_index
-    from .images import load_image
+    from .images import DEFAULT_MAX_PIXELS, load_image
 
-    for photo in photos:  # check every file before loading a model, and name the bad one
-        if not Path(photo).is_file():
-            raise click.ClickException(f"{photo}: no such file")
-        try:
-            load_image(photo)
-        except ImageError as exc:
-            raise click.ClickException(f"{photo}: {exc}") from None
-    index = load_index(index_name, index_dir, device=device)
+    if as_json and as_csv:
+        raise click.UsageError("choose one of --json and --csv")
+    index = load_index(index_name, index_dir, device=device, verify=verify)
     if backbone is not None and backbone != index.manifest["backbone"]:
         raise BackboneMismatch(f"index {index.name!r} was built with backbone {index.manifest['backbone']!r}, "
                                f"not {backbone!r}; query it without --backbone or build one with {backbone!r}")
-    predictions = index.query(list(photos), k=k, vote_method=vote_method, temperature=temperature)
-    if as_json:
-        click.echo(json.dumps({"index": index.name, "backbone": index.manifest["backbone"],
-                               "results": [p.to_dict() for p in predictions]}, indent=2))
-        return
-    for p in predictions:
-        click.echo(f"\n{p.source}")
-        click.echo(f"  city: {display_name(p.city)} ({p.city})")
-        gps = "unknown" if p.lat != p.lat else f"{p.lat:.5f}, {p.lon:.5f}"
-        click.echo(f"  GPS estimate: {gps}")
-        click.echo("  kNN vote:      " + "  ".join(f"{display_name(c)} {pr:.2f}" for c, pr in p.cities))
-        if p.classifier:
-            click.echo("  classifier:    " + "  ".join(f"{display_name(c)} {pr:.2f}" for c, pr in p.classifier))
-        click.echo("  nearest:")
-        for n in p.neighbours:
-            click.echo(f"    {n.similarity:.3f}  {display_name(n.city):<14} {n.lat:9.5f} {n.lon:10.5f}  {n.path}")
+    # Decoded exactly as the build decoded its photos, once each, and handed to the model as images.
+    draft = index.backbone.transform.resize_size
+    max_pixels = (index.manifest.get("preprocessing") or {}).get("max_pixels", DEFAULT_MAX_PIXELS)
+    out = _QueryOutput(index, "json" if as_json else "csv" if as_csv else "text")
+    out.start()
+    with tqdm(total=len(photos), desc="querying", unit="photo", disable=len(photos) <= 8, file=sys.stderr) as bar:
+        for start in range(0, len(photos), batch_size):
+            images, sources = [], []
+            for photo in photos[start:start + batch_size]:
+                try:
+                    images.append(load_image(photo, draft_size=draft, max_pixels=max_pixels))
+                    sources.append(photo)
+                except ImageError as exc:
+                    out.error(photo, str(exc))
+            if images:
+                predictions = index.query(images, k=k, vote_method=vote_method, temperature=temperature)
+                for source, prediction in zip(sources, predictions):
+                    prediction.source = source
+                    out.result(prediction)
+            bar.update(len(photos[start:start + batch_size]))
+    out.finish()
+    if out.errors:
+        sys.exit(1)
+
+
+def _strict(value):
+    """JSON without NaN: unknown numbers become null."""
+    if isinstance(value, float):
+        return None if value != value or value in (float("inf"), float("-inf")) else value
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def _place(city: str) -> str:
+    """`London, United Kingdom`: the display name with its country where the city table knows it."""
+    from .cities import city_info
+
+    info = city_info(city)
+    return f"{info.name}, {info.country}" if info.country else display_name(city)
+
+
+def _number(value: float, fmt: str) -> str:
+    return "-" if value is None or value != value else format(value, fmt)
+
+
+class _QueryOutput:
+    """Writes answers as they come (text, strict JSON or CSV), so nothing is held for all photos at once."""
+
+    def __init__(self, index, mode: str):
+        self.index, self.mode = index, mode
+        self.errors: list[dict] = []
+        self.count = 0
+        self.writer = None
+
+    def start(self):
+        m = self.index.manifest
+        if self.mode == "json":
+            click.echo(json.dumps({"index": self.index.name, "backbone": m["backbone"],
+                                   "synthetic": bool(m.get("synthetic"))})[:-1] + ', "results": [', nl=False)
+        elif self.mode == "csv":
+            import csv
+            self.writer = csv.writer(sys.stdout, lineterminator="\n")
+            self.writer.writerow(["source", "city", "name", "probability", "lat", "lon", "top5", "nearest_path",
+                                  "nearest_similarity", "error"])
+        else:
+            click.echo(f"index: {self.index.name} ({m['backbone']}, {m['counts']['train']} indexed photos, "
+                       f"{len(self.index.classes)} cities)")
+        if m.get("synthetic") and self.mode == "text":  # JSON and CSV carry it as a field / the index name
+            click.secho(f"WARNING: index {self.index.name!r} was built on SYNTHETIC images: its answers say nothing "
+                        "about real photos", fg="red", bold=True)
+
+    def error(self, source: str, message: str):
+        self.errors.append({"source": source, "error": message})
+        if self.mode == "csv":
+            self.writer.writerow([source, "", "", "", "", "", "", "", "", message])
+        click.echo(f"{source}: {message}", err=True)
+
+    def result(self, p):
+        if self.mode == "json":
+            click.echo(("," if self.count else "") + "\n" + json.dumps(_strict(p.to_dict()), allow_nan=False), nl=False)
+        elif self.mode == "csv":
+            nearest = p.neighbours[0] if p.neighbours else None
+            self.writer.writerow([p.source, p.city, _place(p.city), f"{p.cities[0][1]:.6f}", _number(p.lat, ".6f"),
+                                  _number(p.lon, ".6f"), ";".join(f"{c}:{pr:.4f}" for c, pr in p.cities),
+                                  nearest.path if nearest else "", f"{nearest.similarity:.4f}" if nearest else "", ""])
+        else:
+            click.echo(f"\n{p.source}")
+            click.echo(f"  city: {_place(p.city)}  (p={p.cities[0][1]:.2f})")
+            gps = "-" if p.lat != p.lat else f"{p.lat:.5f}, {p.lon:.5f}"
+            click.echo(f"  GPS estimate: {gps}")
+            click.echo("  kNN vote:      " + "  ".join(f"{display_name(c)} {pr:.2f}" for c, pr in p.cities))
+            if p.classifier:
+                click.echo("  classifier:    " + "  ".join(f"{display_name(c)} {pr:.2f}" for c, pr in p.classifier))
+            click.echo("  nearest:")
+            click.echo(f"    {'similarity':>10}  {'city':<26} {'lat':>9} {'lon':>10}  photo")
+            for n in p.neighbours:
+                click.echo(f"    {n.similarity:>10.3f}  {_place(n.city)[:26]:<26} {_number(n.lat, '9.5f'):>9} "
+                           f"{_number(n.lon, '10.5f'):>10}  {n.path}")
+        self.count += 1
+
+    def finish(self):
+        if self.mode == "json":
+            click.echo("\n], " + json.dumps({"errors": self.errors}, allow_nan=False)[1:])
+        elif self.mode == "text" and self.errors and self.count:
+            click.echo(f"\n{self.count} photo(s) answered, {len(self.errors)} could not be read (listed above)", err=True)
 
 
 @main.command("indexes")
 @index_dir_option
-@click.option("--json", "as_json", is_flag=True, help="Print the manifests as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print every index's status (and manifest) as JSON.")
 @friendly_errors
 def indexes_command(index_dir, as_json):
-    """List built indexes."""
+    """List built indexes; broken and unfinished ones are listed as such."""
     from .fileio import index_home
-    from .locate import list_indexes
+    from .integrity import index_entries
 
-    manifests = list_indexes(index_dir)
+    entries = index_entries(index_home(index_dir))
     if as_json:
-        click.echo(json.dumps(manifests, indent=2))
+        click.echo(json.dumps([(e["manifest"] or {}) | {k: v for k, v in e.items() if k != "manifest"}
+                               for e in entries], indent=2, allow_nan=False))
         return
-    if not manifests:
+    if not entries:
         from .locate import where
         click.echo(f"no index in {where(index_dir)}; build one with `geoindex build --data PATH`")
         return
-    for m in manifests:
+    for e in entries:
+        m = e["manifest"]
+        if e["status"] != "ok":
+            click.echo(f"{e['name']:<28} {e['status'].upper()}: {e['reason']}")
+            continue
         counts = m["counts"]
         flag = "  [synthetic data]" if m.get("synthetic") else ""
         click.echo(f"{m['name']:<28} {m['backbone']:<9} {m['weights']['source']:<10} {m['index']['type']:<6} "
                    f"train {counts['train']:>7}  val {counts['val']:>6}  test {counts['test']:>6}  "
                    f"{len(m['classes'])} cities  {m['created']}{flag}")
+        if e.get("unfinished"):
+            click.echo(f"{'':<28} (a rebuild is unfinished: {e['unfinished']})")
+
+
+@main.command("rm")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@index_dir_option
+@friendly_errors
+def rm_command(name, yes, index_dir):
+    """Delete an index (and any unfinished build of it). Only folders geoindex made are ever deleted."""
+    from .fileio import STAGING, check_index_name, index_home, remove_geoindex_folder
+    from .locks import IndexLock
+
+    check_index_name(name)
+    home = index_home(index_dir)
+    target, staging = home / name, home / STAGING / name
+    if not target.exists() and not staging.exists():
+        raise GeoindexError(f"no index or unfinished build named {name!r} in {home}")
+    if not yes:
+        click.confirm(f"delete index {name!r} ({target})?", abort=True)
+    with IndexLock(home, name, "rm"):
+        if target.exists():
+            remove_geoindex_folder(target, home)
+        if staging.exists():
+            remove_geoindex_folder(staging, home)
+    click.echo(f"removed {name!r}")
 
 
 @main.command()

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .backbones import Backbone
 from .errors import GeoindexError, ImageError
-from .images import ImageTransform
+from .images import DEFAULT_MAX_PIXELS, ImageTransform
 
 
 def _malloc_trim():
@@ -56,31 +56,48 @@ def default_num_workers() -> int:
 
 
 class ImageFiles(Dataset):
-    """Decodes one file per item; a bad file yields its error instead of raising, so a build never stops."""
+    """Decodes one file per item; a bad file yields its error instead of raising, so a build never stops.
 
-    def __init__(self, paths: Sequence[str], transform: ImageTransform):
+    Each file is read once: its bytes are hashed (duplicates are found by content) and decoded.
+    """
+
+    def __init__(self, paths: Sequence[str], transform: ImageTransform, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.paths = list(paths)
         self.transform = transform
+        self.max_pixels = max_pixels
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         try:
-            return i, self.transform.load(self.paths[i]), ""
+            tensor, digest = self.transform.load_with_digest(self.paths[i], self.max_pixels)
+            return i, tensor, "", digest
         except ImageError as exc:
-            return i, None, str(exc)
+            return i, None, str(exc), ""
 
 
 def _collate(items):
-    positions = np.array([i for i, _, _ in items], dtype=np.int64)
-    ok = np.array([t is not None for _, t, _ in items], dtype=bool)
-    tensors = [t for _, t, _ in items if t is not None]
+    positions = np.array([item[0] for item in items], dtype=np.int64)
+    ok = np.array([item[1] is not None for item in items], dtype=bool)
+    tensors = [item[1] for item in items if item[1] is not None]
     batch = torch.stack(tensors) if tensors else None
-    return positions, batch, ok, [e for _, _, e in items]
+    return positions, batch, ok, [item[2] for item in items], [item[3] for item in items]
+
+
+def _die_with_parent():
+    """Linux: the kernel kills this worker the moment its parent dies (even by SIGKILL), so none outlives a build."""
+    try:
+        import ctypes
+        import signal
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux/glibc: torch's own watchdog still ends orphans, only later
+        pass
 
 
 def _worker_init(_):
+    _die_with_parent()
     # One thread per decoder, and a lower priority: on a small CPU the model's threads are the
     # bottleneck, and a decoder that preempts them stalls every thread of the parallel region.
     # The prefetch queue lets decoders catch up in the gaps.
@@ -97,6 +114,7 @@ class EmbeddedBatch:
     ok: np.ndarray          # bool per position
     embeddings: np.ndarray  # float32 (ok.sum(), D), L2-normalised
     errors: list[str]       # "" where ok
+    digests: list[str] | None = None  # content hash of each file's bytes, "" where unreadable
 
 
 class Embedder:
@@ -127,19 +145,19 @@ class Embedder:
 
 def iter_embeddings(backbone: Backbone, paths: Sequence[str], batch_size: int = 64, num_workers: int | None = None,
                     device="auto", amp: bool | None = None, progress: bool = True, desc: str = "embedding",
-                    normalize: bool = True) -> Iterator[EmbeddedBatch]:
+                    normalize: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[EmbeddedBatch]:
     """Yield embeddings batch by batch, in the order of `paths`; memory stays at one batch."""
     from tqdm.auto import tqdm
 
     embedder = Embedder(backbone, device, amp, normalize=normalize)
     num_workers = default_num_workers() if num_workers is None else num_workers
-    loader = DataLoader(ImageFiles(paths, backbone.transform), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(ImageFiles(paths, backbone.transform, max_pixels), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=_collate, pin_memory=embedder.device.type == "cuda",
                         worker_init_fn=_worker_init if num_workers else None,
                         prefetch_factor=4 if num_workers else None, persistent_workers=False)
     trim_countdown = TRIM_EVERY_IMAGES
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, smoothing=0.05) as bar:
-        for positions, batch, ok, errors in loader:
+        for positions, batch, ok, errors, digests in loader:
             if batch is not None:
                 embeddings = embedder(batch).cpu().numpy()
             else:
@@ -150,7 +168,7 @@ def iter_embeddings(backbone: Backbone, paths: Sequence[str], batch_size: int = 
                 release_free_memory()
                 trim_countdown = TRIM_EVERY_IMAGES
             bar.update(len(positions))
-            yield EmbeddedBatch(positions, ok, embeddings, errors)
+            yield EmbeddedBatch(positions, ok, embeddings, errors, digests)
 
 
 def embed_paths(backbone: Backbone, paths: Sequence[str], **kwargs) -> tuple[np.ndarray, np.ndarray, list[str]]:

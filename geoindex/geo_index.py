@@ -19,6 +19,7 @@ from .cities import display_name
 from .errors import BackboneMismatch, GeoindexError, IndexNotFound
 from .extraction import resolve_device
 from .fileio import index_home
+from .integrity import IndexCorrupt, read_manifest, verify_files
 from .locate import default_index_name, list_index_paths, list_indexes, resolve_index_path  # noqa: F401
 from .search import load_index_file, search, set_search_params, to_gpu
 from .store import EmbeddingStore
@@ -72,14 +73,43 @@ def _finite(value):
     return None if value is None or not np.isfinite(value) else float(value)
 
 
+def _open_checked(path: Path, manifest: dict, verify: bool):
+    """Open the embeddings and the FAISS index after checking them against the manifest; one clear error if not."""
+    verify_files(path, manifest, full=verify)
+    fix = f"rebuild it with `geoindex build --name {path.name} --overwrite ...` or remove it with `geoindex rm {path.name}`"
+    try:
+        store = EmbeddingStore(path / EMBEDDINGS)
+    except (OSError, KeyError, ValueError) as exc:
+        raise IndexCorrupt(f"index {path.name!r}: {EMBEDDINGS} is unreadable ({str(exc).splitlines()[0]}); {fix}") from None
+    try:
+        counts = {s: store.count(s) for s in ("train", "val", "test")}
+        if store.classes != manifest["classes"] or counts != manifest["counts"] or store.embed_dim != manifest["embed_dim"]:
+            raise IndexCorrupt(f"index {path.name!r}: {EMBEDDINGS} does not match its manifest (classes, counts or "
+                               f"dimension differ); {fix}")
+        try:
+            index = load_index_file(path / FAISS_INDEX)
+        except (RuntimeError, OSError) as exc:
+            raise IndexCorrupt(f"index {path.name!r}: {FAISS_INDEX} is unreadable ({str(exc).splitlines()[0][:200]}); "
+                               f"{fix}") from None
+        if index.ntotal != counts["train"] or index.d != manifest["embed_dim"]:
+            raise IndexCorrupt(f"index {path.name!r}: {FAISS_INDEX} holds {index.ntotal} vectors of {index.d}-d, the "
+                               f"manifest says {counts['train']} of {manifest['embed_dim']}-d (copied from another "
+                               f"index?); {fix}")
+    except BaseException:
+        store.close()
+        raise
+    return store, index
+
+
 class GeoIndex:
-    def __init__(self, path, device="auto"):
+    def __init__(self, path, device="auto", verify: bool = False):
+        """Open an index; its files are checked against the manifest (sizes always, checksums when changed
+        or when verify=True) and a mismatch is refused with one line naming the file."""
         self.path = Path(path)
-        self.manifest = json.loads((self.path / MANIFEST).read_text())
+        self.manifest = read_manifest(self.path)
         self.device = resolve_device(device)
         self.classes: list[str] = self.manifest["classes"]
-        self.store = EmbeddingStore(self.path / EMBEDDINGS)
-        index = load_index_file(self.path / FAISS_INDEX)
+        self.store, index = _open_checked(self.path, self.manifest, verify)
         self.index = to_gpu(index) if self.device.type == "cuda" else index
         self._train_meta = self.store.metadata("train")
         params = self.manifest["index"].get("params") or {}
@@ -90,9 +120,9 @@ class GeoIndex:
         self._city_centres = None
 
     @classmethod
-    def open(cls, name_or_path=None, index_dir=None, device="auto") -> "GeoIndex":
+    def open(cls, name_or_path=None, index_dir=None, device="auto", verify: bool = False) -> "GeoIndex":
         name_or_path = name_or_path or default_index_name(index_dir)
-        return cls(resolve_index_path(name_or_path, index_dir), device=device)
+        return cls(resolve_index_path(name_or_path, index_dir), device=device, verify=verify)
 
     def close(self):
         self.store.close()
@@ -242,5 +272,5 @@ class GeoIndex:
         return predictions
 
 
-def load_index(name_or_path=None, index_dir=None, device="auto") -> GeoIndex:
-    return GeoIndex.open(name_or_path, index_dir, device)
+def load_index(name_or_path=None, index_dir=None, device="auto", verify: bool = False) -> GeoIndex:
+    return GeoIndex.open(name_or_path, index_dir, device, verify)

@@ -6,6 +6,7 @@ come back as a `Classifier` that gives (N, C) probabilities like every other met
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +20,23 @@ from torch.utils.data import DataLoader, Dataset
 from .backbones import create_backbone
 from .errors import GeoindexError, ImageError
 from .extraction import default_num_workers, iter_embeddings, resolve_device
-from .fileio import atomic_path, write_json_atomic
+from .fileio import atomic_path, fault_point, write_json_atomic
 from .images import load_image
 
 HEADS = "heads"
 MODES = ("probe", "finetune")
 DEFAULTS = {"probe": {"epochs": 30, "lr": 1e-3, "batch_size": 256},
             "finetune": {"epochs": 10, "lr": 1e-4, "batch_size": 32}}
+
+
+def load_weights_file(path, what: str, map_location="cpu"):
+    """torch.load that never runs code from the file (weights_only=True); a planted or damaged file is one clear line."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, zip errors, truncation: all "not a weights file"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise GeoindexError(f"refusing {what} {path}: not a plain weights file ({first}); it was not loaded and "
+                            "nothing in it ran. Delete it (or retrain) to go on") from None
 
 
 class ProbeHead(nn.Module):
@@ -244,17 +255,24 @@ def train_finetune(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=No
     scaler = torch.amp.GradScaler(enabled=use_amp)
     stopper, rows, start_epoch = _EarlyStopping(patience), [], 1
     if resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        state = load_weights_file(checkpoint_path, "fine-tuning checkpoint", map_location=device)
+        if not isinstance(state, dict) or not {"model", "optimizer", "scaler", "epoch", "history"} <= set(state):
+            raise GeoindexError(f"refusing fine-tuning checkpoint {checkpoint_path}: not one geoindex wrote; delete it "
+                                "to start over")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         rows, start_epoch = state["history"], state["epoch"] + 1
         stopper.best, stopper.best_epoch, stopper.bad = state["best"], state["best_epoch"], state["bad"]
+        if "rng" in state:  # augmentations continue exactly as an uninterrupted run would draw them
+            torch.set_rng_state(state["rng"])
         log(f"resuming fine-tuning after epoch {state['epoch']}")
     folder.mkdir(parents=True, exist_ok=True)
     meta = {s: index.store.metadata(s) for s in ("train", "val")}
     if len(meta["val"]) == 0:
         meta["val"] = meta["train"]
+    if not any(os.path.isfile(p) for p in meta["train"]["path"]):
+        raise GeoindexError(_no_readable_photo(meta["train"]["path"]))
     num_workers = default_num_workers() if num_workers is None else num_workers
 
     def loader(split, augment, epoch):
@@ -284,12 +302,14 @@ def train_finetune(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=No
                 total_loss += loss.item() * int(valid.sum())
                 correct += int((logits.argmax(1) == labels)[valid].sum())
                 count += int(valid.sum())
-        return total_loss / max(1, count), correct / max(1, count)
+        return total_loss / max(1, count), correct / max(1, count), count
 
     for epoch in range(start_epoch, epochs + 1):
         started = time.perf_counter()
-        train_loss, train_acc = run_epoch(loader("train", True, epoch), True, f"fine-tune epoch {epoch}")
-        val_loss, val_acc = run_epoch(loader("val", False, 0), False, "validation")
+        train_loss, train_acc, seen = run_epoch(loader("train", True, epoch), True, f"fine-tune epoch {epoch}")
+        if seen == 0:
+            raise GeoindexError(_no_readable_photo(meta["train"]["path"]))
+        val_loss, val_acc, _ = run_epoch(loader("val", False, 0), False, "validation")
         rows.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
                      "val_accuracy": val_acc, "seconds": time.perf_counter() - started})
         improved, stop = stopper.update(epoch, val_acc)
@@ -301,7 +321,8 @@ def train_finetune(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=No
         with atomic_path(checkpoint_path) as tmp:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                         "epoch": epoch, "history": rows, "best": stopper.best, "best_epoch": stopper.best_epoch,
-                        "bad": stopper.bad}, tmp)
+                        "bad": stopper.bad, "rng": torch.get_rng_state()}, tmp)
+        fault_point("train-epoch")
         save_curves(pd.DataFrame(rows), folder, f"fine-tuned {index.manifest['backbone']} ({index.name})")
         log(f"fine-tune epoch {epoch:3d}: train loss {train_loss:.4f} acc {train_acc:.3f}  "
             f"val loss {val_loss:.4f} acc {val_acc:.3f}  ({rows[-1]['seconds']:.0f} s)")
@@ -315,6 +336,18 @@ def train_finetune(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=No
     return TrainResult("finetune", folder, pd.DataFrame(rows), stopper.best_epoch, stopper.best)
 
 
+def _no_readable_photo(paths) -> str:
+    paths = list(paths)
+    example = ""
+    for path in paths[:1]:
+        try:
+            load_image(path)
+        except ImageError as exc:
+            example = f" (e.g. {path}: {exc})"
+    return (f"none of the {len(paths)} training photos could be read{example}; nothing was trained or saved. "
+            "The index stores absolute paths: run where its photos are, or rebuild it")
+
+
 # ---------------------------------------------------------------------------- inference
 class Classifier:
     """A trained head of an index, giving (N, C) probabilities for embeddings, images, or a stored split."""
@@ -322,14 +355,23 @@ class Classifier:
     def __init__(self, index, mode: str, device="cpu"):
         self.index, self.mode = index, mode
         self.folder = head_folder(index, mode)
-        self.meta = json.loads((self.folder / "meta.json").read_text())
+        try:
+            self.meta = json.loads((self.folder / "meta.json").read_text())
+            self.meta["classes"], self.meta["embed_dim"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise GeoindexError(f"the {mode} head in {self.folder} is damaged ({type(exc).__name__} in meta.json); "
+                                "retrain it or delete that folder") from None
         if self.meta["classes"] != index.classes:
             raise GeoindexError(f"the {mode} head in {self.folder} was trained for other classes; retrain it")
         self.device = resolve_device(device)
         dim, n = self.meta["embed_dim"], len(index.classes)
-        state = torch.load(self.folder / "head.pt", map_location="cpu", weights_only=True)
+        state = load_weights_file(self.folder / "head.pt", f"{mode} head")
         self.head = (ProbeHead(dim, n) if mode == "probe" else nn.Linear(dim, n))
-        self.head.load_state_dict(state)
+        try:
+            self.head.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            raise GeoindexError(f"the {mode} head {self.folder / 'head.pt'} does not fit this index "
+                                f"({str(exc).splitlines()[0][:120]}); retrain it") from None
         self.head.to(self.device).eval()
         self._backbone = None
 

@@ -2,19 +2,31 @@
 
 Decoding lives here, apart from the models, because it runs in DataLoader workers: everything
 in this module must be cheap to pickle.
+
+Nothing here trusts a file's header: the pixel count is checked before any pixel is decoded
+(`max_pixels`, after JPEG draft scaling), and a JPEG whose data ends before its declared size
+(libjpeg silently pads that with flat grey) is refused as truncated.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# Well under PIL's own bomb limits (89 MP warning, 179 MP error): a 40 MP RGB decode is 120 MB per worker.
+from .catalog import DEFAULT_MAX_PIXELS  # noqa: E402,F401  (one definition, importable without torch)
+# A real file bigger than this is not a street-level photo; reading it whole into memory would be the attack.
+MAX_FILE_BYTES = 200 * 1024 * 1024
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # never pad a short file: refuse it
 
 _INTERPOLATION = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -33,31 +45,86 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, CMYK, I;16, P without alpha ...
 
 
-def load_image(path, draft_size: int | None = None) -> Image.Image:
+def read_image_bytes(path) -> bytes:
+    """A file's bytes, or ImageError (missing, unreadable, empty, absurdly large)."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            raise ImageError("empty file (0 bytes)")
+        if size > MAX_FILE_BYTES:
+            raise ImageError(f"file is {size / 1e6:.0f} MB, more than any photo ({MAX_FILE_BYTES / 1e6:.0f} MB limit)")
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise ImageError("no such file") from None
+    except IsADirectoryError:
+        raise ImageError("a folder, not an image file") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
+
+
+def content_digest(data: bytes) -> str:
+    """What identifies a photo's bytes (duplicates under two labels are found by it)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _jpeg_padded(img: Image.Image) -> bool:
+    """libjpeg fills the MCUs a short JPEG lacks with exact mid-grey and only warns; PIL passes that on.
+
+    A real photo whose whole bottom band is exactly (128, 128, 128) is vanishingly rare; a padded one
+    always has it, since the padding runs to the last row.
+    """
+    array = np.asarray(img)
+    band = array[-max(1, array.shape[0] // 64):]
+    return bool(band.size) and bool((band == 128).all())
+
+
+def decode_image(data: bytes, draft_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 name: str = "image") -> Image.Image:
+    """Bytes -> RGB image, or ImageError with the reason. The pixel limit applies before decoding."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower limit decides
+            img = Image.open(io.BytesIO(data))
+        with img:
+            if draft_size is not None and img.format == "JPEG":
+                # libjpeg decodes at 1/2, 1/4 or 1/8 scale: several times faster, and a huge JPEG stays small.
+                img.draft("RGB", (draft_size, draft_size))
+            w, h = img.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise ImageError(f"image is {w} x {h} = {w * h / 1e6:.1f} MP, above the {max_pixels / 1e6:g} MP limit "
+                                 "(--max-pixels); refused before decoding")
+            img.load()  # force the full decode now, so truncation is caught here
+            if img.format == "JPEG" and _jpeg_padded(img):
+                raise ImageError(f"corrupt or truncated image data (the JPEG's data ends before its declared "
+                                 f"{w} x {h} pixels; libjpeg would pad the rest with grey)")
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large to decode safely ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"corrupt or truncated image data ({exc})") from None
+    except (MemoryError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image too large to decode safely ({type(exc).__name__})") from None
+
+
+def load_image(path, draft_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open an image file fully decoded as RGB, or raise ImageError with the reason.
 
     draft_size lets libjpeg decode at a reduced scale (never below draft_size on the short side),
     which is several times faster for photos much larger than the model input.
     """
-    path = os.fspath(path)
-    try:
-        if os.path.getsize(path) == 0:
-            raise ImageError("empty file (0 bytes)")
-    except OSError as exc:
-        raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
-    try:
-        with Image.open(path) as img:
-            if draft_size is not None and img.format == "JPEG":
-                img.draft("RGB", (draft_size, draft_size))
-            img.load()  # force the full decode now, so truncation is caught here
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
-    except UnidentifiedImageError:
-        raise ImageError("not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"corrupt or truncated image data ({exc})") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"image too large to decode safely ({exc})") from None
+    return decode_image(read_image_bytes(path), draft_size, max_pixels)
+
+
+def load_image_with_digest(path, draft_size: int | None = None,
+                           max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str]:
+    """(image, content digest): the bytes are read once, hashed and decoded."""
+    data = read_image_bytes(path)
+    return decode_image(data, draft_size, max_pixels), content_digest(data)
 
 
 @dataclass(frozen=True)
@@ -82,5 +149,9 @@ class ImageTransform:
         array = np.asarray(img, dtype=np.uint8)
         return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
-    def load(self, path) -> torch.Tensor:
-        return self(load_image(path, draft_size=self.resize_size))
+    def load(self, path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        return self(load_image(path, draft_size=self.resize_size, max_pixels=max_pixels))
+
+    def load_with_digest(self, path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, str]:
+        img, digest = load_image_with_digest(path, draft_size=self.resize_size, max_pixels=max_pixels)
+        return self(img), digest

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from .errors import IndexNotFound
-from .fileio import index_home
+from .fileio import MARKER, STAGING, index_home
 
 MANIFEST = "manifest.json"
 
@@ -17,6 +17,10 @@ def resolve_index_path(name_or_path, index_dir=None) -> Path:
     path = index_home(index_dir) / str(name_or_path)
     if (path / MANIFEST).is_file():
         return path
+    if "/" not in str(name_or_path) and ((path / MARKER).is_file() or (index_home(index_dir) / STAGING / str(name_or_path)).is_dir()):
+        raise IndexNotFound(f"index {str(name_or_path)!r} is not finished: a build of it is running or was "
+                            "interrupted; rerun that build command to finish it (or `geoindex rm "
+                            f"{name_or_path}` to discard it)")
     available = [p.name for p in list_index_paths(index_dir)]
     hint = f"built indexes: {', '.join(available)}" if available else "none is built yet; run `geoindex build`"
     raise IndexNotFound(f"no index named {name_or_path!r} in {where(index_dir)} ({hint})")
@@ -39,7 +43,9 @@ def list_index_paths(index_dir=None) -> list[Path]:
 
 
 def list_indexes(index_dir=None) -> list[dict]:
-    return [json.loads((p / MANIFEST).read_text()) | {"path": str(p)} for p in list_index_paths(index_dir)]
+    """Manifests of the usable indexes; broken or unfinished ones are left out (see integrity.index_entries)."""
+    from .integrity import index_entries
+    return [e["manifest"] | {"path": e["path"]} for e in index_entries(index_home(index_dir)) if e["status"] == "ok"]
 
 
 def default_index_name(index_dir=None) -> str:

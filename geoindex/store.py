@@ -1,7 +1,8 @@
 """The embeddings file: one HDF5 group per split with embeddings and per-row metadata.
 
-Layout: /<split>/embeddings (N, D) float16|float32, L2-normalised, chunked by rows;
-/<split>/{path, city, label, lat, lon, place_id}; root attrs: classes (city ids), embed_dim, backbone.
+Layout: /<split>/embeddings (N, D) float16|float32, L2-normalised, contiguous;
+/<split>/{path, city, label, lat, lon, place_id}, and the photo's key {size, mtime_ns, digest} (what a later
+build compares to reuse an embedding instead of recomputing it); root attrs: classes (city ids), embed_dim, backbone.
 Readers stream it in row blocks, so no step needs the whole matrix in memory.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .data import SPLITS
 
 STRING = h5py.string_dtype(encoding="utf-8")
 META_FIELDS = ("path", "city", "label", "lat", "lon", "place_id")
+KEY_FIELDS = ("size", "mtime_ns", "digest")
 
 
 def create_store(path, counts: dict[str, int], embed_dim: int, dtype: str, classes: list[str], attrs: dict) -> h5py.File:
@@ -38,6 +40,9 @@ def create_store(path, counts: dict[str, int], embed_dim: int, dtype: str, class
         g.create_dataset("lat", shape=(n,), dtype=np.float64)
         g.create_dataset("lon", shape=(n,), dtype=np.float64)
         g.create_dataset("place_id", shape=(n,), dtype=np.int64)
+        g.create_dataset("size", shape=(n,), dtype=np.int64)
+        g.create_dataset("mtime_ns", shape=(n,), dtype=np.int64)
+        g.create_dataset("digest", shape=(n,), dtype=STRING)
     return f
 
 
@@ -49,6 +54,11 @@ def write_metadata(group: h5py.Group, records: pd.DataFrame, classes: list[str])
     group["lat"][:] = records["lat"].to_numpy(dtype=np.float64)
     group["lon"][:] = records["lon"].to_numpy(dtype=np.float64)
     group["place_id"][:] = records["place_id"].to_numpy(dtype=np.int64)
+    for name in ("size", "mtime_ns"):
+        if name in records:
+            group[name][:] = records[name].to_numpy(dtype=np.int64)
+    if "digest" in records:
+        group["digest"][:] = records["digest"].astype(str).to_numpy(dtype=object)
 
 
 class EmbeddingStore:
@@ -92,6 +102,14 @@ class EmbeddingStore:
         data = self.file[split]["embeddings"]
         for start in range(0, data.shape[0], block_rows):
             yield start, data[start:start + block_rows].astype(np.float32)
+
+    def photo_keys(self, split: str) -> pd.DataFrame | None:
+        """path, size, mtime_ns, digest per row; None for files written before photos were keyed."""
+        g = self.file[split]
+        if not all(name in g for name in KEY_FIELDS):
+            return None
+        return pd.DataFrame({"path": g["path"].asstr()[...], "size": g["size"][...], "mtime_ns": g["mtime_ns"][...],
+                             "digest": g["digest"].asstr()[...]})
 
     def labels(self, split: str) -> np.ndarray:
         return self.file[split]["label"][...]

@@ -32,10 +32,12 @@ def test_manifest_describes_the_build(built):
     assert m["weights"]["source"] == "random" and m["synthetic"] is True
     assert {k: m["split"][k] for k in ("seed", "fractions", "by", "per_city", "warning")} == \
         {"seed": 0, "fractions": [0.8, 0.1, 0.1], "by": "place", "per_city": None, "warning": None}
-    assert sum(m["counts"].values()) == 64 and m["skipped"] == []
+    assert sum(m["counts"].values()) == 64 and m["skipped"]["count"] == 0
+    assert json.loads((report.path / "skipped.json").read_text()) == {"skipped": [], "duplicates": []}
     assert set(m["counts_per_city"]["test"]) == {"Barcelona", "London", "Osaka", "PRS"}
     assert {"torch", "faiss", "h5py"} <= set(m["versions"])
-    assert not (report.path / ".partial").exists()
+    assert not (report.path / ".partial").exists() and not (report.path.parent / ".staging").exists()
+    assert set(m["files"]) == {"embeddings.h5", "faiss.index", "skipped.json"}
 
 
 def test_stored_embeddings_match_a_direct_forward_pass(built):
@@ -83,7 +85,8 @@ def test_bad_files_are_skipped_with_reasons_and_odd_ones_embedded(gsv_tree, tmp_
     shutil.copytree(gsv_tree, tree)
     bad = write_bad_files(tree / "Images" / "Barcelona", "Barcelona")
     report = build_index(tree, name="bad", index_dir=tmp_path / "idx", log=lambda m: None, **FAST)
-    reasons = {item["path"]: item["reason"] for item in report.manifest["skipped"]}
+    reasons = {item["path"]: item["reason"] for item in report.skipped}
+    assert report.manifest["skipped"]["count"] == 3 and report.failed_rows == 3 and report.extracted_rows == 64 + 3
     assert set(reasons) == {bad["empty"], bad["truncated"], bad["text"]}
     assert "empty" in reasons[bad["empty"]] and "truncated" in reasons[bad["truncated"]]
     assert "not an image" in reasons[bad["text"]]
@@ -117,9 +120,9 @@ def test_a_killed_build_resumes_without_redoing_finished_rows(gsv_tree, tmp_path
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
-    partial = tmp_path / "killed" / ".partial"
+    partial = tmp_path / ".staging" / "killed" / "cache"
     assert len(list(partial.glob("shard-*.npz"))) == 3  # each batch is checkpointed before the hook runs
-    assert not (tmp_path / "killed" / "manifest.json").exists()
+    assert not (tmp_path / "killed").exists()
 
     resumed = build_index(gsv_tree, name="killed", index_dir=tmp_path, checkpoint_rows=8, log=lambda m: None, **FAST)
     assert resumed.resumed_rows == 24 and resumed.extracted_rows == 64 - 24
@@ -135,6 +138,6 @@ def test_an_unfinished_build_with_other_settings_is_not_mixed_in(gsv_tree, tmp_p
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         build_index(gsv_tree, name="x", index_dir=tmp_path, on_batch=stop, log=lambda m: None, **FAST)
-    assert list((tmp_path / "x" / ".partial").glob("shard-*.npz")), "Ctrl-C must keep finished rows"
+    assert list((tmp_path / ".staging" / "x" / "cache").glob("shard-*.npz")), "Ctrl-C must keep finished rows"
     with pytest.raises(GeoindexError, match="unfinished build"):
         build_index(gsv_tree, name="x", index_dir=tmp_path, log=lambda m: None, **{**FAST, "backbone": "cnn"})
