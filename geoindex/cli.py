@@ -264,7 +264,12 @@ class _QueryOutput:
             click.echo(f"  GPS estimate: {gps}")
             click.echo("  kNN vote:      " + "  ".join(f"{display_name(c)} {pr:.2f}" for c, pr in p.cities))
             if p.classifier:
-                click.echo("  classifier:    " + "  ".join(f"{display_name(c)} {pr:.2f}" for c, pr in p.classifier))
+                click.echo(f"  classifier ({p.classifier_mode}): "
+                           + "  ".join(f"{display_name(c)} {pr:.2f}" for c, pr in p.classifier))
+            if p.unlike_indexed:
+                click.secho(f"  WARNING: this photo is unlike anything indexed (nearest similarity "
+                            f"{p.top_similarity:.3f}, below the {self.index.knn_method().unlike_threshold:.3f} that 99% of "
+                            "validation photos exceed): the answer is a guess", fg="yellow")
             click.echo("  nearest:")
             click.echo(f"    {'similarity':>10}  {'city':<26} {'lat':>9} {'lon':>10}  photo")
             for n in p.neighbours:
