@@ -6,7 +6,6 @@ from (so an index can later refuse queries embedded with different weights).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import GeoindexError, WeightsNotFound
+from .integrity import sha256_file as file_sha256  # noqa: F401  (one hashing function for every file)
 from .images import ImageTransform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -29,14 +29,6 @@ def offline() -> bool:
     """True when nothing may be downloaded: GEOINDEX_OFFLINE=1 / HF_HUB_OFFLINE=1, or no network (checked once, ~1 s)."""
     from .netcheck import offline_reason
     return offline_reason() is not None
-
-
-def file_sha256(path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -18,6 +18,7 @@ import numpy as np
 from .cities import display_name
 from .errors import GeoindexError
 from .fileio import atomic_path, write_json_atomic
+from .integrity import sha256_file as _sha256
 from .jsonio import dumps
 from .methods import HybridMethod, Photos, ZeroShotMethod, classifier_methods
 from .metrics import evaluate
@@ -35,14 +36,6 @@ def split_photos(index, split: str) -> Photos:
         raise GeoindexError(f"index {index.name!r} has no {split} photos")
     return Photos(index.store.embeddings(split), meta["path"].tolist(), meta["label"].to_numpy(),
                   meta[["lat", "lon"]].to_numpy(dtype=np.float64), split)
-
-
-def _sha256(path, chunk=1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def overlap_with_index(index, records) -> dict[str, np.ndarray]:

@@ -20,6 +20,14 @@ def gsv_tree(tmp_path_factory):
                               images_per_place=2, image_size=(64, 48))
 
 
+@pytest.fixture(scope="session")
+def small_tree(tmp_path_factory):
+    """Three cities, 30 tiny photos: enough for a build's every phase, fast enough to build many times."""
+    from geoindex.synthetic import make_synthetic_gsv
+    return make_synthetic_gsv(tmp_path_factory.mktemp("small") / "GSV", cities=("Barcelona", "London", "Osaka"),
+                              places_per_city=5, images_per_place=2, image_size=(40, 32))
+
+
 @pytest.fixture
 def index_dir(tmp_path):
     return tmp_path / "indexes"

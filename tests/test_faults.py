@@ -32,10 +32,8 @@ VOLATILE = {"created", "build_id", "extraction", "files"}
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    from geoindex.synthetic import make_synthetic_gsv
-    return make_synthetic_gsv(tmp_path_factory.mktemp("faults") / "GSV", cities=("Barcelona", "London", "Osaka"),
-                              places_per_city=5, images_per_place=2, image_size=(40, 32))
+def tree(small_tree):
+    return small_tree
 
 
 @pytest.fixture(scope="module")
