@@ -455,6 +455,18 @@ def backbones_command(check):
         click.echo(f"{name:<14} {BACKBONES[name]}\n{'':<14} [{status}]")
 
 
+@main.command()
+@click.argument("index_name", metavar="INDEX")
+@click.argument("new_root", type=click.Path(exists=True, file_okay=False))
+@click.option("--from", "old_root", default=None, help="The folder the photos were in [default: the index's data root].")
+@index_dir_option
+@friendly_errors
+def relocate(index_name, new_root, old_root, index_dir):
+    """Point an index at its photos' new folder after they moved (nothing is embedded again)."""
+    from .relocate import relocate_index
+    relocate_index(index_name, new_root, old_root, index_dir, log=click.echo)
+
+
 from .serve.cli import serve  # noqa: E402  (click only: the server's imports happen when it starts)
 
 main.add_command(serve)

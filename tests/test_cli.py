@@ -119,3 +119,21 @@ def test_demo_on_given_data_builds_trains_queries_and_scores(gsv_tree, tmp_path)
     assert (tmp_path / name / "bench" / "results.json").is_file()
     again = run("demo", "--data", gsv_tree, "--backbone", "cnn", "--index-dir", tmp_path).output
     assert f"reusing index '{name}' at {tmp_path / name}" in again and "built" not in again
+
+
+def test_relocate_points_an_index_at_moved_photos(gsv_tree, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(gsv_tree, data)
+    assert run("build", "--data", data, "--backbone", "cnn", "--index-dir", tmp_path / "idx", "--name", "m").exit_code == 0
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    wrong = run("relocate", "m", tmp_path, "--index-dir", tmp_path / "idx")
+    assert wrong.exit_code == 1 and "not at the new place" in wrong.output
+    result = run("relocate", "m", moved, "--index-dir", tmp_path / "idx")
+    assert result.exit_code == 0, result.output
+    from geoindex.geo_index import load_index
+    index = load_index("m", tmp_path / "idx")
+    paths = index.store.metadata("train")["path"]
+    assert all(p.startswith(str(moved)) for p in paths) and all(os.path.isfile(p) for p in paths)
+    assert index.manifest["data_root"] == str(moved)
