@@ -54,6 +54,8 @@ def main():
     geoindex bench                 score kNN, classifier, zero-shot and hybrid on the same photos
     geoindex indexes               list built indexes
     geoindex backbones             list embedding backbones and their weights
+    geoindex rm NAME               remove an index (only folders geoindex made)
+    geoindex relocate NAME DIR     point an index at its photos' new folder
     geoindex serve                 a web page and an HTTP API that keep the model loaded
     geoindex demo                  build, query and score end to end on a sample
 
