@@ -26,7 +26,7 @@ from .data import SPLITS, prepare_records, scan_dataset
 from .errors import GeoindexError
 from .extraction import default_num_workers, iter_embeddings, resolve_device
 from .fileio import atomic_path, index_home, write_json_atomic
-from .search import INDEX_TYPES, build_from_blocks, exact_search, recall_at_k, save_index, search
+from .search import INDEX_TYPES, TRAINED_TYPES, build_from_blocks, exact_search, recall_at_k, save_index, search
 from .store import EmbeddingStore, create_store, write_metadata
 from .synthetic import SYNTHETIC_MARKER
 
@@ -109,11 +109,12 @@ def build_index(data, name: str | None = None, backbone: str | Backbone = "auto"
                 index_params: dict | None = None, seed: int = 0, fractions=(0.8, 0.1, 0.1), dtype: str = "float16",
                 overwrite: bool = False, progress: bool = True, checkpoint_rows: int = 2048,
                 checkpoint_seconds: float = 30.0, on_batch: Callable[[int], None] | None = None,
-                log: Callable[[str], None] = print) -> BuildReport:
+                log: Callable[[str], None] = print, engine="local") -> BuildReport:
     """Embed every image of a dataset and index the train split; returns a BuildReport.
 
     Rerunning after an interruption resumes from the checkpoint shards, provided the dataset,
     split and backbone are the same (otherwise pass overwrite=True to start over).
+    engine: "local", "ray" or a geoindex.engines engine (e.g. get_engine("ray", address=...)).
     """
     if index_type not in INDEX_TYPES:
         raise GeoindexError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
@@ -159,7 +160,7 @@ def build_index(data, name: str | None = None, backbone: str | Backbone = "auto"
         log("NOTE: this data tree is SYNTHETIC (generated images); its figures say nothing about real photos")
 
     report.seconds_extracting = _extract(backbone, records, pending, checkpoints, batch_size, num_workers, device,
-                                         progress, checkpoint_rows, checkpoint_seconds, on_batch, report)
+                                         progress, checkpoint_rows, checkpoint_seconds, on_batch, report, engine)
     manifest = _finish(out, records, checkpoints, backbone, dataset, plan, index_type, index_params, progress, report,
                        dict(seed=seed, fractions=list(fractions), per_city=per_city, batch_size=batch_size,
                             device=str(device), synthetic=synthetic))
@@ -169,35 +170,22 @@ def build_index(data, name: str | None = None, backbone: str | Backbone = "auto"
 
 
 def _extract(backbone, records, pending, checkpoints, batch_size, num_workers, device, progress, checkpoint_rows,
-             checkpoint_seconds, on_batch, report) -> float:
+             checkpoint_seconds, on_batch, report, engine=None) -> float:
+    """Embed the pending rows through an engine (geoindex.engines); every shard it finishes becomes a checkpoint."""
     if len(pending) == 0:
         return 0.0
-    buffer: list = []
-    buffered_rows, last_flush = 0, time.monotonic()
+    from .engines import get_engine
 
-    def flush():
-        nonlocal buffer, buffered_rows, last_flush
-        if buffer:
-            checkpoints.write(np.concatenate([b[0] for b in buffer]), np.concatenate([b[1] for b in buffer]),
-                              sum((b[2] for b in buffer), []), np.concatenate([b[3] for b in buffer]))
-        buffer, buffered_rows, last_flush = [], 0, time.monotonic()
+    engine = get_engine("local") if engine is None else (get_engine(engine) if isinstance(engine, str) else engine)
 
-    paths = records["path"].to_numpy()[pending]
+    def persist(shard):
+        checkpoints.write(shard.rows, shard.ok, shard.errors, shard.embeddings)
+        report.extracted_rows += len(shard.rows)
+
     start = time.perf_counter()
-    batches = 0
-    try:
-        for item in iter_embeddings(backbone, paths, batch_size=batch_size, num_workers=num_workers, device=device,
-                                    progress=progress, desc=f"embedding ({backbone.name})"):
-            buffer.append((pending[item.positions], item.ok, item.errors, item.embeddings.astype(np.float32)))
-            buffered_rows += len(item.positions)
-            report.extracted_rows += len(item.positions)
-            if buffered_rows >= checkpoint_rows or time.monotonic() - last_flush >= checkpoint_seconds:
-                flush()
-            batches += 1
-            if on_batch is not None:
-                on_batch(batches)
-    finally:
-        flush()  # on Ctrl-C too: what was embedded is kept for the resume
+    engine.embed(backbone, pending, records["path"].to_numpy()[pending], persist, batch_size=batch_size,
+                 num_workers=num_workers, device=device, progress=progress, shard_rows=checkpoint_rows,
+                 shard_seconds=checkpoint_seconds, on_batch=on_batch)
     return time.perf_counter() - start
 
 
@@ -282,7 +270,7 @@ def _build_faiss(store: EmbeddingStore, out: Path, index_type: str, index_params
                  recall_queries: int = 1000, k: int = 20) -> dict:
     n, d = store.count("train"), store.embed_dim
     sample = None
-    if index_type == "ivfpq":
+    if index_type in TRAINED_TYPES:
         rng = np.random.default_rng(0)
         rows = np.sort(rng.choice(n, size=min(n, 100_000), replace=False))
         sample = store.embeddings("train", rows)
