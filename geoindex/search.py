@@ -47,11 +47,13 @@ def default_params(kind: str, n: int, d: int) -> dict:
         # the vote to agree with exact search >= 99% of the time.
         return {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": min(nlist, max(32, nlist // 5)), "rerank": 16}
     if kind == "hnsw":
-        # Tuned by `benchmarks/knn.py --tune` on tuning queries apart from the reported ones: at
-        # N=100k, d=1024 recall is set by efSearch (the graph), not by the PCA width or the re-rank
-        # factor; efSearch 128 is the smallest that keeps >= 99% of top-1 city votes.
+        # Tuned by benchmarks/knn.py on tuning queries apart from the reported ones (d=1024): recall
+        # is set by efSearch (the graph), not by the PCA width or the re-rank factor. The smallest
+        # efSearch keeping >= 99% of top-1 city votes and recall@20 >= 0.97 was 128 at N=100k and
+        # 192 at N=530k; 128 * (N / 100k) ** 0.25 fits both (beyond 530k it is extrapolated).
         pca = hnsw_pca_dim(n, d)
-        return {"M": 32, "efConstruction": 80, "efSearch": 128, "pca": pca, "rerank": 2 if pca else 1}
+        ef = max(128, 32 * round(4 * (max(n, 1) / 100_000) ** 0.25))
+        return {"M": 32, "efConstruction": 80, "efSearch": ef, "pca": pca, "rerank": 2 if pca else 1}
     raise GeoindexError(f"unknown index type {kind!r}; choose one of {', '.join(INDEX_TYPES)}")
 
 

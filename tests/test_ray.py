@@ -4,10 +4,12 @@ The distributed builds must equal the local one: same rows in every split, embed
 float tolerance. Skipped, with the reason, when Ray is not installed (pip install 'geoindex[ray]').
 """
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -49,17 +51,24 @@ def local_build(gsv_tree, tmp_path_factory):
     return build_index(gsv_tree, name="local", index_dir=index_dir, log=lambda m: None, **FAST).path
 
 
-def test_ray_build_on_a_local_instance_equals_the_local_build(gsv_tree, local_build, tmp_path):
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+def test_ray_build_on_a_local_instance_resumes_and_equals_the_local_build(gsv_tree, local_build, tmp_path):
+    def interrupt_after_three(shards_done):
+        if shards_done == 3:
+            raise KeyboardInterrupt  # the driver stops (Ctrl-C) with shards still running on Ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
     try:
+        with pytest.raises(KeyboardInterrupt):
+            build_index(gsv_tree, name="ray", index_dir=tmp_path, engine=RayEngine(max_shard_rows=8),
+                        checkpoint_rows=8, on_batch=interrupt_after_three, log=lambda m: None, **FAST)
+        assert len(list((tmp_path / "ray" / ".partial").glob("shard-*.npz"))) == 3  # finished shards were kept
         shards = []
-        engine = RayEngine(max_shard_rows=8)
-        report = build_index(gsv_tree, name="ray", index_dir=tmp_path, engine=engine, checkpoint_rows=8,
-                             on_batch=shards.append, log=lambda m: None, **FAST)
+        report = build_index(gsv_tree, name="ray", index_dir=tmp_path, engine=RayEngine(max_shard_rows=8),
+                             checkpoint_rows=8, on_batch=shards.append, log=lambda m: None, **FAST)
     finally:
         ray.shutdown()
-    assert len(shards) == 8  # 64 images in shards of 8, each handed back and checkpointed
-    assert report.extracted_rows == 64
+    assert report.resumed_rows == 24 and report.extracted_rows == 40  # only the other shards were redone
+    assert shards[-1] == len(shards) >= 5  # the 40 other rows, in shards of at most 8
     assert_same_build(local_build, report.path)
 
 
@@ -80,8 +89,10 @@ def two_node_cluster(tmp_path_factory):
            "RAY_USAGE_STATS_ENABLED": "0"}
     common = ["--num-cpus", "1", "--num-gpus", "0", "--block", "--disable-usage-stats"]
     logs = tmp_path_factory.mktemp("ray-logs")
+    # Its own temp dir (short: Unix socket paths are limited), so /tmp/ray and other sessions are left alone.
+    temp_dir = tempfile.mkdtemp(prefix="gi-ray-")
     nodes = [subprocess.Popen([str(RAY_CLI), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                               "--include-dashboard", "false", *common], env=env,
+                               "--include-dashboard", "false", "--temp-dir", temp_dir, *common], env=env,
                               stdout=open(logs / "head.log", "w"), stderr=subprocess.STDOUT)]
     try:
         deadline = time.monotonic() + 60
@@ -104,6 +115,7 @@ def two_node_cluster(tmp_path_factory):
                 node.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 node.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_two_node_build_survives_a_killed_worker(two_node_cluster, gsv_tree, local_build, tmp_path):

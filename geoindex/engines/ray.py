@@ -84,7 +84,8 @@ class RayEngine:
         started_here = not ray.is_initialized()
         if started_here:
             try:
-                ray.init(address=self.address, include_dashboard=False, logging_level="warning",
+                # "local": a new private instance, never a cluster that `ray start` left on this machine.
+                ray.init(address=self.address or "local", include_dashboard=False, logging_level="warning",
                          configure_logging=False)
             except (ConnectionError, ValueError, RuntimeError) as exc:
                 raise GeoindexError(f"cannot reach a Ray cluster at {self.address or 'a new local instance'}: "
