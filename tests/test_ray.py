@@ -56,7 +56,8 @@ def test_ray_build_on_a_local_instance_resumes_and_equals_the_local_build(gsv_tr
         if shards_done == 3:
             raise KeyboardInterrupt  # the driver stops (Ctrl-C) with shards still running on Ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
+    temp_dir = tempfile.mkdtemp(prefix="gi-ray-")  # not /tmp/ray: leave other Ray sessions alone
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning", _temp_dir=temp_dir)
     try:
         with pytest.raises(KeyboardInterrupt):
             build_index(gsv_tree, name="ray", index_dir=tmp_path, engine=RayEngine(max_shard_rows=8),
@@ -67,6 +68,7 @@ def test_ray_build_on_a_local_instance_resumes_and_equals_the_local_build(gsv_tr
                              checkpoint_rows=8, on_batch=shards.append, log=lambda m: None, **FAST)
     finally:
         ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
     assert report.resumed_rows == 24 and report.extracted_rows == 40  # only the other shards were redone
     assert shards[-1] == len(shards) >= 5  # the 40 other rows, in shards of at most 8
     assert_same_build(local_build, report.path)
