@@ -6,13 +6,16 @@
     fp16 autocast on a GPU) -- nothing can beat it;
 (b) pipeline: geoindex.extraction.iter_embeddings on the files (DataLoader workers decode);
 (c) naive: PIL open + torchvision transform + batch of 1, fp32, one image at a time.
-Prints images/s and the ratios (b)/(a), (b)/(c). With --memory-sizes, full `build_index` runs at each
+Prints images/s and the ratios (b)/(a), (b)/(c), then the share of CPU time spent in the kernel (and the
+minor page faults) of a build-like extraction in fresh processes, with glibc's allocator defaults (before)
+and geoindex's settings (after), side by side. With --memory-sizes, full `build_index` runs at each
 size in fresh processes report their peak RSS, to show memory stays flat as the data grows.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -118,6 +121,53 @@ def memory_run(workdir: Path, n: int, backbone: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+KERNEL_CHILD = """
+import json, os, resource, sys, time
+from geoindex.backbones import create_backbone
+from geoindex.extraction import MALLOC_TUNED, iter_embeddings
+paths_file, backbone, weights, batch_size, workers = sys.argv[1:6]
+paths = open(paths_file).read().splitlines()
+workers = None if workers == "None" else int(workers)
+bb = create_backbone(backbone, weights=weights)
+for _ in iter_embeddings(bb, paths[:int(batch_size)], batch_size=int(batch_size), num_workers=0, progress=False):
+    pass  # warm-up: model, allocator, thread pools
+
+def usage():
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return [s.ru_utime, s.ru_stime, s.ru_minflt, c.ru_utime, c.ru_stime, c.ru_minflt]
+
+before, t = usage(), time.perf_counter()
+n = sum(len(b.positions) for b in iter_embeddings(bb, paths, batch_size=int(batch_size), num_workers=workers,
+                                                  progress=False))
+wall = time.perf_counter() - t
+d = [b - a for a, b in zip(before, usage())]  # children: the DataLoader decoders, once reaped
+user, system = d[0] + d[3], d[1] + d[4]
+print(json.dumps({"malloc_tuned": MALLOC_TUNED, "n": n, "wall_s": wall, "img_s": n / wall, "user_s": user,
+                  "sys_s": system, "kernel_share": system / (user + system), "minor_faults": int(d[2] + d[5]),
+                  "minor_faults_per_image": (d[2] + d[5]) / n, "main_user_s": d[0], "main_sys_s": d[1],
+                  "decoders_user_s": d[3], "decoders_sys_s": d[4], "peak_rss_mb": peak_rss_mb()}))
+"""
+
+
+def kernel_time(paths, backbone: str, weights: str, batch_size: int, workers, workdir: Path) -> dict:
+    """A build-like extraction in fresh processes, with glibc's allocator defaults (before) and geoindex's
+    settings (after): CPU time in the kernel vs in user space, and minor page faults, of it and its decoders."""
+    paths_file = workdir / "kernel_paths.txt"
+    paths_file.write_text("\n".join(paths))
+    runs = {}
+    for label, env in (("before", {"GEOINDEX_MALLOC": "glibc"}), ("after", {})):
+        proc = subprocess.run([sys.executable, "-c", PEAK_RSS_SOURCE + KERNEL_CHILD, str(paths_file), backbone,
+                               weights, str(batch_size), str(workers)], capture_output=True, text=True, check=True,
+                              env={**os.environ, "GEOINDEX_MALLOC": "", **env})
+        runs[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+    b, a = runs["before"], runs["after"]
+    print(f"kernel time, {len(paths)} images ({b['n']} embedded), batch {batch_size}:   before (glibc defaults)   after")
+    for key, fmt in (("kernel_share", "{:.1%}"), ("sys_s", "{:.1f} s"), ("user_s", "{:.1f} s"),
+                     ("minor_faults_per_image", "{:,.0f}"), ("img_s", "{:.1f}"), ("peak_rss_mb", "{:,.0f} MB")):
+        print(f"  {key:<24} {fmt.format(b[key]):>24}   {fmt.format(a[key]):>10}")
+    return runs
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="resnet18")
@@ -131,6 +181,8 @@ def main():
     parser.add_argument("--memory-sizes", default="", help="e.g. 500,5000: peak RSS of full builds at these sizes")
     parser.add_argument("--workdir", default=None, help="where test photos are written [default: a temp dir]")
     parser.add_argument("--tag", default="", help="suffix of the results file name")
+    parser.add_argument("--kernel-n", type=int, default=None,
+                        help="images for the kernel-time comparison [default: n; 0 skips it]")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -157,6 +209,13 @@ def main():
     results["pipeline_over_naive"] = results["pipeline_img_s"] / results["naive_img_s"]
     print(f"(b)/(a) = {results['pipeline_over_ceiling']:.2f}   (b)/(c) = {results['pipeline_over_naive']:.2f}")
     results["peak_rss_mb_this_process"] = peak_rss_mb()
+    kernel_n = args.n if args.kernel_n is None else args.kernel_n
+    if kernel_n:
+        paths_k = make_photos(workdir / "photos", kernel_n)
+        results["kernel_time"] = kernel_time(paths_k, args.backbone, args.weights, args.batch_size, args.workers,
+                                             workdir)
+        results["kernel_share_before"] = results["kernel_time"]["before"]["kernel_share"]
+        results["kernel_share_after"] = results["kernel_time"]["after"]["kernel_share"]
     if args.memory_sizes:
         runs = [memory_run(workdir, int(s), args.backbone) for s in args.memory_sizes.split(",")]
         for r in runs:

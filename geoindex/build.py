@@ -42,7 +42,7 @@ from .fileio import (MARKER, STAGING, atomic_path, check_index_name, fault_point
 from .images import DEFAULT_MAX_PIXELS
 from .integrity import IndexCorrupt, describe_files, read_manifest, verify_files
 from .locks import IndexLock
-from .search import INDEX_TYPES, build_from_blocks, exact_search, recall_at_k, save_index, search
+from .search import INDEX_TYPES, TRAINED_TYPES, build_from_blocks, exact_search, recall_at_k, save_index, search
 from .store import EmbeddingStore, create_store, write_metadata
 from .synthetic import SYNTHETIC_MARKER
 
@@ -298,12 +298,14 @@ def build_index(data, name: str | None = None, backbone: str | Backbone = "auto"
                 overwrite: bool = False, progress: bool = True, checkpoint_rows: int = 2048,
                 split_by: str = "auto", cell_km: float = 1.0, follow_symlinks: bool = False,
                 checkpoint_seconds: float = 30.0, on_batch: Callable[[int], None] | None = None,
-                max_pixels: int | None = DEFAULT_MAX_PIXELS, log: Callable[[str], None] = print) -> BuildReport:
+                max_pixels: int | None = DEFAULT_MAX_PIXELS, log: Callable[[str], None] = print,
+                engine="local") -> BuildReport:
     """Embed every photo of a dataset, split those that decode, and index the train split; returns a BuildReport.
 
     Rerunning after an interruption resumes from the checkpoints. With overwrite=True an existing
     index is rebuilt (it keeps answering queries until the new one replaces it), reusing the
     embeddings of photos that did not change: this is how photos are added to an index.
+    engine: "local", "ray" or a geoindex.engines engine (e.g. get_engine("ray", address=...)).
     """
     if index_type not in INDEX_TYPES:
         raise GeoindexError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
@@ -324,12 +326,14 @@ def build_index(data, name: str | None = None, backbone: str | Backbone = "auto"
     with IndexLock(home, name), _sigterm_as_interrupt(state):
         return _build_locked(paths, data, backbone, weights, per_city, image_size, batch_size, num_workers, device,
                              index_type, index_params, seed, fractions, dtype, overwrite, progress, checkpoint_rows,
-                             split_by, cell_km, follow_symlinks, checkpoint_seconds, on_batch, max_pixels, log, state)
+                             split_by, cell_km, follow_symlinks, checkpoint_seconds, on_batch, max_pixels, log, state,
+                             engine)
 
 
 def _build_locked(paths: BuildPaths, data, backbone, weights, per_city, image_size, batch_size, num_workers, device,
                   index_type, index_params, seed, fractions, dtype, overwrite, progress, checkpoint_rows, split_by,
-                  cell_km, follow_symlinks, checkpoint_seconds, on_batch, max_pixels, log, state) -> BuildReport:
+                  cell_km, follow_symlinks, checkpoint_seconds, on_batch, max_pixels, log, state,
+                  engine="local") -> BuildReport:
     name, target = paths.name, paths.target
     # A run killed after its swap but before its clean-up: the index is complete; finish the clean-up.
     if paths.plan.is_file() and (target / MANIFEST).is_file():
@@ -393,7 +397,7 @@ def _build_locked(paths: BuildPaths, data, backbone, weights, per_city, image_si
             report.manifest = _run(paths, cache, records, dataset, backbone, batch_size, num_workers, device, progress,
                                    checkpoint_rows, checkpoint_seconds, on_batch, max_pixels, index_type, index_params,
                                    seed, fractions, dtype, split_by, cell_km, per_city, synthetic, build_id, report,
-                                   log, state)
+                                   log, state, engine)
         except KeyboardInterrupt:
             log(f"\ninterrupted{' (SIGTERM)' if state['terminated'] else ''}: {len(cache)} photos' embeddings are "
                 f"saved in {paths.cache}; rerun the same command to resume")
@@ -437,7 +441,7 @@ def _open_reusable_index(target: Path, embedding_plan: dict, dtype: str, log) ->
 
 def _run(paths, cache, records, dataset, backbone, batch_size, num_workers, device, progress, checkpoint_rows,
          checkpoint_seconds, on_batch, max_pixels, index_type, index_params, seed, fractions, dtype, split_by, cell_km,
-         per_city, synthetic, build_id, report, log, state) -> dict:
+         per_city, synthetic, build_id, report, log, state, engine=None) -> dict:
     keys, stat_problems = _photo_keys(records["path"].tolist())
     cache.bind(keys)
     known = np.array([k in cache.entries for k in keys], dtype=bool)
@@ -448,7 +452,8 @@ def _run(paths, cache, records, dataset, backbone, batch_size, num_workers, devi
     if report.resumed_rows:
         log(f"resuming: {report.resumed_rows} of {len(records)} photos already embedded")
     report.seconds_extracting = _extract(backbone, records, pending, cache, batch_size, num_workers, device, progress,
-                                         checkpoint_rows, checkpoint_seconds, on_batch, report, max_pixels, state)
+                                         checkpoint_rows, checkpoint_seconds, on_batch, report, max_pixels, state,
+                                         engine)
 
     n = len(records)
     ok = np.zeros(n, dtype=bool)
@@ -514,46 +519,29 @@ def _handle_duplicates(decodable: pd.DataFrame) -> tuple[pd.DataFrame, list[dict
 
 
 def _extract(backbone, records, pending, checkpoints, batch_size, num_workers, device, progress, checkpoint_rows,
-             checkpoint_seconds, on_batch, report, max_pixels=DEFAULT_MAX_PIXELS, state=None) -> float:
+             checkpoint_seconds, on_batch, report, max_pixels=DEFAULT_MAX_PIXELS, state=None, engine=None) -> float:
+    """Embed the pending rows through an engine (geoindex.engines); every shard it finishes becomes a checkpoint."""
     if len(pending) == 0:
         return 0.0
-    buffer: list = []
-    buffered_rows, last_flush = 0, time.monotonic()
+    from .engines import get_engine
 
-    def flush():
-        nonlocal buffer, buffered_rows, last_flush
-        if buffer:
-            checkpoints.write(np.concatenate([b[0] for b in buffer]), np.concatenate([b[1] for b in buffer]),
-                              sum((b[2] for b in buffer), []), np.concatenate([b[3] for b in buffer]),
-                              sum((b[4] for b in buffer), []))
-        buffer, buffered_rows, last_flush = [], 0, time.monotonic()
+    engine = get_engine("local") if engine is None else (get_engine(engine) if isinstance(engine, str) else engine)
+
+    def persist(shard):
+        checkpoints.write(shard.rows, shard.ok, shard.errors, shard.embeddings, shard.digests or None)
+        report.extracted_rows += int(shard.ok.sum())
+        report.failed_rows += int((~shard.ok).sum())
 
     paths = records["path"].to_numpy()[pending]
     start = time.perf_counter()
-    batches = 0
     try:
-        for item in iter_embeddings(backbone, paths, batch_size=batch_size, num_workers=num_workers, device=device,
-                                    progress=progress, desc=f"embedding ({backbone.name})", max_pixels=max_pixels):
-            buffer.append((pending[item.positions], item.ok, item.errors, item.embeddings.astype(np.float32),
-                           list(item.digests or [""] * len(item.positions))))
-            buffered_rows += len(item.positions)
-            report.extracted_rows += int(item.ok.sum())
-            report.failed_rows += int((~item.ok).sum())
-            if buffered_rows >= checkpoint_rows or time.monotonic() - last_flush >= checkpoint_seconds:
-                flush()
-            batches += 1
-            fault_point("extract")
-            if on_batch is not None:
-                on_batch(batches)
+        engine.embed(backbone, pending, paths, persist, batch_size=batch_size, num_workers=num_workers, device=device,
+                     progress=progress, shard_rows=checkpoint_rows, shard_seconds=checkpoint_seconds,
+                     on_batch=on_batch, max_pixels=max_pixels)
     except BaseException as exc:
-        try:
-            flush()  # on Ctrl-C and SIGTERM too: what was embedded is kept for the resume
-        except OSError:
-            pass  # disk full while saving: the shards written before are still there
         if state and state.get("terminated") and not isinstance(exc, KeyboardInterrupt):
             raise KeyboardInterrupt("SIGTERM") from None  # e.g. a DataLoader worker that got the signal too
         raise
-    flush()
     return time.perf_counter() - start
 
 
@@ -663,7 +651,7 @@ def _build_faiss(store: EmbeddingStore, out: Path, index_type: str, index_params
                  recall_queries: int = 1000, k: int = 20) -> dict:
     n, d = store.count("train"), store.embed_dim
     sample = None
-    if index_type == "ivfpq":
+    if index_type in TRAINED_TYPES:
         rng = np.random.default_rng(0)
         rows = np.sort(rng.choice(n, size=min(n, 100_000), replace=False))
         sample = store.embeddings("train", rows)

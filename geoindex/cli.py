@@ -88,7 +88,8 @@ def main():
 @click.option("--workers", type=click.IntRange(0), default=None, help="Decoding processes [default: cores - 1].")
 @device_option
 @click.option("--index", "index_type", type=click.Choice(INDEX_TYPES), default="flat", show_default=True,
-              help="flat: exact search; ivfpq: compressed, for millions; hnsw: graph, fast on CPU.")
+              help="flat: exact search; hnsw: the choice for large indexes (graph + exact re-ranking, "
+                   "fast one photo at a time); ivfpq: compressed, the smallest index.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the place-disjoint split.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="How embeddings are stored in embeddings.h5.")
@@ -98,20 +99,26 @@ def main():
 @click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Refuse images with more pixels than this (JPEGs counted at their draft-decoded size), before "
                    "decoding them.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Who embeds: this process, or shards as tasks on a Ray cluster (pip install 'geoindex[ray]').")
+@click.option("--ray-address", default=None, help="A running Ray cluster ('auto' or HOST:PORT) "
+              "[default: a private Ray instance on this machine].")
 @index_dir_option
 @friendly_errors
 def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, per_city, image_size, batch_size, workers,
-          device, index_type, seed, dtype, overwrite, max_pixels, index_dir):
+          device, index_type, seed, dtype, overwrite, max_pixels, engine, ray_address, index_dir):
     """Embed every image, split by place or map cell (80/10/10), and index the train split.
 
     An interrupted build resumes when the same command is run again.
     """
     from .build import build_index
+    from .engines import get_engine
 
     report = build_index(data, name=name, backbone=backbone, weights=weights, index_dir=index_dir, per_city=per_city,
                          image_size=image_size, batch_size=batch_size, num_workers=workers, device=device,
                          index_type=index_type, seed=seed, dtype=dtype, overwrite=overwrite, split_by=split_by,
-                         cell_km=cell_km, follow_symlinks=follow_symlinks, max_pixels=max_pixels, log=click.echo)
+                         cell_km=cell_km, follow_symlinks=follow_symlinks, max_pixels=max_pixels, log=click.echo,
+                         engine=get_engine(engine, address=ray_address))
     m = report.manifest
     click.echo(f"\nindex {report.name!r} written to {report.path}")
     click.echo(f"  backbone   {m['backbone']} ({m['weights']['source']} weights), {m['embed_dim']}-d")

@@ -13,7 +13,7 @@ quiet=(-q --disable-pip-version-check)
 if ! "$GEOINDEX_PY" -c "import torch, torchvision" 2>/dev/null; then
   "$GEOINDEX_PY" -m pip install "${quiet[@]}" "torch==2.14.1" "torchvision==0.29.1"
 fi
-"$GEOINDEX_PY" -m pip install "${quiet[@]}" -e ".[test,serve]"
+"$GEOINDEX_PY" -m pip install "${quiet[@]}" -e ".[test,serve,ray]"
 # Headless Chromium + chromedriver for the page's browser test (Debian packages; skipped where apt is not ours).
 bash scripts/install-browser.sh || echo "chromium not installed: the browser test will skip with the reason"
 echo "geoindex installed in $("$GEOINDEX_PY" -c 'import sys; print(sys.prefix)'); activate it with: source $GEOINDEX_VENV_ACTIVATE"
