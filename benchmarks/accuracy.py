@@ -37,6 +37,8 @@ from geoindex.voting import estimate_locations, gps_estimate, vote  # noqa: E402
 KS = (1, 3, 5, 10, 15, 20, 30, 50, 100)
 VOTES = (("majority", None), ("weighted", None)) + tuple(("softmax", t) for t in (0.01, 0.02, 0.03, 0.05, 0.1, 0.2))
 CS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+WHITEN_DIMS = (64, 128, 256, 512)
+WHITEN_POWERS = (0.0, 0.5, 1.0)
 PRODUCT_KNN = {"k": 20, "vote": "softmax", "temperature": 0.05}
 SHORT = {"effnet": "lite0", "effnet-lite1": "lite1", "effnet-lite2": "lite2"}
 
@@ -90,11 +92,14 @@ def load_view(cache: Path, spec: str, n: int) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def view_label(spec: str) -> str:
+def view_label(spec: str, separate: bool = False) -> str:
     def one(s):
         name, _, flip = s.partition("+")
         return SHORT.get(name, name) + (" + flip" if flip else "")
-    return " & ".join(one(s) for s in spec.split("|"))
+    names = [one(s) for s in spec.split("|")]
+    if len(names) == 1:
+        return names[0]
+    return " and ".join(names) + (" (two indexes)" if separate else " (concatenated)")
 
 
 # ---------------------------------------------------------------------------- methods
@@ -137,6 +142,20 @@ def tune_knn(nb_val: Neighbours, y_val, n_classes):
         if best_key is None or key > best_key:
             best, best_key = {"k": k, "vote": method, "temperature": t}, key
     return best, best_key[0]
+
+
+def pca(x, task: Task):
+    mean = x[task.train.rows].mean(0)
+    _, singular, axes = np.linalg.svd(x[task.train.rows] - mean, full_matrices=False)
+    return mean, singular, axes
+
+
+def whiten(x, fitted, dims: int, power: float) -> np.ndarray:
+    """Centre on the train mean, project on the top `dims` principal axes of train, divide each by
+    its singular value ** power (0: plain PCA, 1: full whitening), L2-normalise again."""
+    mean, singular, axes = fitted
+    projected = ((x - mean) @ axes[:dims].T) / (singular[:dims] / singular[0]) ** power
+    return (projected / np.linalg.norm(projected, axis=1, keepdims=True)).astype(np.float32)
 
 
 def fit_logreg(x_train, y_train, c):
@@ -183,9 +202,30 @@ def evaluate_view(task: Task, x: np.ndarray, log, with_probe=True) -> dict:
     cfg, _ = tune_knn(nb["val"], task.val.y, n_classes)
     val, test, coords = knn_row(cfg)
     out["knn"] = {"chosen": cfg, "val_accuracy": float((val.argmax(1) == task.val.y).mean()),
-                  "test": score(task, task.test, test, coords), "_val": val, "_test": test, "_cfg": cfg}
+                  "test": score(task, task.test, test, coords), "_val": val, "_test": test, "_cfg": cfg,
+                  "_nb_test": nb["test"]}
     log(f"    knn: default val {out['knn_default']['val_accuracy']:.3f} test {out['knn_default']['test']['accuracy']:.3f}; "
         f"tuned {cfg} val {out['knn']['val_accuracy']:.3f} test {out['knn']['test']['accuracy']:.3f}")
+
+    # Centring + PCA whitening learnt on train (a classic retrieval fix: drops the directions every
+    # street photo shares), with the dimension and whitening power chosen on val together with the vote.
+    best, best_key, fitted = None, None, pca(x, task)
+    for dims, power in itertools.product(WHITEN_DIMS, WHITEN_POWERS):
+        xw = whiten(x, fitted, dims, power)
+        nb_w = Neighbours(xw, task, task.val)
+        cfg_w, _ = tune_knn(nb_w, task.val.y, n_classes)
+        key = val_key(nb_w.probs(n_classes, cfg_w["k"], cfg_w["vote"], cfg_w["temperature"]), task.val.y)
+        if best_key is None or key > best_key:
+            best, best_key = {"dims": dims, "power": power, **cfg_w}, key
+    xw = whiten(x, fitted, best["dims"], best["power"])
+    nb_wv, nb_ws = Neighbours(xw, task, task.val), Neighbours(xw, task, task.test)
+    args = (best["k"], best["vote"], best["temperature"])
+    val, test = nb_wv.probs(n_classes, *args), nb_ws.probs(n_classes, *args)
+    out["knn_whiten"] = {"chosen": best, "val_accuracy": float((val.argmax(1) == task.val.y).mean()),
+                         "test": score(task, task.test, test, nb_ws.locate(test.argmax(1), *args, task.centres)),
+                         "_val": val, "_test": test, "_cfg": {k: best[k] for k in ("k", "vote", "temperature")},
+                         "_nb_test": nb_ws}
+    log(f"    whitened knn {best}: val {out['knn_whiten']['val_accuracy']:.3f} test {out['knn_whiten']['test']['accuracy']:.3f}")
 
     xt, xv, xs = x[task.train.rows], x[task.val.rows], x[task.test.rows]
     classifiers = {}
@@ -198,41 +238,45 @@ def evaluate_view(task: Task, x: np.ndarray, log, with_probe=True) -> dict:
         classifiers["probe"] = (pv, ps, {"epochs_run": len(history), "best_epoch": best_epoch,
                                          "stopped_by": "val loss" if len(history) < 30 else "epoch cap (30)",
                                          "train_seconds": round(t.seconds, 1)})
-    best_c, best_key, fits = None, None, {}
+    best_c, best_key, fits, seconds = None, None, {}, {}
     for c in CS:
-        model = fit_logreg(xt, task.train.y, c)
-        fits[c] = model
+        with Timer() as t:
+            model = fit_logreg(xt, task.train.y, c)
+        fits[c], seconds[c] = model, t.seconds
         key = val_key(model.predict_proba(xv), task.val.y)
         if best_key is None or key > best_key:
             best_c, best_key = c, key
     model = fits[best_c]
-    classifiers["logreg"] = (model.predict_proba(xv), model.predict_proba(xs), {"C": best_c})
+    classifiers["logreg"] = (model.predict_proba(xv), model.predict_proba(xs),
+                             {"C": best_c, "train_seconds": round(seconds[best_c], 1)})
     for name, (pv, ps, chosen) in classifiers.items():
         out[name] = {"chosen": chosen, "val_accuracy": float((pv.argmax(1) == task.val.y).mean()),
                      "test": score(task, task.test, ps, centre_coords(task, ps)), "_val": pv, "_test": ps}
         log(f"    {name}: {chosen} val {out[name]['val_accuracy']:.3f} test {out[name]['test']['accuracy']:.3f}")
 
-    # Fusion of kNN with the classifier that did better on val.
+    # Fusion of the kNN and the classifier that each did better on val.
     clf = max(classifiers, key=lambda n: val_key(out[n]["_val"], task.val.y))
-    w, _ = tune_fusion([out["knn"]["_val"], out[clf]["_val"]], task.val.y)
-    fv = Bench.fuse([out["knn"]["_val"], out[clf]["_val"]], [w, 1 - w])
-    fs = Bench.fuse([out["knn"]["_test"], out[clf]["_test"]], [w, 1 - w])
-    cfg = out["knn"]["_cfg"]
-    coords = nb["test"].locate(fs.argmax(1), cfg["k"], cfg["vote"], cfg["temperature"], task.centres)
-    out["fusion"] = {"chosen": {"knn": cfg, "classifier": clf, **out[clf]["chosen"], "knn_weight": w},
+    knn = max(("knn", "knn_whiten"), key=lambda n: val_key(out[n]["_val"], task.val.y))
+    w, _ = tune_fusion([out[knn]["_val"], out[clf]["_val"]], task.val.y)
+    fv = Bench.fuse([out[knn]["_val"], out[clf]["_val"]], [w, 1 - w])
+    fs = Bench.fuse([out[knn]["_test"], out[clf]["_test"]], [w, 1 - w])
+    cfg = out[knn]["_cfg"]
+    coords = out[knn]["_nb_test"].locate(fs.argmax(1), cfg["k"], cfg["vote"], cfg["temperature"], task.centres)
+    out["fusion"] = {"chosen": {"knn": knn, **out[knn]["chosen"], "classifier": clf, **out[clf]["chosen"],
+                                "knn_weight": w},
                      "val_accuracy": float((fv.argmax(1) == task.val.y).mean()),
                      "test": score(task, task.test, fs, coords), "_val": fv, "_test": fs}
-    log(f"    fusion knn+{clf} w_knn={w} val {out['fusion']['val_accuracy']:.3f} test {out['fusion']['test']['accuracy']:.3f}")
+    log(f"    fusion {knn}+{clf} w_knn={w} val {out['fusion']['val_accuracy']:.3f} test {out['fusion']['test']['accuracy']:.3f}")
     return out
 
 
-def fuse_two_knn(task, a: dict, b: dict, xa, log) -> dict:
+def fuse_two_knn(task, a: dict, b: dict, log) -> dict:
     """kNN votes of two backbones, log-linear with a weight chosen on val (GPS from the first backbone's neighbours)."""
     w, _ = tune_fusion([a["_val"], b["_val"]], task.val.y)
     fv = Bench.fuse([a["_val"], b["_val"]], [w, 1 - w])
     fs = Bench.fuse([a["_test"], b["_test"]], [w, 1 - w])
     cfg = a["_cfg"]
-    coords = Neighbours(xa, task, task.test).locate(fs.argmax(1), cfg["k"], cfg["vote"], cfg["temperature"], task.centres)
+    coords = a["_nb_test"].locate(fs.argmax(1), cfg["k"], cfg["vote"], cfg["temperature"], task.centres)
     row = {"chosen": {"weight_first": w, "first": a["_cfg"], "second": b["_cfg"]},
            "val_accuracy": float((fv.argmax(1) == task.val.y).mean()), "test": score(task, task.test, fs, coords),
            "_val": fv, "_test": fs}
@@ -304,9 +348,12 @@ def cost(speed, spec) -> float | None:
 METHOD_TEXT = {
     "knn_default": ("kNN (product defaults)", lambda c: f"none: k={c['k']}, softmax T={c['temperature']}"),
     "knn": ("kNN", lambda c: f"k={c['k']}, {c['vote']}" + (f" T={c['temperature']}" if c["temperature"] else "")),
+    "knn_whiten": ("kNN, centred + PCA-whitened", lambda c: f"dims={c['dims']}, power={c['power']}, k={c['k']}, "
+                   f"{c['vote']}" + (f" T={c['temperature']}" if c["temperature"] else "")),
     "probe": ("probe (geoindex fit_probe)", lambda c: f"epochs by val loss: best {c['best_epoch']} of {c['epochs_run']}"),
     "logreg": ("logistic regression (sklearn)", lambda c: f"C={c['C']}"),
-    "fusion": ("kNN + classifier fusion", lambda c: f"kNN as above; {c['classifier']}; w_kNN={c['knn_weight']}"),
+    "fusion": ("kNN + classifier fusion (log-linear)", lambda c: f"{METHOD_TEXT[c['knn']][0]} and "
+               f"{METHOD_TEXT[c['classifier']][0]} as above; w_kNN={c['knn_weight']}"),
     "knn_vote_fusion": ("kNN votes of two backbones", lambda c: f"weight of first={c['weight_first']}"),
 }
 
@@ -316,7 +363,7 @@ def table_rows(results: dict, speed: dict) -> list[dict]:
     for spec, methods in results.items():
         for method, r in methods.items():
             name, text = METHOD_TEXT[method]
-            rows.append({"backbone": view_label(spec), "view": spec, "method": name, "key": method,
+            rows.append({"backbone": view_label(spec, method == "knn_vote_fusion"), "view": spec, "method": name, "key": method,
                          "tuned_on_val": text(r["chosen"]), "val_accuracy": r["val_accuracy"], **r["test"],
                          "images_per_s": cost(speed, spec)})
     return rows
@@ -356,6 +403,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--speed-n", type=int, default=64, help="photos per backbone for the images/s figures (0: skip)")
     parser.add_argument("--finetune-batches", type=int, default=2, help="timed fine-tuning steps (0: skip)")
+    parser.add_argument("--variance-seeds", default="0,1,2,3,4",
+                        help="split seeds over which the best view's kNN/logreg/fusion are re-tuned and re-scored")
     parser.add_argument("--out", default="accuracy")
     args = parser.parse_args(argv)
     log = lambda m: print(m, flush=True)  # noqa: E731
@@ -389,14 +438,31 @@ def main(argv=None):
         for pair in pairs:
             a, b = pair.split("|")
             if task_name == main_name and a in per_view and b in per_view:
-                per_view.setdefault(pair, {})["knn_vote_fusion"] = fuse_two_knn(task, per_view[a]["knn"],
-                                                                                per_view[b]["knn"], views[a], log)
+                better = lambda m: max((m["knn"], m["knn_whiten"]), key=lambda r: val_key(r["_val"], task.val.y))  # noqa: E731
+                per_view.setdefault(pair, {})["knn_vote_fusion"] = fuse_two_knn(task, better(per_view[a]),
+                                                                                better(per_view[b]), log)
         if task_name == main_name:
             results = per_view
             best_spec = max(specs, key=lambda s: (per_view[s]["fusion"]["val_accuracy"], -log_loss(
                 per_view[s]["fusion"]["_val"], task.val.y)))
         else:
             others[task_name] = per_view
+
+    spread = {}
+    for seed in [int(v) for v in args.variance_seeds.split(",") if v]:
+        task = tasks[main_name] if seed == args.seed else make_task(dataset, "cell", cell_kms[0], seed)
+        log(f"seed {seed} ({main_name}): {view_label(best_spec)}")
+        methods = results[best_spec] if seed == args.seed else evaluate_view(task, views[best_spec], log, with_probe=False)
+        for method in ("knn", "knn_whiten", "logreg", "fusion"):
+            spread.setdefault(method, []).append({"seed": seed, "val_accuracy": methods[method]["val_accuracy"],
+                                                  "test_accuracy": methods[method]["test"]["accuracy"]})
+    variance = {m: {"seeds": v, "test_mean": float(np.mean([r["test_accuracy"] for r in v])),
+                    "test_sd": float(np.std([r["test_accuracy"] for r in v], ddof=1)) if len(v) > 1 else None,
+                    "val_mean": float(np.mean([r["val_accuracy"] for r in v]))}
+                for m, v in spread.items()}
+    for m, v in variance.items():
+        log(f"  {m} over seeds {[r['seed'] for r in v['seeds']]}: test {v['test_mean']:.3f} "
+            f"(sd {v['test_sd'] or 0:.3f}), val {v['val_mean']:.3f}")
 
     speed = measure_speed(paths, backbones, flips, args.speed_n, log) if args.speed_n else {}
     finetune = (measure_finetune(paths, backbones[0], len(tasks[main_name].train.y), args.finetune_batches)
@@ -406,7 +472,7 @@ def main(argv=None):
     comparison = []
     for task_name, per_view in [(main_name, results), *others.items()]:
         for spec, methods in per_view.items():
-            for method in ("knn", "logreg", "fusion"):
+            for method in ("knn", "knn_whiten", "logreg", "fusion"):
                 if method in methods:
                     comparison.append({"split": task_name, "backbone": view_label(spec), "method": method,
                                        "val_accuracy": methods[method]["val_accuracy"],
@@ -427,7 +493,8 @@ def main(argv=None):
                "selection": "best val accuracy, ties by lower val log-loss; test scored once",
                "speed_images_per_s": speed, "speed_note": f"pipeline on {args.speed_n} photos, batch 32, this run; "
                f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared machine)",
-               "finetune": finetune, "rows": rows, "val_test_by_split": comparison,
+               "finetune": finetune, "rows": rows, "best_view": best_spec,
+               "seed_spread": {"view": best_spec, "split": main_name, **variance}, "val_test_by_split": comparison,
                "cache_seconds": {b: float(np.load(cache_path(cache, b))["seconds"]) for b in backbones},
                "wall_seconds": time.time() - started}
     save(args.out, json.loads(json.dumps(strip(payload), default=float)))
