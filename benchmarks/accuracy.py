@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Timer, save  # noqa: E402
 from embed_cache import cache_path, dataset_paths, embed_plain, embed_with_mirror, ensure_cached  # noqa: E402
 
-from geoindex.bench import Bench  # noqa: E402
 from geoindex.data import prepare_records, scan_dataset  # noqa: E402
 from geoindex.heads import fit_probe  # noqa: E402
 from geoindex.metrics import evaluate  # noqa: E402
@@ -163,11 +162,18 @@ def fit_logreg(x_train, y_train, c):
     return LogisticRegression(C=c, max_iter=3000).fit(x_train, y_train)
 
 
+def fuse(parts, weights) -> np.ndarray:
+    """Log-linear fusion, the same rule as geoindex.bench.Bench.fuse (the product's hybrid)."""
+    logp = sum(w * np.log(np.clip(p, 1e-9, 1)) for w, p in zip(weights, parts))
+    probs = np.exp(logp - logp.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
 def tune_fusion(parts_val, y_val, step=0.1):
-    """Bench.fuse (log-linear, the product's hybrid) with weights on the simplex chosen on val."""
+    """Two-part fusion with the weight chosen on val (best accuracy, then log-loss)."""
     best, best_key = None, None
     for w in np.round(np.arange(0, 1 + 1e-9, step), 3):
-        key = val_key(Bench.fuse(parts_val, [w, 1 - w]), y_val)
+        key = val_key(fuse(parts_val, [w, 1 - w]), y_val)
         if best_key is None or key > best_key:
             best, best_key = float(w), key
     return best, best_key[0]
@@ -258,8 +264,8 @@ def evaluate_view(task: Task, x: np.ndarray, log, with_probe=True) -> dict:
     clf = max(classifiers, key=lambda n: val_key(out[n]["_val"], task.val.y))
     knn = max(("knn", "knn_whiten"), key=lambda n: val_key(out[n]["_val"], task.val.y))
     w, _ = tune_fusion([out[knn]["_val"], out[clf]["_val"]], task.val.y)
-    fv = Bench.fuse([out[knn]["_val"], out[clf]["_val"]], [w, 1 - w])
-    fs = Bench.fuse([out[knn]["_test"], out[clf]["_test"]], [w, 1 - w])
+    fv = fuse([out[knn]["_val"], out[clf]["_val"]], [w, 1 - w])
+    fs = fuse([out[knn]["_test"], out[clf]["_test"]], [w, 1 - w])
     cfg = out[knn]["_cfg"]
     coords = out[knn]["_nb_test"].locate(fs.argmax(1), cfg["k"], cfg["vote"], cfg["temperature"], task.centres)
     out["fusion"] = {"chosen": {"knn": knn, **out[knn]["chosen"], "classifier": clf, **out[clf]["chosen"],
@@ -273,8 +279,8 @@ def evaluate_view(task: Task, x: np.ndarray, log, with_probe=True) -> dict:
 def fuse_two_knn(task, a: dict, b: dict, log) -> dict:
     """kNN votes of two backbones, log-linear with a weight chosen on val (GPS from the first backbone's neighbours)."""
     w, _ = tune_fusion([a["_val"], b["_val"]], task.val.y)
-    fv = Bench.fuse([a["_val"], b["_val"]], [w, 1 - w])
-    fs = Bench.fuse([a["_test"], b["_test"]], [w, 1 - w])
+    fv = fuse([a["_val"], b["_val"]], [w, 1 - w])
+    fs = fuse([a["_test"], b["_test"]], [w, 1 - w])
     cfg = a["_cfg"]
     coords = a["_nb_test"].locate(fs.argmax(1), cfg["k"], cfg["vote"], cfg["temperature"], task.centres)
     row = {"chosen": {"weight_first": w, "first": a["_cfg"], "second": b["_cfg"]},
