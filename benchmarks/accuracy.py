@@ -403,7 +403,7 @@ def main(argv=None):
                         help="where per-backbone embeddings are cached (computed when absent)")
     parser.add_argument("--backbones", default="effnet,effnet-lite1,effnet-lite2")
     parser.add_argument("--flip", default="effnet", help="backbones also embedded mirrored (test-time flip)")
-    parser.add_argument("--pairs", default="effnet|effnet-lite2",
+    parser.add_argument("--pairs", default="effnet|effnet-lite1,effnet|effnet-lite2",
                         help="two-backbone combinations, comma-separated 'a|b' (concatenation and vote fusion)")
     parser.add_argument("--cell-km", default="1,5", help="cell sizes to compare; the first gives the main table")
     parser.add_argument("--seed", type=int, default=0)
@@ -454,21 +454,28 @@ def main(argv=None):
         else:
             others[task_name] = per_view
 
-    spread = {}
-    for seed in [int(v) for v in args.variance_seeds.split(",") if v]:
-        task = tasks[main_name] if seed == args.seed else make_task(dataset, "cell", cell_kms[0], seed)
-        log(f"seed {seed} ({main_name}): {view_label(best_spec)}")
-        methods = results[best_spec] if seed == args.seed else evaluate_view(task, views[best_spec], log, with_probe=False)
-        for method in ("knn", "knn_whiten", "logreg", "fusion"):
-            spread.setdefault(method, []).append({"seed": seed, "val_accuracy": methods[method]["val_accuracy"],
-                                                  "test_accuracy": methods[method]["test"]["accuracy"]})
-    variance = {m: {"seeds": v, "test_mean": float(np.mean([r["test_accuracy"] for r in v])),
-                    "test_sd": float(np.std([r["test_accuracy"] for r in v], ddof=1)) if len(v) > 1 else None,
-                    "val_mean": float(np.mean([r["val_accuracy"] for r in v]))}
-                for m, v in spread.items()}
-    for m, v in variance.items():
-        log(f"  {m} over seeds {[r['seed'] for r in v['seeds']]}: test {v['test_mean']:.3f} "
-            f"(sd {v['test_sd'] or 0:.3f}), val {v['val_mean']:.3f}")
+    # How much of a difference is the split itself: re-draw the cell split, re-tune on val, re-score test.
+    seeds = [int(v) for v in args.variance_seeds.split(",") if v]
+    spread_tasks = {seed: tasks[main_name] if seed == args.seed else make_task(dataset, "cell", cell_kms[0], seed)
+                    for seed in seeds}
+    variance = {}
+    for spec in dict.fromkeys([specs[0], best_spec]) if seeds else []:
+        spread = {}
+        for seed, task in spread_tasks.items():
+            log(f"seed {seed} ({main_name}): {view_label(spec)}")
+            methods = results[spec] if seed == args.seed else evaluate_view(task, views[spec], log, with_probe=False)
+            for method in ("knn", "knn_whiten", "logreg", "fusion"):
+                spread.setdefault(method, []).append({"seed": seed, "val_accuracy": methods[method]["val_accuracy"],
+                                                      "test_accuracy": methods[method]["test"]["accuracy"]})
+        variance[spec] = {m: {"seeds": v, "test_mean": float(np.mean([r["test_accuracy"] for r in v])),
+                              "test_sd": float(np.std([r["test_accuracy"] for r in v], ddof=1)) if len(v) > 1 else None,
+                              "val_mean": float(np.mean([r["val_accuracy"] for r in v])),
+                              "test_minus_val_mean": float(np.mean([r["test_accuracy"] - r["val_accuracy"] for r in v]))}
+                          for m, v in spread.items()}
+    for spec, per_method in variance.items():
+        for m, v in per_method.items():
+            print(f"{view_label(spec)} {m} over split seeds {[r['seed'] for r in v['seeds']]}: test {v['test_mean']:.3f} "
+                  f"(sd {v['test_sd'] or 0:.3f}), val {v['val_mean']:.3f}, test - val {v['test_minus_val_mean']:+.3f}")
 
     speed = measure_speed(paths, backbones, flips, args.speed_n, log) if args.speed_n else {}
     finetune = (measure_finetune(paths, backbones[0], len(tasks[main_name].train.y), args.finetune_batches)
@@ -500,7 +507,7 @@ def main(argv=None):
                "speed_images_per_s": speed, "speed_note": f"pipeline on {args.speed_n} photos, batch 32, this run; "
                f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared machine)",
                "finetune": finetune, "rows": rows, "best_view": best_spec,
-               "seed_spread": {"view": best_spec, "split": main_name, **variance}, "val_test_by_split": comparison,
+               "seed_spread": {"split": main_name, "by_view": variance}, "val_test_by_split": comparison,
                "cache_seconds": {b: float(np.load(cache_path(cache, b))["seconds"]) for b in backbones},
                "wall_seconds": time.time() - started}
     save(args.out, json.loads(json.dumps(strip(payload), default=float)))

@@ -129,7 +129,7 @@ def fit_probe(x_train, y_train, x_val, y_val, n_classes: int, epochs: int = 30, 
     """
     device = resolve_device(device)
     x_train, x_val = torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(x_val, dtype=torch.float32)
-    y_train, y_val = torch.as_tensor(y_train).long(), torch.as_tensor(y_val).long()
+    y_train, y_val = torch.as_tensor(np.array(y_train)).long(), torch.as_tensor(np.array(y_val)).long()
     torch.manual_seed(seed)
     head = ProbeHead(x_train.shape[1], n_classes, x_train.mean(0), robust_scale(x_train)).to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
