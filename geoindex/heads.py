@@ -115,19 +115,51 @@ class _EarlyStopping:
         return False, self.bad >= self.patience
 
 
+class _LossStopping:
+    """Early stopping on validation loss: accuracy on a small val split saturates in a few epochs
+    while the probabilities (and so ranking, fusion and calibration) keep improving."""
+
+    def __init__(self, patience: int, min_delta: float = 1e-4):
+        self.patience, self.min_delta = patience, min_delta
+        self.best_loss, self.best_epoch, self.bad = float("inf"), 0, 0
+
+    def update(self, epoch: int, val_loss: float) -> tuple[bool, bool]:
+        """(improved, stop)"""
+        if val_loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_epoch, self.bad = val_loss, epoch, 0
+            return True, False
+        self.bad += 1
+        return False, self.bad >= self.patience
+
+
 # ---------------------------------------------------------------------------- probe
+def robust_scale(x: torch.Tensor, floor_fraction: float = 0.1) -> torch.Tensor:
+    """Per-dimension standard deviation, floored at a fraction of the median dimension's.
+
+    A dimension that is (nearly) constant on a small train split would otherwise be divided by
+    ~1e-6, turning any change it shows on new photos into a huge input that swamps the others.
+    """
+    std = x.std(0) if len(x) > 1 else torch.ones(x.shape[1])
+    std = torch.nan_to_num(std, nan=0.0)
+    floor = max(float(std.median()) * floor_fraction, 1e-6)
+    return std.clamp_min(floor)
+
+
 def fit_probe(x_train, y_train, x_val, y_val, n_classes: int, epochs: int = 30, lr: float = 1e-3,
               weight_decay: float = 1e-5, batch_size: int = 256, patience: int = 3, device="cpu", seed: int = 0,
               log=None) -> tuple[ProbeHead, pd.DataFrame, int, float]:
-    """Train a softmax head on arrays; returns (best head, history, best epoch, best val accuracy)."""
+    """Train a softmax head on arrays, early-stopped on validation loss.
+
+    Returns (the head of the lowest-val-loss epoch, history, that epoch, its val accuracy).
+    """
     device = resolve_device(device)
     x_train, x_val = torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(x_val, dtype=torch.float32)
-    y_train, y_val = torch.as_tensor(y_train).long(), torch.as_tensor(y_val).long()
+    y_train, y_val = torch.as_tensor(np.array(y_train)).long(), torch.as_tensor(np.array(y_val)).long()
     torch.manual_seed(seed)
-    head = ProbeHead(x_train.shape[1], n_classes, x_train.mean(0), x_train.std(0) + 1e-6).to(device)
+    head = ProbeHead(x_train.shape[1], n_classes, x_train.mean(0), robust_scale(x_train)).to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss()
-    stopper, rows, best_state = _EarlyStopping(patience), [], None
+    stopper, rows, best_state, best_acc = _LossStopping(patience), [], None, float("nan")
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(1, epochs + 1):
         head.train()
@@ -150,21 +182,22 @@ def fit_probe(x_train, y_train, x_val, y_val, n_classes: int, epochs: int = 30, 
             val_acc = float((val_logits.argmax(1).cpu() == y_val).float().mean())
         rows.append({"epoch": epoch, "train_loss": total_loss / len(order), "train_accuracy": correct / len(order),
                      "val_loss": val_loss, "val_accuracy": val_acc})
-        improved, stop = stopper.update(epoch, val_acc)
+        improved, stop = stopper.update(epoch, val_loss)
         if improved:
-            best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+            best_state, best_acc = {k: v.detach().clone() for k, v in head.state_dict().items()}, val_acc
         if log:
             log(f"probe epoch {epoch:3d}: train loss {rows[-1]['train_loss']:.4f} acc {rows[-1]['train_accuracy']:.3f}"
                 f"  val loss {val_loss:.4f} acc {val_acc:.3f}")
         if stop:
             break
-    head.load_state_dict(best_state)
-    return head.cpu().eval(), pd.DataFrame(rows), stopper.best_epoch, stopper.best
+    if best_state is not None:  # None only when val loss was never finite
+        head.load_state_dict(best_state)
+    return head.cpu().eval(), pd.DataFrame(rows), stopper.best_epoch, best_acc
 
 
 def train_probe(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=None, patience=3, device="cpu", seed=0,
                 progress=True, log=print) -> TrainResult:
-    """Train a softmax head on the index's stored train embeddings, early-stopped on validation accuracy."""
+    """Train a softmax head on the index's stored train embeddings, early-stopped on validation loss."""
     defaults = DEFAULTS["probe"]
     epochs, lr, batch_size = epochs or defaults["epochs"], lr or defaults["lr"], batch_size or defaults["batch_size"]
     store = index.store

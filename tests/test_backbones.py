@@ -5,7 +5,8 @@ import torch
 from geoindex.backbones import create_backbone, list_backbones
 from geoindex.errors import GeoindexError, WeightsNotFound
 
-DIMS = {"densenet": 1024, "resnet18": 512, "cnn": 512, "clip": 512, "effnet": 1280}
+DIMS = {"densenet": 1024, "resnet18": 512, "cnn": 512, "clip": 512, "effnet": 1280, "effnet-lite1": 1280,
+        "effnet-lite2": 1280}
 
 
 def test_registry_lists_every_backbone():
