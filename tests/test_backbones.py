@@ -62,7 +62,9 @@ def test_catalog_lists_exactly_the_registry():
     # The CLI lists backbones from a torch-free table; it must never drift from the registry that builds them.
     from geoindex.backbones import list_backbones
     from geoindex.catalog import BACKBONES
+    from geoindex.backbones import backbone_spec
     assert sorted(BACKBONES) == list_backbones()
+    assert all(BACKBONES[n] == backbone_spec(n).description for n in BACKBONES)
 
 
 def test_listing_commands_do_not_import_torch(tmp_path):
