@@ -204,17 +204,11 @@ class GeoIndex:
         return self._city_centres
 
     def knn_method(self, **overrides):
-        """kNN with the parameters tuned on val by `geoindex train` (heads/knn/params.json), else the defaults."""
+        """kNN as tuned on val by `geoindex train` (heads/knn/: k, vote, temperature, whitening), else the defaults."""
         from .methods import KNNMethod
+        from .tuning import load_knn_tuning
 
-        params = {}
-        tuned = self.path / "heads" / "knn" / "params.json"
-        if tuned.is_file():
-            try:
-                saved = json.loads(tuned.read_text())
-                params = {k: saved[k] for k in ("k", "vote", "temperature", "unlike_threshold", "tuned_on") if k in saved}
-            except (OSError, ValueError, KeyError):
-                params = {}
+        params = load_knn_tuning(self)
         params.update({k: v for k, v in overrides.items() if v is not None})
         return KNNMethod(self, **params)
 

@@ -60,3 +60,53 @@ def test_city_centres_are_spherical_means_of_train_photos():
     centres = city_centres(meta, ["x", "y", "z"])
     assert centres[0, 0] == pytest.approx(15.0, abs=0.1) and abs(abs(centres[0, 1]) - 180) < 0.5  # across the date line
     assert centres[1] == pytest.approx([-5.0, 3.0]) and np.isnan(centres[2]).all()
+
+
+class ExactIndex:
+    """A tiny index over given train vectors: exact cosine search, and a store that hands them back."""
+
+    def __init__(self, train, labels, classes):
+        from geoindex.methods.whitening import flat_index
+        train = train / np.linalg.norm(train, axis=1, keepdims=True)
+        self.faiss, self.classes, self.ntotal = flat_index(train), classes, len(train)
+        self.train_meta = pd.DataFrame({"label": labels, "lat": np.zeros(len(train)), "lon": np.zeros(len(train))})
+        self.store = type("Store", (), {"embeddings": lambda _self, split: train})()
+
+    def search(self, embeddings, k):
+        x = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+        return self.faiss.search(np.ascontiguousarray(x, dtype=np.float32), k)
+
+
+def test_knn_fit_whitens_when_a_shared_direction_swamps_the_city_signal():
+    # The city lives in a weak direction; a strong nuisance direction (light, sky) dominates cosine similarity.
+    rng = np.random.default_rng(0)
+
+    def photos(n):
+        labels = rng.integers(0, 2, n)
+        x = rng.normal(0, 0.05, (n, 16))
+        x[:, 0] += np.where(labels == 1, 0.3, -0.3)           # the city signal
+        x[:, 1:4] += rng.normal(0, 3.0, (n, 3))               # shared nuisance, large variance
+        x[:, 5] += 10.0                                        # every photo's common component
+        return x.astype(np.float32), labels
+
+    train, y_train = photos(400)
+    val, y_val = photos(200)
+    index = ExactIndex(train, y_train, ["a", "b"])
+    raw = KNNMethod(index, k=10, vote="majority").predict(Photos(val, [None] * 200))
+    raw_accuracy = (raw.probs.argmax(1) == y_val).mean()
+    knn = KNNMethod(index)
+    params = knn.fit(Photos(val, [None] * 200, y_val, name="val"))
+    assert params["whiten"] is not None and params["tuned_on"] == "val"
+    test, y_test = photos(200)
+    tuned_accuracy = (knn.predict(Photos(test, [None] * 200)).probs.argmax(1) == y_test).mean()
+    assert raw_accuracy < 0.7 and tuned_accuracy > raw_accuracy + 0.2, (raw_accuracy, tuned_accuracy)
+
+
+def test_whitening_round_trips_as_plain_arrays(tmp_path):
+    from geoindex.methods.whitening import Whitening
+    x = np.random.default_rng(1).normal(size=(300, 12)).astype(np.float32)
+    w = Whitening.fit(x, max_dims=8).using(6, 1.0)
+    w.save(tmp_path / "w.npz")
+    back = Whitening.load(tmp_path / "w.npz")
+    np.testing.assert_allclose(back(x), w(x), atol=1e-6)
+    assert back(x).shape == (300, 6) and np.allclose(np.linalg.norm(back(x), axis=1), 1, atol=1e-5)

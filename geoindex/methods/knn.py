@@ -6,8 +6,12 @@ import numpy as np
 from ..voting import VOTE_METHODS, estimate_locations, vote
 from .base import Answer, Photos, break_ties
 
-K_GRID = (1, 3, 5, 10, 20, 50)
+K_GRID = (1, 3, 5, 10, 20, 30, 50)
 TEMPERATURE_GRID = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
+WHITEN_DIMS = (64, 128, 256, 512)
+WHITEN_POWERS = (0.0, 0.5, 1.0)
+WHITEN_MAX_TRAIN = 200_000  # above this, choosing the whitening on CPU costs more than it is worth here
+VAL_SAMPLE = 5000
 UNLIKE_QUANTILE = 0.01
 
 
@@ -17,25 +21,44 @@ class KNNMethod:
     name = "knn"
 
     def __init__(self, index, k: int = 20, vote: str = "softmax", temperature: float = 0.05, gps: str = "mean",
-                 unlike_threshold: float | None = None, tuned_on: str | None = None):
+                 unlike_threshold: float | None = None, tuned_on: str | None = None, whitening=None,
+                 whitened_index=None):
         if vote not in VOTE_METHODS:
             raise ValueError(f"unknown vote method {vote!r}; choose one of {', '.join(VOTE_METHODS)}")
         self.index, self.k, self.vote, self.temperature, self.gps = index, k, vote, temperature, gps
         self.unlike_threshold, self.tuned_on = unlike_threshold, tuned_on
+        self.whitening, self._whitened_index = whitening, whitened_index
         self.classes = index.classes
 
     @property
     def params(self) -> dict:
-        return {"k": self.k, "vote": self.vote, "temperature": self.temperature, "gps": self.gps,
+        whiten = None if self.whitening is None else {"dims": self.whitening.dims, "power": self.whitening.power}
+        return {"k": self.k, "vote": self.vote, "temperature": self.temperature, "gps": self.gps, "whiten": whiten,
                 "unlike_threshold": self.unlike_threshold, "tuned_on": self.tuned_on}
 
+    @property
+    def whitened_index(self):
+        """FAISS over the whitened train embeddings (built from the stored ones the first time it is needed)."""
+        if self._whitened_index is None and self.whitening is not None:
+            from .whitening import flat_index
+            self._whitened_index = flat_index(self.whitening(self.index.store.embeddings("train")))
+        return self._whitened_index
+
+    def _search(self, embeddings: np.ndarray, k: int):
+        if self.whitening is None:
+            return self.index.search(embeddings, k)
+        k = min(k, self.whitened_index.ntotal)
+        sims, ids = self.whitened_index.search(self.whitening(embeddings), k)
+        return sims, ids
+
     def neighbours(self, photos: Photos, k: int | None = None):
-        """(similarities, train row ids, labels) of the k nearest train photos, cached per set."""
+        """(similarities, train row ids, labels) of the k nearest train photos, cached per set and space."""
         k = k or self.k
-        cached = photos.cache.get("knn-neighbours")
+        key = ("knn-neighbours", None if self.whitening is None else (self.whitening.dims, self.whitening.power))
+        cached = photos.cache.get(key)
         if cached is None or cached[0].shape[1] < k:
-            cached = self.index.search(photos.embeddings, k)
-            photos.cache["knn-neighbours"] = cached
+            cached = self._search(photos.embeddings, k)
+            photos.cache[key] = cached
         sims, ids = cached[0][:, :k], cached[1][:, :k]
         return sims, ids, self._labels(ids)
 
@@ -65,23 +88,36 @@ class KNNMethod:
         return self.predict(photos).probs
 
     def fit(self, val: Photos) -> dict:
-        """Choose k and the vote temperature on validation photos (accuracy, then log-loss), and the
-        "unlike anything indexed" threshold: the top-1 similarity that 99% of validation photos exceed."""
+        """Choose, on validation photos, the space (raw, or whitened with a dimension and power), k, the vote and
+        its temperature (accuracy, then log-loss; the simpler choice on ties), and the "unlike anything
+        indexed" threshold: the top-1 similarity that 99% of validation photos exceed."""
         if val.labels is None or len(val) == 0:
             raise ValueError("fitting kNN needs labelled validation photos")
+        if len(val) > VAL_SAMPLE:
+            val = val.subset(np.sort(np.random.default_rng(0).choice(len(val), VAL_SAMPLE, replace=False)))
         k_max = min(max(K_GRID), self.index.ntotal)
-        sims, ids, labels = self.neighbours(val, k_max)
+        spaces = [None]
+        store = getattr(self.index, "store", None)
+        if store is not None and 2 * max(K_GRID) < self.index.ntotal <= WHITEN_MAX_TRAIN:
+            from .whitening import Whitening
+            fitted = Whitening.fit(store.embeddings("train"), max_dims=max(WHITEN_DIMS))
+            dims = sorted({min(d, fitted.axes.shape[0]) for d in WHITEN_DIMS})
+            spaces += [fitted.using(d, p) for d in dims for p in WHITEN_POWERS]
         best_key, best = None, None
-        for k in [k for k in K_GRID if k <= k_max]:
-            for vote_method, temps in (("softmax", TEMPERATURE_GRID), ("majority", (1.0,)), ("weighted", (1.0,))):
-                for t in temps:
-                    probs = self._probs(sims, labels, k, vote_method, t)
-                    acc = float((probs.argmax(1) == val.labels).mean())
-                    nll = float(-np.log(np.clip(probs[np.arange(len(val)), val.labels], 1e-6, 1)).mean())
-                    key = (round(acc, 6), -nll)
-                    if best_key is None or key > best_key:
-                        best_key, best = key, (k, vote_method, t)
-        self.k, self.vote, self.temperature = best
-        self.unlike_threshold = float(np.quantile(sims[:, 0], UNLIKE_QUANTILE))
+        for space in spaces:
+            self.whitening, self._whitened_index = space, None
+            sims, ids, labels = self.neighbours(val, k_max)
+            for k in [k for k in K_GRID if k <= k_max]:
+                for vote_method, temps in (("majority", (1.0,)), ("weighted", (1.0,)), ("softmax", TEMPERATURE_GRID)):
+                    for t in temps:
+                        probs = self._probs(sims, labels, k, vote_method, t)
+                        acc = float((probs.argmax(1) == val.labels).mean())
+                        nll = float(-np.log(np.clip(probs[np.arange(len(val)), val.labels], 1e-6, 1)).mean())
+                        key = (round(acc, 6), round(-nll, 6))
+                        if best_key is None or key > best_key:
+                            best_key, best = key, (space, k, vote_method, t, sims[:, 0].copy())
+        space, self.k, self.vote, self.temperature, top1 = best
+        self.whitening, self._whitened_index = space, None
+        self.unlike_threshold = float(np.quantile(top1, UNLIKE_QUANTILE))
         self.tuned_on = val.name
         return self.params | {"val_accuracy": best_key[0]}
