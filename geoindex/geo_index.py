@@ -118,6 +118,8 @@ class GeoIndex:
         self._backbone: Backbone | None = None
         self._classifier = None
         self._city_centres = None
+        self._knn_cache = None
+        self._columns = None
 
     @classmethod
     def open(cls, name_or_path=None, index_dir=None, device="auto", verify: bool = False) -> "GeoIndex":
@@ -204,13 +206,31 @@ class GeoIndex:
         return self._city_centres
 
     def knn_method(self, **overrides):
-        """kNN as tuned on val by `geoindex train` (heads/knn/: k, vote, temperature, whitening), else the defaults."""
-        from .methods import KNNMethod
-        from .tuning import load_knn_tuning
+        """kNN as tuned on val by `geoindex train` (heads/knn/: k, vote, temperature, whitening), else the defaults.
 
-        params = load_knn_tuning(self)
+        The tuned method is loaded once and reused until `train` writes new tuning (checked by the file's mtime);
+        overrides give a fresh object sharing the same whitened index."""
+        from .methods import KNNMethod
+        from .tuning import KNN_PARAMS, load_knn_tuning
+
+        try:
+            stamp = (self.path / KNN_PARAMS).stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        if self._knn_cache is None or self._knn_cache[0] != stamp:
+            self._knn_cache = (stamp, load_knn_tuning(self))
+        params = dict(self._knn_cache[1])
         params.update({k: v for k, v in overrides.items() if v is not None})
-        return KNNMethod(self, **params)
+        method = KNNMethod(self, **params)
+        if "whitened_index" not in params and method.whitening is not None and not overrides:
+            self._knn_cache[1]["whitened_index"] = method.whitened_index  # built once, then shared
+        return method
+
+    def _train_columns(self) -> dict:
+        """The train rows' columns as arrays: a neighbour is four array lookups, not a pandas row."""
+        if self._columns is None:
+            self._columns = {c: self._train_meta[c].to_numpy() for c in ("path", "city", "lat", "lon")}
+        return self._columns
 
     def classifier_method(self):
         """The trained head that scored best on val, or None."""
@@ -247,14 +267,15 @@ class GeoIndex:
         head = classifier.predict(photos) if classifier is not None else None
         predictions = []
         sims, ids = knn.extra["similarities"], knn.extra["ids"]
+        meta = self._train_columns()
         for q, image in enumerate(images):
             neighbours = []
             for sim, i in zip(sims[q][:n_neighbours], ids[q][:n_neighbours]):
                 if i < 0:
                     continue
-                row = self._train_meta.iloc[int(i)]
-                neighbours.append(Neighbour(row["path"], row["city"], round(float(sim), 4), float(row["lat"]),
-                                            float(row["lon"]), int(i)))
+                i = int(i)
+                neighbours.append(Neighbour(meta["path"][i], meta["city"][i], round(float(sim), 4),
+                                            float(meta["lat"][i]), float(meta["lon"][i]), i))
             source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"<image {q}>"
             prediction = Prediction(source, knn.top(q), float(knn.coords[q][0]), float(knn.coords[q][1]), neighbours,
                                     index=self.name, top_similarity=float(sims[q][0]) if ids[q][0] >= 0 else None,
