@@ -21,7 +21,7 @@ def gsv_tree(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def small_tree(tmp_path_factory):
+def tree(tmp_path_factory):
     """Three cities, 30 tiny photos: enough for a build's every phase, fast enough to build many times."""
     from geoindex.synthetic import make_synthetic_gsv
     return make_synthetic_gsv(tmp_path_factory.mktemp("small") / "GSV", cities=("Barcelona", "London", "Osaka"),

@@ -32,11 +32,6 @@ VOLATILE = {"created", "build_id", "extraction", "files"}
 
 
 @pytest.fixture(scope="module")
-def tree(small_tree):
-    return small_tree
-
-
-@pytest.fixture(scope="module")
 def reference(tree, tmp_path_factory):
     home = tmp_path_factory.mktemp("reference")
     build_index(tree, name="ix", index_dir=home, log=lambda m: None, **FAST)

@@ -89,11 +89,6 @@ class Payload:
 
 
 @pytest.fixture(scope="module")
-def tree(small_tree):
-    return small_tree
-
-
-@pytest.fixture(scope="module")
 def home(tree, tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     build_index(tree, name="good", index_dir=home, log=lambda m: None, **FAST)
