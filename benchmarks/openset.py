@@ -9,14 +9,12 @@ test photos and on the foreign photos, and the share of each that kNN flags as "
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

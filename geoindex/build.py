@@ -36,7 +36,7 @@ from . import __version__
 from .backbones import Backbone, create_backbone, default_weights_available
 from .data import SPLITS, limit_per_city, order_by_split, scan_dataset, split_records
 from .errors import GeoindexError
-from .extraction import iter_embeddings, resolve_device
+from .extraction import resolve_device
 from .fileio import (MARKER, STAGING, atomic_path, check_index_name, fault_point, index_home, made_by_geoindex,
                      name_from, remove_geoindex_folder, replace_dir, write_json_atomic)
 from .images import DEFAULT_MAX_PIXELS

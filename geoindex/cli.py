@@ -122,7 +122,7 @@ def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, per
     m = report.manifest
     click.echo(f"\nindex {report.name!r} written to {report.path}")
     click.echo(f"  backbone   {m['backbone']} ({m['weights']['source']} weights), {m['embed_dim']}-d")
-    click.echo(f"  images     " + ", ".join(f"{s} {m['counts'][s]}" for s in ("train", "val", "test"))
+    click.echo("  images     " + ", ".join(f"{s} {m['counts'][s]}" for s in ("train", "val", "test"))
                + f" across {len(m['classes'])} cities")
     click.echo(f"  embedded   {report.extracted_rows} photo(s) this run, {report.failed_rows} unreadable"
                + (f", {report.resumed_rows} reused from checkpoints or the replaced index" if report.resumed_rows else "")

@@ -6,19 +6,17 @@ query is embedded the same way as the index was; a different backbone is refused
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .backbones import Backbone, create_backbone, file_sha256
-from .build import EMBEDDINGS, FAISS_INDEX, MANIFEST
+from .backbones import Backbone, create_backbone
+from .build import EMBEDDINGS, FAISS_INDEX
 from .cities import display_name
-from .errors import BackboneMismatch, GeoindexError, IndexNotFound
+from .errors import BackboneMismatch, GeoindexError
 from .extraction import resolve_device
-from .fileio import index_home
 from .integrity import IndexCorrupt, read_manifest, verify_files
 from .locate import default_index_name, list_index_paths, list_indexes, resolve_index_path  # noqa: F401
 from .search import load_index_file, search, set_search_params, to_gpu

@@ -1,7 +1,6 @@
 """Finding built indexes by name, without importing torch or FAISS (listing must be instant)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import IndexNotFound

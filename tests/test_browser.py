@@ -11,7 +11,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import SHARED
 from test_serve import ServerProcess, build_tiny_index, photo_of
 
 CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -6,7 +6,6 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from conftest import shared_photos_root
 from geoindex.cli import main
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from typing import Callable, Sequence
 
 import numpy as np
