@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .backbones import Backbone, create_backbone, default_weights_available
+from .backbones import Backbone, create_backbone
 from .data import SPLITS, limit_per_city, order_by_split, scan_dataset, split_records
 from .errors import GeoindexError
 from .extraction import resolve_device
@@ -53,12 +53,13 @@ SKIPPED = "skipped.json"
 INDEX_FILES = (EMBEDDINGS, FAISS_INDEX, SKIPPED)
 
 
+DEFAULT_BACKBONE = "effnet-duo"
+
+
 def choose_default_backbone() -> tuple[str, str]:
-    """densenet when its ImageNet weights are already cached, else effnet (whose weights ship with pip)."""
-    if default_weights_available("densenet"):
-        return "densenet", "DenseNet121 ImageNet weights found in torchvision's cache"
-    return "effnet", ("DenseNet121 weights are not in torchvision's cache (no download attempted); "
-                      "EfficientNet-Lite0's ImageNet weights ship with pip and work offline")
+    """The most accurate backbone measured on real photos that works offline (benchmarks/accuracy.md)."""
+    return DEFAULT_BACKBONE, ("EfficientNet-Lite0 + Lite2, the best of the offline backbones on validation photos "
+                              "(benchmarks/accuracy.md); their weights ship with pip")
 
 
 @dataclass

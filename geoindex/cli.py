@@ -78,7 +78,8 @@ def main():
               "(skipped with their reason by default).")
 @click.option("--backbone", default="auto", show_default=True,
               type=click.Choice(["auto", *list_backbones()]),
-              help="auto: densenet if its ImageNet weights are cached, else effnet (weights ship with pip).")
+              help="auto: effnet-duo (EfficientNet-Lite0 + Lite2), the most accurate offline backbone on real photos "
+                   "(benchmarks/accuracy.md); effnet (Lite0 alone) is the fastest.")
 @click.option("--weights", default=None, help="A state-dict file, or 'none' for seeded random weights "
               "[default: the library's pretrained weights from its cache].")
 @click.option("--name", default=None, help="Index name [default: <data folder>-<backbone>].")
