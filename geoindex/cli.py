@@ -148,9 +148,10 @@ def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, per
 @main.command()
 @click.argument("photos", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--index", "index_name", default=None, help="Index name or path [default: the latest built].")
-@click.option("--k", type=click.IntRange(1), default=20, show_default=True, help="Neighbours that vote.")
-@click.option("--vote", "vote_method", type=click.Choice(VOTE_METHODS), default="softmax", show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=1e-4), default=0.05, show_default=True,
+@click.option("--k", type=click.IntRange(1), default=None, help="Neighbours that vote [default: tuned on val].")
+@click.option("--vote", "vote_method", type=click.Choice(VOTE_METHODS), default=None,
+              help="[default: tuned on val]")
+@click.option("--temperature", type=click.FloatRange(min=1e-4), default=None,
               help="Softmax vote temperature on cosine similarity.")
 @click.option("--backbone", default=None, help="Refuse to run unless the index was built with this backbone.")
 @click.option("--json", "as_json", is_flag=True, help="Strict JSON: {index, results, errors}.")

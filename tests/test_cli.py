@@ -136,3 +136,20 @@ def test_relocate_points_an_index_at_moved_photos(gsv_tree, tmp_path):
     paths = index.store.metadata("train")["path"]
     assert all(p.startswith(str(moved)) for p in paths) and all(os.path.isfile(p) for p in paths)
     assert index.manifest["data_root"] == str(moved)
+
+
+def test_query_answers_with_the_knn_tuned_on_val(gsv_tree, tmp_path):
+    # query, bench and serve must share one kNN: the one `train` tuned on val, unless an option overrides it.
+    from geoindex.geo_index import load_index
+    from geoindex.methods import Photos
+    assert run("build", "--data", gsv_tree, "--backbone", "cnn", "--index-dir", tmp_path, "--name", "t").exit_code == 0
+    assert run("train", "--index", "t", "--index-dir", tmp_path).exit_code == 0
+    index = load_index("t", tmp_path)
+    tuned = index.knn_method()
+    assert tuned.tuned_on == "val"
+    photo = index.store.metadata("test")["path"].iloc[0]
+    out = run("query", photo, "--index", "t", "--index-dir", tmp_path, "--json")
+    answer = json.loads(out.output)["results"][0]
+    expected = tuned.predict(Photos(index.backbone.embed([photo]), [photo]))
+    assert [c["city"] for c in answer["top5"]] == [c for c, _ in expected.top(0)]
+    assert [c["probability"] for c in answer["top5"]] == pytest.approx([p for _, p in expected.top(0)], abs=1e-5)

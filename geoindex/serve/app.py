@@ -69,7 +69,7 @@ class Locator:
     """The index, the micro-batcher in front of its model, and the decoding pool: all a request needs."""
 
     def __init__(self, index, max_upload_mb: float = 20.0, max_batch: int = 16, max_wait_ms: float = 5.0,
-                 decode_threads: int | None = None, k: int = 20, max_files: int = 32, max_queue: int = 256,
+                 decode_threads: int | None = None, k: int | None = None, max_files: int = 32, max_queue: int = 256,
                  max_pixels: int = DEFAULT_MAX_PIXELS, warmup: bool = True):
         self.index = index
         self.k = k
@@ -101,7 +101,7 @@ class Locator:
     def _run_batch(self, images, k):
         return [p.to_dict() for p in self.index.query(list(images), k=k)]
 
-    async def locate(self, uploads, k: int) -> list[dict]:
+    async def locate(self, uploads, k: int | None) -> list[dict]:
         loop = asyncio.get_running_loop()
 
         async def one(upload):
@@ -142,7 +142,7 @@ class Locator:
             "counts": m["counts"], "synthetic": bool(m.get("synthetic", False)), "cities": classes,
             "methods": methods, "classifier": self.classifier_mode, "device": str(self.index.device),
             "limits": {"max_upload_mb": self.max_upload_bytes / 2**20, "max_pixels": self.max_pixels,
-                       "max_files_per_batch": self.max_files, "k_default": self.k, "k_max": MAX_K},
+                       "max_files_per_batch": self.max_files, "k_default": self.k or self.index.knn_method().k, "k_max": MAX_K},
             "batching": {"max_batch": self.batcher.max_batch, "max_wait_ms": self.batcher.max_wait * 1000},
             "version": _version()})
 
@@ -177,7 +177,7 @@ def _version() -> str:
 
 
 def create_app(index, *, max_upload_mb: float = 20.0, max_batch: int = 16, max_wait_ms: float = 5.0,
-               decode_threads: int | None = None, k: int = 20, max_files: int = 32, max_queue: int = 256,
+               decode_threads: int | None = None, k: int | None = None, max_files: int = 32, max_queue: int = 256,
                max_pixels: int = DEFAULT_MAX_PIXELS, warmup: bool = True, root_path: str = ""):
     """A FastAPI app answering for `index` (a loaded GeoIndex). Run it with uvicorn."""
     from fastapi import FastAPI, Query, Request
@@ -235,9 +235,9 @@ def create_app(index, *, max_upload_mb: float = 20.0, max_batch: int = 16, max_w
         return error(500, "internal", f"internal error ({type(exc).__name__}); the server keeps serving")
 
     def k_param(default=k):
-        return Query(default, ge=1, le=MAX_K, description="Neighbours that vote.")
+        return Query(default, ge=1, le=MAX_K, description="Neighbours that vote [default: as tuned on val].")
 
-    async def answer(request: Request, k_value: int, max_files: int, started: float) -> dict:
+    async def answer(request: Request, k_value: int | None, max_files: int, started: float) -> dict:
         read_start = time.perf_counter()
         body = await read_body(request, locator.max_upload_bytes * max_files + MULTIPART_OVERHEAD)
         read_ms = round((time.perf_counter() - read_start) * 1000, 2)
@@ -254,7 +254,7 @@ def create_app(index, *, max_upload_mb: float = 20.0, max_batch: int = 16, max_w
 
     @app.post("/v1/locate", tags=["locate"], openapi_extra=_PHOTO_BODY, responses=_error_responses(400, 413, 415, 422, 503),
               summary="Where was this photo taken?")
-    async def locate(request: Request, k: int = k_param()):
+    async def locate(request: Request, k: int | None = k_param()):
         """One photo, as multipart field `image` or a raw `image/*` body. The answer is `geoindex query --json`'s:
         kNN top cities with probabilities (`top5`), the classifier's (`classifier_top5`) when the index has a
         trained head, the GPS estimate, and the nearest indexed photos (`row` is their thumbnail's id), plus timings."""
@@ -262,7 +262,7 @@ def create_app(index, *, max_upload_mb: float = 20.0, max_batch: int = 16, max_w
 
     @app.post("/v1/locate/batch", tags=["locate"], openapi_extra=_BATCH_BODY,
               responses=_error_responses(400, 413, 415, 422, 503), summary="Several photos in one request")
-    async def locate_batch(request: Request, k: int = k_param()):
+    async def locate_batch(request: Request, k: int | None = k_param()):
         """Several photos as repeated multipart file fields; one result per photo, in order. A bad photo
         fails the request with a 4xx naming it."""
         return await answer(request, k, locator.max_files, time.perf_counter())

@@ -56,8 +56,8 @@ proxy on this host). The page uses relative URLs, so it works under any prefix t
               help="Threads decoding uploads [default: cores, at most 4].")
 @click.option("--torch-threads", type=click.IntRange(1), default=None,
               help="Threads of the model [default: torch's own, divided among --workers].")
-@click.option("--k", type=click.IntRange(1, 200), default=20, show_default=True,
-              help="Neighbours that vote, unless a request says ?k=.")
+@click.option("--k", type=click.IntRange(1, 200), default=None,
+              help="Neighbours that vote [default: as tuned on val by `geoindex train`].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto uses a CUDA GPU when torch sees one.")
 @click.option("--root-path", default="", help="Path prefix the reverse proxy publishes this under, e.g. /geoindex.")
