@@ -1,4 +1,6 @@
 import os
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +87,17 @@ def london_csvs(tmp_path, n_index: int = 100, n_external: int = 40):
     pd.concat(index_rows)[["path", "city", "lat", "lon"]].to_csv(index_csv, index=False)
     pd.concat(external_rows)[["path", "city", "lat", "lon"]].to_csv(external_csv, index=False)
     return index_csv, external_csv, ""
+
+
+@contextmanager
+def small_tmpfs(folder: Path, size: str):
+    """A real, size-limited file system mounted at `folder` for the test's duration (root only; else skip)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs (mount -t tmpfs -o size=...)")
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]).returncode != 0:
+        pytest.skip("mount -t tmpfs is not permitted here (container without CAP_SYS_ADMIN)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)])

@@ -16,6 +16,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+
+from conftest import small_tmpfs
 import torch
 
 from geoindex import build_index
@@ -143,13 +145,7 @@ def test_sigterm_saves_like_ctrl_c_and_the_rerun_resumes(tree, reference, tmp_pa
 
 
 def test_disk_full_stops_with_one_line_and_the_rerun_finishes(tree, reference, tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs (mount -t tmpfs -o size=...)")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)]).returncode != 0:
-        pytest.skip("mount -t tmpfs is not permitted here (container without CAP_SYS_ADMIN)")
-    try:
+    with small_tmpfs(tmp_path / "small", "160k") as mount:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         proc = subprocess.run([sys.executable, "-m", "geoindex.cli", "build", "--data", str(tree), "--name", "ix",
                                "--index-dir", str(mount), "--backbone", "cnn", "--weights", "none", "--image-size",
@@ -165,8 +161,6 @@ def test_disk_full_stops_with_one_line_and_the_rerun_finishes(tree, reference, t
         subprocess.run(["mount", "-o", "remount,size=20m", str(mount)], check=True)
         report = build_index(tree, name="ix", index_dir=mount, log=lambda m: None, **{**FAST, "dtype": "float32"})
         assert report.resumed_rows >= 8 and leftovers(mount) == []
-    finally:
-        subprocess.run(["umount", str(mount)])
 
 
 def test_two_builds_of_one_name_the_second_refuses_naming_the_first(tree, tmp_path):

@@ -4,7 +4,6 @@ Every case must end in one clear line (CLI) or a GeoindexError (API), never a tr
 running code read from disk, never deleting or writing outside what geoindex made.
 """
 import json
-import os
 import re
 import shutil
 import struct
@@ -16,6 +15,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+
+from conftest import small_tmpfs
 import torch
 from PIL import Image
 
@@ -302,21 +303,14 @@ def test_index_home_that_is_a_file_gives_one_line(tree):
 
 
 def test_read_only_index_folder_answers_queries_and_refuses_builds_in_one_line(home, tree, tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a read-only tmpfs (root ignores file permissions, so chmod proves nothing)")
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)]).returncode != 0:
-        pytest.skip("mount -t tmpfs is not permitted here")
-    try:
+    # A read-only mount: root ignores file permissions, so chmod would prove nothing.
+    with small_tmpfs(tmp_path / "ro", "20m") as mount:
         shutil.copytree(home / "good", mount / "good")
         subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
         photo = next(tree.rglob("*.jpg"))
         assert cli("query", photo, "--index", "good", "--index-dir", mount).returncode == 0
         one_line_error(cli("build", "--data", tree, "--name", "new", "--index-dir", mount, "--backbone", "cnn",
                            "--weights", "none"), "Read-only file system")
-    finally:
-        subprocess.run(["umount", str(mount)])
 
 
 # ------------------------------------------------------------------------------------------ query
