@@ -18,7 +18,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from geoindex.bench import split_photos  # noqa: E402
 from geoindex.data import scan_dataset  # noqa: E402
 from geoindex.extraction import embed_paths  # noqa: E402
 from geoindex.geo_index import load_index  # noqa: E402
@@ -40,7 +39,7 @@ def main(argv=None):
     foreign = scan_dataset(args.photos).records
     print(f"embedding {len(foreign)} foreign photos from {args.photos} ...", flush=True)
     emb, ok, _ = embed_paths(index.backbone, foreign["path"].tolist(), progress=False)
-    sets = {"test": split_photos(index, "test"),
+    sets = {"test": Photos.of_split(index, "test"),
             "foreign": Photos(emb[ok], foreign["path"][ok].tolist(), name="foreign")}
     methods = [index.knn_method()]
     if index.classifier_method() is not None:

@@ -29,14 +29,6 @@ ZERO_SHOT_VARIANTS = (("zeroshot:bare", "city", ("{place}",)), ("zeroshot:city_c
                       ("zeroshot:city", "city", (SINGLE_TEMPLATE,)), ("zeroshot:country", "country", (SINGLE_TEMPLATE,)))
 
 
-def split_photos(index, split: str) -> Photos:
-    meta = index.store.metadata(split)
-    if len(meta) == 0:
-        raise GeoindexError(f"index {index.name!r} has no {split} photos")
-    return Photos(index.store.embeddings(split), meta["path"].tolist(), meta["label"].to_numpy(),
-                  meta[["lat", "lon"]].to_numpy(dtype=np.float64), split)
-
-
 def overlap_with_index(index, records) -> dict[str, np.ndarray]:
     """Which external rows the index already holds: the same file bytes, the same place id of the same
     city, or (for an index split by map cell) the same cell as any indexed photo."""
@@ -137,7 +129,7 @@ class Bench:
         self.embed_kwargs = dict(batch_size=batch_size, num_workers=num_workers, device=index.device, progress=progress)
         self.templates = read_templates(templates_file) if templates_file else list(ENSEMBLE_TEMPLATES)
         self.clip_weights = clip_weights
-        self.val = split_photos(index, "val") if index.store.count("val") else None
+        self.val = Photos.of_split(index, "val") if index.store.count("val") else None
         self.skipped: dict[str, str] = {}
         self.tuned: dict[str, dict] = {}
         self.methods: list = []
@@ -240,7 +232,7 @@ def run_bench(index, methods=METHODS, split: str = "test", out=None, external=No
         log("NOTE: scoring on val, the split that tunes kNN and the fusion: these figures are optimistic")
     bench = Bench(index, methods, log=log, **bench_kwargs)
     out = Path(out) if out else Path(index.path) / "bench"
-    sets = [split_photos(index, split)]
+    sets = [Photos.of_split(index, split)]
     external_report = None
     if external:
         photos, external_report = external_photos(index, external, log, bench.embed_kwargs)

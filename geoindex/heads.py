@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .backbones import create_backbone
 from .errors import GeoindexError, ImageError
-from .extraction import default_num_workers, iter_embeddings, resolve_device
+from .extraction import default_num_workers, resolve_device
 from .fileio import atomic_path, fault_point, write_json_atomic
 from .images import load_image
 
@@ -65,7 +65,7 @@ def head_folder(index, mode: str) -> Path:
     return Path(index.path) / HEADS / mode
 
 
-def save_curves(history: pd.DataFrame, folder: Path, title: str) -> None:
+def save_curves(history: pd.DataFrame, folder: Path, title: str, kept_epoch: int | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -79,11 +79,10 @@ def save_curves(history: pd.DataFrame, folder: Path, title: str) -> None:
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
     from matplotlib.ticker import MaxNLocator
-    best = _chosen_epoch(history)
     for ax in (ax_loss, ax_acc):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-        if best is not None:
-            ax.axvline(best, color="grey", linestyle="--", linewidth=1, label=f"kept: epoch {best}")
+        if kept_epoch:
+            ax.axvline(kept_epoch, color="grey", linestyle="--", linewidth=1, label=f"kept: epoch {kept_epoch}")
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(title)
@@ -91,15 +90,6 @@ def save_curves(history: pd.DataFrame, folder: Path, title: str) -> None:
     with atomic_path(folder / "curves.png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-
-
-def _chosen_epoch(history: pd.DataFrame):
-    """The epoch whose weights were kept: recorded in history as `kept`, else the best val accuracy."""
-    if history.empty:
-        return None
-    if "kept" in history and history["kept"].any():
-        return int(history.loc[history["kept"].astype(bool), "epoch"].iloc[-1])
-    return int(history.loc[history["val_accuracy"].idxmax(), "epoch"])
 
 
 class _EarlyStopping:
@@ -210,7 +200,7 @@ def train_probe(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=None,
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / "head.pt") as tmp:
         torch.save(head.state_dict(), tmp)
-    save_curves(history, folder, f"linear probe on {index.manifest['backbone']} embeddings ({index.name})")
+    save_curves(history, folder, f"linear probe on {index.manifest['backbone']} embeddings ({index.name})", best_epoch)
     write_json_atomic(folder / "meta.json", {"mode": "probe", "classes": index.classes, "embed_dim": x_train.shape[1],
                                              "best_epoch": best_epoch, "best_val_accuracy": best_acc,
                                              "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size})
@@ -356,7 +346,8 @@ def train_finetune(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=No
                         "epoch": epoch, "history": rows, "best": stopper.best, "best_epoch": stopper.best_epoch,
                         "bad": stopper.bad, "rng": torch.get_rng_state()}, tmp)
         fault_point("train-epoch")
-        save_curves(pd.DataFrame(rows), folder, f"fine-tuned {index.manifest['backbone']} ({index.name})")
+        save_curves(pd.DataFrame(rows), folder, f"fine-tuned {index.manifest['backbone']} ({index.name})",
+                    stopper.best_epoch)
         log(f"fine-tune epoch {epoch:3d}: train loss {train_loss:.4f} acc {train_acc:.3f}  "
             f"val loss {val_loss:.4f} acc {val_acc:.3f}  ({rows[-1]['seconds']:.0f} s)")
         if stop:
@@ -424,25 +415,11 @@ class Classifier:
         logits = self.head(torch.as_tensor(np.asarray(features, dtype=np.float32), device=self.device))
         return logits.softmax(1).cpu().numpy().astype(np.float64)
 
-    def predict_paths(self, paths, batch_size=64, num_workers=None, progress=True) -> np.ndarray:
-        normalize = self.mode == "probe"  # the probe was trained on stored (L2-normalised) embeddings
-        out = np.full((len(paths), len(self.index.classes)), 1.0 / len(self.index.classes))
-        for item in iter_embeddings(self.backbone, list(paths), batch_size=batch_size, num_workers=num_workers,
-                                    device=self.device, progress=progress, desc=f"classifier ({self.mode})",
-                                    normalize=normalize):
-            if item.ok.any():
-                out[item.positions[item.ok]] = self.predict_features(item.embeddings)
-        return out
-
-    def predict_split(self, split: str, **kwargs) -> np.ndarray:
-        if self.mode == "probe":
-            return self.predict_features(self.index.store.embeddings(split))
-        return self.predict_paths(self.index.store.metadata(split)["path"].tolist(), **kwargs)
-
-    def predict_images(self, images) -> np.ndarray:
-        if self.mode == "probe":
-            return self.predict_features(self.backbone.embed(images))
-        return self.predict_features(self.backbone.embed(images, normalize=False))
+    def predict_split(self, split: str, **embed_kwargs) -> np.ndarray:
+        """(N, C) probabilities for a stored split, computed as query and bench compute them."""
+        from .methods import ClassifierMethod, Photos
+        embed_kwargs = {"device": self.device, **embed_kwargs}
+        return ClassifierMethod(self.index, self, embed_kwargs).predict(Photos.of_split(self.index, split)).probs
 
 
 def available_heads(index) -> list[str]:

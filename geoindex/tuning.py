@@ -22,14 +22,13 @@ SAVED_KEYS = ("k", "vote", "temperature", "unlike_threshold", "tuned_on")
 def tune_knn(index, log=print) -> dict:
     """Choose kNN's space (raw or whitened), k, vote and temperature, and the "unlike anything indexed"
     threshold, on val; save them with the index."""
-    from .bench import split_photos
-    from .methods import KNNMethod
+    from .methods import KNNMethod, Photos
     from .search import save_index
 
     if not index.store.count("val"):
         raise GeoindexError(f"index {index.name!r} has no validation split to tune kNN on")
     knn = KNNMethod(index)
-    params = knn.fit(split_photos(index, "val"))
+    params = knn.fit(Photos.of_split(index, "val"))
     folder = Path(index.path)
     for stale in (WHITENING, WHITENED_INDEX):
         (folder / stale).unlink(missing_ok=True)

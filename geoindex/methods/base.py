@@ -30,6 +30,17 @@ class Photos:
     def __len__(self) -> int:
         return len(self.embeddings)
 
+    @classmethod
+    def of_split(cls, index, split: str) -> "Photos":
+        """A stored split of an index: its embeddings, paths, labels and coordinates."""
+        from ..errors import GeoindexError
+
+        meta = index.store.metadata(split)
+        if len(meta) == 0:
+            raise GeoindexError(f"index {index.name!r} has no {split} photos")
+        return cls(index.store.embeddings(split), meta["path"].tolist(), meta["label"].to_numpy(),
+                   meta[["lat", "lon"]].to_numpy(dtype=np.float64), split)
+
     def feature(self, key, compute: Callable[["Photos"], np.ndarray]) -> np.ndarray:
         if key not in self.cache:
             self.cache[key] = compute(self)

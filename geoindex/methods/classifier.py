@@ -10,16 +10,11 @@ def embed_sources(backbone, photos: Photos, normalize: bool, **embed_kwargs) -> 
     """Features of photos' sources with another backbone: streamed from files, or one batch of PIL images.
     Rows whose file cannot be read get NaN (and are scored as a uniform guess)."""
     if photos.all_paths and len(photos) > 32:
-        from ..extraction import iter_embeddings
+        from ..extraction import embed_paths
 
-        out = None
-        for item in iter_embeddings(backbone, [str(s) for s in photos.sources], normalize=normalize,
-                                    desc=f"{backbone.name} features ({photos.name})", **embed_kwargs):
-            if out is None:
-                out = np.full((len(photos), item.embeddings.shape[1]), np.nan, dtype=np.float32)
-            if item.ok.any():
-                out[item.positions[item.ok]] = item.embeddings
-        return out
+        features, _, _ = embed_paths(backbone, [str(s) for s in photos.sources], normalize=normalize,
+                                     desc=f"{backbone.name} features ({photos.name})", **embed_kwargs)
+        return features
     return backbone.embed(photos.sources, normalize=normalize)
 
 
