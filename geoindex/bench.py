@@ -16,8 +16,8 @@ import numpy as np
 
 from .cities import display_name
 from .errors import GeoindexError
+from .data.records import SPLITS
 from .fileio import atomic_path, write_json_atomic
-from .integrity import sha256_file as _sha256
 from .jsonio import dumps
 from .methods import HybridMethod, Photos, ZeroShotMethod, classifier_methods
 from .metrics import evaluate
@@ -29,46 +29,51 @@ ZERO_SHOT_VARIANTS = (("zeroshot:bare", "city", ("{place}",)), ("zeroshot:city_c
                       ("zeroshot:city", "city", (SINGLE_TEMPLATE,)), ("zeroshot:country", "country", (SINGLE_TEMPLATE,)))
 
 
+def _indexed_digests(index, meta) -> dict[int, set[str]]:
+    """{file size: content digests} of the indexed photos: from the keys the build stored, else read from disk."""
+    from .images import content_digest
+
+    by_size: dict[int, set[str]] = {}
+    keys = [index.store.photo_keys(s) for s in SPLITS]
+    if all(k is not None for k in keys):
+        for table in keys:
+            for size, digest in zip(table["size"], table["digest"]):
+                if digest:
+                    by_size.setdefault(int(size), set()).add(digest)
+        return by_size
+    for path in meta["path"]:  # an index built before photos were keyed
+        try:
+            by_size.setdefault(os.path.getsize(path), set()).add(content_digest(Path(path).read_bytes()))
+        except OSError:
+            continue
+    return by_size
+
+
 def overlap_with_index(index, records) -> dict[str, np.ndarray]:
     """Which external rows the index already holds: the same file bytes, the same place id of the same
     city, or (for an index split by map cell) the same cell as any indexed photo."""
-    from .data import cell_keys
+    import pandas as pd
 
-    n = len(records)
-    meta = {s: index.store.metadata(s) for s in ("train", "val", "test")}
-    indexed = [m for m in meta.values() if len(m)]
-    all_meta = __import__("pandas").concat(indexed) if indexed else None
-    reasons = {}
-    # Same bytes: hash only files whose size matches an indexed photo's.
-    sizes = {}
-    for path in all_meta["path"]:
-        try:
-            sizes.setdefault(os.path.getsize(path), []).append(path)
-        except OSError:
-            continue
-    same_bytes = np.zeros(n, dtype=bool)
-    hashed: dict[str, str] = {}
+    from .data import cell_keys
+    from .images import content_digest
+
+    meta = pd.concat([index.store.metadata(s) for s in SPLITS])
+    digests = _indexed_digests(index, meta)
+    same_bytes = np.zeros(len(records), dtype=bool)
     for i, path in enumerate(records["path"]):
         try:
-            candidates = sizes.get(os.path.getsize(path), [])
+            candidates = digests.get(os.path.getsize(path))
+            same_bytes[i] = bool(candidates) and content_digest(Path(path).read_bytes()) in candidates
         except OSError:
             continue
-        if candidates:
-            mine = _sha256(path)
-            for other in candidates:
-                if other not in hashed:
-                    hashed[other] = _sha256(other)
-                if hashed[other] == mine:
-                    same_bytes[i] = True
-                    break
-    reasons["same file bytes"] = same_bytes
-    places = set(zip(all_meta["city"], all_meta["place_id"]))
+    reasons = {"same file bytes": same_bytes}
+    places = set(zip(meta["city"], meta["place_id"]))
     reasons["same place id"] = np.array([(c, p) in places and p >= 0 for c, p in zip(records["city"], records["place_id"])],
                                         dtype=bool)
     split = index.manifest.get("split", {})
     if split.get("by") == "cell" and split.get("cell_km"):
         km = float(split["cell_km"])
-        cells = set(cell_keys(all_meta["lat"], all_meta["lon"], km)) - {""}
+        cells = set(cell_keys(meta["lat"], meta["lon"], km)) - {""}
         reasons["same map cell"] = np.array([c in cells for c in cell_keys(records["lat"], records["lon"], km)], dtype=bool)
     return reasons
 
