@@ -14,7 +14,15 @@ class BackboneMismatch(GeoindexError):
 
 
 class ImageError(GeoindexError):
-    """An input file is not a usable image; the message is the reason recorded for it."""
+    """An input file is not a usable image; the message is the reason recorded for it.
+
+    kind says which way ("not_an_image", "too_many_pixels", "corrupt", "unreadable"), so the service can
+    answer with the matching HTTP status without parsing the message.
+    """
+
+    def __init__(self, message: str, kind: str = "corrupt"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class DatasetError(GeoindexError):

@@ -94,7 +94,7 @@ def decode_image(data: bytes, draft_size: int | None = None, max_pixels: int | N
             w, h = img.size
             if max_pixels is not None and w * h > max_pixels:
                 raise ImageError(f"image is {w} x {h} = {w * h / 1e6:.1f} MP, above the {max_pixels / 1e6:g} MP limit "
-                                 "(--max-pixels); refused before decoding")
+                                 "(--max-pixels); refused before decoding", "too_many_pixels")
             img.load()  # force the full decode now, so truncation is caught here
             if img.format == "JPEG" and _jpeg_padded(img):
                 raise ImageError(f"corrupt or truncated image data (the JPEG's data ends before its declared "
@@ -102,13 +102,13 @@ def decode_image(data: bytes, draft_size: int | None = None, max_pixels: int | N
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
     except UnidentifiedImageError:
-        raise ImageError("not an image (unrecognised format)") from None
+        raise ImageError("not an image (unrecognised format)", "not_an_image") from None
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"image too large to decode safely ({exc})") from None
+        raise ImageError(f"image too large to decode safely ({exc})", "too_many_pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"corrupt or truncated image data ({exc})") from None
     except (MemoryError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"image too large to decode safely ({type(exc).__name__})") from None
+        raise ImageError(f"image too large to decode safely ({type(exc).__name__})", "too_many_pixels") from None
 
 
 def load_image(path, draft_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -180,6 +180,17 @@ def truncated_jpeg(gsv_tree) -> bytes:
     return data[: len(data) // 2]
 
 
+def lying_jpeg(claimed: int = 2000) -> bytes:
+    """A 160 x 120 JPEG whose header claims claimed x claimed pixels: libjpeg would pad the rest with grey."""
+    import numpy as np
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(out, "JPEG", quality=90)
+    data = bytearray(out.getvalue())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", claimed, claimed)
+    return bytes(data)
+
+
 def big_jpeg(megabytes: float) -> bytes:
     """A real JPEG over `megabytes`: random pixels do not compress."""
     import numpy as np
@@ -196,6 +207,7 @@ BAD_INPUTS = {
     "empty file": ("form", lambda t: b"", 400, "empty"),
     "empty body": ("raw", lambda t: b"", 400, "empty"),
     "truncated jpeg": ("form", truncated_jpeg, 422, "corrupt"),
+    "jpeg whose header lies about its size": ("raw", lambda t: lying_jpeg(), 422, "corrupt"),
     "decompression bomb": ("form", lambda t: png_bomb(), 413, "too_many_pixels"),
     "over --max-upload-mb": ("form", lambda t: big_jpeg(MAX_UPLOAD_MB + 0.5), 413, "too_large"),
     "over --max-upload-mb, raw": ("raw", lambda t: big_jpeg(MAX_UPLOAD_MB + 0.5), 413, "too_large"),

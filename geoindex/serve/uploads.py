@@ -6,10 +6,9 @@ decoded, so a decompression bomb costs a few bytes of parsing, not gigabytes of 
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 DEFAULT_MAX_PIXELS = 64_000_000  # a 48 MP phone photo fits; a 20k x 20k bomb does not
 MULTIPART_OVERHEAD = 64 * 1024   # headers and boundaries around the photo itself
@@ -132,43 +131,28 @@ def _parse_multipart(body: bytes, content_type: str, max_files: int) -> list[Upl
     return uploads
 
 
+_STATUS = {"not_an_image": 415, "too_many_pixels": 413, "corrupt": 422}
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, resize_short_side: int | None = None,
                  resample: str = "bicubic") -> Image.Image:
     """Bytes -> RGB PIL image, or UploadError saying why not.
 
-    Decodes as geoindex.images.load_image does for a file (JPEG draft scaling, EXIF rotation,
-    alpha composited on white), so a photo answers the same over HTTP as with `geoindex query`.
-    resize_short_side resizes exactly as the backbone's transform would first, off the model's thread
-    (the transform then finds the size already right and only crops).
+    The very decoder `geoindex query` and a build use for files (geoindex.images.decode_image: pixel limit
+    before decoding, JPEG draft scaling, truncated data refused, EXIF rotation, alpha on white), so a photo
+    answers the same over HTTP. resize_short_side resizes exactly as the backbone's transform would first,
+    off the model's thread (the transform then finds the size already right and only crops).
     """
-    from ..images import _to_rgb  # one conversion rule for files and uploads
+    from ..errors import ImageError
+    from ..images import decode_image as decode
 
     if not data:
         raise UploadError(400, "empty", "empty upload (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise UploadError(415, "not_an_image", "not an image (unrecognised format); send a JPEG, PNG or WebP photo")
-    except Image.DecompressionBombError as exc:
-        raise UploadError(413, "too_many_pixels", f"image too large to decode safely ({exc})")
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise UploadError(422, "corrupt", f"corrupt image data ({exc})")
-    with img:
-        width, height = img.size
-        if width * height > max_pixels:  # from the header alone, before a pixel is decoded
-            raise UploadError(413, "too_many_pixels", f"image of {width}x{height} pixels is over the limit of "
-                                                      f"{max_pixels / 1e6:.0f} megapixels")
-        if width < 1 or height < 1:
-            raise UploadError(422, "corrupt", f"image of {width}x{height} pixels")
-        try:
-            if resize_short_side is not None and img.format == "JPEG":
-                img.draft("RGB", (resize_short_side, resize_short_side))
-            img.load()  # the full decode happens here, so truncation is caught here
-            img = _to_rgb(ImageOps.exif_transpose(img))
-        except Image.DecompressionBombError as exc:
-            raise UploadError(413, "too_many_pixels", f"image too large to decode safely ({exc})")
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise UploadError(422, "corrupt", f"corrupt or truncated image data ({exc})")
+        img = decode(data, draft_size=resize_short_side, max_pixels=max_pixels)
+    except ImageError as exc:
+        hint = "; send a JPEG, PNG or WebP photo" if exc.kind == "not_an_image" else ""
+        raise UploadError(_STATUS.get(exc.kind, 422), exc.kind, f"{exc}{hint}") from None
     if resize_short_side is not None:
         w, h = img.size
         scale = resize_short_side / min(w, h)
