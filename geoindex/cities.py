@@ -91,3 +91,9 @@ def load_names(path) -> list[str]:
 
 def display_name(city_id: str) -> str:
     return city_info(city_id).name
+
+
+def full_name(city_id: str) -> str:
+    """`London, United Kingdom`: the display name with its country where the table knows it."""
+    info = city_info(city_id)
+    return f"{info.name}, {info.country}" if info.country else info.name

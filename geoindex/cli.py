@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from .catalog import BACKBONES, INDEX_TYPES, weights_status
-from .cities import display_name
+from .cities import display_name, full_name
+from .jsonio import dumps
 from .errors import GeoindexError
 from .catalog import DEFAULT_MAX_PIXELS
 
@@ -205,25 +206,6 @@ def query(photos, index_name, k, vote_method, temperature, backbone, as_json, as
         sys.exit(1)
 
 
-def _strict(value):
-    """JSON without NaN: unknown numbers become null."""
-    if isinstance(value, float):
-        return None if value != value or value in (float("inf"), float("-inf")) else value
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
-
-
-def _place(city: str) -> str:
-    """`London, United Kingdom`: the display name with its country where the city table knows it."""
-    from .cities import city_info
-
-    info = city_info(city)
-    return f"{info.name}, {info.country}" if info.country else display_name(city)
-
-
 def _number(value: float, fmt: str) -> str:
     return "-" if value is None or value != value else format(value, fmt)
 
@@ -262,15 +244,15 @@ class _QueryOutput:
 
     def result(self, p):
         if self.mode == "json":
-            click.echo(("," if self.count else "") + "\n" + json.dumps(_strict(p.to_dict()), allow_nan=False), nl=False)
+            click.echo(("," if self.count else "") + "\n" + dumps(p.to_dict(), indent=None), nl=False)
         elif self.mode == "csv":
             nearest = p.neighbours[0] if p.neighbours else None
-            self.writer.writerow([p.source, p.city, _place(p.city), f"{p.cities[0][1]:.6f}", _number(p.lat, ".6f"),
+            self.writer.writerow([p.source, p.city, full_name(p.city), f"{p.cities[0][1]:.6f}", _number(p.lat, ".6f"),
                                   _number(p.lon, ".6f"), ";".join(f"{c}:{pr:.4f}" for c, pr in p.cities),
                                   nearest.path if nearest else "", f"{nearest.similarity:.4f}" if nearest else "", ""])
         else:
             click.echo(f"\n{p.source}")
-            click.echo(f"  city: {_place(p.city)}  (p={p.cities[0][1]:.2f})")
+            click.echo(f"  city: {full_name(p.city)}  (p={p.cities[0][1]:.2f})")
             gps = "-" if p.lat != p.lat else f"{p.lat:.5f}, {p.lon:.5f}"
             click.echo(f"  GPS estimate: {gps}")
             click.echo("  kNN vote:      " + "  ".join(f"{display_name(c)} {pr:.2f}" for c, pr in p.cities))
@@ -284,7 +266,7 @@ class _QueryOutput:
             click.echo("  nearest:")
             click.echo(f"    {'similarity':>10}  {'city':<26} {'lat':>9} {'lon':>10}  photo")
             for n in p.neighbours:
-                click.echo(f"    {n.similarity:>10.3f}  {_place(n.city)[:26]:<26} {_number(n.lat, '9.5f'):>9} "
+                click.echo(f"    {n.similarity:>10.3f}  {full_name(n.city)[:26]:<26} {_number(n.lat, '9.5f'):>9} "
                            f"{_number(n.lon, '10.5f'):>10}  {n.path}")
         self.count += 1
 

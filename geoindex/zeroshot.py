@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .backbones import Backbone
-from .cities import city_info
+from .cities import city_info, full_name
 from .errors import GeoindexError
 
 LABEL_FORMATS = ("city_country", "city", "country")
@@ -32,7 +32,7 @@ ENSEMBLE_TEMPLATES = (
 def place_name(city_id: str, label_format: str) -> str:
     info = city_info(city_id)
     if label_format == "city_country":
-        return f"{info.name}, {info.country}" if info.country else info.name
+        return full_name(city_id)
     if label_format == "city":
         return info.name
     if label_format == "country":

@@ -10,7 +10,6 @@ import asyncio
 import io
 import logging
 import json
-import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +17,7 @@ from contextlib import asynccontextmanager
 from functools import lru_cache
 from pathlib import Path
 
+from ..jsonio import jsonable
 from .batching import MicroBatcher, QueueFull
 from .uploads import DEFAULT_MAX_PIXELS, MULTIPART_OVERHEAD, UploadError, decode_image, read_body, split_uploads
 
@@ -25,19 +25,6 @@ STATIC = Path(__file__).resolve().parent / "static"
 THUMBNAIL_PX = 320
 MAX_K = 200
 log = logging.getLogger("geoindex.serve")
-
-
-def strict_json(value):
-    """NaN and infinities become null: the API answers strict JSON, whatever a float holds."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalars
-        return strict_json(value.item())
-    return value
 
 
 def default_decode_threads() -> int:
@@ -136,7 +123,7 @@ class Locator:
             classes.append({"city": city, "name": _display_name(city), "train_photos": int(len(rows)),
                             "lat": _median(rows["lat"]), "lon": _median(rows["lon"])})
         methods = ["knn"] + (["classifier"] if self.classifier_mode else [])
-        return strict_json({
+        return jsonable({
             "name": self.index.name, "backbone": m["backbone"], "weights": m["weights"].get("source"),
             "embed_dim": m["embed_dim"], "image_size": m["image_size"], "index_type": m["index"]["type"],
             "counts": m["counts"], "synthetic": bool(m.get("synthetic", False)), "cities": classes,
@@ -247,7 +234,7 @@ def create_app(index, *, max_upload_mb: float = 20.0, max_batch: int = 16, max_w
                 raise UploadError(413, "too_large", f"{upload.filename}: {len(upload.data) / 2**20:.1f} MB is over "
                                                     f"the limit of {max_upload_mb:g} MB (--max-upload-mb)")
         results = await locator.locate(uploads, k_value)
-        answer = strict_json({"index": index.name, "backbone": index.manifest["backbone"], "results": results,
+        answer = jsonable({"index": index.name, "backbone": index.manifest["backbone"], "results": results,
                               "timings_ms": {"read": read_ms, "total": round((time.perf_counter() - started) * 1000, 2)}})
         # Serialised here, once: FastAPI's generic encoder walks the nested answer again for nothing.
         return Response(json.dumps(answer, allow_nan=False, separators=(",", ":")), media_type="application/json")
