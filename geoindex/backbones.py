@@ -26,12 +26,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_INIT_SEED = 0
 
 
-def offline() -> bool:
-    """True when nothing may be downloaded: GEOINDEX_OFFLINE=1 / HF_HUB_OFFLINE=1, or no network (checked once, ~1 s)."""
-    from .netcheck import offline_reason
-    return offline_reason() is not None
-
-
 @dataclass
 class WeightsInfo:
     """Where a backbone's weights came from: 'pretrained' (library cache or package), 'file', 'random'."""
