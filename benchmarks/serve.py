@@ -22,7 +22,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -94,35 +93,48 @@ def request(port, method, path, body=None, conn=None):
     return response.status, data
 
 
+def _request_bytes(photo: bytes) -> bytes:
+    head = (f"POST /v1/locate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+            f"Content-Length: {len(photo)}\r\n\r\n").encode()
+    return head + photo
+
+
+async def _exchange(reader, writer, payload: bytes) -> tuple[int, bytes]:
+    """One request on a keep-alive connection; the answer's status and body (uvicorn always sends Content-Length)."""
+    writer.write(payload)
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    length = next(int(line.split(":", 1)[1]) for line in lines[1:] if line.lower().startswith("content-length:"))
+    return status, await reader.readexactly(length)
+
+
 def load(port, photos: list[bytes], clients: int, total: int) -> dict:
-    """`clients` threads, each on its own keep-alive connection, send `total` requests in all as fast as answered."""
-    latencies, errors, lock = [], [], threading.Lock()
-    counter = iter(range(total))
-    barrier = threading.Barrier(clients + 1)
+    """`clients` concurrent clients, each on its own keep-alive connection, send `total` requests in all, each
+    as soon as its previous one is answered. The clients share the server's CPU, so they are made as light as a
+    load generator can be in Python: one thread, one event loop, requests serialised before the clock starts."""
+    import asyncio
 
-    def client(c):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-        barrier.wait()
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                break
-            t = time.perf_counter()
-            status, data = request(port, "POST", "/v1/locate", photos[(i + c) % len(photos)], conn)
-            elapsed = time.perf_counter() - t
-            with lock:
+    payloads = [_request_bytes(p) for p in photos]
+    latencies, errors = [], []
+
+    async def main():
+        counter = iter(range(total))
+        connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(clients)]
+
+        async def client(c, reader, writer):
+            for i in counter:
+                t = time.perf_counter()
+                status, data = await _exchange(reader, writer, payloads[(i + c) % len(payloads)])
+                elapsed = time.perf_counter() - t
                 (latencies if status == 200 else errors).append(elapsed if status == 200 else (status, data[:200]))
-        conn.close()
+            writer.close()
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+        start = time.perf_counter()
+        await asyncio.gather(*(client(c, r, w) for c, (r, w) in enumerate(connections)))
+        return time.perf_counter() - start
+
+    wall = asyncio.run(main())
     ms = np.array(latencies) * 1000
     return {"clients": clients, "requests": total, "errors": len(errors), "error_samples": [str(e) for e in errors[:3]],
             "seconds": wall, "img_s": len(latencies) / wall, "p50_ms": float(np.percentile(ms, 50)),

@@ -14,7 +14,7 @@ _EXPORTS = {
     "Backbone": "backbones", "create_backbone": "backbones", "list_backbones": "backbones",
     "GeoindexError": "errors", "build_index": "build", "GeoIndex": "geo_index", "load_index": "geo_index",
     "list_indexes": "geo_index", "evaluate": "metrics", "run_bench": "bench", "train_probe": "heads",
-    "train_finetune": "heads", "tune_knn": "tuning", "scan_dataset": "data",
+    "train_finetune": "heads", "tune_knn": "tuning", "scan_dataset": "data", "adapt_index": "adapt",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -49,6 +49,7 @@ class Backbone:
     std: tuple[float, float, float]
     weights: WeightsInfo
     extras: dict = field(default_factory=dict)
+    _embedders: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def image_size(self) -> int:
@@ -82,7 +83,12 @@ class Backbone:
 
         tensors = [self.transform(img if not isinstance(img, (str, os.PathLike)) else
                                   load_image(img, draft_size=self.transform.resize_size)) for img in images]
-        embedder = Embedder(self, device=self.device, normalize=normalize)
+        # One Embedder per (model, device, normalisation): making one walks every module and parameter, which
+        # costs a served micro-batch several milliseconds when done per call.
+        key = (self.model, self.device, normalize)
+        embedder = self._embedders.get(key)
+        if embedder is None:
+            embedder = self._embedders[key] = Embedder(self, device=self.device, normalize=normalize)
         return embedder(torch.stack(tensors)).cpu().numpy()
 
 
@@ -578,3 +584,104 @@ def _effnet_duo(weights, image_size):
     lite2 = EFFNET_LITE["effnet-lite2"]
     return _make("effnet-duo", model, 2560, image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), info,
                  interpolation="bicubic", resize_size=round(image_size / lite2.crop_pct))
+
+
+# ---------------------------------------------------------------------------- trunk and tail
+@dataclass
+class TailSplit:
+    """A backbone cut in two: `tail(trunk(x))` is exactly `backbone.model(x)`.
+
+    The trunk (most of the compute) stays frozen; the tail (the last stages and the feature head) is what
+    `geoindex train --mode tail` fine-tunes. Both share their modules with the backbone's model, so
+    training the tail trains the backbone in place. The trunk gives one flat (B, F) tensor per batch, so
+    its outputs can be computed once, cached and fed to the tail epoch after epoch.
+    """
+
+    trunk: nn.Module
+    tail: nn.Module
+    trunk_dim: int
+    parameters: list  # the tail's own parameters (its modules also reach the trunk's, which get no gradient)
+
+
+class _TimmTrunk(nn.Module):
+    def __init__(self, net, cut: int):
+        super().__init__()
+        self.net, self.cut = net, cut
+
+    def forward(self, x):
+        net = self.net
+        return net.blocks[:self.cut](net.bn1(net.conv_stem(x)))
+
+
+class _TimmTail(nn.Module):
+    def __init__(self, net, cut: int):
+        super().__init__()
+        self.net, self.cut = net, cut
+
+    def forward(self, x):
+        net = self.net
+        return net.forward_head(net.bn2(net.conv_head(net.blocks[self.cut:](x))), pre_logits=True)
+
+
+class _FlatTrunk(nn.Module):
+    """Member trunks side by side, each at its own input size, flattened into one (B, F) tensor."""
+
+    def __init__(self, trunks, sizes):
+        super().__init__()
+        self.trunks, self.sizes = nn.ModuleList(trunks), sizes
+
+    def forward(self, x):
+        return torch.cat([trunk(_at_size(x, size)).flatten(1) for trunk, size in zip(self.trunks, self.sizes)], dim=1)
+
+
+class _FlatTail(nn.Module):
+    """Unflattens each member's trunk output and runs its tail; several members are normalised and
+    concatenated exactly as _Concatenated does."""
+
+    def __init__(self, tails, shapes, normalise_members: bool):
+        super().__init__()
+        self.tails, self.shapes, self.normalise_members = nn.ModuleList(tails), shapes, normalise_members
+
+    def forward(self, flat):
+        outputs, start = [], 0
+        for tail, shape in zip(self.tails, self.shapes):
+            n = int(np.prod(shape))
+            out = tail(flat[:, start:start + n].reshape(-1, *shape))
+            outputs.append(nn.functional.normalize(out.float(), dim=1) if self.normalise_members else out)
+            start += n
+        return torch.cat(outputs, dim=1) if self.normalise_members else outputs[0]
+
+
+def _at_size(x, size):
+    return x if size is None or x.shape[-1] == size else nn.functional.interpolate(
+        x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+
+
+TAIL_STAGES = 2  # EfficientNet-Lite: the last two stages (7x7 at 224 px) and the 1x1 feature head
+
+
+def tail_split(backbone: Backbone, tail_stages: int = TAIL_STAGES) -> TailSplit:
+    """Cut a backbone into a frozen trunk and a trainable tail (the EfficientNet-Lite family and effnet-duo)."""
+    model = backbone.model
+    members = [(m, s) for m, s in zip(model.members, model.sizes)] if isinstance(model, _Concatenated) else [(model, None)]
+    if not all(isinstance(m, _PooledTimm) and hasattr(m.net, "blocks") for m, _ in members):
+        raise GeoindexError(f"fine-tuning the tail is built for the EfficientNet-Lite backbones "
+                            f"({', '.join(n for n in list_backbones() if n.startswith('effnet'))}); "
+                            f"{backbone.name} can be fine-tuned whole with --mode finetune")
+    trunks, tails, shapes, parameters = [], [], [], []
+    for member, size in members:
+        cut = len(member.net.blocks) - tail_stages
+        parameters += [p for m in (member.net.blocks[cut:], member.net.conv_head, member.net.bn2) for p in m.parameters()]
+        if cut < 1:
+            raise GeoindexError(f"{backbone.name} has {len(member.net.blocks)} stages; cannot train the last {tail_stages}")
+        trunks.append(_TimmTrunk(member.net, cut))
+        tails.append(_TimmTail(member.net, cut))
+        side = size or backbone.image_size
+        was_training = member.training
+        member.eval()
+        with torch.no_grad():
+            shapes.append(tuple(trunks[-1](torch.zeros(1, 3, side, side, device=backbone.device)).shape[1:]))
+        member.train(was_training)
+    sizes = [s for _, s in members]
+    return TailSplit(_FlatTrunk(trunks, sizes), _FlatTail(tails, shapes, isinstance(model, _Concatenated)),
+                     int(sum(np.prod(s) for s in shapes)), parameters)

@@ -50,6 +50,7 @@ MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.h5"
 FAISS_INDEX = "faiss.index"
 SKIPPED = "skipped.json"
+TUNED_WEIGHTS = "backbone.pt"  # an adapted index's own backbone (geoindex.adapt), kept inside the index
 INDEX_FILES = (EMBEDDINGS, FAISS_INDEX, SKIPPED)
 
 
@@ -673,3 +674,91 @@ def _build_faiss(store: EmbeddingStore, out: Path, index_type: str, index_params
         _, exact = exact_search(queries, store.iter_blocks("train"), kk)
         info[f"recall@{kk}"] = round(recall_at_k(approx, exact), 4)
     return info
+
+
+# ---------------------------------------------------------------------------------------------- re-embedding
+def reembed_index(index, backbone: Backbone, adapted: dict, batch_size: int = 64, num_workers: int | None = None,
+                  device="auto", progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Embed every photo of a built index again with `backbone` (its weights a file, e.g. a tuned tail), keeping
+    the rows, splits and metadata, and swap the index for the result in one atomic step, as a build does.
+
+    The weights file is copied into the index (backbone.pt, recorded relative to the index folder and checked
+    like its other files), so the index stays whole when moved. Heads trained on the old embeddings are not
+    carried over (they read another space); heads/<adapted mode>/ (curves, history) is. A photo that can no
+    longer be read stops the run before anything is replaced.
+    """
+    from .extraction import iter_embeddings
+
+    if backbone.weights.source != "file":
+        raise GeoindexError("re-embedding an index takes a backbone whose weights are a file")
+    home, name = Path(index.path).parent, Path(index.path).name
+    paths = BuildPaths(home, name)
+    dtype = index.manifest.get("dtype", "float16")
+    classes = index.classes
+    old = index.store
+    counts = {s: old.count(s) for s in SPLITS}
+    with IndexLock(home, name):
+        out = paths.assembly
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        (out / MARKER).write_text("made by geoindex: this folder is an index; `geoindex rm NAME` deletes it\n")
+        shutil.copyfile(backbone.weights.path, out / TUNED_WEIGHTS)
+        started, embedded = time.perf_counter(), 0
+        with atomic_path(out / EMBEDDINGS) as tmp:
+            with create_store(tmp, counts, backbone.embed_dim, dtype, classes,
+                              {"backbone": backbone.name, "normalization": "l2"}) as f:
+                for split in SPLITS:
+                    meta = old.metadata(split)
+                    keys = old.photo_keys(split)
+                    write_metadata(f[split], meta if keys is None else meta.assign(
+                        size=keys["size"].to_numpy(), mtime_ns=keys["mtime_ns"].to_numpy(),
+                        digest=keys["digest"].to_numpy()), classes)
+                    if not len(meta):
+                        continue
+                    for item in iter_embeddings(backbone, meta["path"].tolist(), batch_size=batch_size,
+                                                num_workers=num_workers, device=device, progress=progress,
+                                                desc=f"re-embedding {split} ({backbone.name}, tuned)"):
+                        if not item.ok.all():
+                            bad = int(item.positions[~item.ok][0])
+                            why = item.errors[int(np.flatnonzero(~item.ok)[0])]
+                            raise GeoindexError(f"{meta['path'].iat[bad]} can no longer be read ({why}); re-embedding "
+                                                f"needs every photo of index {name!r}: nothing was replaced")
+                        rows = slice(int(item.positions[0]), int(item.positions[-1]) + 1)  # batches come in order
+                        f[split]["embeddings"][rows] = item.embeddings.astype(dtype)
+                        embedded += len(item.positions)
+        fault_point("reembed-h5")
+        with EmbeddingStore(out / EMBEDDINGS) as store:
+            index_info = _build_faiss(store, out, index.manifest["index"]["type"], index.manifest["index"].get("params"),
+                                      progress)
+        shutil.copyfile(Path(index.path) / SKIPPED, out / SKIPPED)
+        mode_folder = Path("heads") / adapted["mode"]
+        if (Path(index.path) / mode_folder).is_dir():
+            (out / mode_folder).mkdir(parents=True)
+            for kept in ("history.csv", "curves.png", "meta.json"):
+                if (Path(index.path) / mode_folder / kept).is_file():
+                    shutil.copyfile(Path(index.path) / mode_folder / kept, out / mode_folder / kept)
+        seconds = time.perf_counter() - started
+        weights = backbone.weights.to_dict() | {"path": TUNED_WEIGHTS, "sha256": backbone.weights.sha256,
+                                                 "description": f"{backbone.name}, {adapted['mode']} fine-tuned on "
+                                                                f"index {name!r} (val accuracy "
+                                                                f"{adapted['best_val_accuracy']:.3f})"}
+        manifest = dict(index.manifest)
+        manifest.update({
+            "build_id": uuid.uuid4().hex, "weights": weights, "adapted": adapted,
+            "embedding": _embedding_plan(backbone, index.manifest["embedding"].get("max_pixels")) | {
+                "weights_path": TUNED_WEIGHTS},
+            "index": index_info,
+            "extraction": dict(index.manifest.get("extraction", {}), reembedded_rows=embedded,
+                               reembedding_images_per_second=round(embedded / seconds, 2) if seconds else None),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "files": describe_files(out, INDEX_FILES + (TUNED_WEIGHTS,)),
+        })
+        write_json_atomic(out / MANIFEST, manifest)
+        fault_point("reembed-manifest")
+        replace_dir(out, paths.target)        # the one step that makes the re-embedded index visible
+        if out.exists():                      # now the replaced index
+            shutil.rmtree(out)
+        _clean_leftovers(paths)
+    log(f"index {name!r} re-embedded: {embedded} photos in {seconds:.0f} s ({embedded / max(seconds, 1e-9):.1f} photos/s)")
+    return manifest

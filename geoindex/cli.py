@@ -336,28 +336,50 @@ def rm_command(name, yes, index_dir):
 
 @main.command()
 @click.option("--index", "index_name", default=None, help="Index name or path [default: the latest built].")
-@click.option("--mode", type=click.Choice(["probe", "finetune"]), default="probe", show_default=True,
-              help="probe: softmax head on the stored embeddings (fast on CPU); finetune: the whole backbone "
-                   "on images with augmentation (wants a GPU).")
-@click.option("--epochs", type=click.IntRange(1), default=None, help="[default: probe 30, finetune 10]")
-@click.option("--lr", type=float, default=None, help="Adam learning rate [default: probe 1e-3, finetune 1e-4].")
-@click.option("--weight-decay", type=float, default=1e-5, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=None, help="[default: probe 256, finetune 32]")
-@click.option("--patience", type=click.IntRange(1), default=3, show_default=True,
-              help="Stop after this many epochs without a better validation accuracy.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted fine-tuning from its last checkpoint.")
-@click.option("--workers", type=click.IntRange(0), default=None, help="Decoding processes (finetune).")
+@click.option("--mode", type=click.Choice(["auto", "tail", "probe", "finetune"]), default="auto", show_default=True,
+              help="auto: tail where the backbone allows it (the EfficientNet-Lite family) and the index is not adapted "
+                   "yet, else probe. tail: fine-tune the backbone's last stages on cached trunk features (minutes on a "
+                   "CPU), re-embed the index with it, then a probe. probe: softmax head on the stored embeddings. "
+                   "finetune: the whole backbone on images with augmentation (wants a GPU).")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="[default: tail 8, probe 30, finetune 10]")
+@click.option("--lr", type=float, default=None, help="Learning rate [default: tail 1e-4 (head 1e-3), probe 1e-3, "
+                                                      "finetune 1e-4].")
+@click.option("--weight-decay", type=float, default=None, help="[default: tail 0.05 (AdamW), else 1e-5]")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="[default: tail 64, probe 256, finetune 32]")
+@click.option("--patience", type=click.IntRange(1), default=None,
+              help="Stop after this many epochs without a better validation figure [default: tail 2 (val loss), "
+                   "else 3].")
+@click.option("--resume", is_flag=True, help="Continue an interrupted whole-backbone fine-tuning from its last "
+                                             "checkpoint (tail fine-tuning resumes by itself).")
+@click.option("--workers", type=click.IntRange(0), default=None, help="Decoding processes (tail, finetune).")
 @device_option
 @index_dir_option
 @friendly_errors
 def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resume, workers, device, index_dir):
-    """Train a classifier head; saved with its curves under <index>/heads/<mode>/."""
+    """Train for the index's cities; heads and curves are saved under <index>/heads/<mode>/.
+
+    By default (EfficientNet-Lite backbones) this first adapts the backbone to the index: its last two
+    stages are fine-tuned on the train photos (early-stopped on val loss), every photo is embedded again
+    with it, and the index is swapped for the re-embedded one. Then a linear probe is trained and kNN
+    (space, k, vote, temperature) is tuned on val, on the new embeddings.
+    """
+    from .adapt import adapt_index, is_adapted, supports_tail
     from .geo_index import load_index
     from .heads import train_finetune, train_probe
 
     index = load_index(index_name, index_dir, device=device)
-    common = dict(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, patience=patience,
-                  device=device, log=click.echo)
+    if mode == "auto":
+        mode = "tail" if supports_tail(index) and not is_adapted(index) and index.store.count("val") else "probe"
+        if is_adapted(index):
+            click.echo(f"index {index.name!r} is already adapted to its cities; training the probe and tuning kNN")
+    if mode == "tail":
+        adapt_index(index, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, patience=patience,
+                    device=device, num_workers=workers, log=click.echo)
+        index.close()
+        index = load_index(index.path, device=device)
+        mode, epochs, lr, weight_decay, batch_size, patience = "probe", None, None, None, None, None  # probe defaults
+    common = dict(epochs=epochs, lr=lr, weight_decay=1e-5 if weight_decay is None else weight_decay,
+                  batch_size=batch_size, patience=patience or 3, device=device, log=click.echo)
     if mode == "probe":
         result = train_probe(index, **common)
     else:

@@ -137,10 +137,11 @@ class GeoIndex:
         if weights["source"] == "random":
             return "none"
         if weights["source"] == "file":
-            if not Path(weights["path"]).is_file():
-                raise GeoindexError(f"index {self.name!r} was built with weights file {weights['path']}, which is gone; "
+            path = self.path / weights["path"]  # relative: the index's own tuned backbone (geoindex.adapt)
+            if not path.is_file():
+                raise GeoindexError(f"index {self.name!r} was built with weights file {path}, which is gone; "
                                     "put it back or rebuild the index")
-            return weights["path"]
+            return str(path)
         return None
 
     @property
