@@ -52,9 +52,10 @@ def build_index(workdir: Path, backbone: str, weights: str | None) -> tuple[Path
 
 
 class Server:
-    def __init__(self, index_dir, name, max_batch, max_wait_ms, torch_threads, decode_threads):
+    def __init__(self, index_dir, name, max_batch, max_wait_ms, torch_threads, decode_threads, extra_env=()):
         self.port = free_port()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               **dict(item.split("=", 1) for item in extra_env)}
         args = [sys.executable, "-m", "geoindex.serve", "--index", name, "--index-dir", str(index_dir), "--port",
                 str(self.port), "--device", "cpu", "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
                 "--torch-threads", str(torch_threads), "--log-level", "warning"]
@@ -165,6 +166,8 @@ def main():
     parser.add_argument("--ceiling-batch", type=int, default=32, help="benchmarks/extract.py's default batch size")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of ceiling, batched, unbatched")
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment of the server processes (repeatable), e.g. OMP_WAIT_POLICY=PASSIVE")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
 
@@ -185,8 +188,10 @@ def main():
 
     # Both servers stay up (an idle one costs nothing) and the measurements alternate round by round,
     # so a change in machine load hits the ceiling and both servers alike; ratios are taken per round.
-    servers = {"batched": Server(index_dir, name, args.max_batch, args.max_wait_ms, args.torch_threads, args.decode_threads),
-               "unbatched": Server(index_dir, name, 1, args.max_wait_ms, args.torch_threads, args.decode_threads)}
+    servers = {"batched": Server(index_dir, name, args.max_batch, args.max_wait_ms, args.torch_threads, args.decode_threads,
+                                 args.server_env),
+               "unbatched": Server(index_dir, name, 1, args.max_wait_ms, args.torch_threads, args.decode_threads,
+                                   args.server_env)}
     try:
         runs = {"batched": {"sequential": None, "concurrent": []}, "unbatched": {"sequential": None, "concurrent": []}}
         for key, server in servers.items():
@@ -220,6 +225,7 @@ def main():
     results = {"backbone": args.backbone, "weights": backbone.weights.source, "device": str(device),
                "torch_threads": args.torch_threads, "clients": args.clients, "photo": "640x480 JPEG, raw image/jpeg body",
                "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "decode_threads": args.decode_threads,
+               "server_env": args.server_env, "client": "one asyncio thread, raw HTTP/1.1 keep-alive",
                "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]), "rounds": rounds,
                "sequential": {k: v["sequential"] for k, v in runs.items()},
                "batched_over_extract_ceiling_median": median("batched_over_extract_ceiling"),

@@ -36,7 +36,7 @@ from .fileio import atomic_path, fault_point, write_json_atomic
 from .heads import _LossStopping, head_folder, load_weights_file, save_curves
 
 MODE = "tail"
-DEFAULTS = {"epochs": 8, "lr": 1e-4, "head_lr": 1e-3, "weight_decay": 0.05, "batch_size": 64, "patience": 2,
+DEFAULTS = {"epochs": 6, "lr": 1e-4, "head_lr": 1e-3, "weight_decay": 0.05, "batch_size": 64, "patience": 2,
             "label_smoothing": 0.1}
 MAX_TRAIN_PHOTOS = 20_000  # the trunk cache is ~44-113 KB a photo; past this a random sample of train adapts
 MAX_VAL_PHOTOS = 5_000

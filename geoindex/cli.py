@@ -341,7 +341,7 @@ def rm_command(name, yes, index_dir):
                    "yet, else probe. tail: fine-tune the backbone's last stages on cached trunk features (minutes on a "
                    "CPU), re-embed the index with it, then a probe. probe: softmax head on the stored embeddings. "
                    "finetune: the whole backbone on images with augmentation (wants a GPU).")
-@click.option("--epochs", type=click.IntRange(1), default=None, help="[default: tail 8, probe 30, finetune 10]")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="[default: tail 6, probe 30, finetune 10]")
 @click.option("--lr", type=float, default=None, help="Learning rate [default: tail 1e-4 (head 1e-3), probe 1e-3, "
                                                       "finetune 1e-4].")
 @click.option("--weight-decay", type=float, default=None, help="[default: tail 0.05 (AdamW), else 1e-5]")

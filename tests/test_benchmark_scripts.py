@@ -32,3 +32,22 @@ def test_extract_benchmark_smoke(tmp_path):
                        "--workdir", tmp_path / "work", tmp_path=tmp_path)
     assert results["ceiling_img_s"] > 0 and results["pipeline_img_s"] > 0 and results["naive_img_s"] > 0
     assert "(b)/(a)" in out
+
+
+def test_heldout_benchmark_smoke(tmp_path):
+    import pytest
+    london = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "london-or-london"
+    if not (london / "index.csv").is_file():
+        pytest.skip(f"no London-or-London photos at {london} (see ../shared/README.md)")
+    out, results = run("heldout.py", "--data", london, "--per-city", 45, "--backbones", "effnet",
+                       "--train-modes", "auto,probe", "--workdir", tmp_path / "work", tmp_path=tmp_path)
+    scored = [r for r in results["rows"] if "set" in r]
+    assert {r["train_mode"] for r in scored} == {"auto", "probe"}
+    assert {r["set"] for r in scored} >= {"test", "external"}
+    external = [r for r in scored if r["set"] == "external"]
+    # A third of each city's 45, east of the index's photos (any that share a 1 km cell with the index are dropped).
+    assert external and all(0 < r["n"] <= 30 for r in external)
+    assert results["split"]["index_photos"] == 60 and results["split"]["external_photos"] == 30
+    timings = [r for r in results["rows"] if "total_seconds" in r]
+    assert len(timings) == 2 and all(r["seconds"]["train"] > 0 for r in timings)
+    assert "train --mode auto" in out
