@@ -2,7 +2,7 @@
 
 One thread owns the model. It blocks for the first waiting item, then keeps taking items until it
 holds max_batch or max_wait has passed since the first, and runs them all in one call. When told
-how many items are on their way (`expecting`, say uploads still decoding), it waits only while some
+how many items are on their way (`expecting`, say request bodies still arriving), it waits only while some
 are, so a lone request pays no batching delay. Under load
 the queue fills while a batch runs, so the next batch forms with no waiting at all; alone, a
 request waits at most max_wait. max_batch=1 turns batching off (one model call per photo, still one
@@ -47,8 +47,9 @@ _STOP = object()
 class MicroBatcher:
     """run_batch(payloads, group) -> one result per payload, called from a single worker thread.
 
-    Items of different groups (say, different k) never share a batch. If a batch raises, its
-    items are retried one by one, so one bad item fails only its own request.
+    Items of different groups (say, different k) never share a batch. A result that is an Exception
+    fails its own item only; if a whole batch raises, its items are retried one by one, so one bad
+    item fails only its own request.
     """
 
     def __init__(self, run_batch: Callable[[Sequence[Any], Hashable], Sequence[Any]], max_batch: int = 16,
@@ -151,6 +152,9 @@ class MicroBatcher:
             return
         seconds = self._account(start, len(live))
         for item, result in zip(live, results):
+            if isinstance(result, Exception):  # this item alone was refused (a photo that does not decode, say)
+                item.future.set_exception(result)
+                continue
             item.future.set_result((result, BatchTiming(round((start - item.enqueued) * 1000, 2),
                                                         round(seconds * 1000, 2), len(live))))
 
@@ -160,6 +164,9 @@ class MicroBatcher:
             (result,) = self.run_batch([item.payload], item.group)
         except BaseException as exc:
             item.future.set_exception(exc)
+            return
+        if isinstance(result, Exception):
+            item.future.set_exception(result)
             return
         item.future.set_result((result, BatchTiming(round((start - item.enqueued) * 1000, 2),
                                                     round((time.perf_counter() - start) * 1000, 2), 1)))
