@@ -74,14 +74,15 @@ class Backbone:
         return self.normalize(self.transform(img).unsqueeze(0))[0]
 
     def embed(self, images, normalize: bool = True) -> np.ndarray:
-        """Embed PIL images or file paths in one batch, exactly as an index build does; float32 (N, D).
+        """Embed PIL images, file paths or `transform` outputs in one batch, exactly as an index build does; float32 (N, D).
 
         Raises ImageError for an unreadable file (a build skips those instead).
         """
         from .extraction import Embedder
         from .images import load_image
 
-        tensors = [self.transform(img if not isinstance(img, (str, os.PathLike)) else
+        tensors = [img if isinstance(img, torch.Tensor) else  # already transformed (the service does it off this thread)
+                   self.transform(img if not isinstance(img, (str, os.PathLike)) else
                                   load_image(img, draft_size=self.transform.resize_size)) for img in images]
         # One Embedder per (model, device, normalisation): making one walks every module and parameter, which
         # costs a served micro-batch several milliseconds when done per call.

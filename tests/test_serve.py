@@ -161,7 +161,19 @@ def test_batch_answers_each_photo_in_order(server, gsv_tree):
     assert [r["source"] for r in results] == [p.name for p in paths]
     for path, result in zip(paths, results):
         single = locate(server, path).json()["results"][0]
-        assert result["top5"] == single["top5"] and result["neighbours"] == single["neighbours"]
+        assert same_answer(result, single)
+
+
+def same_answer(a: dict, b: dict, tol: float = 1e-5) -> bool:
+    """The same cities in the same order and the same neighbours; numbers equal up to float rounding (a batch of
+    three and a batch of one go through different BLAS blockings on a CPU: embeddings differ by ~1e-7, which a
+    probability rounded to 6 decimals can show)."""
+    def close(x, y):
+        return abs(x - y) <= tol
+    return ([c["city"] for c in a["top5"]] == [c["city"] for c in b["top5"]]
+            and all(close(x["probability"], y["probability"]) for x, y in zip(a["top5"], b["top5"]))
+            and [n["path"] for n in a["neighbours"]] == [n["path"] for n in b["neighbours"]]
+            and all(close(x["similarity"], y["similarity"]) for x, y in zip(a["neighbours"], b["neighbours"])))
 
 
 def png_bomb(width=30000, height=30000) -> bytes:

@@ -68,9 +68,7 @@ class Locator:
         self.max_pixels = max_pixels
         self.train = index.store.metadata("train")  # row numbers are the neighbour ids, and the only photos served
         self.row_of_path = {p: i for i, p in enumerate(self.train["path"])}
-        transform = getattr(index.backbone, "transform", None)  # loads the backbone now, not on the first request
-        self.resize_short_side = getattr(transform, "resize_size", None)
-        self.resample = getattr(transform, "interpolation", "bicubic")
+        self.transform = index.backbone.transform  # loads the backbone now, not on the first request
         classifier = index.classifier
         self.classifier_mode = getattr(classifier, "mode", None) if classifier is not None else None
         self.decode_pool = ThreadPoolExecutor(decode_threads or default_decode_threads(), thread_name_prefix="decode")
@@ -90,8 +88,9 @@ class Locator:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
     def _decode(self, data: bytes):
+        """Upload -> the model's uint8 input tensor (decoded, resized and cropped on the pool), or why not."""
         try:
-            return decode_image(data, self.max_pixels, self.resize_short_side, self.resample)
+            return self.transform(decode_image(data, self.max_pixels, self.transform.resize_size))
         except UploadError as exc:
             return exc
 
@@ -100,7 +99,7 @@ class Locator:
         started = time.perf_counter()
         decoded = list(self.decode_pool.map(self._decode, uploads))
         decode_ms = round((time.perf_counter() - started) * 1000, 2)
-        images = [d for d in decoded if not isinstance(d, UploadError)]
+        images = [d for d in decoded if not isinstance(d, UploadError)]  # tensors: the transform already ran
         answers = iter([dict(p.to_dict(), _decode_ms=decode_ms) for p in self.index.query(images, k=k)] if images else [])
         return [d if isinstance(d, UploadError) else next(answers) for d in decoded]
 

@@ -134,14 +134,12 @@ def _parse_multipart(body: bytes, content_type: str, max_files: int) -> list[Upl
 _STATUS = {"not_an_image": 415, "too_many_pixels": 413, "corrupt": 422}
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, resize_short_side: int | None = None,
-                 resample: str = "bicubic") -> Image.Image:
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
     """Bytes -> RGB PIL image, or UploadError saying why not.
 
     The very decoder `geoindex query` and a build use for files (geoindex.images.decode_image: pixel limit
-    before decoding, JPEG draft scaling, truncated data refused, EXIF rotation, alpha on white), so a photo
-    answers the same over HTTP. resize_short_side resizes exactly as the backbone's transform would first,
-    off the model's thread (the transform then finds the size already right and only crops).
+    before decoding, JPEG draft scaling to draft_size, truncated data refused, EXIF rotation, alpha on
+    white), so a photo answers the same over HTTP.
     """
     from ..errors import ImageError
     from ..images import decode_image as decode
@@ -149,15 +147,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, resize_short
     if not data:
         raise UploadError(400, "empty", "empty upload (0 bytes)")
     try:
-        img = decode(data, draft_size=resize_short_side, max_pixels=max_pixels)
+        return decode(data, draft_size=draft_size, max_pixels=max_pixels)
     except ImageError as exc:
         hint = "; send a JPEG, PNG or WebP photo" if exc.kind == "not_an_image" else ""
         raise UploadError(_STATUS.get(exc.kind, 422), exc.kind, f"{exc}{hint}") from None
-    if resize_short_side is not None:
-        w, h = img.size
-        scale = resize_short_side / min(w, h)
-        img = img.resize((round(w * scale), round(h * scale)), _RESAMPLE[resample])
-    return img
-
-
-_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
