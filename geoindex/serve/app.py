@@ -6,7 +6,7 @@ neighbour, the index row its thumbnail is served under. A micro-batch's uploads 
 small thread pool (all cores) just before its model call, not while the previous batch runs: on a
 CPU the two fight over the same cores, and a preempted model thread stalls its siblings at every
 operator. Decoding first, batches fill to max_batch and the slowest answers come sooner
-(benchmarks/serve.py, effnet-duo on 2 cores: p99 608-652 ms against 840 ms, same throughput).
+(benchmarks/serve.py, effnet-duo on 2 cores: p99 608-742 ms in four runs against 840 ms).
 """
 
 import asyncio
