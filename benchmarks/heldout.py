@@ -33,7 +33,7 @@ def geographic_split(data: Path, fraction: float, workdir: Path, per_city: int |
     """index.csv (per city, the western 1 - fraction of photos) and external.csv (the eastern fraction)."""
     table = pd.read_csv(data / "index.csv") if data.is_dir() else pd.read_csv(data)
     if per_city:  # a seeded sample of each city, for a quick run
-        table = table.groupby("city", group_keys=False).apply(lambda g: g.sample(min(len(g), per_city), random_state=0))
+        table = pd.concat([g.sample(min(len(g), per_city), random_state=0) for _, g in table.groupby("city")])
     root = (data if data.is_dir() else data.parent).resolve()  # the CSVs are written elsewhere: absolute paths
     table["path"] = [str(p) if Path(p).is_absolute() else str(root / p) for p in table["path"]]
     index_rows, external_rows, cut = [], [], {}
