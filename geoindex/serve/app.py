@@ -5,7 +5,7 @@ so a photo gets the same JSON here as from `geoindex query --json`, plus timings
 neighbour, the index row its thumbnail is served under. A micro-batch's uploads are decoded on a
 small thread pool (all cores) just before its model call, not while the previous batch runs: on a
 CPU the two fight over the same cores, and a preempted model thread stalls its siblings at every
-operator. Decoding first, batches fill to max_batch and the slowest answers come sooner
+operator. Decoding first, the slowest answers come sooner
 (benchmarks/serve.py, effnet-duo on 2 cores: p99 608-742 ms in four runs against 840 ms).
 """
 
