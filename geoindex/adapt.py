@@ -49,8 +49,9 @@ class AdaptResult:
     best_epoch: int
     best_val_accuracy: float
     best_val_loss: float
-    weights: Path
+    weights: Path        # the tuned backbone, inside the index
     train_photos: int
+    index: object        # the re-embedded index, opened again (the one passed in reads the replaced files)
 
 
 def supports_tail(index) -> bool:
@@ -60,6 +61,12 @@ def supports_tail(index) -> bool:
 
 def is_adapted(index) -> bool:
     return bool(index.manifest.get("adapted"))
+
+
+def wants_adaptation(index) -> bool:
+    """What `geoindex train --mode auto` (and the demo) adapt: a backbone that can be cut, not adapted yet, with a
+    validation split to stop on."""
+    return supports_tail(index) and not is_adapted(index) and bool(index.store.count("val"))
 
 
 def _sample(n: int, limit: int, seed: int) -> np.ndarray:
@@ -84,11 +91,13 @@ def adapt_index(index, epochs: int | None = None, lr: float | None = None, weigh
                 batch_size: int | None = None, patience: int | None = None, tail_stages: int = TAIL_STAGES,
                 device="auto", num_workers=None, seed: int = 0, progress: bool = True, log=print) -> AdaptResult:
     """Fine-tune the tail of the index's backbone on its train photos (early stop on val loss), re-embed every
-    photo of the index with it and swap the index for the re-embedded one. Returns where the curves are."""
+    photo of the index with it and swap the index for the re-embedded one. `index` is closed; the result holds
+    the re-embedded index, opened, and where the curves are."""
     from tqdm.auto import tqdm
 
     from .backbones import create_backbone
-    from .build import reembed_index
+    from .build import TUNED_WEIGHTS, reembed_index
+    from .geo_index import load_index
 
     if is_adapted(index):
         raise GeoindexError(f"index {index.name!r} is already adapted to its cities (its backbone's tail was fine-tuned "
@@ -96,7 +105,7 @@ def adapt_index(index, epochs: int | None = None, lr: float | None = None, weigh
                             "`geoindex build ... --overwrite` to start again from the pretrained weights")
     if not index.store.count("val"):
         raise GeoindexError(f"index {index.name!r} has no validation split: fine-tuning needs one to know when to stop")
-    settings = {k: v for k, v in DEFAULTS.items()}
+    settings = dict(DEFAULTS)
     settings.update({k: v for k, v in {"epochs": epochs, "lr": lr, "weight_decay": weight_decay,
                                        "batch_size": batch_size, "patience": patience}.items() if v is not None})
     settings["head_lr"] = settings["lr"] * DEFAULTS["head_lr"] / DEFAULTS["lr"]
@@ -230,5 +239,6 @@ def adapt_index(index, epochs: int | None = None, lr: float | None = None, weigh
                             device=device)
     reembed_index(index, tuned, adapted=info, batch_size=max(32, settings["batch_size"]), num_workers=num_workers,
                   device=device, progress=progress, log=log)
-    return AdaptResult(folder, pd.DataFrame(history), best_epoch, best_val_accuracy, stopper.best_loss, weights,
-                       int(len(rows["train"])))
+    index.close()
+    return AdaptResult(folder, pd.DataFrame(history), best_epoch, best_val_accuracy, stopper.best_loss,
+                       Path(index.path) / TUNED_WEIGHTS, int(len(rows["train"])), load_index(index.path, device=device))

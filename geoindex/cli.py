@@ -363,20 +363,18 @@ def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resu
     with it, and the index is swapped for the re-embedded one. Then a linear probe is trained and kNN
     (space, k, vote, temperature) is tuned on val, on the new embeddings.
     """
-    from .adapt import adapt_index, is_adapted, supports_tail
+    from .adapt import adapt_index, is_adapted, wants_adaptation
     from .geo_index import load_index
     from .heads import train_finetune, train_probe
 
     index = load_index(index_name, index_dir, device=device)
     if mode == "auto":
-        mode = "tail" if supports_tail(index) and not is_adapted(index) and index.store.count("val") else "probe"
+        mode = "tail" if wants_adaptation(index) else "probe"
         if is_adapted(index):
             click.echo(f"index {index.name!r} is already adapted to its cities; training the probe and tuning kNN")
     if mode == "tail":
-        adapt_index(index, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, patience=patience,
-                    device=device, num_workers=workers, log=click.echo)
-        index.close()
-        index = load_index(index.path, device=device)
+        index = adapt_index(index, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                            patience=patience, device=device, num_workers=workers, log=click.echo).index
         mode, epochs, lr, weight_decay, batch_size, patience = "probe", None, None, None, None, None  # probe defaults
     common = dict(epochs=epochs, lr=lr, weight_decay=1e-5 if weight_decay is None else weight_decay,
                   batch_size=batch_size, patience=patience or 3, device=device, log=click.echo)

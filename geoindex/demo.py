@@ -36,7 +36,7 @@ def run_demo(data=None, backbone: str = "auto", per_city=None, rebuild: bool = F
              adapt: bool = True, log: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> dict:
     """build -> train (as `geoindex train` does: adapt the backbone where it can, then probe + kNN tuning on val)
     -> query three test photos -> bench; returns the bench results."""
-    from .adapt import adapt_index, is_adapted, supports_tail
+    from .adapt import adapt_index, wants_adaptation
     from .bench import format_table, run_bench
     from .build import build_index, choose_default_backbone
     from .cities import display_name
@@ -65,11 +65,9 @@ def run_demo(data=None, backbone: str = "auto", per_city=None, rebuild: bool = F
         path = report.path
     index = load_index(path, device=device)
     if index.store.count("val"):
-        if adapt and supports_tail(index) and not is_adapted(index):
+        if adapt and wants_adaptation(index):
             log("adapting the backbone to the index's cities (geoindex train's first step; --no-adapt skips it)")
-            adapt_index(index, device=device, log=log)
-            index.close()
-            index = load_index(path, device=device)
+            index = adapt_index(index, device=device, log=log).index
         train_probe(index, progress=False, log=lambda m: None)
         tune_knn(index, log=log)
     test = index.store.metadata("test")

@@ -119,8 +119,9 @@ ADAPT = textwrap.dedent("""
     import sys
     from geoindex.adapt import adapt_index
     from geoindex.geo_index import load_index
-    adapt_index(load_index(sys.argv[1], sys.argv[2], device="cpu"), epochs=3, patience=5, device="cpu",
-                num_workers=0, progress=False, log=print)
+    result = adapt_index(load_index(sys.argv[1], sys.argv[2], device="cpu"), epochs=3, patience=5, device="cpu",
+                         num_workers=0, progress=False, log=print)
+    assert result.weights.is_file() and result.index.manifest["adapted"]["mode"] == "tail"
 """)
 
 
