@@ -142,8 +142,8 @@ class ImageTransform:
     def resize_crop(self, img: Image.Image) -> Image.Image:
         """The centre image_size square of the photo resized to a short side of resize_size, in one resampling
         pass over the source pixels that square needs (PIL's box resize): the filter sees the same pixels as
-        resizing the whole photo and cropping, a third less work for a 640x480 photo (outputs agree within
-        rounding: 0.04% of values off by 1 or 2)."""
+        resizing the whole photo and cropping, without resampling the parts the crop throws away (outputs agree
+        within rounding: tests/test_images.py holds them to 2 levels on under 0.5% of values)."""
         w, h = img.size
         scale = self.resize_size / min(w, h)
         new_w, new_h = max(self.image_size, round(w * scale)), max(self.image_size, round(h * scale))
