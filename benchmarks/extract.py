@@ -50,20 +50,32 @@ def make_photos(folder: Path, n: int, size=(640, 480), seed=0) -> list[str]:
     return paths
 
 
-def ceiling(backbone, n, batch_size, device, repeats=1) -> float:
+def ceiling(backbone, n, batch_size, device, repeats=1, streams=1) -> float:
+    """Images/s of forward passes on one uint8 batch kept in memory. streams > 1 runs that many such loops side
+    by side on threads (each with the torch threads the caller set), as `geoindex serve --model-threads` does."""
+    import threading
+
     embedder = Embedder(backbone, device)
     batch = torch.randint(0, 255, (batch_size, 3, backbone.image_size, backbone.image_size), dtype=torch.uint8)
     embedder(batch)  # warm-up: allocator, cudnn autotune, thread pools
     if device.type == "cuda":
         torch.cuda.synchronize()
-    batches = max(1, n // batch_size) * repeats
+    per_stream = max(1, n // batch_size // streams) * repeats
+
+    def loop():
+        for _ in range(per_stream):
+            embedder(batch)
+
+    threads = [threading.Thread(target=loop) for _ in range(streams - 1)]
     with Timer() as t:
-        for _ in range(batches):
-            out = embedder(batch)
+        for thread in threads:
+            thread.start()
+        loop()
+        for thread in threads:
+            thread.join()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    del out
-    return batches * batch_size / t.seconds
+    return streams * per_stream * batch_size / t.seconds
 
 
 def pipeline(backbone, paths, batch_size, device, num_workers) -> float:

@@ -1,9 +1,12 @@
 """`geoindex serve` under load, beside the model's own ceiling, in one run on loopback.
 
-    python benchmarks/serve.py [--backbone effnet] [--clients 16] [--requests 256] [--max-batch 8] [--max-wait-ms 10]
+    python benchmarks/serve.py [--backbone effnet-duo] [--clients 16] [--requests 256] [--max-batch 8] [--max-wait-ms 10]
+                               [--model-threads 2]
 
 (a) ceiling: the backbone's forward passes on uint8 tensors already in memory, measured exactly as
-    benchmarks/extract.py does (its `ceiling` helper), at extract.py's batch size and at --max-batch;
+    benchmarks/extract.py does (its `ceiling` helper), at extract.py's batch size and at --max-batch, one
+    loop on all --torch-threads; and the same with --model-threads loops side by side, each on its share of
+    the threads, as the server runs them. The ratio to judge by is the one to the best of these ceilings;
 (b) the real server (`python -m geoindex.serve`, a subprocess) over an index built here with the same
     backbone and weights, the same torch threads, asked by clients on loopback that POST 640x480
     JPEGs as raw image/jpeg bodies over keep-alive connections:
@@ -32,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
 from extract import ceiling, make_photos  # noqa: E402
 
+from geoindex.build import DEFAULT_BACKBONE  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -52,7 +57,8 @@ def build_index(workdir: Path, backbone: str, weights: str | None) -> tuple[Path
 
 
 class Server:
-    def __init__(self, index_dir, name, max_batch, max_wait_ms, torch_threads, decode_threads, extra_env=()):
+    def __init__(self, index_dir, name, max_batch, max_wait_ms, torch_threads, decode_threads, extra_env=(),
+                 model_threads=None):
         self.port = free_port()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                **dict(item.split("=", 1) for item in extra_env)}
@@ -61,6 +67,8 @@ class Server:
                 "--torch-threads", str(torch_threads), "--log-level", "warning"]
         if decode_threads:
             args += ["--decode-threads", str(decode_threads)]
+        if model_threads:
+            args += ["--model-threads", str(model_threads)]
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 180
@@ -76,7 +84,8 @@ class Server:
         raise RuntimeError("server did not start")
 
     def stats(self) -> dict:
-        return json.loads(request(self.port, "GET", "/healthz")[1])["batching"]
+        health = json.loads(request(self.port, "GET", "/healthz")[1])
+        return {**health["batching"], "cpu": health.get("cpu_seconds_by_thread") or {}}
 
     def stop(self):
         self.proc.terminate()
@@ -135,11 +144,14 @@ def load(port, photos: list[bytes], clients: int, total: int) -> dict:
         await asyncio.gather(*(client(c, r, w) for c, (r, w) in enumerate(connections)))
         return time.perf_counter() - start
 
+    cpu = time.process_time()
     wall = asyncio.run(main())
+    cpu = time.process_time() - cpu
     ms = np.array(latencies) * 1000
     return {"clients": clients, "requests": total, "errors": len(errors), "error_samples": [str(e) for e in errors[:3]],
             "seconds": wall, "img_s": len(latencies) / wall, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
+            "client_cpu_ms_per_request": cpu * 1000 / total}
 
 
 def concurrent_run(server, photos, args) -> dict:
@@ -148,13 +160,17 @@ def concurrent_run(server, photos, args) -> dict:
     after = server.stats()
     batches = after["batches"] - before["batches"]
     run["mean_batch_size"] = (after["items"] - before["items"]) / batches if batches else None
-    run["model_busy_fraction"] = (after["busy_seconds"] - before["busy_seconds"]) / run["seconds"]
+    run["model_busy_fraction"] = (after["busy_seconds"] - before["busy_seconds"]) / run["seconds"] / after["workers"]
+    served = after["items"] - before["items"]
+    run["server_cpu_ms_per_photo"] = {name: round((seconds - before["cpu"].get(name, 0.0)) * 1000 / served, 2)
+                                      for name, seconds in after["cpu"].items()
+                                      if served and seconds - before["cpu"].get(name, 0.0) > 0.005}
     return run
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="effnet")
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="[default: geoindex build's, %(default)s]")
     parser.add_argument("--weights", default=None, help="[default: the backbone's pretrained weights]")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=320, help="requests per concurrent measurement")
@@ -162,6 +178,8 @@ def main():
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--decode-threads", type=int, default=None)
+    parser.add_argument("--model-threads", type=int, default=None,
+                        help="the server's batches at once [default: geoindex serve's own choice]")
     parser.add_argument("--torch-threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--ceiling-batch", type=int, default=32, help="benchmarks/extract.py's default batch size")
     parser.add_argument("--workdir", default=None)
@@ -180,18 +198,27 @@ def main():
     photos = [Path(p).read_bytes() for p in make_photos(workdir / "photos", 64)]
     index_dir, name = build_index(workdir, args.backbone, args.weights)
     backbone = create_backbone(args.backbone, weights=args.weights, device=device)
+    from geoindex.serve.cli import split_threads
+    model_threads, stream_threads = split_threads(args.torch_threads, args.model_threads, device.type)
     print(f"{args.backbone} ({backbone.weights.source} weights) at {backbone.image_size}px on {device}, "
-          f"torch threads {args.torch_threads}, {os.cpu_count()} cores; {args.clients} clients, 640x480 JPEGs")
+          f"torch threads {args.torch_threads}, {os.cpu_count()} cores; {args.clients} clients, 640x480 JPEGs; "
+          f"server: {model_threads} model thread(s) of {stream_threads} torch thread(s)")
 
     def ceilings() -> dict:
-        return {str(b): ceiling(backbone, 128, b, device) for b in sorted({args.ceiling_batch, args.max_batch})}
+        found = {str(b): ceiling(backbone, 128, b, device) for b in sorted({args.ceiling_batch, args.max_batch})}
+        if model_threads > 1:  # as the server runs the model: side by side, each on its share of the threads
+            torch.set_num_threads(stream_threads)
+            for b in sorted({args.ceiling_batch, args.max_batch}):
+                found[f"{b}x{model_threads}"] = ceiling(backbone, 128 * model_threads, b, device, streams=model_threads)
+            torch.set_num_threads(args.torch_threads)
+        return found
 
     # Both servers stay up (an idle one costs nothing) and the measurements alternate round by round,
     # so a change in machine load hits the ceiling and both servers alike; ratios are taken per round.
     servers = {"batched": Server(index_dir, name, args.max_batch, args.max_wait_ms, args.torch_threads, args.decode_threads,
-                                 args.server_env),
+                                 args.server_env, model_threads),
                "unbatched": Server(index_dir, name, 1, args.max_wait_ms, args.torch_threads, args.decode_threads,
-                                   args.server_env)}
+                                   args.server_env, model_threads)}
     try:
         runs = {"batched": {"sequential": None, "concurrent": []}, "unbatched": {"sequential": None, "concurrent": []}}
         for key, server in servers.items():
@@ -211,7 +238,8 @@ def main():
             rounds.append(row)
             print(f"round {r + 1}: ceiling " + ", ".join(f"batch {b} {v:.1f}" for b, v in ceiling_now.items())
                   + f" img/s; served {row['batched']['img_s']:.1f} batched, {row['unbatched']['img_s']:.1f} unbatched;"
-                  f" batched/ceiling(batch {args.ceiling_batch}) {row['batched_over_extract_ceiling']:.2f}", flush=True)
+                  f" batched/ceiling(batch {args.ceiling_batch}) {row['batched_over_extract_ceiling']:.2f},"
+                  f" /best ceiling {row['batched_over_best_ceiling']:.2f}", flush=True)
     finally:
         for server in servers.values():
             server.stop()
@@ -223,7 +251,8 @@ def main():
         return sorted(runs_list, key=lambda x: x["img_s"])[len(runs_list) // 2]
 
     results = {"backbone": args.backbone, "weights": backbone.weights.source, "device": str(device),
-               "torch_threads": args.torch_threads, "clients": args.clients, "photo": "640x480 JPEG, raw image/jpeg body",
+               "torch_threads": args.torch_threads, "model_threads": model_threads,
+               "torch_threads_per_model_thread": stream_threads, "clients": args.clients, "photo": "640x480 JPEG, raw image/jpeg body",
                "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "decode_threads": args.decode_threads,
                "server_env": args.server_env, "client": "one asyncio thread, raw HTTP/1.1 keep-alive",
                "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]), "rounds": rounds,
@@ -234,15 +263,22 @@ def main():
     print(f"\n{'median round':50} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}")
     mid = sorted(rounds, key=lambda r: r["batched_over_extract_ceiling"])[len(rounds) // 2]
     for b, v in mid["ceiling_img_s"].items():
-        print(f"{'ceiling: tensors in memory, batch ' + b:50} {v:8.1f}")
+        label = (f"batch {b.split('x')[0]}, {model_threads} loops of {stream_threads} thread(s)" if "x" in b
+                 else f"batch {b}, one loop of {args.torch_threads} thread(s)")
+        print(f"{'ceiling: tensors in memory, ' + label:50} {v:8.1f}")
     for key, label in (("batched", f"micro-batching (max batch {args.max_batch})"), ("unbatched", "no batching (max batch 1)")):
         s_, c = runs[key]["sequential"], mid[key]
         print(f"{'sequential, 1 client, ' + label:50} {s_['img_s']:8.1f} {s_['p50_ms']:8.1f} {s_['p99_ms']:8.1f}")
         mean_batch = f"{c['mean_batch_size']:6.1f}" if c["mean_batch_size"] else ""
         print(f"{f'{args.clients} clients, ' + label:50} {c['img_s']:8.1f} {c['p50_ms']:8.1f} {c['p99_ms']:8.1f} "
               f"{mean_batch}   errors {c['errors']}")
+    cpu = mid["batched"]["server_cpu_ms_per_photo"]
+    if cpu:
+        print(f"\nCPU ms per photo, {args.clients} clients with micro-batching: "
+              + ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(cpu.items(), key=lambda x: -x[1]))
+              + f", the clients {mid['batched']['client_cpu_ms_per_request']:.2f}")
     print(f"\n{args.clients} clients with micro-batching / ceiling at batch {args.ceiling_batch} (extract.py's), median of "
-          f"{args.rounds} rounds: {results['batched_over_extract_ceiling_median']:.2f}; / best ceiling "
+          f"{args.rounds} rounds: {results['batched_over_extract_ceiling_median']:.2f}; / best of the ceilings above "
           f"{results['batched_over_best_ceiling_median']:.2f}; / no batching {results['batched_over_unbatched_median']:.2f}")
     save(f"serve_{args.backbone}_{device.type}{args.tag}", results)
 

@@ -7,6 +7,7 @@ query is embedded the same way as the index was; a different backbone is refused
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -118,6 +119,7 @@ class GeoIndex:
         self._city_centres = None
         self._knn_cache = None
         self._columns = None
+        self._search_lock = threading.Lock()
 
     @classmethod
     def open(cls, name_or_path=None, index_dir=None, device="auto", verify: bool = False) -> "GeoIndex":
@@ -185,8 +187,9 @@ class GeoIndex:
         if embeddings.ndim != 2 or embeddings.shape[1] != self.manifest["embed_dim"]:
             raise BackboneMismatch(f"index {self.name!r} holds {self.manifest['embed_dim']}-d embeddings; "
                                    f"got shape {embeddings.shape}")
-        set_search_params(self.index, nprobe=nprobe)
-        return search(self.index, embeddings, k, self._refine_vectors, self.rerank_factor)
+        with self._search_lock:  # a FAISS GPU index, and the nprobe set just before, are not safe to share between threads
+            set_search_params(self.index, nprobe=nprobe)
+            return search(self.index, embeddings, k, self._refine_vectors, self.rerank_factor)
 
     # --------------------------------------------------------------- methods
     @property

@@ -1,5 +1,6 @@
 """`geoindex serve`: the real server in a subprocess on a free loopback port, spoken to over HTTP."""
 import io
+import itertools
 import json
 import os
 import socket
@@ -94,7 +95,7 @@ def tiny_index(gsv_tree, tmp_path_factory):
 def server(tiny_index, tmp_path_factory):
     index, index_dir = tiny_index
     server = ServerProcess("--index", "tiny", "--index-dir", index_dir, "--max-upload-mb", MAX_UPLOAD_MB,
-                           "--max-batch", 8, "--max-wait-ms", 20)
+                           "--max-batch", 8, "--max-wait-ms", 20, "--model-threads", 2)
     yield server
     server.stop()
 
@@ -276,8 +277,11 @@ def test_16_concurrent_requests_all_answer_and_share_batches(server, tiny_index,
         result = response.json()["results"][0]
         assert result["source"] == path.name
         assert [n["path"] for n in result["neighbours"]] == [n.path for n in truth.neighbours]
-    after = httpx.get(server.url + "/healthz").json()["batching"]
-    assert after["items"] - before["items"] == 16
+    health = httpx.get(server.url + "/healthz").json()
+    after = health["batching"]
+    assert after["items"] - before["items"] == 16 and after["workers"] == 2
+    if sys.platform == "linux":  # where the server's CPU went, by thread: the model threads did the embedding
+        assert health["cpu_seconds_by_thread"]["geoindex-batcher"] > 0
     assert max(r.json()["results"][0]["timings_ms"]["batch_size"] for r in responses) > 1  # embedded together
 
 
@@ -406,6 +410,45 @@ def test_batcher_keeps_groups_apart_and_isolates_a_failing_item():
             outcomes.append(str(exc))
     batcher.close()
     assert outcomes == [(1, "a"), (2, "b"), "bad item", (1, "c")]
+
+
+def test_batcher_with_two_model_threads_runs_two_batches_at_once_and_loses_nothing():
+    both_running = threading.Barrier(2, timeout=5)  # passes only if two run_batch calls are inside at the same time
+    calls, overlapped = itertools.count(), []
+
+    def run(items, group):
+        if next(calls) < 2:  # the first two batches wait for each other
+            try:
+                both_running.wait()
+                overlapped.append(True)
+            except threading.BrokenBarrierError:
+                overlapped.append(False)
+        time.sleep(0.005)
+        return [x + 1 for x in items]
+
+    batcher = MicroBatcher(run, max_batch=3, max_wait_ms=5, workers=2)
+    futures = [batcher.submit(i) for i in range(40)]
+    results = [f.result(10) for f in futures]
+    assert batcher.stats()["workers"] == 2 and batcher.stats()["items"] == 40
+    batcher.close(timeout=5)
+    assert overlapped == [True, True]
+    assert [r for r, _ in results] == [i + 1 for i in range(40)]  # each answer goes back to its own item
+    assert all(1 <= timing.batch_size <= 3 for _, timing in results)
+    assert not any(t.is_alive() for t in batcher._threads)  # close() stops every model thread
+
+
+def test_batcher_refuses_zero_workers():
+    with pytest.raises(ValueError, match="workers"):
+        MicroBatcher(lambda items, g: list(items), workers=0)
+
+
+def test_serve_splits_its_threads_between_model_threads():
+    from geoindex.serve.cli import split_threads
+    assert split_threads(2, None, "cpu") == (2, 1)   # two one-thread batches side by side on 2 cores
+    assert split_threads(16, None, "cpu") == (2, 8)
+    assert split_threads(1, None, "cpu") == (1, 1)
+    assert split_threads(8, None, "cuda") == (1, 8)  # a GPU runs one batch at a time anyway
+    assert split_threads(4, 3, "cpu") == (3, 1)
 
 
 def test_batcher_does_not_wait_when_nothing_else_is_coming():

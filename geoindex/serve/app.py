@@ -3,10 +3,10 @@
 Answers come from the public API only (`index.query(images, k=...)` and `Prediction.to_dict()`),
 so a photo gets the same JSON here as from `geoindex query --json`, plus timings and, for each
 neighbour, the index row its thumbnail is served under. A micro-batch's uploads are decoded on a
-small thread pool (all cores) just before its model call, not while the previous batch runs: on a
-CPU the two fight over the same cores, and a preempted model thread stalls its siblings at every
-operator. Decoding first, the slowest answers come sooner
-(benchmarks/serve.py, effnet-duo on 2 cores: p99 608-742 ms in four runs against 840 ms).
+small thread pool just before its model call. On a CPU the model runs as two batches side by side,
+each on one thread (`--model-threads`, MicroBatcher's workers), rather than one batch on all cores:
+a multi-threaded operator waits at every step for its slowest thread, so whatever else the server
+does (HTTP, decoding) stalls the whole model; a one-thread batch only loses what it lost itself.
 """
 
 import asyncio
@@ -60,7 +60,7 @@ class Locator:
 
     def __init__(self, index, max_upload_mb: float = 20.0, max_batch: int = 16, max_wait_ms: float = 5.0,
                  decode_threads: int | None = None, k: int | None = None, max_files: int = 32, max_queue: int = 256,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, warmup: bool = True):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, warmup: bool = True, model_threads: int = 1):
         self.index = index
         self.k = k
         self.max_upload_bytes = int(max_upload_mb * 2**20)
@@ -80,7 +80,7 @@ class Locator:
                 self._run_batch([gray.getvalue()] * n, k)
         self.reading = 0  # requests whose body is still arriving: the batcher waits for them, and only for them
         self.batcher = MicroBatcher(self._run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                                    expecting=lambda: self.reading)
+                                    expecting=lambda: self.reading, workers=model_threads)
         self.thumbnail = lru_cache(maxsize=1024)(self._thumbnail)
 
     def close(self):
@@ -158,6 +158,31 @@ class Locator:
         return out.getvalue()
 
 
+def thread_cpu_seconds() -> dict | None:
+    """CPU seconds this process's threads have used, summed by thread name (numbering dropped): where the
+    server's time goes (model threads, decoding pool, the event loop; "native" for threads Python did not
+    start, such as torch's intra-op pool). From /proc, so None off Linux."""
+    import re
+    import threading
+
+    try:
+        tasks = os.listdir("/proc/self/task")
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (OSError, AttributeError, ValueError):
+        return None
+    names = {str(t.native_id): re.sub(r"[-_]?\d+$", "", t.name) for t in threading.enumerate()}
+    totals: dict[str, float] = {}
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = names.get(task, "native")
+        totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return {k: round(v, 3) for k, v in sorted(totals.items())} or None
+
+
 def _median(values):
     values = values.dropna()
     return float(values.median()) if len(values) else None
@@ -175,8 +200,11 @@ def _version() -> str:
 
 def create_app(index, *, max_upload_mb: float = 20.0, max_batch: int = 16, max_wait_ms: float = 5.0,
                decode_threads: int | None = None, k: int | None = None, max_files: int = 32, max_queue: int = 256,
-               max_pixels: int = DEFAULT_MAX_PIXELS, warmup: bool = True, root_path: str = ""):
-    """A FastAPI app answering for `index` (a loaded GeoIndex). Run it with uvicorn."""
+               max_pixels: int = DEFAULT_MAX_PIXELS, warmup: bool = True, root_path: str = "", model_threads: int = 1):
+    """A FastAPI app answering for `index` (a loaded GeoIndex). Run it with uvicorn.
+
+    model_threads batches run at once (see MicroBatcher); the torch threads each uses are the caller's
+    to set (`geoindex serve` divides its --torch-threads among them)."""
     from fastapi import FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.middleware.gzip import GZipMiddleware
@@ -188,7 +216,7 @@ def create_app(index, *, max_upload_mb: float = 20.0, max_batch: int = 16, max_w
 
     locator = Locator(index, max_upload_mb=max_upload_mb, max_batch=max_batch, max_wait_ms=max_wait_ms,
                       decode_threads=decode_threads, k=k, max_files=max_files, max_queue=max_queue,
-                      max_pixels=max_pixels, warmup=warmup)
+                      max_pixels=max_pixels, warmup=warmup, model_threads=model_threads)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -287,7 +315,8 @@ def create_app(index, *, max_upload_mb: float = 20.0, max_batch: int = 16, max_w
 
     @app.get("/healthz", tags=["index"], summary="Liveness, with batching counters")
     async def healthz():
-        return {"status": "ok", "index": index.name, "batching": locator.batcher.stats()}
+        return {"status": "ok", "index": index.name, "batching": locator.batcher.stats(),
+                "cpu_seconds_by_thread": thread_cpu_seconds()}
 
     @app.get("/", include_in_schema=False)
     async def page():

@@ -1,7 +1,10 @@
 """Dynamic micro-batching: requests that arrive together go through the model together.
 
-One thread owns the model. It blocks for the first waiting item, then keeps taking items until it
-holds max_batch or max_wait has passed since the first, and runs them all in one call. When told
+A model thread blocks for the first waiting item, then keeps taking items until it holds max_batch
+or max_wait has passed since the first, and runs them all in one call. With workers > 1, several
+model threads take turns forming batches (one forms while the others run theirs), so on a CPU two
+batches run side by side on a thread each instead of one batch whose operators wait for the
+slowest of their threads at every step. When told
 how many items are on their way (`expecting`, say request bodies still arriving), it waits only while some
 are, so a lone request pays no batching delay. Under load
 the queue fills while a batch runs, so the next batch forms with no waiting at all; alone, a
@@ -45,7 +48,7 @@ _STOP = object()
 
 
 class MicroBatcher:
-    """run_batch(payloads, group) -> one result per payload, called from a single worker thread.
+    """run_batch(payloads, group) -> one result per payload, called from `workers` model threads (one batch each).
 
     Items of different groups (say, different k) never share a batch. A result that is an Exception
     fails its own item only; if a whole batch raises, its items are retried one by one, so one bad
@@ -54,9 +57,11 @@ class MicroBatcher:
 
     def __init__(self, run_batch: Callable[[Sequence[Any], Hashable], Sequence[Any]], max_batch: int = 16,
                  max_wait_ms: float = 5.0, max_queue: int = 256, expecting: Callable[[], int] | None = None,
-                 name: str = "geoindex-batcher"):
+                 workers: int = 1, name: str = "geoindex-batcher"):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
         self.run_batch = run_batch
         self.max_batch = max_batch
         self.max_wait = max(0.0, max_wait_ms) / 1000
@@ -67,8 +72,15 @@ class MicroBatcher:
         self.batch_sizes: Counter = Counter()
         self.items_done = 0
         self.busy_seconds = 0.0
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        self._forming = threading.Lock()  # one thread forms a batch at a time: arrivals are not split between them
+        self._counting = threading.Lock()
+        self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True) for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def workers(self) -> int:
+        return len(self._threads)
 
     # ------------------------------------------------------------------ client side
     @property
@@ -88,15 +100,17 @@ class MicroBatcher:
         return await asyncio.wrap_future(self.submit(payload, group))
 
     def close(self, timeout: float = 10.0) -> None:
-        self._queue.put(_STOP)
-        self._thread.join(timeout)
+        self._queue.put(_STOP)  # each model thread that sees it puts it back for the next
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def stats(self) -> dict:
         batches = sum(self.batch_sizes.values())
         return {"items": self.items_done, "batches": batches, "pending": self.pending,
                 "mean_batch_size": round(self.items_done / batches, 2) if batches else None,
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-                "busy_seconds": round(self.busy_seconds, 3), "max_batch": self.max_batch,
+                "busy_seconds": round(self.busy_seconds, 3), "workers": self.workers, "max_batch": self.max_batch,
                 "max_wait_ms": self.max_wait * 1000}
 
     # ------------------------------------------------------------------ worker side
@@ -111,27 +125,36 @@ class MicroBatcher:
 
     def _loop(self) -> None:
         while True:
-            first = self._next(None)
-            if first is _STOP:
+            with self._forming:
+                batch = self._form()
+            if batch is None:
                 return
-            batch, deferred = [first], []
-            deadline = first.enqueued + self.max_wait  # the window starts when the first item arrived
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._next(0)
-                except queue.Empty:
-                    if self.expecting is not None and self.expecting() == 0:
-                        break  # nobody else is on the way: waiting would only add latency
-                    try:
-                        item = self._next(deadline - time.perf_counter())
-                    except queue.Empty:
-                        break
-                if item is _STOP:
-                    self._queue.put(_STOP)
-                    break
-                (batch if item.group == first.group else deferred).append(item)
-            self._held = deferred + self._held
             self._run(batch)
+
+    def _form(self) -> list[_Item] | None:
+        """The next batch, or None when the batcher is closing."""
+        first = self._next(None)
+        if first is _STOP:
+            self._queue.put(_STOP)
+            return None
+        batch, deferred = [first], []
+        deadline = first.enqueued + self.max_wait  # the window starts when the first item arrived
+        while len(batch) < self.max_batch:
+            try:
+                item = self._next(0)
+            except queue.Empty:
+                if self.expecting is not None and self.expecting() == 0:
+                    break  # nobody else is on the way: waiting would only add latency
+                try:
+                    item = self._next(deadline - time.perf_counter())
+                except queue.Empty:
+                    break
+            if item is _STOP:
+                self._queue.put(_STOP)
+                break
+            (batch if item.group == first.group else deferred).append(item)
+        self._held = deferred + self._held
+        return batch
 
     def _run(self, batch: list[_Item]) -> None:
         live = [item for item in batch if item.future.set_running_or_notify_cancel()]  # drop what clients gave up
@@ -173,7 +196,8 @@ class MicroBatcher:
 
     def _account(self, start: float, n: int) -> float:
         seconds = time.perf_counter() - start
-        self.busy_seconds += seconds
-        self.items_done += n
-        self.batch_sizes[n] += 1
+        with self._counting:
+            self.busy_seconds += seconds  # summed over the model threads
+            self.items_done += n
+            self.batch_sizes[n] += 1
         return seconds

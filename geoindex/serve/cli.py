@@ -55,7 +55,11 @@ proxy on this host). The page uses relative URLs, so it works under any prefix t
 @click.option("--decode-threads", type=click.IntRange(1), default=None,
               help="Threads decoding uploads [default: cores, at most 4].")
 @click.option("--torch-threads", type=click.IntRange(1), default=None,
-              help="Threads of the model [default: torch's own, divided among --workers].")
+              help="CPU threads of the model in all, divided among --model-threads [default: torch's own, "
+                   "divided among --workers].")
+@click.option("--model-threads", type=click.IntRange(1), default=None,
+              help="Batches run at once, each on its share of --torch-threads [default: 2 on a CPU of 2 or more "
+                   "cores, where two one-thread batches side by side outrun one two-thread batch; 1 on a GPU].")
 @click.option("--k", type=click.IntRange(1, 200), default=None,
               help="Neighbours that vote [default: as tuned on val by `geoindex train`].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -66,7 +70,7 @@ proxy on this host). The page uses relative URLs, so it works under any prefix t
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 def serve(index_name, index_dir, host, port, workers, max_upload_mb, max_batch, max_wait_ms, decode_threads,
-          torch_threads, k, device, root_path, forwarded_allow_ips, log_level):
+          torch_threads, model_threads, k, device, root_path, forwarded_allow_ips, log_level):
     """An HTTP API and a web page: drop a photo, see where it was taken.
 
     Loads the index, its backbone and its classifier head once, then answers POST /v1/locate
@@ -79,20 +83,30 @@ def serve(index_name, index_dir, host, port, workers, max_upload_mb, max_batch, 
     options = {"max_upload_mb": max_upload_mb, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
                "decode_threads": decode_threads, "k": k}
     try:
-        _run(index_name, index_dir, host, port, workers, torch_threads, device, root_path, forwarded_allow_ips,
-             log_level, options)
+        _run(index_name, index_dir, host, port, workers, torch_threads, model_threads, device, root_path,
+             forwarded_allow_ips, log_level, options)
     except GeoindexError as exc:
         raise click.ClickException(str(exc)) from None
 
 
-def _run(index_name, index_dir, host, port, workers, torch_threads, device, root_path, forwarded_allow_ips, log_level,
-         options):
+def split_threads(total: int, model_threads: int | None, device_type: str) -> tuple[int, int]:
+    """(batches at once, torch threads of each) for `total` CPU threads of the model."""
+    if model_threads is None:
+        model_threads = 2 if device_type == "cpu" and total >= 2 else 1
+    return model_threads, max(1, total // model_threads)
+
+
+def _run(index_name, index_dir, host, port, workers, torch_threads, model_threads, device, root_path,
+         forwarded_allow_ips, log_level, options):
     import torch
     import uvicorn
 
+    from ..extraction import resolve_device
     from ..geo_index import load_index, resolve_index_path, default_index_name
 
-    threads = torch_threads or max(1, torch.get_num_threads() // workers)
+    model_threads, threads = split_threads(torch_threads or max(1, torch.get_num_threads() // workers),
+                                           model_threads, resolve_device(device).type)
+    options["model_threads"] = model_threads
     torch.set_num_threads(threads)
     path = resolve_index_path(index_name or default_index_name(index_dir), index_dir)  # fail fast, one line
     common = dict(host=host, port=port, log_level=log_level, proxy_headers=True,
@@ -103,14 +117,15 @@ def _run(index_name, index_dir, host, port, workers, torch_threads, device, root
         from .app import create_app
         app = create_app(index, **options)
         click.echo(f"geoindex serve: index {index.name!r} ({index.manifest['backbone']}, {len(index.classes)} cities, "
-                   f"{index.manifest['counts']['train']} photos), torch threads {threads}, max batch "
-                   f"{options['max_batch']}; page at {where}", err=True)
+                   f"{index.manifest['counts']['train']} photos), {model_threads} model thread(s) of {threads} torch "
+                   f"thread(s), max batch {options['max_batch']}; page at {where}", err=True)
         uvicorn.run(app, **common)
         return
     # Several processes need an importable factory; each loads its own copy of the index.
     os.environ["GEOINDEX_SERVE_OPTIONS"] = json.dumps({**options, "index": str(path), "index_dir": None,
                                                        "device": device})
     os.environ["GEOINDEX_SERVE_TORCH_THREADS"] = str(threads)
-    click.echo(f"geoindex serve: index {path.name!r} in {workers} processes, torch threads {threads} each; "
+    click.echo(f"geoindex serve: index {path.name!r} in {workers} processes, each {model_threads} model thread(s) "
+               f"of {threads} torch thread(s); "
                f"page at {where}", err=True)
     uvicorn.run("geoindex.serve.app:create_app_from_env", factory=True, workers=workers, **common)
