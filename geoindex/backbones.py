@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -89,7 +90,10 @@ class Backbone:
         key = (self.model, self.device, normalize)
         embedder = self._embedders.get(key)
         if embedder is None:
-            embedder = self._embedders[key] = Embedder(self, device=self.device, normalize=normalize)
+            with _EMBEDDER_LOCK:  # making one moves the model (device, memory format): not while another thread runs it
+                embedder = self._embedders.get(key)
+                if embedder is None:
+                    embedder = self._embedders[key] = Embedder(self, device=self.device, normalize=normalize)
         return embedder(torch.stack(tensors)).cpu().numpy()
 
 
@@ -102,6 +106,7 @@ class BackboneSpec:
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
+_EMBEDDER_LOCK = threading.Lock()
 
 
 def register_backbone(name: str, description: str, default_image_size: int = 224):
