@@ -609,21 +609,21 @@ class TailSplit:
     parameters: list  # the tail's own parameters (its modules also reach the trunk's, which get no gradient)
 
 
-class _TimmTrunk(nn.Module):
+class _TimmPart(nn.Module):
+    """One side of a timm EfficientNet cut before block `cut`; holds the whole net, runs only its side."""
+
     def __init__(self, net, cut: int):
         super().__init__()
         self.net, self.cut = net, cut
 
+
+class _TimmTrunk(_TimmPart):
     def forward(self, x):
         net = self.net
         return net.blocks[:self.cut](net.bn1(net.conv_stem(x)))
 
 
-class _TimmTail(nn.Module):
-    def __init__(self, net, cut: int):
-        super().__init__()
-        self.net, self.cut = net, cut
-
+class _TimmTail(_TimmPart):
     def forward(self, x):
         net = self.net
         return net.forward_head(net.bn2(net.conv_head(net.blocks[self.cut:](x))), pre_logits=True)
