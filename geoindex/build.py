@@ -269,6 +269,26 @@ def _is_disk_full(exc: BaseException) -> bool:
     return "No space left" in text or "errno = 28" in text or "Disk quota" in text
 
 
+def _new_assembly(paths: BuildPaths) -> Path:
+    """An empty assembly folder, marked as geoindex's: where the next version of the index is put together."""
+    out = paths.assembly
+    if out.exists():  # one a killed run did not finish
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("made by geoindex: this folder is an index; `geoindex rm NAME` deletes it\n")
+    return out
+
+
+def _commit_assembly(paths: BuildPaths) -> None:
+    """Swap the finished assembly in for the index in one atomic step, then clear what it replaced."""
+    replace_dir(paths.assembly, paths.target)  # the one step that makes the new index visible
+    fault_point("commit")
+    if paths.assembly.exists():                # now the replaced index (if any)
+        shutil.rmtree(paths.assembly)
+    fault_point("cleanup")
+    _clean_leftovers(paths)
+
+
 def _clean_leftovers(paths: BuildPaths) -> None:
     """What builds of earlier versions (or killed ones) left beside a finished index."""
     if paths.target.is_dir():
@@ -414,12 +434,7 @@ def _build_locked(paths: BuildPaths, data, backbone, weights, per_city, image_si
         if old_store is not None:
             old_store.close()
 
-    replace_dir(paths.assembly, target)       # the one step that makes the new index visible
-    fault_point("commit")
-    if paths.assembly.exists():               # now the replaced index (if any)
-        shutil.rmtree(paths.assembly)
-    fault_point("cleanup")
-    _clean_leftovers(paths)
+    _commit_assembly(paths)
     return report
 
 
@@ -550,9 +565,7 @@ def _extract(backbone, records, pending, checkpoints, batch_size, num_workers, d
 def _assemble(paths: BuildPaths, ordered: pd.DataFrame, cache: EmbeddingCache, backbone: Backbone, dataset, dtype,
               index_type, index_params, progress, report: BuildReport, skipped, duplicates, build_id,
               settings: dict) -> dict:
-    out = paths.assembly
-    out.mkdir(parents=True)
-    (out / MARKER).write_text("made by geoindex: this folder is an index; `geoindex rm NAME` deletes it\n")
+    out = _new_assembly(paths)
     classes = sorted(ordered["city"].unique())
     counts = {s: int((ordered["split"] == s).sum()) for s in SPLITS}
     if counts["train"] == 0:
@@ -698,11 +711,7 @@ def reembed_index(index, backbone: Backbone, adapted: dict, batch_size: int = 64
     old = index.store
     counts = {s: old.count(s) for s in SPLITS}
     with IndexLock(home, name):
-        out = paths.assembly
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        (out / MARKER).write_text("made by geoindex: this folder is an index; `geoindex rm NAME` deletes it\n")
+        out = _new_assembly(paths)
         shutil.copyfile(backbone.weights.path, out / TUNED_WEIGHTS)
         started, embedded = time.perf_counter(), 0
         with atomic_path(out / EMBEDDINGS) as tmp:
@@ -756,9 +765,6 @@ def reembed_index(index, backbone: Backbone, adapted: dict, batch_size: int = 64
         })
         write_json_atomic(out / MANIFEST, manifest)
         fault_point("reembed-manifest")
-        replace_dir(out, paths.target)        # the one step that makes the re-embedded index visible
-        if out.exists():                      # now the replaced index
-            shutil.rmtree(out)
-        _clean_leftovers(paths)
+        _commit_assembly(paths)
     log(f"index {name!r} re-embedded: {embedded} photos in {seconds:.0f} s ({embedded / max(seconds, 1e-9):.1f} photos/s)")
     return manifest
