@@ -14,6 +14,8 @@ import io
 import logging
 import json
 import os
+import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -105,9 +107,6 @@ class Locator:
 
     async def locate(self, uploads, k: int | None) -> list[dict]:
         async def one(upload):
-            if not upload.data:
-                raise UploadError(400, "empty", f"{upload.filename}: empty upload (0 bytes)" if len(uploads) > 1
-                                  else "empty upload (0 bytes)")
             try:
                 answer, timing = await self.batcher(upload.data, k)
             except UploadError as exc:
@@ -162,9 +161,6 @@ def thread_cpu_seconds() -> dict | None:
     """CPU seconds this process's threads have used, summed by thread name (numbering dropped): where the
     server's time goes (model threads, decoding pool, the event loop; "native" for threads Python did not
     start, such as torch's intra-op pool). From /proc, so None off Linux."""
-    import re
-    import threading
-
     try:
         tasks = os.listdir("/proc/self/task")
         ticks = os.sysconf("SC_CLK_TCK")

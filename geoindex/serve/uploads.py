@@ -76,6 +76,10 @@ def split_uploads(body: bytes, content_type: str | None, max_files: int) -> list
                           f"(got Content-Type {media_type or 'none'!r})")
     if not uploads:
         raise UploadError(400, "no_image", "the form holds no file: send the photo in a field named 'image'")
+    for upload in uploads:  # refused here, before anything is queued for the model
+        if not upload.data:
+            raise UploadError(400, "empty", f"{upload.filename}: empty upload (0 bytes)" if len(uploads) > 1
+                              else "empty upload (0 bytes)")
     return uploads
 
 
@@ -144,8 +148,6 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: 
     from ..errors import ImageError
     from ..images import decode_image as decode
 
-    if not data:
-        raise UploadError(400, "empty", "empty upload (0 bytes)")
     try:
         return decode(data, draft_size=draft_size, max_pixels=max_pixels)
     except ImageError as exc:
