@@ -92,14 +92,12 @@ class Server:
         self.proc.wait(30)
 
 
-def request(port, method, path, body=None, conn=None):
-    own = conn is None
-    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    conn.request(method, path, body=body, headers={"Content-Type": "image/jpeg"} if body else {})
+def request(port, method, path):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    conn.request(method, path)
     response = conn.getresponse()
     data = response.read()
-    if own:
-        conn.close()
+    conn.close()
     return response.status, data
 
 
@@ -246,9 +244,6 @@ def main():
 
     def median(key):
         return float(np.median([r[key] for r in rounds]))
-
-    def median_run(runs_list):  # the round with the median throughput, whole (its latencies belong to it)
-        return sorted(runs_list, key=lambda x: x["img_s"])[len(runs_list) // 2]
 
     results = {"backbone": args.backbone, "weights": backbone.weights.source, "device": str(device),
                "torch_threads": args.torch_threads, "model_threads": model_threads,
