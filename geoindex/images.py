@@ -22,6 +22,13 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from .errors import ImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# The only formats PIL may even try to open. Without this list PIL identifies anything it knows by its bytes,
+# whatever the file's name, EPS included, and decoding an EPS runs Ghostscript on it: a photo must never run a
+# program.
+DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+# libjpeg's, with draft scaling and grey padding of short files. PIL's JPEG opener names the JPEGs of many phones
+# and cameras (with a second, smaller picture) MPO.
+JPEG_FORMATS = ("JPEG", "MPO")
 # Well under PIL's own bomb limits (89 MP warning, 179 MP error): a 40 MP RGB decode is 120 MB per worker.
 from .catalog import DEFAULT_MAX_PIXELS  # noqa: E402,F401  (one definition, importable without torch)
 # A real file bigger than this is not a street-level photo; reading it whole into memory would be the attack.
@@ -86,9 +93,9 @@ def decode_image(data: bytes, draft_size: int | None = None, max_pixels: int | N
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower limit decides
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
         with img:
-            if draft_size is not None and img.format == "JPEG":
+            if draft_size is not None and img.format in JPEG_FORMATS:
                 # libjpeg decodes at 1/2, 1/4 or 1/8 scale: several times faster, and a huge JPEG stays small.
                 img.draft("RGB", (draft_size, draft_size))
             w, h = img.size
@@ -96,7 +103,7 @@ def decode_image(data: bytes, draft_size: int | None = None, max_pixels: int | N
                 raise ImageError(f"image is {w} x {h} = {w * h / 1e6:.1f} MP, above the {max_pixels / 1e6:g} MP limit "
                                  "(--max-pixels); refused before decoding", "too_many_pixels")
             img.load()  # force the full decode now, so truncation is caught here
-            if img.format == "JPEG" and _jpeg_padded(img):
+            if img.format in JPEG_FORMATS and _jpeg_padded(img):
                 raise ImageError(f"corrupt or truncated image data (the JPEG's data ends before its declared "
                                  f"{w} x {h} pixels; libjpeg would pad the rest with grey)")
             img = ImageOps.exif_transpose(img)

@@ -129,6 +129,66 @@ def test_jpeg_that_lies_about_its_size_is_refused_as_truncated(tmp_path):
     assert load_image(good).size == (160, 120)
 
 
+@pytest.fixture
+def fake_ghostscript(tmp_path, monkeypatch):
+    """A `gs` first on PATH that leaves a marker file whenever it runs: PIL decodes EPS by running whatever `gs`
+    it finds, as the user geoindex runs as. Returns the marker's path; it must never exist."""
+    import os
+
+    import PIL.EpsImagePlugin
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "gs-ran"
+    gs = bin_dir / "gs"
+    gs.write_text(f"#!/bin/sh\necho \"$@\" >> '{marker}'\nexit 1\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(PIL.EpsImagePlugin, "gs_binary", None)  # PIL looks for gs once, on first use: look again
+    return marker
+
+
+FOREIGN_FORMATS = ("EPS", "GIF", "ICO", "TGA", "PPM", "PCX")  # PIL reads them all; geoindex must not
+
+
+def foreign_images(folder: Path, stem: str = "photo") -> list[Path]:
+    """One picture per format geoindex does not read, each behind a .jpg name (as scraped data mislabels files)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    picture = Image.fromarray(np.random.default_rng(2).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    paths = []
+    for i, fmt in enumerate(FOREIGN_FORMATS):
+        path = folder / stem.format(i=i, fmt=fmt.lower())
+        picture.save(path, format=fmt)
+        paths.append(path)
+    return paths
+
+
+def test_formats_geoindex_does_not_read_are_not_images_and_never_run_ghostscript(tmp_path, fake_ghostscript):
+    for path in foreign_images(tmp_path / "in", "{fmt}.jpg"):
+        with pytest.raises(ImageError, match="not an image") as caught:
+            load_image(path, draft_size=256)
+        assert caught.value.kind == "not_an_image", path
+    assert not fake_ghostscript.exists(), "gs ran on an image file"
+    allowed = tmp_path / "ok.png"
+    Image.new("RGB", (64, 48), (10, 120, 200)).save(allowed)
+    assert load_image(allowed).size == (64, 48)
+
+
+def test_eps_behind_a_jpg_name_is_skipped_by_build_and_refused_by_query(tree, home, tmp_path, fake_ghostscript):
+    data = tmp_path / "data"
+    shutil.copytree(tree, data)
+    # GSV-Cities names, so the scan takes them for Osaka photos.
+    foreign = foreign_images(data / "Images" / "Osaka", "Osaka_00009{i}0_2020_01_000_34.690000_135.500000_{fmt}.jpg")
+    report = build_index(data, name="eps", index_dir=tmp_path / "idx", log=lambda m: None, **FAST)
+    reasons = {item["path"]: item["reason"] for item in report.skipped}
+    for path in foreign:
+        assert "not an image" in reasons[str(path)], reasons
+    assert report.manifest["counts"]["train"] > 0  # the build went on past them
+    proc = cli("query", foreign[0], "--index", "good", "--index-dir", home)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"{foreign[0]}: not an image" in proc.stderr
+    assert not fake_ghostscript.exists(), "gs ran on an image file"
+
+
 def test_hostile_images_in_a_build_are_skipped_with_reasons_and_duplicates_kept_out_of_test(tree, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tree, data)

@@ -91,11 +91,26 @@ def tiny_index(gsv_tree, tmp_path_factory):
     return build_tiny_index(gsv_tree, index_dir), index_dir
 
 
+def fake_ghostscript(folder: Path) -> tuple[dict, Path]:
+    """(env, marker): a PATH whose first `gs` leaves the marker file when run. PIL decodes EPS by running `gs`."""
+    bin_dir = folder / "fake-bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    marker = folder / "gs-ran"
+    (bin_dir / "gs").write_text(f"#!/bin/sh\necho \"$@\" >> '{marker}'\nexit 1\n")
+    (bin_dir / "gs").chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, marker
+
+
 @pytest.fixture(scope="module")
-def server(tiny_index, tmp_path_factory):
+def ghostscript_marker(tmp_path_factory):
+    return fake_ghostscript(tmp_path_factory.mktemp("gs"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_index, ghostscript_marker):
     index, index_dir = tiny_index
     server = ServerProcess("--index", "tiny", "--index-dir", index_dir, "--max-upload-mb", MAX_UPLOAD_MB,
-                           "--max-batch", 8, "--max-wait-ms", 20, "--model-threads", 2)
+                           "--max-batch", 8, "--max-wait-ms", 20, "--model-threads", 2, env=ghostscript_marker[0])
     yield server
     server.stop()
 
@@ -240,6 +255,24 @@ def test_bad_input_gets_a_4xx_json_error_and_the_server_keeps_serving(server, gs
     assert response.status_code == status, response.text
     payload = strict_loads(response.text)
     assert payload["code"] == code and payload["error"] and "Traceback" not in response.text
+    assert_still_serving(server, gsv_tree)
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "GIF", "TGA", "PCX"])
+def test_formats_the_service_does_not_read_get_415_and_never_run_ghostscript(server, gsv_tree, ghostscript_marker, fmt):
+    picture = Image.open(photo_of(gsv_tree, "London")).convert("RGB")
+    out = io.BytesIO()
+    picture.save(out, format=fmt)
+    for how in ("form", "raw"):
+        if how == "form":
+            response = httpx.post(server.url + "/v1/locate", files={"image": ("photo.jpg", out.getvalue(), "image/jpeg")},
+                                  timeout=60)
+        else:
+            response = httpx.post(server.url + "/v1/locate", content=out.getvalue(),
+                                  headers={"Content-Type": "image/jpeg"}, timeout=60)
+        assert response.status_code == 415, response.text
+        assert response.json()["code"] == "not_an_image"
+    assert not ghostscript_marker[1].exists(), "the server ran gs on an upload"
     assert_still_serving(server, gsv_tree)
 
 

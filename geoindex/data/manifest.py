@@ -52,12 +52,14 @@ def exif_gps(path) -> tuple[float, float] | None:
     """(lat, lon) from a photo's EXIF GPS block, or None. Reads the header only."""
     from PIL import Image
 
+    from ..images import DECODED_FORMATS
+
     def degrees(value):
         d, m, s = (float(v) for v in value)
         return d + m / 60 + s / 3600
 
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=DECODED_FORMATS) as img:
             gps = img.getexif().get_ifd(0x8825)
         if not gps or 2 not in gps or 4 not in gps:
             return None
