@@ -120,6 +120,7 @@ class GeoIndex:
         self._knn_cache = None
         self._columns = None
         self._search_lock = threading.Lock()
+        self._frozen = False
 
     @classmethod
     def open(cls, name_or_path=None, index_dir=None, device="auto", verify: bool = False) -> "GeoIndex":
@@ -128,6 +129,22 @@ class GeoIndex:
 
     def close(self):
         self.store.close()
+
+    def freeze(self) -> "GeoIndex":
+        """Load now everything a query reads (backbone, best head and its backbone, kNN tuning and whitening) and
+        never look at the index folder again. A query otherwise picks up a head or kNN tuning written after the
+        index was opened, which a long-running server must not do: `train` rewrites those files beside vectors that
+        it swaps in as a new folder, and the old vectors with the new tuning answer from the wrong rows.
+        `geoindex serve` opens a whole new GeoIndex when the index on disk changes."""
+        self.backbone
+        classifier = self.classifier
+        if classifier is not None:
+            classifier.backbone
+        self.knn_method()
+        self._train_columns()
+        self.city_centres
+        self._frozen = True
+        return self
 
     @property
     def name(self) -> str:
@@ -176,7 +193,7 @@ class GeoIndex:
     @property
     def classifier(self):
         """The index's trained head with the best validation accuracy, loaded once; None until one is trained."""
-        if self._classifier is None:  # None is not cached: a head trained later is picked up
+        if self._classifier is None and not self._frozen:  # None is not cached: a head trained later is picked up
             from .heads import load_best_classifier
             self._classifier = load_best_classifier(self, device=self.device)
         return self._classifier
@@ -215,10 +232,13 @@ class GeoIndex:
         from .methods import KNNMethod
         from .tuning import KNN_PARAMS, load_knn_tuning
 
-        try:
-            stamp = (self.path / KNN_PARAMS).stat().st_mtime_ns
-        except OSError:
-            stamp = None
+        if self._frozen and self._knn_cache is not None:
+            stamp = self._knn_cache[0]
+        else:
+            try:
+                stamp = (self.path / KNN_PARAMS).stat().st_mtime_ns
+            except OSError:
+                stamp = None
         if self._knn_cache is None or self._knn_cache[0] != stamp:
             self._knn_cache = (stamp, load_knn_tuning(self))
         params = dict(self._knn_cache[1])

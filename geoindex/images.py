@@ -88,8 +88,11 @@ def _jpeg_padded(img: Image.Image) -> bool:
 
 
 def decode_image(data: bytes, draft_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 name: str = "image") -> Image.Image:
-    """Bytes -> RGB image, or ImageError with the reason. The pixel limit applies before decoding."""
+                 name: str = "image", before_decode=None) -> Image.Image:
+    """Bytes -> RGB image, or ImageError with the reason. The pixel limit applies before decoding.
+
+    before_decode(img), when given, sees the opened image (format, size after draft scaling) before any pixel
+    is decoded, and may raise to refuse it: the service's own, lower limits."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower limit decides
@@ -102,6 +105,8 @@ def decode_image(data: bytes, draft_size: int | None = None, max_pixels: int | N
             if max_pixels is not None and w * h > max_pixels:
                 raise ImageError(f"image is {w} x {h} = {w * h / 1e6:.1f} MP, above the {max_pixels / 1e6:g} MP limit "
                                  "(--max-pixels); refused before decoding", "too_many_pixels")
+            if before_decode is not None:
+                before_decode(img)
             img.load()  # force the full decode now, so truncation is caught here
             if img.format in JPEG_FORMATS and _jpeg_padded(img):
                 raise ImageError(f"corrupt or truncated image data (the JPEG's data ends before its declared "

@@ -147,10 +147,13 @@ def test_locate_answers_like_query_json(server, tiny_index, gsv_tree):
         assert [c["probability"] for c in got[key]] == pytest.approx([c["probability"] for c in expected[key]], abs=1e-4)
     assert got["gps"]["lat"] == pytest.approx(expected["gps"]["lat"], abs=1e-4)
     assert got["gps"]["lon"] == pytest.approx(expected["gps"]["lon"], abs=1e-4)
-    assert [n["path"] for n in got["neighbours"]] == [n["path"] for n in expected["neighbours"]]
+    assert [n["row"] for n in got["neighbours"]] == [n["row"] for n in expected["neighbours"]]
+    assert payload["build_id"] == index.manifest["build_id"]
+    for n in got["neighbours"]:  # a row and its thumbnail's URL, never a path on the server
+        assert "path" not in n and n["thumbnail"] == f"v1/photos/{n['row']}?build={payload['build_id']}"
+    assert str(REPO) not in response.text and str(path.parent) not in response.text
     train = index.store.metadata("train")
-    for n in got["neighbours"]:  # row is the neighbour's row in the index, the id of its thumbnail
-        assert train["path"].iat[n["row"]] == n["path"]
+    assert train["path"].iat[got["neighbours"][0]["row"]] == str(path)
     assert got["neighbours"][0]["similarity"] > 0.99  # the photo itself is in the index
     timings = got["timings_ms"]
     assert timings["batch_size"] >= 1 and timings["model_batch"] > 0 and payload["timings_ms"]["total"] > 0
@@ -188,7 +191,7 @@ def same_answer(a: dict, b: dict, tol: float = 1e-5) -> bool:
         return abs(x - y) <= tol
     return ([c["city"] for c in a["top5"]] == [c["city"] for c in b["top5"]]
             and all(close(x["probability"], y["probability"]) for x, y in zip(a["top5"], b["top5"]))
-            and [n["path"] for n in a["neighbours"]] == [n["path"] for n in b["neighbours"]]
+            and [n["row"] for n in a["neighbours"]] == [n["row"] for n in b["neighbours"]]
             and all(close(x["similarity"], y["similarity"]) for x, y in zip(a["neighbours"], b["neighbours"])))
 
 
@@ -309,7 +312,7 @@ def test_16_concurrent_requests_all_answer_and_share_batches(server, tiny_index,
     for path, response, truth in zip(paths, responses, expected):  # nobody got somebody else's answer
         result = response.json()["results"][0]
         assert result["source"] == path.name
-        assert [n["path"] for n in result["neighbours"]] == [n.path for n in truth.neighbours]
+        assert [n["row"] for n in result["neighbours"]] == [n.row for n in truth.neighbours]
     health = httpx.get(server.url + "/healthz").json()
     after = health["batching"]
     assert after["items"] - before["items"] == 16 and after["workers"] == 2

@@ -1,9 +1,12 @@
 """The FastAPI app: `create_app(index)` serves one loaded GeoIndex over HTTP, and the page at `/`.
 
 Answers come from the public API only (`index.query(images, k=...)` and `Prediction.to_dict()`),
-so a photo gets the same JSON here as from `geoindex query --json`, plus timings and, for each
-neighbour, the index row its thumbnail is served under. A micro-batch's uploads are decoded on a
-small thread pool just before its model call. On a CPU the model runs as two batches side by side,
+so a photo gets the same answer here as from `geoindex query --json`, plus timings, the build_id it
+came from and, for each neighbour, the index row its thumbnail is served under (never a path on the
+server). Everything a query reads is loaded together as one Snapshot; when the index on disk changes
+(`build --overwrite`, `train`, `rm`), a new Snapshot is loaded whole and swapped in, so an answer never
+mixes two generations. An upload is decoded as soon as it has arrived, on a small thread pool (costly
+ones on a lane of their own), and only its model-sized tensor waits for a batch. On a CPU the model runs as two batches side by side,
 each on one thread (`--model-threads`, MicroBatcher's workers), rather than one batch on all cores:
 a multi-threaded operator waits at every step for its slowest thread, so whatever else the server
 does (HTTP, decoding) stalls the whole model; a one-thread batch only loses what it lost itself.
@@ -23,13 +26,87 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..jsonio import jsonable
-from .batching import MicroBatcher, QueueFull
-from .uploads import DEFAULT_MAX_PIXELS, MULTIPART_OVERHEAD, UploadError, decode_image, read_body, split_uploads
+from .batching import (DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_MAX_WAIT_MS, DEFAULT_RELOAD_CHECK_S, MicroBatcher,
+                       QueueFull)
+from .uploads import (DEFAULT_MAX_FILES, DEFAULT_MAX_INFLIGHT_MB, DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_MB,
+                      DEFAULT_MAX_UPLOAD_MB, MAX_UNSCALED_PIXELS, MULTIPART_OVERHEAD, ByteBudget, ClientGone, Costly,
+                      UploadError, decode_image, read_body, split_uploads)
 
 STATIC = Path(__file__).resolve().parent / "static"
 THUMBNAIL_PX = 320
 MAX_K = 200
+COSTLY_QUEUE = 64  # costly decodes waiting for their one-thread lane; past it, 503
 log = logging.getLogger("geoindex.serve")
+
+
+def index_generation(path: Path) -> tuple | None:
+    """What changes whenever anything a query reads changes on disk, or None once the index is gone: the folder
+    (a build and train's re-embedding swap in a new one), its manifest, and the heads and kNN tuning that train
+    writes in place beside them."""
+    from ..heads import HEADS
+    from ..tuning import KNN_PARAMS, WHITENED_INDEX, WHITENING
+
+    watched = (KNN_PARAMS, WHITENING, WHITENED_INDEX) + tuple(
+        Path(HEADS) / mode / name for mode in ("probe", "finetune") for name in ("meta.json", "head.pt", "backbone.pt"))
+    try:
+        folder = os.stat(path)
+        manifest = os.stat(path / "manifest.json")
+    except OSError:
+        return None
+    parts: list = [folder.st_ino, manifest.st_ino, manifest.st_mtime_ns, manifest.st_size]
+    for name in watched:
+        try:
+            st = os.stat(path / name)
+            parts.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            parts.append(None)
+    return tuple(parts)
+
+
+def _disk_build_id(path: Path) -> str | None:
+    try:
+        return json.loads((path / "manifest.json").read_text()).get("build_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+class Snapshot:
+    """One generation of the index, loaded whole: vectors, metadata, backbone, head and kNN tuning (GeoIndex.freeze),
+    and the thumbnails of its rows. Nothing here reads the index folder again."""
+
+    def __init__(self, index, generation):
+        self.index = index.freeze()
+        self.generation = generation
+        self.build_id = index.manifest.get("build_id")
+        self.train = index.train_meta  # row numbers are the neighbour ids, and the only photos served
+        self.transform = index.backbone.transform
+        classifier = index.classifier
+        self.classifier_mode = getattr(classifier, "mode", None) if classifier is not None else None
+        self.k_default = index.knn_method().k
+        self.loaded_at = time.time()
+        self.thumbnail = lru_cache(maxsize=1024)(self._thumbnail)
+
+    def _thumbnail(self, row: int) -> bytes | None:
+        from PIL import Image
+
+        from ..errors import ImageError
+        from ..images import load_image
+        try:
+            img = load_image(self.train["path"].iat[row], draft_size=THUMBNAIL_PX)
+        except ImageError:
+            return None
+        img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        img.save(out, format="JPEG", quality=85)
+        return out.getvalue()
+
+
+class IndexUnavailable(Exception):
+    """The index on disk was removed, or its new generation cannot be loaded: nothing consistent to answer from."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
 
 
 def default_decode_threads() -> int:
@@ -38,10 +115,14 @@ def default_decode_threads() -> int:
 
 def _error_responses(*codes: int) -> dict:
     schema = {"type": "object", "properties": {"error": {"type": "string"}, "code": {"type": "string"}}}
-    why = {400: "empty body or malformed form", 413: "over --max-upload-mb, or too many pixels (decompression bomb)",
-           415: "not an image, or a Content-Type other than multipart/form-data or image/*",
-           422: "corrupt or truncated image, or a bad query parameter", 503: "too many photos already waiting",
-           404: "no such row in the index"}
+    why = {400: "empty body or malformed form",
+           413: "over --max-upload-mb or --max-request-mb, too many photos, or too many pixels (decompression bomb)",
+           415: "not an image (JPEG, PNG, WebP, BMP and TIFF are read), or a Content-Type other than "
+                "multipart/form-data or image/*",
+           422: "corrupt or truncated image, or a bad query parameter",
+           503: "busy (too many photos waiting, or --max-inflight-mb of uploads held), or the index was removed or "
+                "cannot be loaded; see /healthz",
+           404: "no such row in the index", 410: "the index was rebuilt since the answer that named this row"}
     return {c: {"description": why[c], "content": {"application/json": {"schema": schema}}} for c in codes}
 
 
@@ -58,103 +139,206 @@ _BATCH_BODY = {"requestBody": {"required": True, "content": {
 
 
 class Locator:
-    """The index, the micro-batcher in front of its model, and the decoding pool: all a request needs."""
+    """The index snapshot, the micro-batcher in front of its model, and the decoding lanes: all a request needs.
 
-    def __init__(self, index, max_upload_mb: float = 20.0, max_batch: int = 16, max_wait_ms: float = 5.0,
-                 decode_threads: int | None = None, k: int | None = None, max_files: int = 32, max_queue: int = 256,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, warmup: bool = True, model_threads: int = 1):
-        self.index = index
+    A watcher thread compares the index on disk with the snapshot every reload_check_s. A change is loaded only once
+    it has held still for one check (train writes its head and tuning one after the other) and is swapped in only if
+    the disk did not change again while it loaded. Until then answers come from the snapshot already loaded, each
+    naming its build_id. An index removed from disk, or one that cannot be loaded, is not answered from (503)."""
+
+    def __init__(self, index, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_batch: int = DEFAULT_MAX_BATCH,
+                 max_wait_ms: float = DEFAULT_MAX_WAIT_MS, decode_threads: int | None = None, k: int | None = None,
+                 max_files: int = DEFAULT_MAX_FILES, max_queue: int = DEFAULT_MAX_QUEUE,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, warmup: bool = True, model_threads: int = 1,
+                 max_request_mb: float = DEFAULT_MAX_REQUEST_MB, max_inflight_mb: float = DEFAULT_MAX_INFLIGHT_MB,
+                 max_unscaled_pixels: int = MAX_UNSCALED_PIXELS, reload_check_s: float = DEFAULT_RELOAD_CHECK_S):
+        self.path, self.device = Path(index.path), index.device
         self.k = k
         self.max_upload_bytes = int(max_upload_mb * 2**20)
+        self.max_request_bytes = int(max_request_mb * 2**20)
+        self.budget = ByteBudget(int(max_inflight_mb * 2**20))
         self.max_files = max_files
         self.max_pixels = max_pixels
-        self.train = index.store.metadata("train")  # row numbers are the neighbour ids, and the only photos served
-        self.row_of_path = {p: i for i, p in enumerate(self.train["path"])}
-        self.transform = index.backbone.transform  # loads the backbone now, not on the first request
-        classifier = index.classifier
-        self.classifier_mode = getattr(classifier, "mode", None) if classifier is not None else None
+        self.max_unscaled_pixels = max_unscaled_pixels
+        self.warmup = warmup
         self.decode_pool = ThreadPoolExecutor(decode_threads or default_decode_threads(), thread_name_prefix="decode")
-        if warmup:  # first calls pay for allocator and kernel set-up; not a user's request
-            from PIL import Image
-            gray = io.BytesIO()
-            Image.new("RGB", (256, 256), (128, 128, 128)).save(gray, format="JPEG")
-            for n in sorted({1, max_batch}):
-                self._run_batch([gray.getvalue()] * n, k)
+        self.costly_pool = ThreadPoolExecutor(1, thread_name_prefix="decode-costly")
+        self.costly_waiting = 0
         self.reading = 0  # requests whose body is still arriving: the batcher waits for them, and only for them
         self.batcher = MicroBatcher(self._run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                                     expecting=lambda: self.reading, workers=model_threads)
-        self.thumbnail = lru_cache(maxsize=1024)(self._thumbnail)
+        self.snapshot = self._prepare(index, index_generation(self.path))
+        self.disk_build_id = self.snapshot.build_id
+        self.problem: IndexUnavailable | None = None
+        self.reloading = False
+        self.reloads = 0
+        self._stop = threading.Event()
+        self._watcher = None
+        if reload_check_s > 0:
+            self._watcher = threading.Thread(target=self._watch, args=(reload_check_s,), name="index-watch", daemon=True)
+            self._watcher.start()
 
     def close(self):
+        self._stop.set()
         self.batcher.close()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.costly_pool.shutdown(wait=False, cancel_futures=True)
 
-    def _decode(self, data: bytes):
-        """Upload -> the model's uint8 input tensor (decoded, resized and cropped on the pool), or why not."""
+    # ------------------------------------------------------------------ snapshots
+    def _prepare(self, index, generation) -> Snapshot:
+        snapshot = Snapshot(index, generation)
+        if self.warmup:  # first calls pay for allocator and kernel set-up; not a user's request
+            from PIL import Image
+            gray = snapshot.transform(Image.new("RGB", (256, 256), (128, 128, 128)))
+            for n in sorted({1, self.batcher.max_batch}):
+                snapshot.index.query([gray] * n, k=self.k)
+        return snapshot
+
+    def current(self) -> Snapshot:
+        """The snapshot to answer from, or IndexUnavailable."""
+        if self.problem is not None:
+            raise self.problem
+        return self.snapshot
+
+    def _watch(self, every: float) -> None:
+        from ..geo_index import load_index
+
+        seen = self.snapshot.generation
+        while not self._stop.wait(every):
+            generation = index_generation(self.path)
+            if generation == self.snapshot.generation:
+                seen, self.reloading = generation, False
+                if self.problem is not None and self.problem.code == "index_removed":
+                    self.problem = None  # the same generation is back (a removal that was undone)
+                continue
+            if generation is None:
+                seen, self.reloading, self.disk_build_id = None, False, None
+                self.problem = IndexUnavailable("index_removed", f"index {self.snapshot.index.name!r} was removed "
+                                                                 f"from disk; the service answers from no index")
+                continue
+            self.reloading = True
+            self.disk_build_id = _disk_build_id(self.path)
+            if generation != seen:  # still being written: wait until it holds still for one check
+                seen = generation
+                continue
+            try:
+                snapshot = self._prepare(load_index(self.path, device=self.device), generation)
+            except Exception as exc:  # noqa: BLE001 - any failure leaves the old snapshot and says why
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if index_generation(self.path) == generation:  # not merely caught mid-write
+                    self.problem = IndexUnavailable("index_unusable", f"the index on disk changed and cannot be "
+                                                                      f"loaded: {message}")
+                    log.warning("index %s changed on disk and cannot be loaded: %s", self.path.name, message)
+                seen = None
+                continue
+            if index_generation(self.path) != generation:
+                seen = None  # it changed again while loading: load what it becomes
+                continue
+            old, self.snapshot = self.snapshot, snapshot
+            self.problem, self.reloading, self.reloads = None, False, self.reloads + 1
+            log.info("index %s reloaded: build %s -> %s", self.path.name, old.build_id, snapshot.build_id)
+
+    # ------------------------------------------------------------------ answering
+    def _decode(self, snapshot: Snapshot, data: bytes, costly_ok: bool):
+        """Upload -> the model's uint8 input tensor (decoded, resized and cropped), Costly, or why not."""
         try:
-            return self.transform(decode_image(data, self.max_pixels, self.transform.resize_size))
-        except UploadError as exc:
+            return snapshot.transform(decode_image(data, self.max_pixels, snapshot.transform.resize_size,
+                                                   self.max_unscaled_pixels, costly_ok))
+        except (UploadError, Costly) as exc:
             return exc
 
-    def _run_batch(self, uploads, k):
-        """Raw uploads -> one answer (or the UploadError saying why not) per upload, in order."""
-        started = time.perf_counter()
-        decoded = list(self.decode_pool.map(self._decode, uploads))
-        decode_ms = round((time.perf_counter() - started) * 1000, 2)
-        images = [d for d in decoded if not isinstance(d, UploadError)]  # tensors: the transform already ran
-        answers = iter([dict(p.to_dict(), _decode_ms=decode_ms) for p in self.index.query(images, k=k)] if images else [])
-        return [d if isinstance(d, UploadError) else next(answers) for d in decoded]
-
-    async def locate(self, uploads, k: int | None) -> list[dict]:
-        async def one(upload):
+    async def decode(self, snapshot: Snapshot, data: bytes):
+        """Decode on the ordinary lane; a photo found costly from its header goes to the lane of its own kind."""
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self.decode_pool, self._decode, snapshot, data, False)
+        if isinstance(result, Costly):
+            if self.costly_waiting >= COSTLY_QUEUE:
+                raise UploadError(503, "busy", f"{self.costly_waiting} large photos are already waiting to be "
+                                               "decoded; retry in a moment")
+            self.costly_waiting += 1
             try:
-                answer, timing = await self.batcher(upload.data, k)
+                result = await loop.run_in_executor(self.costly_pool, self._decode, snapshot, data, True)
+            finally:
+                self.costly_waiting -= 1
+        if isinstance(result, UploadError):
+            raise result
+        return result
+
+    def _run_batch(self, tensors, group):
+        """Decoded photos of one snapshot -> one answer each, in order."""
+        snapshot, k = group
+        return [p.to_dict() for p in snapshot.index.query(list(tensors), k=k)]
+
+    async def locate(self, snapshot: Snapshot, uploads, k: int | None) -> list[dict]:
+        async def one(upload):
+            started = time.perf_counter()
+            try:
+                tensor = await self.decode(snapshot, upload.data)
             except UploadError as exc:
                 if len(uploads) > 1:  # say which photo of a batch is the bad one
                     exc.message = f"{upload.filename}: {exc.message}"
                 raise
+            decode_ms = round((time.perf_counter() - started) * 1000, 2)
+            answer, timing = await self.batcher(tensor, (snapshot, k))
             answer = dict(answer, source=upload.filename)
-            decode_ms = answer.pop("_decode_ms")
-            answer["neighbours"] = [dict(n, row=self.row_of_path.get(n.get("path"))) for n in answer["neighbours"]]
-            answer["timings_ms"] = {"decode": decode_ms, "queue": timing.queue_ms,  # decode: of its whole batch
-                                    "model_batch": round(timing.batch_ms - decode_ms, 2),
-                                    "batch_size": timing.batch_size}
+            answer["neighbours"] = [self.neighbour(snapshot, n) for n in answer["neighbours"]]
+            answer["timings_ms"] = {"decode": decode_ms, "queue": timing.queue_ms,
+                                    "model_batch": timing.batch_ms, "batch_size": timing.batch_size}
             return answer
 
-        return list(await asyncio.gather(*(one(u) for u in uploads)))
+        tasks = [asyncio.ensure_future(one(u)) for u in uploads]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:  # one photo failed: the others need no more work
+                task.cancel()
+
+    @staticmethod
+    def neighbour(snapshot: Snapshot, n: dict) -> dict:
+        """A neighbour as a client may see it: its row and thumbnail, not where it lies on this server's disk."""
+        out = {key: value for key, value in n.items() if key != "path"}
+        out["thumbnail"] = f"v1/photos/{n['row']}?build={snapshot.build_id}"
+        return out
 
     def describe(self) -> dict:
-        m = self.index.manifest
-        train = self.train
+        snapshot = self.current()
+        index, train = snapshot.index, snapshot.train
+        m = index.manifest
         classes = []
-        for city in self.index.classes:
+        for city in index.classes:
             rows = train[train["city"] == city]
             classes.append({"city": city, "name": _display_name(city), "train_photos": int(len(rows)),
                             "lat": _median(rows["lat"]), "lon": _median(rows["lon"])})
-        methods = ["knn"] + (["classifier"] if self.classifier_mode else [])
+        methods = ["knn"] + (["classifier"] if snapshot.classifier_mode else [])
         return jsonable({
-            "name": self.index.name, "backbone": m["backbone"], "weights": m["weights"].get("source"),
+            "name": index.name, "build_id": snapshot.build_id, "backbone": m["backbone"],
+            "weights": m["weights"].get("source"),
             "embed_dim": m["embed_dim"], "image_size": m["image_size"], "index_type": m["index"]["type"],
             "counts": m["counts"], "synthetic": bool(m.get("synthetic", False)), "cities": classes,
-            "methods": methods, "classifier": self.classifier_mode, "device": str(self.index.device),
-            "limits": {"max_upload_mb": self.max_upload_bytes / 2**20, "max_pixels": self.max_pixels,
-                       "max_files_per_batch": self.max_files, "k_default": self.k or self.index.knn_method().k, "k_max": MAX_K},
+            "methods": methods, "classifier": snapshot.classifier_mode, "device": str(index.device),
+            "limits": self.limits() | {"k_default": self.k or snapshot.k_default, "k_max": MAX_K},
             "batching": {"max_batch": self.batcher.max_batch, "max_wait_ms": self.batcher.max_wait * 1000},
             "version": _version()})
 
-    def _thumbnail(self, row: int) -> bytes | None:
-        from PIL import Image
+    def limits(self) -> dict:
+        return {"max_upload_mb": self.max_upload_bytes / 2**20, "max_request_mb": self.max_request_bytes / 2**20,
+                "max_inflight_mb": self.budget.limit / 2**20, "max_pixels": self.max_pixels,
+                "max_unscaled_pixels": self.max_unscaled_pixels, "max_files_per_batch": self.max_files}
 
-        from ..errors import ImageError
-        from ..images import load_image
-        try:
-            img = load_image(self.train["path"].iat[row], draft_size=THUMBNAIL_PX)
-        except ImageError:
-            return None
-        img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.LANCZOS)
-        out = io.BytesIO()
-        img.save(out, format="JPEG", quality=85)
-        return out.getvalue()
+    def health(self) -> tuple[int, dict]:
+        snapshot = self.snapshot
+        if self.problem is not None:
+            status = self.problem.code
+        elif self.reloading:
+            status = "reloading"
+        else:
+            status = "ok"
+        body = {"status": status, "index": snapshot.index.name, "build_id": snapshot.build_id,
+                "build_id_on_disk": self.disk_build_id, "problem": self.problem.message if self.problem else None,
+                "loaded_at": snapshot.loaded_at, "reloads": self.reloads,
+                "uploads_held_mb": round(self.budget.held / 2**20, 2), "costly_decodes_waiting": self.costly_waiting,
+                "batching": self.batcher.stats(), "cpu_seconds_by_thread": thread_cpu_seconds()}
+        return (503 if self.problem is not None else 200), body
 
 
 def thread_cpu_seconds() -> dict | None:
@@ -194,10 +378,14 @@ def _version() -> str:
     return __version__
 
 
-def create_app(index, *, max_upload_mb: float = 20.0, max_batch: int = 16, max_wait_ms: float = 5.0,
-               decode_threads: int | None = None, k: int | None = None, max_files: int = 32, max_queue: int = 256,
-               max_pixels: int = DEFAULT_MAX_PIXELS, warmup: bool = True, root_path: str = "", model_threads: int = 1):
-    """A FastAPI app answering for `index` (a loaded GeoIndex). Run it with uvicorn.
+def create_app(index, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_batch: int = DEFAULT_MAX_BATCH,
+               max_wait_ms: float = DEFAULT_MAX_WAIT_MS, decode_threads: int | None = None, k: int | None = None,
+               max_files: int = DEFAULT_MAX_FILES, max_queue: int = DEFAULT_MAX_QUEUE,
+               max_pixels: int = DEFAULT_MAX_PIXELS, warmup: bool = True, root_path: str = "", model_threads: int = 1,
+               max_request_mb: float = DEFAULT_MAX_REQUEST_MB, max_inflight_mb: float = DEFAULT_MAX_INFLIGHT_MB,
+               max_unscaled_pixels: int = MAX_UNSCALED_PIXELS, reload_check_s: float = DEFAULT_RELOAD_CHECK_S):
+    """A FastAPI app answering for `index` (a loaded GeoIndex; reloaded from its folder when that changes, every
+    reload_check_s, 0 for never). Run it with uvicorn.
 
     model_threads batches run at once (see MicroBatcher); the torch threads each uses are the caller's
     to set (`geoindex serve` divides its --torch-threads among them)."""
@@ -212,17 +400,24 @@ def create_app(index, *, max_upload_mb: float = 20.0, max_batch: int = 16, max_w
 
     locator = Locator(index, max_upload_mb=max_upload_mb, max_batch=max_batch, max_wait_ms=max_wait_ms,
                       decode_threads=decode_threads, k=k, max_files=max_files, max_queue=max_queue,
-                      max_pixels=max_pixels, warmup=warmup, model_threads=model_threads)
+                      max_pixels=max_pixels, warmup=warmup, model_threads=model_threads,
+                      max_request_mb=max_request_mb, max_inflight_mb=max_inflight_mb,
+                      max_unscaled_pixels=max_unscaled_pixels, reload_check_s=reload_check_s)
 
     @asynccontextmanager
     async def lifespan(_app):
         yield
         locator.close()
 
+    limits = (f"Limits: a photo up to {max_upload_mb:g} MB (`--max-upload-mb`); a request up to {max_request_mb:g} MB "
+              f"(`--max-request-mb`) and {max_files} photos (`/v1/locate/batch`); {max_inflight_mb:g} MB of uploads "
+              f"held at once by the whole server (`--max-inflight-mb`, then 503); a JPEG up to "
+              f"{max_pixels / 1e6:g} MP after decoding at reduced scale (`--max-pixels`), PNG, WebP, BMP and TIFF up "
+              f"to {max_unscaled_pixels / 1e6:g} MP (decoded whole). Other formats are refused (415).")
     app = FastAPI(title="geoindex", version=_version(), root_path=root_path, lifespan=lifespan,
                   description="Which city was this street-level photo taken in? kNN over an index of photos, "
                               "classifier heads, a GPS estimate, and the nearest indexed photos as evidence. "
-                              "Errors are JSON: `{\"error\": why, \"code\": short_code}`.")
+                              "Errors are JSON: `{\"error\": why, \"code\": short_code}`. " + limits)
     app.state.locator = locator
     app.add_middleware(GZipMiddleware, minimum_size=2048)
 
@@ -231,11 +426,21 @@ def create_app(index, *, max_upload_mb: float = 20.0, max_batch: int = 16, max_w
 
     @app.exception_handler(UploadError)
     async def _upload_error(_request, exc: UploadError):
-        return error(exc.status, exc.code, exc.message)
+        return error(exc.status, exc.code, exc.message, headers={"Retry-After": "1"} if exc.status == 503 else None)
 
     @app.exception_handler(QueueFull)
     async def _busy(_request, exc: QueueFull):
         return error(503, "busy", str(exc), headers={"Retry-After": "1"})
+
+    @app.exception_handler(IndexUnavailable)
+    async def _unavailable(_request, exc: IndexUnavailable):
+        return error(503, exc.code, exc.message, headers={"Retry-After": "5"})
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request, exc: ClientGone):
+        # Nobody reads the answer; an aborted upload is the client's business, not an error of the server.
+        log.info("%s %s: %s", request.method, request.url.path, exc)
+        return Response(status_code=400)
 
     @app.exception_handler(GeoindexError)
     async def _geoindex_error(_request, exc: GeoindexError):
@@ -259,60 +464,85 @@ def create_app(index, *, max_upload_mb: float = 20.0, max_batch: int = 16, max_w
         return Query(default, ge=1, le=MAX_K, description="Neighbours that vote [default: as tuned on val].")
 
     async def answer(request: Request, k_value: int | None, max_files: int, started: float) -> dict:
+        snapshot = locator.current()  # every photo of this request is answered from this one generation
         read_start = time.perf_counter()
+        held = locator.budget.hold()
         locator.reading += 1  # only the event loop thread touches the counter
         try:
-            body = await read_body(request, locator.max_upload_bytes * max_files + MULTIPART_OVERHEAD)
+            try:
+                if max_files == 1:
+                    body = await read_body(request, locator.max_upload_bytes + MULTIPART_OVERHEAD, held)
+                else:
+                    body = await read_body(request, locator.max_request_bytes, held, "--max-request-mb")
+            finally:
+                locator.reading -= 1
+            read_ms = round((time.perf_counter() - read_start) * 1000, 2)
+            uploads = split_uploads(body, request.headers.get("content-type"), max_files)
+            del body
+            for upload in uploads:
+                if len(upload.data) > locator.max_upload_bytes:
+                    raise UploadError(413, "too_large", f"{upload.filename}: {len(upload.data) / 2**20:.1f} MB is "
+                                                        f"over the limit of {max_upload_mb:g} MB (--max-upload-mb)")
+            results = await locator.locate(snapshot, uploads, k_value)
         finally:
-            locator.reading -= 1
-        read_ms = round((time.perf_counter() - read_start) * 1000, 2)
-        uploads = split_uploads(body, request.headers.get("content-type"), max_files)
-        for upload in uploads:
-            if len(upload.data) > locator.max_upload_bytes:
-                raise UploadError(413, "too_large", f"{upload.filename}: {len(upload.data) / 2**20:.1f} MB is over "
-                                                    f"the limit of {max_upload_mb:g} MB (--max-upload-mb)")
-        results = await locator.locate(uploads, k_value)
-        answer = jsonable({"index": index.name, "backbone": index.manifest["backbone"], "results": results,
-                              "timings_ms": {"read": read_ms, "total": round((time.perf_counter() - started) * 1000, 2)}})
+            held.release()
+        answer = jsonable({"index": snapshot.index.name, "build_id": snapshot.build_id,
+                           "backbone": snapshot.index.manifest["backbone"], "results": results,
+                           "timings_ms": {"read": read_ms, "total": round((time.perf_counter() - started) * 1000, 2)}})
         # Serialised here, once: FastAPI's generic encoder walks the nested answer again for nothing.
         return Response(json.dumps(answer, allow_nan=False, separators=(",", ":")), media_type="application/json")
 
     @app.post("/v1/locate", tags=["locate"], openapi_extra=_PHOTO_BODY, responses=_error_responses(400, 413, 415, 422, 503),
-              summary="Where was this photo taken?")
+              summary="Where was this photo taken?",
+              description="One photo, as multipart field `image` or a raw `image/*` body. The answer is `geoindex "
+                          "query --json`'s: kNN top cities with probabilities (`top5`), the classifier's "
+                          "(`classifier_top5`) when the index has a trained head, the GPS estimate, and the nearest "
+                          "indexed photos (`row`, and `thumbnail`, the URL of their thumbnail; never a path on the "
+                          "server), plus timings and the `build_id` of the index that answered. " + limits)
     async def locate(request: Request, k: int | None = k_param()):
-        """One photo, as multipart field `image` or a raw `image/*` body. The answer is `geoindex query --json`'s:
-        kNN top cities with probabilities (`top5`), the classifier's (`classifier_top5`) when the index has a
-        trained head, the GPS estimate, and the nearest indexed photos (`row` is their thumbnail's id), plus timings."""
         return await answer(request, k, 1, time.perf_counter())
 
     @app.post("/v1/locate/batch", tags=["locate"], openapi_extra=_BATCH_BODY,
-              responses=_error_responses(400, 413, 415, 422, 503), summary="Several photos in one request")
+              responses=_error_responses(400, 413, 415, 422, 503), summary="Several photos in one request",
+              description=f"Up to {max_files} photos as repeated multipart file fields, {max_request_mb:g} MB in all; "
+                          "one result per photo, in order. A bad photo fails the request with a 4xx naming it. "
+                          + limits)
     async def locate_batch(request: Request, k: int | None = k_param()):
-        """Several photos as repeated multipart file fields; one result per photo, in order. A bad photo
-        fails the request with a 4xx naming it."""
         return await answer(request, k, locator.max_files, time.perf_counter())
 
-    @app.get("/v1/index", tags=["index"], summary="What is loaded")
+    @app.get("/v1/index", tags=["index"], summary="What is loaded", responses=_error_responses(503))
     async def describe():
-        """Name, backbone, cities (with their median coordinates), counts, methods, limits."""
+        """Name, build_id, backbone, cities (with their median coordinates), counts, methods, limits."""
         return locator.describe()
 
     @app.get("/v1/photos/{row}", tags=["index"], responses={200: {"content": {"image/jpeg": {}}},
-                                                            **_error_responses(404)},
+                                                            **_error_responses(404, 410, 503)},
              summary="Thumbnail of an indexed photo", response_class=Response)
-    async def photo(row: int):
-        """A JPEG thumbnail of train row `row` (the `row` of a neighbour). Only rows of the index are served."""
-        if not 0 <= row < len(locator.train):
-            return error(404, "no_such_row", f"row {row} is not in the index (it has rows 0-{len(locator.train) - 1})")
-        data = await asyncio.get_running_loop().run_in_executor(locator.decode_pool, locator.thumbnail, row)
+    async def photo(row: int, build: str | None = Query(None, description="The build_id of the answer that named "
+                                                                           "the row: refused (410) once rebuilt.")):
+        """A JPEG thumbnail of train row `row` (the `row` of a neighbour; its `thumbnail` URL names the build too).
+        Only rows of the index are served."""
+        snapshot = locator.current()
+        if build is not None and build != snapshot.build_id:
+            return error(410, "rebuilt", f"row {row} was of build {build}; the index is now build "
+                                         f"{snapshot.build_id}: locate the photo again")
+        if not 0 <= row < len(snapshot.train):
+            return error(404, "no_such_row", f"row {row} is not in the index (it has rows 0-{len(snapshot.train) - 1})")
+        data = await asyncio.get_running_loop().run_in_executor(locator.decode_pool, snapshot.thumbnail, row)
         if data is None:
             return error(404, "photo_unavailable", f"the photo of row {row} can no longer be read on the server")
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
+        # A URL naming its build always shows the same photo; a bare row may show another after a rebuild.
+        cache = "public, max-age=86400, immutable" if build is not None else "no-cache"
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": cache})
 
-    @app.get("/healthz", tags=["index"], summary="Liveness, with batching counters")
+    @app.get("/healthz", tags=["index"], summary="Which index build is served, and whether the disk still has it",
+             responses=_error_responses(503))
     async def healthz():
-        return {"status": "ok", "index": index.name, "batching": locator.batcher.stats(),
-                "cpu_seconds_by_thread": thread_cpu_seconds()}
+        """`status`: `ok` (serving the index as it is on disk), `reloading` (the index on disk changed; answers
+        still come, whole, from `build_id` until the new one is loaded), `index_removed` or `index_unusable` (503:
+        nothing is answered). `build_id` is what answers come from, `build_id_on_disk` what the disk holds."""
+        status, body = locator.health()
+        return JSONResponse(jsonable(body), status_code=status)
 
     @app.get("/", include_in_schema=False)
     async def page():

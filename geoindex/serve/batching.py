@@ -23,6 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
 
+# The service's defaults, defined once (`geoindex serve` and create_app both use them): what benchmarks/serve.py
+# measured on 2 CPU cores.
+DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_WAIT_MS = 10.0
+DEFAULT_MAX_QUEUE = 256
+DEFAULT_RELOAD_CHECK_S = 2.0  # how often the service looks whether the index on disk changed
+
+
 class QueueFull(Exception):
     """More photos are waiting than the server will hold; the client should retry later."""
 
@@ -55,8 +63,8 @@ class MicroBatcher:
     item fails only its own request.
     """
 
-    def __init__(self, run_batch: Callable[[Sequence[Any], Hashable], Sequence[Any]], max_batch: int = 16,
-                 max_wait_ms: float = 5.0, max_queue: int = 256, expecting: Callable[[], int] | None = None,
+    def __init__(self, run_batch: Callable[[Sequence[Any], Hashable], Sequence[Any]], max_batch: int = DEFAULT_MAX_BATCH,
+                 max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_queue: int = DEFAULT_MAX_QUEUE, expecting: Callable[[], int] | None = None,
                  workers: int = 1, name: str = "geoindex-batcher"):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")

@@ -10,6 +10,11 @@ import os
 
 import click
 
+from ..catalog import DEFAULT_MAX_PIXELS
+from .batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS, DEFAULT_RELOAD_CHECK_S
+from .uploads import (DEFAULT_MAX_FILES, DEFAULT_MAX_INFLIGHT_MB, DEFAULT_MAX_REQUEST_MB, DEFAULT_MAX_UPLOAD_MB,
+                      MAX_UNSCALED_PIXELS)
+
 EPILOG = """\b
 Start it:
   geoindex serve --index NAME                 # then open http://127.0.0.1:8000/
@@ -46,11 +51,25 @@ proxy on this host). The page uses relative URLs, so it works under any prefix t
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="Server processes, each with its own copy of the model. One is best on a small CPU: "
                    "micro-batching already keeps the cores busy.")
-@click.option("--max-upload-mb", type=click.FloatRange(min=0.001), default=20.0, show_default=True,
+@click.option("--max-upload-mb", type=click.FloatRange(min=0.001), default=DEFAULT_MAX_UPLOAD_MB, show_default=True,
               help="Largest photo accepted; bigger ones get a 413.")
-@click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True,
+@click.option("--max-request-mb", type=click.FloatRange(min=0.001), default=DEFAULT_MAX_REQUEST_MB, show_default=True,
+              help="Largest request body (a batch of photos); bigger ones get a 413.")
+@click.option("--max-inflight-mb", type=click.FloatRange(min=0.001), default=DEFAULT_MAX_INFLIGHT_MB,
+              show_default=True, help="Upload bytes held in memory by all requests together; past it, 503 and "
+                                      "Retry-After.")
+@click.option("--max-files", type=click.IntRange(1), default=DEFAULT_MAX_FILES, show_default=True,
+              help="Most photos in one /v1/locate/batch request.")
+@click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Largest image, in pixels after JPEG's reduced-scale decoding, checked before decoding (the "
+                   f"same default as build and query); PNG, WebP, BMP and TIFF are decoded whole, up to "
+                   f"{MAX_UNSCALED_PIXELS / 1e6:g} MP.")
+@click.option("--reload-check-s", type=click.FloatRange(min=0), default=DEFAULT_RELOAD_CHECK_S, show_default=True,
+              help="How often to check whether the index on disk changed (a build, train or rm), to load it whole "
+                   "and answer from it; 0 never checks.")
+@click.option("--max-batch", type=click.IntRange(1), default=DEFAULT_MAX_BATCH, show_default=True,
               help="Most photos embedded in one model call (1 turns micro-batching off).")
-@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
+@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=DEFAULT_MAX_WAIT_MS, show_default=True,
               help="How long a photo may wait for others to share its batch.")
 @click.option("--decode-threads", type=click.IntRange(1), default=None,
               help="Threads decoding uploads [default: cores, at most 4].")
@@ -69,8 +88,9 @@ proxy on this host). The page uses relative URLs, so it works under any prefix t
               help="Proxies whose X-Forwarded-* headers are trusted (comma-separated, or *).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
-def serve(index_name, index_dir, host, port, workers, max_upload_mb, max_batch, max_wait_ms, decode_threads,
-          torch_threads, model_threads, k, device, root_path, forwarded_allow_ips, log_level):
+def serve(index_name, index_dir, host, port, workers, max_upload_mb, max_request_mb, max_inflight_mb, max_files,
+          max_pixels, reload_check_s, max_batch, max_wait_ms, decode_threads, torch_threads, model_threads, k, device,
+          root_path, forwarded_allow_ips, log_level):
     """An HTTP API and a web page: drop a photo, see where it was taken.
 
     Loads the index, its backbone and its classifier head once, then answers POST /v1/locate
@@ -80,8 +100,9 @@ def serve(index_name, index_dir, host, port, workers, max_upload_mb, max_batch, 
     """
     from ..errors import GeoindexError
 
-    options = {"max_upload_mb": max_upload_mb, "max_batch": max_batch, "max_wait_ms": max_wait_ms,
-               "decode_threads": decode_threads, "k": k}
+    options = {"max_upload_mb": max_upload_mb, "max_request_mb": max_request_mb, "max_inflight_mb": max_inflight_mb,
+               "max_files": max_files, "max_pixels": max_pixels, "reload_check_s": reload_check_s,
+               "max_batch": max_batch, "max_wait_ms": max_wait_ms, "decode_threads": decode_threads, "k": k}
     try:
         _run(index_name, index_dir, host, port, workers, torch_threads, model_threads, device, root_path,
              forwarded_allow_ips, log_level, options)

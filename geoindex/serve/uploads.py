@@ -1,8 +1,11 @@
 """Request bodies -> PIL images, in memory only, with every limit checked before the work it guards.
 
-An upload is read with a byte cap while it streams, parsed (multipart or a raw image body) without
-spooling to disk, then decoded with a pixel cap checked from the header before any pixel is
-decoded, so a decompression bomb costs a few bytes of parsing, not gigabytes of memory.
+An upload is read with byte caps while it streams (per photo, per request, and all requests' bodies in
+memory together), parsed (multipart or a raw image body) without spooling to disk, then decoded with
+pixel caps checked from the header before any pixel is decoded, so a decompression bomb costs a few
+bytes of parsing, not gigabytes of memory.
+
+Each limit's default is defined here once; `geoindex serve` options and `create_app` both use it.
 """
 from __future__ import annotations
 
@@ -10,7 +13,16 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-DEFAULT_MAX_PIXELS = 64_000_000  # a 48 MP phone photo fits; a 20k x 20k bomb does not
+from ..catalog import DEFAULT_MAX_PIXELS  # the one pixel limit of build, query and the service
+
+DEFAULT_MAX_UPLOAD_MB = 20.0     # one photo
+DEFAULT_MAX_FILES = 32           # photos in one /v1/locate/batch request
+DEFAULT_MAX_REQUEST_MB = 100.0   # one request's whole body: a batch of 32 ordinary photos fits
+DEFAULT_MAX_INFLIGHT_MB = 256.0  # every request's body in memory at once; past it, 503 and Retry-After
+# PNG, WebP, BMP and TIFF are decoded whole (JPEG is decoded at 1/2 to 1/8 scale, as small as the model allows):
+# a 64 MP RGBA PNG of 250 KB costs 6 s of CPU and 1.5 GB. The model sees 224-300 px, so the service decodes such
+# formats up to what a camera gives (a 4000 x 3000 photo), not to DEFAULT_MAX_PIXELS.
+MAX_UNSCALED_PIXELS = 12_000_000
 MULTIPART_OVERHEAD = 64 * 1024   # headers and boundaries around the photo itself
 FIELD_NAMES = ("image", "images", "file", "files", "photo")
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -30,25 +42,72 @@ class Upload:
     data: bytes
 
 
-async def read_body(request, max_bytes: int, drain_bytes: int = 64 * 2**20) -> bytes:
-    """The whole body, refusing (413) one over max_bytes.
+class ClientGone(Exception):
+    """The client closed the connection before its upload was complete: nobody is left to answer."""
+
+
+class ByteBudget:
+    """Bytes of request bodies held in memory, all requests together, against one cap. Touched by the event loop
+    thread only, so no lock."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    def hold(self) -> "Held":
+        return Held(self)
+
+
+class Held:
+    """One request's share of a ByteBudget: grows as its body arrives, released once it is answered."""
+
+    def __init__(self, budget: ByteBudget):
+        self.budget, self.size = budget, 0
+
+    def grow_to(self, size: int) -> None:
+        extra = size - self.size
+        if extra <= 0:
+            return
+        if self.budget.held + extra > self.budget.limit:
+            raise UploadError(503, "busy", f"the server holds {self.budget.held / 2**20:.0f} MB of uploads already "
+                                           f"(--max-inflight-mb {self.budget.limit / 2**20:g}); retry in a moment")
+        self.budget.held += extra
+        self.size = size
+
+    def release(self) -> None:
+        self.budget.held -= self.size
+        self.size = 0
+
+
+async def read_body(request, max_bytes: int, held: Held, option: str = "--max-upload-mb",
+                    drain_bytes: int = 64 * 2**20) -> bytes:
+    """The whole body, refusing one over max_bytes (413) or over what the server may hold in memory (503).
 
     An oversize body is still drained (up to drain_bytes) before answering: a client that is
     still sending would otherwise see a reset connection instead of the 413 that says why.
     """
+    from starlette.requests import ClientDisconnect
+
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+    declared = int(declared) if declared is not None and declared.isdigit() else None
+    if declared is not None and declared > max_bytes:
         await _drain(request, drain_bytes)
-        raise UploadError(413, "too_large", f"upload of {int(declared) / 2**20:.1f} MB is over the limit of "
-                                            f"{max_bytes / 2**20:.1f} MB (--max-upload-mb)")
+        raise UploadError(413, "too_large", f"upload of {declared / 2**20:.1f} MB is over the limit of "
+                                            f"{max_bytes / 2**20:.1f} MB ({option})")
+    if declared is not None:
+        held.grow_to(declared)  # refused before a byte is read, when the server is already full
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            await _drain(request, drain_bytes)
-            raise UploadError(413, "too_large", f"upload is over the limit of {max_bytes / 2**20:.1f} MB "
-                                                "(--max-upload-mb)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                await _drain(request, drain_bytes)
+                raise UploadError(413, "too_large", f"upload is over the limit of {max_bytes / 2**20:.1f} MB "
+                                                    f"({option})")
+            held.grow_to(size)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone(f"client disconnected after sending {size:,} of "
+                         f"{f'{declared:,}' if declared is not None else 'an unknown number of'} bytes") from None
     return b"".join(chunks)
 
 
@@ -136,20 +195,40 @@ def _parse_multipart(body: bytes, content_type: str, max_files: int) -> list[Upl
 
 
 _STATUS = {"not_an_image": 415, "too_many_pixels": 413, "corrupt": 422}
+# A decode this big (pixels after JPEG scaling, or bytes) goes to the one-thread lane for costly photos, so a
+# client sending them waits behind its own kind and ordinary photos keep their decoding threads.
+COSTLY_PIXELS = 4_000_000
+COSTLY_BYTES = 4 * 2**20
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
-    """Bytes -> RGB PIL image, or UploadError saying why not.
+class Costly(Exception):
+    """Raised before decoding a photo that belongs in the lane for costly decodes."""
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None,
+                 max_unscaled_pixels: int | None = MAX_UNSCALED_PIXELS, costly_ok: bool = True) -> Image.Image:
+    """Bytes -> RGB PIL image, or UploadError saying why not (Costly, before decoding, unless costly_ok).
 
     The very decoder `geoindex query` and a build use for files (geoindex.images.decode_image: pixel limit
     before decoding, JPEG draft scaling to draft_size, truncated data refused, EXIF rotation, alpha on
-    white), so a photo answers the same over HTTP.
+    white), so a photo answers the same over HTTP; the service adds a lower pixel limit for the formats
+    decoded whole.
     """
     from ..errors import ImageError
+    from ..images import JPEG_FORMATS
     from ..images import decode_image as decode
 
+    def check(img: Image.Image) -> None:
+        w, h = img.size
+        if max_unscaled_pixels is not None and img.format not in JPEG_FORMATS and w * h > max_unscaled_pixels:
+            raise ImageError(f"a {img.format} of {w} x {h} = {w * h / 1e6:.1f} MP: the service decodes PNG, WebP, BMP "
+                             f"and TIFF whole, up to {max_unscaled_pixels / 1e6:g} MP (JPEG up to "
+                             f"{max_pixels / 1e6:g} MP); send a JPEG or a smaller picture", "too_many_pixels")
+        if not costly_ok and (w * h > COSTLY_PIXELS or len(data) > COSTLY_BYTES):
+            raise Costly()
+
     try:
-        return decode(data, draft_size=draft_size, max_pixels=max_pixels)
+        return decode(data, draft_size=draft_size, max_pixels=max_pixels, before_decode=check)
     except ImageError as exc:
         hint = "; send a JPEG, PNG or WebP photo" if exc.kind == "not_an_image" else ""
         raise UploadError(_STATUS.get(exc.kind, 422), exc.kind, f"{exc}{hint}") from None
