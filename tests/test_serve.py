@@ -40,14 +40,14 @@ def strict_loads(text: str):
 class ServerProcess:
     """`python -m geoindex.serve ...` on a free port; stopped with SIGTERM as a service manager would."""
 
-    def __init__(self, *args, env=None):
+    def __init__(self, *args, env=None, preexec_fn=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "geoindex.serve", "--port", str(self.port), "--device", "cpu",
                                       "--log-level", "warning", *map(str, args)], stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=env, cwd=REPO)
+                                     env=env, cwd=REPO, preexec_fn=preexec_fn)
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:

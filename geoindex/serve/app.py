@@ -559,6 +559,8 @@ def create_app_from_env():
     import torch
 
     from ..geo_index import load_index
+    from .connections import GuardedH11Protocol
+    GuardedH11Protocol.configure_from_env()
     torch.set_num_threads(int(os.environ.get("GEOINDEX_SERVE_TORCH_THREADS", torch.get_num_threads())))
     options = json.loads(os.environ["GEOINDEX_SERVE_OPTIONS"])
     index = load_index(options.pop("index"), options.pop("index_dir"), device=options.pop("device"))

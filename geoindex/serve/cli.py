@@ -30,7 +30,7 @@ it under a path prefix, e.g. https://example.org/geoindex/, with nginx:
       proxy_set_header Host $host;
       proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
       proxy_set_header X-Forwarded-Proto $scheme;
-      client_max_body_size 20m;              # at least --max-upload-mb
+      client_max_body_size 100m;             # at least --max-request-mb
       proxy_read_timeout 60s;
   }
 and start geoindex with the same prefix, so /docs and the OpenAPI schema name the public URLs:
@@ -86,11 +86,18 @@ proxy on this host). The page uses relative URLs, so it works under any prefix t
 @click.option("--root-path", default="", help="Path prefix the reverse proxy publishes this under, e.g. /geoindex.")
 @click.option("--forwarded-allow-ips", default="127.0.0.1", show_default=True,
               help="Proxies whose X-Forwarded-* headers are trusted (comma-separated, or *).")
+@click.option("--max-connections", type=click.IntRange(1), default=None,
+              help="Open connections at most; when full, the one waiting longest for its headers is closed "
+                   "[default: well below the file descriptor limit (ulimit -n), at most 1024].")
+@click.option("--header-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds a client has to send a request's headers (and an idle keep-alive connection is kept).")
+@click.option("--body-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds a request body may send nothing before the connection is closed.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 def serve(index_name, index_dir, host, port, workers, max_upload_mb, max_request_mb, max_inflight_mb, max_files,
           max_pixels, reload_check_s, max_batch, max_wait_ms, decode_threads, torch_threads, model_threads, k, device,
-          root_path, forwarded_allow_ips, log_level):
+          root_path, forwarded_allow_ips, max_connections, header_timeout, body_timeout, log_level):
     """An HTTP API and a web page: drop a photo, see where it was taken.
 
     Loads the index, its backbone and its classifier head once, then answers POST /v1/locate
@@ -105,7 +112,8 @@ def serve(index_name, index_dir, host, port, workers, max_upload_mb, max_request
                "max_batch": max_batch, "max_wait_ms": max_wait_ms, "decode_threads": decode_threads, "k": k}
     try:
         _run(index_name, index_dir, host, port, workers, torch_threads, model_threads, device, root_path,
-             forwarded_allow_ips, log_level, options)
+             forwarded_allow_ips, log_level, options, {"max_connections": max_connections,
+                                                       "header_timeout": header_timeout, "body_timeout": body_timeout})
     except GeoindexError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -118,7 +126,7 @@ def split_threads(total: int, model_threads: int | None, device_type: str) -> tu
 
 
 def _run(index_name, index_dir, host, port, workers, torch_threads, model_threads, device, root_path,
-         forwarded_allow_ips, log_level, options):
+         forwarded_allow_ips, log_level, options, connections):
     import torch
     import uvicorn
 
@@ -130,8 +138,14 @@ def _run(index_name, index_dir, host, port, workers, torch_threads, model_thread
     options["model_threads"] = model_threads
     torch.set_num_threads(threads)
     path = resolve_index_path(index_name or default_index_name(index_dir), index_dir)  # fail fast, one line
-    common = dict(host=host, port=port, log_level=log_level, proxy_headers=True,
-                  forwarded_allow_ips=forwarded_allow_ips, root_path=root_path.rstrip("/"), timeout_keep_alive=30)
+    from .connections import GuardedH11Protocol, listen_backlog, log_config
+
+    GuardedH11Protocol.configure(**connections)
+    os.environ["GEOINDEX_SERVE_CONNECTIONS"] = json.dumps(connections)  # for --workers processes
+    common = dict(host=host, port=port, log_level=log_level, proxy_headers=True, log_config=log_config(log_level),
+                  forwarded_allow_ips=forwarded_allow_ips, root_path=root_path.rstrip("/"),
+                  http="geoindex.serve.connections:GuardedH11Protocol", backlog=listen_backlog(),
+                  timeout_keep_alive=max(1, int(connections["header_timeout"])))
     where = f"http://{'localhost' if host in ('127.0.0.1', '::1') else host}:{port}{root_path.rstrip('/')}/"
     if workers == 1:
         index = load_index(path, device=device)
