@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from geoindex.catalog import DEFAULT_MAX_PIXELS
 from geoindex.serve.batching import MicroBatcher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -377,8 +378,17 @@ def test_index_healthz_openapi_and_page(server, tiny_index):
     assert [c["city"] for c in described["cities"]] == index.classes
     assert described["counts"] == index.manifest["counts"] and described["methods"] == ["knn", "classifier"]
     assert all(-90 <= c["lat"] <= 90 for c in described["cities"])
-    assert httpx.get(server.url + "/healthz").json()["status"] == "ok"
+    health = httpx.get(server.url + "/healthz").json()
+    assert health["status"] == "ok" and health["build_id"] == health["build_id_on_disk"] == index.manifest["build_id"]
+    assert described["build_id"] == index.manifest["build_id"]
+    limits = described["limits"]
+    assert limits["max_upload_mb"] == MAX_UPLOAD_MB and limits["max_pixels"] == DEFAULT_MAX_PIXELS
     schema = httpx.get(server.url + "/openapi.json").json()
+    for route in ("/v1/locate", "/v1/locate/batch"):  # the limits the service enforces, stated where clients read
+        text = schema["paths"][route]["post"]["description"]
+        for stated in (f"{MAX_UPLOAD_MB:g} MB", f"{limits['max_request_mb']:g} MB", f"{limits['max_files_per_batch']} photos",
+                       f"{DEFAULT_MAX_PIXELS / 1e6:g} MP", f"{limits['max_unscaled_pixels'] / 1e6:g} MP"):
+            assert stated in text, (route, stated)
     locate_body = schema["paths"]["/v1/locate"]["post"]["requestBody"]["content"]
     assert "image" in locate_body["multipart/form-data"]["schema"]["properties"] and "image/jpeg" in locate_body
     assert {"/v1/locate/batch", "/v1/index", "/v1/photos/{row}", "/healthz"} <= set(schema["paths"])
@@ -476,6 +486,21 @@ def test_batcher_with_two_model_threads_runs_two_batches_at_once_and_loses_nothi
 def test_batcher_refuses_zero_workers():
     with pytest.raises(ValueError, match="workers"):
         MicroBatcher(lambda items, g: list(items), workers=0)
+
+
+def test_service_and_cli_share_each_default():
+    """One value each, defined once: the CLI's options and create_app's keywords agree."""
+    import inspect
+
+    from geoindex.cli import build
+    from geoindex.serve.app import create_app
+    from geoindex.serve.cli import serve
+    defaults = {p.name: p.default for p in serve.params}
+    keywords = inspect.signature(create_app).parameters
+    for name in ("max_upload_mb", "max_request_mb", "max_inflight_mb", "max_files", "max_pixels", "reload_check_s",
+                 "max_batch", "max_wait_ms"):
+        assert defaults[name] == keywords[name].default, name
+    assert defaults["max_pixels"] == {p.name: p.default for p in build.params}["max_pixels"] == DEFAULT_MAX_PIXELS
 
 
 def test_serve_splits_its_threads_between_model_threads():

@@ -148,6 +148,7 @@ def test_idle_half_open_connections_cannot_lock_out_a_client(index_dir, gsv_tree
         response = locate(server, photo_of(gsv_tree, "PRS"), timeout=30)
         took = time.perf_counter() - start
         assert response.status_code == 200 and took < 5, (response.status_code, took)  # well before any timeout
+        print(f"{len(idle)} idle connections open at ulimit -n 256: a normal photo answered in {took * 1000:.0f} ms")
         time.sleep(2)
         log = server.output()
         assert "Too many open files" not in log and "Traceback" not in log, log[-3000:]

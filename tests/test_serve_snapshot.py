@@ -140,3 +140,26 @@ def test_every_answer_comes_from_one_generation_through_rebuild_retrain_and_rm(g
     finally:
         stop.set()
         server.stop()
+
+
+def test_an_index_that_changes_into_something_unloadable_is_not_answered_from(gsv_tree, tmp_path):
+    index_dir = tmp_path / "indexes"
+    build_tiny_index(gsv_tree, index_dir, name="live")
+    build_a, rows = generation(index_dir, "live")
+    photo = sorted(rows)[0]
+    server = ServerProcess("--index", "live", "--index-dir", index_dir, "--reload-check-s", 0.3)
+    try:
+        manifest = index_dir / "live" / "manifest.json"
+        good = manifest.read_text()
+        manifest.write_text(good[: len(good) // 2])  # damaged where it lies
+        body = wait_for(server, lambda r: r.status_code == 503, "the damaged index refused")
+        assert body["status"] == "index_unusable" and "manifest" in body["problem"]
+        response = locate(server, photo)
+        assert response.status_code == 503 and response.json()["code"] == "index_unusable"
+        manifest.write_text(good)  # repaired: loaded again, and answered from
+        wait_for(server, lambda r: r.status_code == 200 and r.json()["status"] == "ok", "the repaired index served")
+        response = locate(server, photo)
+        assert response.status_code == 200 and response.json()["build_id"] == build_a
+        assert response.json()["results"][0]["neighbours"][0]["row"] == rows[photo]
+    finally:
+        server.stop()

@@ -203,19 +203,20 @@ class Locator:
     def _watch(self, every: float) -> None:
         from ..geo_index import load_index
 
-        seen = self.snapshot.generation
+        seen, failed = self.snapshot.generation, None
         while not self._stop.wait(every):
             generation = index_generation(self.path)
-            if generation == self.snapshot.generation:
-                seen, self.reloading = generation, False
-                if self.problem is not None and self.problem.code == "index_removed":
-                    self.problem = None  # the same generation is back (a removal that was undone)
+            if generation == self.snapshot.generation:  # unchanged, or back as it was
+                seen, self.reloading, self.problem = generation, False, None
+                self.disk_build_id = self.snapshot.build_id
                 continue
             if generation is None:
                 seen, self.reloading, self.disk_build_id = None, False, None
                 self.problem = IndexUnavailable("index_removed", f"index {self.snapshot.index.name!r} was removed "
                                                                  f"from disk; the service answers from no index")
                 continue
+            if generation == failed:
+                continue  # loading it failed already; a change on disk is the next chance
             self.reloading = True
             self.disk_build_id = _disk_build_id(self.path)
             if generation != seen:  # still being written: wait until it holds still for one check
@@ -224,8 +225,9 @@ class Locator:
             try:
                 snapshot = self._prepare(load_index(self.path, device=self.device), generation)
             except Exception as exc:  # noqa: BLE001 - any failure leaves the old snapshot and says why
-                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 if index_generation(self.path) == generation:  # not merely caught mid-write
+                    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    failed, self.reloading = generation, False
                     self.problem = IndexUnavailable("index_unusable", f"the index on disk changed and cannot be "
                                                                       f"loaded: {message}")
                     log.warning("index %s changed on disk and cannot be loaded: %s", self.path.name, message)
@@ -235,7 +237,7 @@ class Locator:
                 seen = None  # it changed again while loading: load what it becomes
                 continue
             old, self.snapshot = self.snapshot, snapshot
-            self.problem, self.reloading, self.reloads = None, False, self.reloads + 1
+            self.problem, self.reloading, self.reloads, failed = None, False, self.reloads + 1, None
             log.info("index %s reloaded: build %s -> %s", self.path.name, old.build_id, snapshot.build_id)
 
     # ------------------------------------------------------------------ answering
