@@ -168,6 +168,17 @@ def test_header_and_body_deadlines_close_stalled_connections(index_dir, gsv_tree
         stalled_body = socket.create_connection(("127.0.0.1", server.port), timeout=10)
         stalled_body.sendall(b"POST /v1/locate HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
                              b"Content-Length: 100000\r\n\r\n" + b"x" * 1000)
+        trickle = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        trickle.sendall(b"POST /v1/locate HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                        b"Content-Length: 100000\r\n\r\n")
+        start = time.perf_counter()
+        try:
+            while time.perf_counter() - start < 8:  # a byte every 0.2 s: never idle for a second, never done
+                trickle.sendall(b"x")
+                time.sleep(0.2)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert time.perf_counter() - start < 5
         start = time.perf_counter()
         for sock in (stalled_headers, stalled_body):
             try:

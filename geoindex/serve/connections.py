@@ -10,7 +10,9 @@ and is logged with a traceback, and no client, however well-behaved, gets in. Gu
   place, a normal one gets in); if none is waiting, the newcomer is closed;
 * a header deadline: a request's headers must be complete header_timeout seconds after the connection
   opened (or after its previous answer);
-* a body deadline: a request body that sends nothing for body_timeout seconds is dropped.
+* body deadlines: a request body that sends nothing for body_timeout seconds is dropped, and so is one
+  still arriving after body_timeout seconds at under MIN_BODY_BYTES_PER_S on average (a trickle of a
+  byte now and then would otherwise hold its connection, and its share of --max-inflight-mb, for ever).
 
 RateLimitFilter lets one warning of a kind through per interval and counts the rest, so a flood
 (accept() failing, connections dropped) cannot fill the disk with the same message.
@@ -28,6 +30,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_BODY_TIMEOUT_S = 30.0
 SWEEP_S = 0.5
+MIN_BODY_BYTES_PER_S = 16 * 1024  # a 20 MB photo in 21 minutes: slower than any real uplink
 
 
 def _soft_descriptor_limit() -> int:
@@ -70,6 +73,7 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_made(transport)
         now = time.monotonic()
         self.waiting_since, self.last_data = now, now
+        self.body_started, self.body_bytes = None, 0
         loop = self.loop
         if loop not in self._sweeping:
             self._sweeping.add(loop)
@@ -90,10 +94,16 @@ class GuardedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_data = time.monotonic()
+        in_body = self.conn.their_state is h11.SEND_BODY
         super().data_received(data)
+        if in_body:
+            self.body_bytes += len(data)
+        elif self.conn.their_state is h11.SEND_BODY:
+            self.body_started, self.body_bytes = self.last_data, 0
 
     def on_response_complete(self) -> None:
         self.waiting_since = time.monotonic()  # the next request's headers have their own deadline
+        self.body_started = None
         super().on_response_complete()
 
     def _waiting_for_headers(self) -> bool:
@@ -102,8 +112,12 @@ class GuardedH11Protocol(H11Protocol):
     def _overdue(self, now: float) -> str | None:
         if self._waiting_for_headers() and now - self.waiting_since > self.header_timeout:
             return "headers"
-        if self.conn.their_state is h11.SEND_BODY and now - self.last_data > self.body_timeout:
-            return "body"
+        if self.conn.their_state is h11.SEND_BODY:
+            if now - self.last_data > self.body_timeout:
+                return "body"
+            started = self.body_started if self.body_started is not None else self.waiting_since
+            if now - started > self.body_timeout and self.body_bytes / (now - started) < MIN_BODY_BYTES_PER_S:
+                return "body"
         return None
 
 
