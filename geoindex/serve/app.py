@@ -167,7 +167,10 @@ class Locator:
         self.reading = 0  # requests whose body is still arriving: the batcher waits for them, and only for them
         self.batcher = MicroBatcher(self._run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                                     expecting=lambda: self.reading, workers=model_threads)
-        self.snapshot = self._prepare(index, index_generation(self.path))
+        generation = index_generation(self.path)
+        if _disk_build_id(self.path) != index.manifest.get("build_id"):
+            generation = ("replaced since it was opened",)  # the watcher's first look loads what the disk has now
+        self.snapshot = self._prepare(index, generation)
         self.disk_build_id = self.snapshot.build_id
         self.problem: IndexUnavailable | None = None
         self.reloading = False
