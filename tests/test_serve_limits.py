@@ -1,6 +1,5 @@
 """What one client may cost the service: hostile images, huge and slow requests, idle connections, aborted uploads.
 Each against the real server process; a normal photo must keep being answered, quickly, meanwhile."""
-import io
 import resource
 import socket
 import struct
@@ -12,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from test_serve import ServerProcess, photo_of
 

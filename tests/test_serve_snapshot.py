@@ -5,7 +5,6 @@ import threading
 import time
 
 import httpx
-import pytest
 from click.testing import CliRunner
 
 import geoindex

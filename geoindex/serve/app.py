@@ -6,9 +6,9 @@ came from and, for each neighbour, the index row its thumbnail is served under (
 server). Everything a query reads is loaded together as one Snapshot; when the index on disk changes
 (`build --overwrite`, `train`, `rm`), a new Snapshot is loaded whole and swapped in, so an answer never
 mixes two generations. An upload is decoded as soon as it has arrived, on a small thread pool (costly
-ones on a lane of their own), and only its model-sized tensor waits for a batch. On a CPU the model runs as two batches side by side,
-each on one thread (`--model-threads`, MicroBatcher's workers), rather than one batch on all cores:
-a multi-threaded operator waits at every step for its slowest thread, so whatever else the server
+ones on a lane of their own), and only its model-sized tensor waits for a batch. On a CPU the model
+runs as two batches side by side, each on one thread (`--model-threads`, MicroBatcher's workers),
+rather than one batch on all cores: a multi-threaded operator waits at every step for its slowest thread, so whatever else the server
 does (HTTP, decoding) stalls the whole model; a one-thread batch only loses what it lost itself.
 """
 
@@ -178,7 +178,8 @@ class Locator:
         self._stop = threading.Event()
         self._watcher = None
         if reload_check_s > 0:
-            self._watcher = threading.Thread(target=self._watch, args=(reload_check_s,), name="index-watch", daemon=True)
+            self._watcher = threading.Thread(target=self._watch, args=(reload_check_s,), name="index-watch",
+                                             daemon=True)
             self._watcher.start()
 
     def close(self):
