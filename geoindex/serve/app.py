@@ -8,8 +8,9 @@ server). Everything a query reads is loaded together as one Snapshot; when the i
 mixes two generations. An upload is decoded as soon as it has arrived, on a small thread pool (costly
 ones on a lane of their own), and only its model-sized tensor waits for a batch. On a CPU the model
 runs as two batches side by side, each on one thread (`--model-threads`, MicroBatcher's workers),
-rather than one batch on all cores: a multi-threaded operator waits at every step for its slowest thread, so whatever else the server
-does (HTTP, decoding) stalls the whole model; a one-thread batch only loses what it lost itself.
+rather than one batch on all cores: a multi-threaded operator waits at every step for its slowest
+thread, so whatever else the server does (HTTP, decoding) stalls the whole model; a one-thread batch
+only loses what it lost itself.
 """
 
 import asyncio
