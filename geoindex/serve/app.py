@@ -165,9 +165,11 @@ class Locator:
         self.decode_pool = ThreadPoolExecutor(decode_threads or default_decode_threads(), thread_name_prefix="decode")
         self.costly_pool = ThreadPoolExecutor(1, thread_name_prefix="decode-costly")
         self.costly_waiting = 0
-        self.reading = 0  # requests whose body is still arriving: the batcher waits for them, and only for them
+        # Requests whose body is still arriving, and photos being decoded: the batcher waits for them, only for them.
+        self.reading = 0
+        self.decoding = 0
         self.batcher = MicroBatcher(self._run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                                    expecting=lambda: self.reading, workers=model_threads)
+                                    expecting=lambda: self.reading + self.decoding, workers=model_threads)
         generation = index_generation(self.path)
         if _disk_build_id(self.path) != index.manifest.get("build_id"):
             generation = ("replaced since it was opened",)  # the watcher's first look loads what the disk has now
@@ -279,12 +281,15 @@ class Locator:
     async def locate(self, snapshot: Snapshot, uploads, k: int | None) -> list[dict]:
         async def one(upload):
             started = time.perf_counter()
+            self.decoding += 1  # only the event loop thread touches the counter
             try:
                 tensor = await self.decode(snapshot, upload.data)
             except UploadError as exc:
                 if len(uploads) > 1:  # say which photo of a batch is the bad one
                     exc.message = f"{upload.filename}: {exc.message}"
                 raise
+            finally:
+                self.decoding -= 1
             decode_ms = round((time.perf_counter() - started) * 1000, 2)
             answer, timing = await self.batcher(tensor, (snapshot, k))
             answer = dict(answer, source=upload.filename)
