@@ -107,7 +107,10 @@ class GuardedH11Protocol(H11Protocol):
         super().on_response_complete()
 
     def _waiting_for_headers(self) -> bool:
-        return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+        """Nothing in progress: before the first request's headers are complete, or idle after an answer (h11 stays
+        DONE until the next request's first bytes)."""
+        return (self.conn.their_state in (h11.IDLE, h11.DONE)
+                and (self.cycle is None or self.cycle.response_complete))
 
     def _overdue(self, now: float) -> str | None:
         if self._waiting_for_headers() and now - self.waiting_since > self.header_timeout:
