@@ -155,6 +155,7 @@ def test_an_index_that_changes_into_something_unloadable_is_not_answered_from(gs
         assert body["status"] == "index_unusable" and "manifest" in body["problem"]
         response = locate(server, photo)
         assert response.status_code == 503 and response.json()["code"] == "index_unusable"
+        assert "manifest.json" in response.json()["error"] and str(index_dir) not in response.text  # no server paths
         manifest.write_text(good)  # repaired: loaded again, and answered from
         wait_for(server, lambda r: r.status_code == 200 and r.json()["status"] == "ok", "the repaired index served")
         response = locate(server, photo)

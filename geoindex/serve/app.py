@@ -235,8 +235,10 @@ class Locator:
                 if index_generation(self.path) == generation:  # not merely caught mid-write
                     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                     failed, self.reloading = generation, False
+                    # Clients are told which file, not where the index lies on this server; the log says where.
+                    public = message.replace(str(self.path) + os.sep, "").replace(str(self.path), self.path.name)
                     self.problem = IndexUnavailable("index_unusable", f"the index on disk changed and cannot be "
-                                                                      f"loaded: {message}")
+                                                                      f"loaded: {public}")
                     log.warning("index %s changed on disk and cannot be loaded: %s", self.path.name, message)
                 seen = None
                 continue
