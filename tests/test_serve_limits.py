@@ -80,7 +80,7 @@ def test_a_normal_photo_keeps_its_latency_while_hostile_batches_run(index_dir, g
             stop.set()
             for attacker in attackers:
                 attacker.result(600)
-        assert 413 in statuses  # the bombs: refused, cheaply
+        assert 413 in statuses and 200 in statuses  # the bombs refused from their header; the large PNGs answered
         print(f"normal photo: {baseline * 1000:.0f} ms alone, {max(during) * 1000:.0f} ms at worst under attack, "
               f"{np.median(during) * 1000:.0f} ms median; server peak RSS {peak_rss_mb(server.proc.pid):.0f} MB")
         assert max(during) < max(3.0, 10 * baseline), during
