@@ -219,7 +219,10 @@ def create_app(index, *, max_upload_mb: float = 20.0, max_batch: int = 16, max_w
         yield
         locator.close()
 
+    # docs_url=None: FastAPI's own /docs loads Swagger UI from a CDN, a blank page offline; ours serves it from
+    # the fastapi-offline wheel's copy (see _docs_page). ReDoc would need a CDN too, so there is none.
     app = FastAPI(title="geoindex", version=_version(), root_path=root_path, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,
                   description="Which city was this street-level photo taken in? kNN over an index of photos, "
                               "classifier heads, a GPS estimate, and the nearest indexed photos as evidence. "
                               "Errors are JSON: `{\"error\": why, \"code\": short_code}`.")
@@ -318,8 +321,40 @@ def create_app(index, *, max_upload_mb: float = 20.0, max_batch: int = 16, max_w
     async def page():
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request):
+        return _docs_page(app, request.scope.get("root_path", ""))
+
+    swagger = _swagger_ui_assets()
+    if swagger is not None:
+        app.mount("/static/swagger", StaticFiles(directory=swagger), name="swagger")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _swagger_ui_assets() -> Path | None:
+    """Swagger UI's script and style as shipped in the fastapi-offline wheel (the serve extra), or None."""
+    try:
+        import fastapi_offline
+    except ImportError:
+        return None
+    folder = Path(fastapi_offline.__file__).resolve().parent / "static"
+    return folder if (folder / "swagger-ui-bundle.js").is_file() else None
+
+
+def _docs_page(app, root: str):
+    """Swagger UI from this server's own files: the page must work with no network."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+
+    if _swagger_ui_assets() is None:  # an install without the serve extra's fastapi-offline: a page needing nothing
+        return HTMLResponse(f"<!doctype html><title>geoindex API</title><h1>geoindex API</h1><p>Swagger UI is not "
+                            f"installed (pip install -e '.[serve]'); the API's description is "
+                            f"<a href='{root}{app.openapi_url}'>{app.openapi_url}</a> (OpenAPI JSON).</p>")
+    return get_swagger_ui_html(openapi_url=f"{root}{app.openapi_url}", title="geoindex API",
+                               swagger_js_url=f"{root}/static/swagger/swagger-ui-bundle.js",
+                               swagger_css_url=f"{root}/static/swagger/swagger-ui.css",
+                               swagger_favicon_url=f"{root}/static/swagger/favicon.png")
 
 
 def create_app_from_env():
