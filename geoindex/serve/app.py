@@ -185,8 +185,8 @@ def _median(values):
 
 
 def _display_name(city: str) -> str:
-    from ..cities import display_name
-    return display_name(city)
+    from ..cities import full_name  # one name everywhere: the page, the CLI and the JSON say "London, United Kingdom"
+    return full_name(city)
 
 
 def _version() -> str:
