@@ -185,8 +185,10 @@ def query(photos, index_name, k, vote_method, temperature, backbone, as_json, as
     if backbone is not None and backbone != index.manifest["backbone"]:
         raise BackboneMismatch(f"index {index.name!r} was built with backbone {index.manifest['backbone']!r}, "
                                f"not {backbone!r}; query it without --backbone or build one with {backbone!r}")
-    # Building the backbone (weights from disk, model set-up) takes seconds before the first answer: say so.
-    click.echo(f"loading {index.manifest['backbone']} for index {index.name!r}...", err=True)
+    # Building the backbone (weights from disk, model set-up) takes seconds before the first answer: say so to a
+    # person watching (a terminal), not into a pipe or a script's captured errors.
+    if sys.stderr.isatty():
+        click.echo(f"loading {index.manifest['backbone']} for index {index.name!r}...", err=True)
     # Decoded exactly as the build decoded its photos, once each, and handed to the model as images.
     draft = index.backbone.transform.resize_size
     max_pixels = (index.manifest.get("preprocessing") or {}).get("max_pixels", DEFAULT_MAX_PIXELS)
