@@ -105,11 +105,18 @@ class Locator:
         answers = iter([dict(p.to_dict(), _decode_ms=decode_ms) for p in self.index.query(images, k=k)] if images else [])
         return [d if isinstance(d, UploadError) else next(answers) for d in decoded]
 
-    async def locate(self, uploads, k: int | None) -> list[dict]:
+    async def locate(self, uploads, k: int | None, each: bool = False) -> list[dict]:
+        """One answer per upload, in order. each=True (the batch endpoint): a bad photo gets an error entry
+        in its place, {source, error, code}, and the others are answered, as `geoindex query` does."""
         async def one(upload):
             try:
+                if len(upload.data) > self.max_upload_bytes:
+                    raise UploadError(413, "too_large", f"{len(upload.data) / 2**20:.1f} MB is over the limit of "
+                                                        f"{self.max_upload_bytes / 2**20:g} MB (--max-upload-mb)")
                 answer, timing = await self.batcher(upload.data, k)
             except UploadError as exc:
+                if each:
+                    return {"source": upload.filename, "error": exc.message, "code": exc.code}
                 if len(uploads) > 1:  # say which photo of a batch is the bad one
                     exc.message = f"{upload.filename}: {exc.message}"
                 raise
@@ -261,7 +268,7 @@ def create_app(index, *, max_upload_mb: float = 20.0, max_batch: int = 16, max_w
     def k_param(default=k):
         return Query(default, ge=1, le=MAX_K, description="Neighbours that vote [default: as tuned on val].")
 
-    async def answer(request: Request, k_value: int | None, max_files: int, started: float) -> dict:
+    async def answer(request: Request, k_value: int | None, max_files: int, started: float, each: bool = False) -> dict:
         read_start = time.perf_counter()
         locator.reading += 1  # only the event loop thread touches the counter
         try:
@@ -270,11 +277,7 @@ def create_app(index, *, max_upload_mb: float = 20.0, max_batch: int = 16, max_w
             locator.reading -= 1
         read_ms = round((time.perf_counter() - read_start) * 1000, 2)
         uploads = split_uploads(body, request.headers.get("content-type"), max_files)
-        for upload in uploads:
-            if len(upload.data) > locator.max_upload_bytes:
-                raise UploadError(413, "too_large", f"{upload.filename}: {len(upload.data) / 2**20:.1f} MB is over "
-                                                    f"the limit of {max_upload_mb:g} MB (--max-upload-mb)")
-        results = await locator.locate(uploads, k_value)
+        results = await locator.locate(uploads, k_value, each=each)
         answer = jsonable({"index": index.name, "backbone": index.manifest["backbone"], "results": results,
                               "timings_ms": {"read": read_ms, "total": round((time.perf_counter() - started) * 1000, 2)}})
         # Serialised here, once: FastAPI's generic encoder walks the nested answer again for nothing.
@@ -291,9 +294,10 @@ def create_app(index, *, max_upload_mb: float = 20.0, max_batch: int = 16, max_w
     @app.post("/v1/locate/batch", tags=["locate"], openapi_extra=_BATCH_BODY,
               responses=_error_responses(400, 413, 415, 422, 503), summary="Several photos in one request")
     async def locate_batch(request: Request, k: int | None = k_param()):
-        """Several photos as repeated multipart file fields; one result per photo, in order. A bad photo
-        fails the request with a 4xx naming it."""
-        return await answer(request, k, locator.max_files, time.perf_counter())
+        """Several photos as repeated multipart file fields; one result per photo, in order. A photo that cannot
+        be used (not an image, corrupt, too large) gets `{source, error, code}` in its place and the others are
+        answered; only a malformed request as a whole gets a 4xx."""
+        return await answer(request, k, locator.max_files, time.perf_counter(), each=True)
 
     @app.get("/v1/index", tags=["index"], summary="What is loaded")
     async def describe():
