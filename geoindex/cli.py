@@ -50,7 +50,8 @@ def main():
 
     \b
     geoindex build --data PATH     embed photos (GSV-Cities tree, <city>/*.jpg folder or CSV manifest), index them
-    geoindex train                 train a classifier head and tune kNN on the validation split
+    geoindex train                 adapt the backbone's last stages to the cities (EfficientNet-Lite), then
+                                   train a classifier head and tune kNN and their fusion on the validation split
     geoindex query photo.jpg       top cities, a GPS estimate and the nearest indexed photos
     geoindex bench                 score kNN, classifier, zero-shot and hybrid on the same photos
     geoindex indexes               list built indexes
@@ -410,6 +411,8 @@ def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resu
     from .heads import train_finetune, train_probe
 
     index = load_index(index_name, index_dir, device=device)
+    click.echo(f"training index {index.name!r} ({index.path})"
+               + ("" if index_name else ": the most recently built; --index NAME picks another"))
     if mode == "auto":
         mode = "tail" if wants_adaptation(index) else "probe"
         if is_adapted(index):
@@ -424,11 +427,32 @@ def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resu
         result = train_probe(index, **common)
     else:
         result = train_finetune(index, resume=resume, num_workers=workers, **common)
-    click.echo(f"best validation accuracy {result.best_val_accuracy:.3f} at epoch {result.best_epoch}; "
-               f"head, history.csv and curves.png in {result.folder}")
+    click.echo(_kept_epoch_summary(result))
     if index.store.count("val"):
         from .tuning import tune_knn
         tune_knn(index, log=click.echo)
+    else:
+        click.echo("kNN not tuned and no fusion fitted: there is no validation split to choose them on; answers "
+                   "use kNN with its default settings")
+
+
+def _kept_epoch_summary(result) -> str:
+    """Which epoch was kept and why, with its validation figures; never a training figure as a validation one."""
+    history, epoch = result.history, result.best_epoch
+    where = f"head, history.csv and curves.png in {result.folder}"
+    if result.best_val_accuracy is None:
+        return (f"no validation split: kept epoch {epoch} of {len(history)}, chosen on the training photos; no "
+                f"validation accuracy exists; {where}")
+    row = history[history["epoch"] == epoch].iloc[0]
+    best = history.loc[history["val_accuracy"].idxmax()]
+    if result.mode == "probe":  # fit_probe keeps the epoch of the lowest validation loss
+        why = f"the lowest validation loss ({row['val_loss']:.4f}); its validation accuracy {result.best_val_accuracy:.3f}"
+        if best["val_accuracy"] > result.best_val_accuracy:
+            why += (f" (epoch {int(best['epoch'])} reached {best['val_accuracy']:.3f}, but loss also weighs how sure "
+                    "each answer is, which ranking, fusion and the unlike-anything threshold use)")
+    else:
+        why = f"the highest validation accuracy ({result.best_val_accuracy:.3f})"
+    return f"kept epoch {epoch} of {len(history)}, the one with {why}; {where}"
 
 
 @main.command()
