@@ -338,18 +338,37 @@ def indexes_command(index_dir, as_json):
         from .locate import where
         click.echo(f"no index in {where(index_dir)}; build one with `geoindex build --data PATH`")
         return
+    rows, notes = [], []
     for e in entries:
         m = e["manifest"]
         if e["status"] != "ok":
-            click.echo(f"{e['name']:<28} {e['status'].upper()}: {e['reason']}")
+            rows.append([e["name"], e["status"].upper()] + [""] * 9)
+            notes.append(f"{e['name']}: {e['reason']}")
             continue
-        counts = m["counts"]
-        flag = "  [synthetic data]" if m.get("synthetic") else ""
-        click.echo(f"{m['name']:<28} {m['backbone']:<9} {m['weights']['source']:<10} {m['index']['type']:<6} "
-                   f"train {counts['train']:>7}  val {counts['val']:>6}  test {counts['test']:>6}  "
-                   f"{len(m['classes'])} cities  {m['created']}{flag}")
+        counts, adapted = m["counts"], m.get("adapted") or {}
+        rows.append([m["name"], m["backbone"], "adapted" if adapted else m["weights"]["source"],
+                     f"{adapted.get('mode', 'yes')}, epoch {adapted['best_epoch']}" if adapted.get("best_epoch")
+                     else "yes" if adapted else "no",
+                     m["index"]["type"], str(counts["train"]), str(counts["val"]), str(counts["test"]),
+                     str(len(m["classes"])), _trained_summary(Path(e["path"])),
+                     str(m["created"])[:16].replace("T", " ") + ("  SYNTHETIC data" if m.get("synthetic") else "")])
         if e.get("unfinished"):
-            click.echo(f"{'':<28} (a rebuild is unfinished: {e['unfinished']})")
+            notes.append(f"{m['name']}: a rebuild is unfinished: {e['unfinished']}")
+    header = ["NAME", "BACKBONE", "WEIGHTS", "ADAPTED", "INDEX", "TRAIN", "VAL", "TEST", "CITIES", "TRAINED", "BUILT"]
+    numeric = {"TRAIN", "VAL", "TEST", "CITIES"}
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(cell.rjust(w) if h in numeric else cell.ljust(w)
+                             for h, cell, w in zip(header, row, widths)).rstrip())
+    for note in notes:
+        click.echo(note)
+
+
+def _trained_summary(path: Path) -> str:
+    """What `train` left in an index: its heads and whether kNN was tuned on val (from file names only: instant)."""
+    heads = [mode for mode in ("probe", "finetune") if (path / "heads" / mode / "meta.json").is_file()]
+    knn = (path / "heads" / "knn" / "params.json").is_file()
+    return ", ".join(heads + (["kNN tuned"] if knn else [])) or "no (run geoindex train)"
 
 
 @main.command("rm")

@@ -305,3 +305,27 @@ def test_a_cold_query_says_it_is_loading_the_backbone_on_a_terminal(cli_index, g
     piped = subprocess.run([sys.executable, "-m", "geoindex.cli", "query", str(photo), "--index-dir", str(cli_index),
                             "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert piped.returncode == 0 and "loading" not in piped.stderr
+
+
+def test_indexes_is_a_table_with_a_header_and_aligned_columns(trained_tiny, gsv_tree):
+    import shutil
+    shutil.copytree(trained_tiny / "tiny", trained_tiny / "a-much-longer-index-name")
+    (trained_tiny / "a-much-longer-index-name" / "faiss.index").write_bytes(b"damaged")
+    out = run("indexes", "--index-dir", trained_tiny)
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    header = lines[0]
+    assert header.split() == ["NAME", "BACKBONE", "WEIGHTS", "ADAPTED", "INDEX", "TRAIN", "VAL", "TEST", "CITIES",
+                              "TRAINED", "BUILT"]
+    tiny = next(line for line in lines if line.startswith("tiny "))
+    # each column starts (or, for numbers, ends) where its header does
+    for column in ("BACKBONE", "WEIGHTS", "ADAPTED", "INDEX", "TRAINED", "BUILT"):
+        assert tiny[header.index(column) - 1] == " " and tiny[header.index(column)] != " ", column
+    for column in ("TRAIN", "VAL", "TEST", "CITIES"):
+        end = header.index(column) + len(column)
+        assert tiny[end - 1].isdigit() and tiny[end] == " ", column
+    assert tiny[header.index("ADAPTED"):].startswith("no ")
+    assert "probe, kNN tuned" in tiny and "SYNTHETIC" in tiny
+    broken = next(line for line in lines if line.startswith("a-much-longer-index-name "))
+    assert "BROKEN" in broken
+    assert any(line.startswith("a-much-longer-index-name: ") and "faiss.index" in line for line in lines)
