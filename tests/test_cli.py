@@ -113,9 +113,14 @@ def test_demo_on_given_data_builds_trains_queries_and_scores(gsv_tree, tmp_path)
     result = run("demo", "--data", gsv_tree, "--backbone", "cnn", "--index-dir", tmp_path)
     assert result.exit_code == 0, result.output
     out = result.output
-    name = f"demo-{gsv_tree.name}-cnn"
+    name = f"{gsv_tree.name}-cnn"  # what `geoindex build --data` calls it, so the README's commands find it
     assert f"built '{name}'" in out and "kNN tuned on val" in out and "query " in out
+    assert "{'train'" not in out and "train " in out  # counts in words, not a Python dict
     assert (tmp_path / name / "bench" / "results.json").is_file()
+    # it ends with what to do next, naming its index
+    assert out.rstrip().splitlines()[-5].startswith("Next, with the index")
+    assert f"geoindex query PHOTO.jpg --index {name} --index-dir {tmp_path}" in out
+    assert f"geoindex serve --index {name}" in out
     again = run("demo", "--data", gsv_tree, "--backbone", "cnn", "--index-dir", tmp_path).output
     assert f"reusing index '{name}' at {tmp_path / name}" in again and "built" not in again
 
