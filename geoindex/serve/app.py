@@ -138,12 +138,15 @@ class Locator:
             rows = train[train["city"] == city]
             classes.append({"city": city, "name": _display_name(city), "train_photos": int(len(rows)),
                             "lat": _median(rows["lat"]), "lon": _median(rows["lon"])})
-        methods = ["knn"] + (["classifier"] if self.classifier_mode else [])
+        from ..tuning import load_lead_choice
+        choice = load_lead_choice(self.index, self.index.classifier)
+        methods = ["knn"] + (["classifier"] if self.classifier_mode else []) + (["hybrid"] if choice["weights"] else [])
         return jsonable({
             "name": self.index.name, "backbone": m["backbone"], "weights": m["weights"].get("source"),
             "embed_dim": m["embed_dim"], "image_size": m["image_size"], "index_type": m["index"]["type"],
             "counts": m["counts"], "synthetic": bool(m.get("synthetic", False)), "cities": classes,
             "methods": methods, "classifier": self.classifier_mode, "device": str(self.index.device),
+            "answer_method": choice["lead"], "answer_method_note": choice["note"],
             "limits": {"max_upload_mb": self.max_upload_bytes / 2**20, "max_pixels": self.max_pixels,
                        "max_files_per_batch": self.max_files, "k_default": self.k or self.index.knn_method().k, "k_max": MAX_K},
             "batching": {"max_batch": self.batcher.max_batch, "max_wait_ms": self.batcher.max_wait * 1000},

@@ -266,7 +266,8 @@ async function init() {
     index.cities.forEach((c) => colourOf(c.city));
     const info = $("index-info");
     info.textContent = `index ${index.name} · ${index.backbone} · ${index.cities.length} cities · ` +
-      `${index.counts.train.toLocaleString()} photos · methods: ${index.methods.join(", ")}`;
+      `${index.counts.train.toLocaleString()} photos · methods: ${index.methods.join(", ")}` +
+      (index.answer_method_note ? ` · answers from ${index.answer_method_note}` : "");
     if (index.synthetic) {
       const s = document.createElement("span");
       s.className = "synthetic";
