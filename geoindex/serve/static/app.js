@@ -19,6 +19,7 @@ function setStatus(text, kind, fileName) {
     const name = document.createElement("span");
     name.className = "filename";
     name.textContent = fileName;
+    name.title = fileName;
     el.append(name, ": ");
   }
   el.append(text);
@@ -112,7 +113,9 @@ function drawMap(points, result) {
     if (c.lat == null || c.lon == null || c.lon < v0 || c.lon > v2 || c.lat < v1 || c.lat > v3) continue;
     const [x, y] = proj.project([c.lon, c.lat]);
     svg("circle", { cx: x, cy: y, r: 3 }, cities);
-    svg("text", { x: x + 6, y: y - 6 }, cities).textContent = c.name;
+    const nearRightEdge = x > W - 8 * c.name.length;  // label to the left of the dot, so it is not cut off
+    svg("text", { x: nearRightEdge ? x - 6 : x + 6, y: y - 6, "text-anchor": nearRightEdge ? "end" : "start" },
+        cities).textContent = c.name;
   }
   if (!result) return;
   result.neighbours.forEach((n, i) => {
