@@ -334,3 +334,17 @@ def test_indexes_is_a_table_with_a_header_and_aligned_columns(trained_tiny, gsv_
     broken = next(line for line in lines if line.startswith("a-much-longer-index-name "))
     assert "BROKEN" in broken
     assert any(line.startswith("a-much-longer-index-name: ") and "faiss.index" in line for line in lines)
+
+
+def test_indexes_shows_an_adapted_index_as_adapted(tree, tmp_path):
+    from test_adapt import EFFNET_RANDOM
+
+    from geoindex import build_index
+    build_index(tree, name="ix", index_dir=tmp_path, log=lambda m: None, **EFFNET_RANDOM)
+    trained = run("train", "--index", "ix", "--index-dir", tmp_path, "--epochs", "1", "--workers", "0", "--device", "cpu")
+    assert trained.exit_code == 0, trained.output
+    kept = json.loads((tmp_path / "ix" / "manifest.json").read_text())["adapted"]["best_epoch"]
+    lines = run("indexes", "--index-dir", tmp_path).output.splitlines()
+    header, row = lines[0], next(line for line in lines if line.startswith("ix "))
+    assert row[header.index("WEIGHTS"):].startswith("adapted ")  # not "file"
+    assert row[header.index("ADAPTED"):].startswith(f"tail, epoch {kept} ")
