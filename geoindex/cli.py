@@ -52,14 +52,14 @@ def main():
     geoindex build --data PATH     embed photos (GSV-Cities tree, <city>/*.jpg folder or CSV manifest), index them
     geoindex train                 adapt the backbone's last stages to the cities (EfficientNet-Lite), then
                                    train a classifier head and tune kNN and their fusion on the validation split
-    geoindex query photo.jpg       top cities, a GPS estimate and the nearest indexed photos
+    geoindex query PHOTO|FOLDER    the city (led by the method best on val), a GPS estimate, the nearest photos
     geoindex bench                 score kNN, classifier, zero-shot and hybrid on the same photos
     geoindex indexes               list built indexes
     geoindex backbones             list embedding backbones and their weights
     geoindex rm NAME               remove an index (only folders geoindex made)
     geoindex relocate NAME DIR     point an index at its photos' new folder
     geoindex serve                 a web page and an HTTP API that keep the model loaded
-    geoindex demo                  build, query and score end to end on a sample
+    geoindex demo                  build, train, query and score end to end on a sample
 
     \b
     Environment: GEOINDEX_HOME (where indexes live, default ./indexes), GEOINDEX_OFFLINE=1 (never download
