@@ -225,7 +225,8 @@ def no_validation_split_message(index, mode: str) -> str:
     stop = "its epoch is chosen by the training loss, which keeps falling, so early stopping" if mode == "probe" \
         else "its epoch is chosen on the training photos, so early stopping"
     return (f"NOTE: index {index.name!r} has no validation split (too few photos or places per city): the {mode} head "
-            f"is trained and checked on the same photos; {stop} barely stops anything; kNN keeps its default "
+            f"is trained and checked on the same photos; {stop} barely stops anything; the backbone is not adapted "
+            "(adapting stops on validation loss); kNN keeps its default "
             "k, vote and temperature, no 'unlike anything indexed' threshold is set, no fusion is fitted, and no "
             "validation accuracy exists to report. Build over more photos per city for one.")
 
