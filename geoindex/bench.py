@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from .cities import display_name
+from .cities import full_name
 from .errors import GeoindexError
 from .data.records import SPLITS
 from .fileio import atomic_path, write_json_atomic
@@ -366,10 +366,12 @@ def plot_confusion(metrics: dict, path: Path, title: str) -> None:
 
     cm = np.asarray(metrics["confusion"], dtype=np.float64)
     rates = cm / np.clip(cm.sum(axis=1, keepdims=True), 1, None)
-    names = [display_name(c) for c in metrics["classes"]]
+    names = [full_name(c) for c in metrics["classes"]]
     n = len(names)
     size = max(4.5, 0.45 * n + 2.5)
-    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    # constrained layout makes room for long city names and the axis labels beside them (tight_layout left
+    # the "true" label outside the figure once the names were full ones)
+    fig, ax = plt.subplots(figsize=(size + 1.2 + 0.06 * max(map(len, names)), size), layout="constrained")
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     tick_size = 11 if n <= 10 else 9 if n <= 25 else 7
     ax.set_xticks(range(n), names, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center", fontsize=tick_size)
@@ -384,7 +386,6 @@ def plot_confusion(metrics: dict, path: Path, title: str) -> None:
     ax.set(xlabel="predicted", ylabel="true",
            title=f"{title}\naccuracy {accuracy:.3f} on {metrics['n']} photos" if accuracy is not None else title)
     fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class (cell text: count)")
-    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)

@@ -45,6 +45,12 @@ _CITIES = [
 
 GSV_CITIES: dict[str, City] = {c.id: c for c in _CITIES}
 
+# Other cities of the data sets this project is measured on (London-or-London's second London), so that they get a
+# full name too: a folder name alone ("London_Ontario") has no country.
+OTHER_CITIES: dict[str, City] = {c.id: c for c in [
+    City("London_Ontario", "London, Ontario", "Canada", 42.9849, -81.2453),
+]}
+
 
 def humanize(city_id: str) -> str:
     """A folder name as a place name: `London_Ontario` -> `London Ontario`, `NewYork` -> `New York`."""
@@ -60,6 +66,8 @@ def city_info(city_id: str) -> City:
         return _EXTRA[city_id]
     if city_id in GSV_CITIES:
         return GSV_CITIES[city_id]
+    if city_id in OTHER_CITIES:
+        return OTHER_CITIES[city_id]
     return City(city_id, humanize(city_id), "", float("nan"), float("nan"))
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .catalog import BACKBONES, INDEX_TYPES, weights_status
-from .cities import display_name, full_name
+from .cities import full_name
 from .jsonio import dumps
 from .errors import GeoindexError
 from .catalog import DEFAULT_MAX_PIXELS
@@ -50,15 +50,16 @@ def main():
 
     \b
     geoindex build --data PATH     embed photos (GSV-Cities tree, <city>/*.jpg folder or CSV manifest), index them
-    geoindex train                 train a classifier head and tune kNN on the validation split
-    geoindex query photo.jpg       top cities, a GPS estimate and the nearest indexed photos
+    geoindex train                 adapt the backbone's last stages to the cities (EfficientNet-Lite), then
+                                   train a classifier head and tune kNN and their fusion on the validation split
+    geoindex query PHOTO|FOLDER    the city (led by the method best on val), a GPS estimate, the nearest photos
     geoindex bench                 score kNN, classifier, zero-shot and hybrid on the same photos
     geoindex indexes               list built indexes
     geoindex backbones             list embedding backbones and their weights
     geoindex rm NAME               remove an index (only folders geoindex made)
     geoindex relocate NAME DIR     point an index at its photos' new folder
     geoindex serve                 a web page and an HTTP API that keep the model loaded
-    geoindex demo                  build, query and score end to end on a sample
+    geoindex demo                  build, train, query and score end to end on a sample
 
     \b
     Environment: GEOINDEX_HOME (where indexes live, default ./indexes), GEOINDEX_OFFLINE=1 (never download
@@ -147,7 +148,7 @@ def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, per
 
 
 @main.command()
-@click.argument("photos", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("photos", nargs=-1, required=True, type=click.Path())
 @click.option("--index", "index_name", default=None, help="Index name or path [default: the latest built].")
 @click.option("--k", type=click.IntRange(1), default=None, help="Neighbours that vote [default: tuned on val].")
 @click.option("--vote", "vote_method", type=click.Choice(VOTE_METHODS), default=None,
@@ -156,7 +157,7 @@ def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, per
               help="Softmax vote temperature on cosine similarity.")
 @click.option("--backbone", default=None, help="Refuse to run unless the index was built with this backbone.")
 @click.option("--json", "as_json", is_flag=True, help="Strict JSON: {index, results, errors}.")
-@click.option("--csv", "as_csv", is_flag=True, help="One CSV row per photo (for batch queries).")
+@click.option("--csv", "as_csv", is_flag=True, help="One CSV row per photo, in the order given (for batch queries).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="Photos decoded and embedded together; memory stays flat in the number of photos.")
 @click.option("--verify", is_flag=True, help="Hash every index file in full before answering.")
@@ -167,7 +168,10 @@ def query(photos, index_name, k, vote_method, temperature, backbone, as_json, as
           index_dir):
     """Which city? Top-5 cities, a GPS estimate and the nearest indexed photos, per photo.
 
-    Every photo that can be read is answered; each one that cannot is reported (exit status 1).
+    PHOTOS are image files or folders (a folder stands for its images, sorted by name). The answer leads with
+    the method most accurate on the index's validation split (kNN, the classifier, or their fusion) and shows
+    the others beside it. Every photo that can be read is answered; each one that cannot is reported, in
+    order (exit status 1).
     """
     from tqdm.auto import tqdm
 
@@ -177,10 +181,15 @@ def query(photos, index_name, k, vote_method, temperature, backbone, as_json, as
 
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
+    photos = _expand_photo_arguments(photos)
     index = load_index(index_name, index_dir, device=device, verify=verify)
     if backbone is not None and backbone != index.manifest["backbone"]:
         raise BackboneMismatch(f"index {index.name!r} was built with backbone {index.manifest['backbone']!r}, "
                                f"not {backbone!r}; query it without --backbone or build one with {backbone!r}")
+    # Building the backbone (weights from disk, model set-up) takes seconds before the first answer: say so to a
+    # person watching (a terminal), not into a pipe or a script's captured errors.
+    if sys.stderr.isatty():
+        click.echo(f"loading {index.manifest['backbone']} for index {index.name!r}...", err=True)
     # Decoded exactly as the build decoded its photos, once each, and handed to the model as images.
     draft = index.backbone.transform.resize_size
     max_pixels = (index.manifest.get("preprocessing") or {}).get("max_pixels", DEFAULT_MAX_PIXELS)
@@ -188,26 +197,52 @@ def query(photos, index_name, k, vote_method, temperature, backbone, as_json, as
     out.start()
     with tqdm(total=len(photos), desc="querying", unit="photo", disable=len(photos) <= 8, file=sys.stderr) as bar:
         for start in range(0, len(photos), batch_size):
-            images, sources = [], []
-            for photo in photos[start:start + batch_size]:
+            batch = photos[start:start + batch_size]
+            loaded: list = []  # per photo of the batch: its image, or the error saying why not
+            for photo in batch:
                 try:
-                    images.append(load_image(photo, draft_size=draft, max_pixels=max_pixels))
-                    sources.append(photo)
+                    loaded.append(load_image(photo, draft_size=draft, max_pixels=max_pixels))
                 except ImageError as exc:
-                    out.error(photo, str(exc))
-            if images:
-                predictions = index.query(images, k=k, vote_method=vote_method, temperature=temperature)
-                for source, prediction in zip(sources, predictions):
-                    prediction.source = source
+                    loaded.append(exc)
+            images = [item for item in loaded if not isinstance(item, ImageError)]
+            predictions = iter(index.query(images, k=k, vote_method=vote_method, temperature=temperature)
+                               if images else [])
+            for photo, item in zip(batch, loaded):  # written in the order given, errors in their place
+                if isinstance(item, ImageError):
+                    out.error(photo, str(item))
+                else:
+                    prediction = next(predictions)
+                    prediction.source = photo
                     out.result(prediction)
-            bar.update(len(photos[start:start + batch_size]))
+            bar.update(len(batch))
     out.finish()
     if out.errors:
         sys.exit(1)
 
 
+def _expand_photo_arguments(arguments) -> list[str]:
+    """Files as given; a folder becomes its image files (by extension, not recursive), sorted by name."""
+    import os
+
+    from .images import IMAGE_EXTENSIONS
+    photos = []
+    for argument in arguments:
+        if os.path.isdir(argument):
+            found = sorted(e.path for e in os.scandir(argument)
+                           if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and e.is_file())
+            if not found:
+                raise click.UsageError(f"{argument}: a folder with no image files ({', '.join(IMAGE_EXTENSIONS)})")
+            photos.extend(found)
+        else:
+            photos.append(argument)  # a missing or unreadable file is reported in its place, not fatal
+    return photos
+
+
 def _number(value: float, fmt: str) -> str:
     return "-" if value is None or value != value else format(value, fmt)
+
+
+METHOD_TITLES = {"knn": "kNN vote", "classifier": "classifier", "hybrid": "hybrid"}
 
 
 class _QueryOutput:
@@ -227,8 +262,8 @@ class _QueryOutput:
         elif self.mode == "csv":
             import csv
             self.writer = csv.writer(sys.stdout, lineterminator="\n")
-            self.writer.writerow(["source", "city", "name", "probability", "lat", "lon", "top5", "nearest_path",
-                                  "nearest_similarity", "error"])
+            self.writer.writerow(["source", "city", "name", "method", "probability", "lat", "lon", "unlike_indexed",
+                                  "top5", "nearest_path", "nearest_similarity", "error"])
         else:
             click.echo(f"index: {self.index.name} ({m['backbone']}, {m['counts']['train']} indexed photos, "
                        f"{len(self.index.classes)} cities)")
@@ -239,7 +274,7 @@ class _QueryOutput:
     def error(self, source: str, message: str):
         self.errors.append({"source": source, "error": message})
         if self.mode == "csv":
-            self.writer.writerow([source, "", "", "", "", "", "", "", "", message])
+            self.writer.writerow([source, "", "", "", "", "", "", "", "", "", "", message])
         click.echo(f"{source}: {message}", err=True)
 
     def result(self, p):
@@ -247,26 +282,34 @@ class _QueryOutput:
             click.echo(("," if self.count else "") + "\n" + dumps(p.to_dict(), indent=None), nl=False)
         elif self.mode == "csv":
             nearest = p.neighbours[0] if p.neighbours else None
-            self.writer.writerow([p.source, p.city, full_name(p.city), f"{p.cities[0][1]:.6f}", _number(p.lat, ".6f"),
-                                  _number(p.lon, ".6f"), ";".join(f"{c}:{pr:.4f}" for c, pr in p.cities),
+            self.writer.writerow([p.source, p.city, full_name(p.city), p.lead, f"{p.probability:.6f}",
+                                  _number(p.lat, ".6f"), _number(p.lon, ".6f"), int(p.unlike_indexed),
+                                  ";".join(f"{c}:{pr:.4f}" for c, pr in p.ranked(p.lead)),
                                   nearest.path if nearest else "", f"{nearest.similarity:.4f}" if nearest else "", ""])
         else:
             click.echo(f"\n{p.source}")
-            click.echo(f"  city: {full_name(p.city)}  (p={p.cities[0][1]:.2f})")
-            gps = "-" if p.lat != p.lat else f"{p.lat:.5f}, {p.lon:.5f}"
-            click.echo(f"  GPS estimate: {gps}")
-            click.echo("  kNN vote:      " + "  ".join(f"{display_name(c)} {pr:.2f}" for c, pr in p.cities))
-            if p.classifier:
-                click.echo(f"  classifier ({p.classifier_mode}): "
-                           + "  ".join(f"{display_name(c)} {pr:.2f}" for c, pr in p.classifier))
+            click.echo(f"  city: {full_name(p.city)}  (p={p.probability:.2f}, {p.lead_note})")
             if p.unlike_indexed:
                 click.secho(f"  WARNING: this photo is unlike anything indexed (nearest similarity "
-                            f"{p.top_similarity:.3f}, below the {self.index.knn_method().unlike_threshold:.3f} that 99% of "
-                            "validation photos exceed): the answer is a guess", fg="yellow")
+                            f"{p.top_similarity:.3f}, below the {p.unlike_threshold:.3f} that 99% of validation "
+                            "photos exceed): the answer is a guess, and the photo may be from none of the index's "
+                            "cities", fg="yellow")
+            gps = "-" if p.lat != p.lat else f"{p.lat:.5f}, {p.lon:.5f}"
+            click.echo(f"  GPS estimate: {gps}")
+            methods = [("knn", METHOD_TITLES["knn"], p.cities)]
+            if p.classifier:
+                methods.append(("classifier", f"classifier ({p.classifier_mode})", p.classifier))
+            if p.hybrid:
+                methods.append(("hybrid", "hybrid", p.hybrid))
+            methods.sort(key=lambda m: m[0] != p.lead)  # the leading method first, the others beside it
+            width = max(len(title) for _, title, _ in methods) + 1
+            for _, title, ranked in methods:
+                click.echo(f"  {title + ':':<{width}} " + "  ".join(f"{full_name(c)} {pr:.2f}" for c, pr in ranked))
             click.echo("  nearest:")
-            click.echo(f"    {'similarity':>10}  {'city':<26} {'lat':>9} {'lon':>10}  photo")
+            city_width = max([len(full_name(n.city)) for n in p.neighbours] + [4])
+            click.echo(f"    {'similarity':>10}  {'city':<{city_width}} {'lat':>9} {'lon':>10}  photo")
             for n in p.neighbours:
-                click.echo(f"    {n.similarity:>10.3f}  {full_name(n.city)[:26]:<26} {_number(n.lat, '9.5f'):>9} "
+                click.echo(f"    {n.similarity:>10.3f}  {full_name(n.city):<{city_width}} {_number(n.lat, '9.5f'):>9} "
                            f"{_number(n.lon, '10.5f'):>10}  {n.path}")
         self.count += 1
 
@@ -295,18 +338,37 @@ def indexes_command(index_dir, as_json):
         from .locate import where
         click.echo(f"no index in {where(index_dir)}; build one with `geoindex build --data PATH`")
         return
+    rows, notes = [], []
     for e in entries:
         m = e["manifest"]
         if e["status"] != "ok":
-            click.echo(f"{e['name']:<28} {e['status'].upper()}: {e['reason']}")
+            rows.append([e["name"], e["status"].upper()] + [""] * 9)
+            notes.append(f"{e['name']}: {e['reason']}")
             continue
-        counts = m["counts"]
-        flag = "  [synthetic data]" if m.get("synthetic") else ""
-        click.echo(f"{m['name']:<28} {m['backbone']:<9} {m['weights']['source']:<10} {m['index']['type']:<6} "
-                   f"train {counts['train']:>7}  val {counts['val']:>6}  test {counts['test']:>6}  "
-                   f"{len(m['classes'])} cities  {m['created']}{flag}")
+        counts, adapted = m["counts"], m.get("adapted") or {}
+        rows.append([m["name"], m["backbone"], "adapted" if adapted else m["weights"]["source"],
+                     f"{adapted.get('mode', 'yes')}, epoch {adapted['best_epoch']}" if adapted.get("best_epoch")
+                     else "yes" if adapted else "no",
+                     m["index"]["type"], str(counts["train"]), str(counts["val"]), str(counts["test"]),
+                     str(len(m["classes"])), _trained_summary(Path(e["path"])),
+                     str(m["created"])[:16].replace("T", " ") + ("  SYNTHETIC data" if m.get("synthetic") else "")])
         if e.get("unfinished"):
-            click.echo(f"{'':<28} (a rebuild is unfinished: {e['unfinished']})")
+            notes.append(f"{m['name']}: a rebuild is unfinished: {e['unfinished']}")
+    header = ["NAME", "BACKBONE", "WEIGHTS", "ADAPTED", "INDEX", "TRAIN", "VAL", "TEST", "CITIES", "TRAINED", "BUILT"]
+    numeric = {"TRAIN", "VAL", "TEST", "CITIES"}
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(cell.rjust(w) if h in numeric else cell.ljust(w)
+                             for h, cell, w in zip(header, row, widths)).rstrip())
+    for note in notes:
+        click.echo(note)
+
+
+def _trained_summary(path: Path) -> str:
+    """What `train` left in an index: its heads and whether kNN was tuned on val (from file names only: instant)."""
+    heads = [mode for mode in ("probe", "finetune") if (path / "heads" / mode / "meta.json").is_file()]
+    knn = (path / "heads" / "knn" / "params.json").is_file()
+    return ", ".join(heads + (["kNN tuned"] if knn else [])) or "no (run geoindex train)"
 
 
 @main.command("rm")
@@ -368,6 +430,8 @@ def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resu
     from .heads import train_finetune, train_probe
 
     index = load_index(index_name, index_dir, device=device)
+    click.echo(f"training index {index.name!r} ({index.path})"
+               + ("" if index_name else ": the most recently built; --index NAME picks another"))
     if mode == "auto":
         mode = "tail" if wants_adaptation(index) else "probe"
         if is_adapted(index):
@@ -382,11 +446,32 @@ def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resu
         result = train_probe(index, **common)
     else:
         result = train_finetune(index, resume=resume, num_workers=workers, **common)
-    click.echo(f"best validation accuracy {result.best_val_accuracy:.3f} at epoch {result.best_epoch}; "
-               f"head, history.csv and curves.png in {result.folder}")
+    click.echo(_kept_epoch_summary(result))
     if index.store.count("val"):
         from .tuning import tune_knn
         tune_knn(index, log=click.echo)
+    else:
+        click.echo("kNN not tuned and no fusion fitted: there is no validation split to choose them on; answers "
+                   "use kNN with its default settings")
+
+
+def _kept_epoch_summary(result) -> str:
+    """Which epoch was kept and why, with its validation figures; never a training figure as a validation one."""
+    history, epoch = result.history, result.best_epoch
+    where = f"head, history.csv and curves.png in {result.folder}"
+    if result.best_val_accuracy is None:
+        return (f"no validation split: kept epoch {epoch} of {len(history)}, chosen on the training photos; no "
+                f"validation accuracy exists; {where}")
+    row = history[history["epoch"] == epoch].iloc[0]
+    best = history.loc[history["val_accuracy"].idxmax()]
+    if result.mode == "probe":  # fit_probe keeps the epoch of the lowest validation loss
+        why = f"the lowest validation loss ({row['val_loss']:.4f}); its validation accuracy {result.best_val_accuracy:.3f}"
+        if best["val_accuracy"] > result.best_val_accuracy:
+            why += (f" (epoch {int(best['epoch'])} reached {best['val_accuracy']:.3f}, but loss also weighs how sure "
+                    "each answer is, which ranking, fusion and the unlike-anything threshold use)")
+    else:
+        why = f"the highest validation accuracy ({result.best_val_accuracy:.3f})"
+    return f"kept epoch {epoch} of {len(history)}, the one with {why}; {where}"
 
 
 @main.command()

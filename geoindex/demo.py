@@ -39,7 +39,7 @@ def run_demo(data=None, backbone: str = "auto", per_city=None, rebuild: bool = F
     from .adapt import adapt_index, wants_adaptation
     from .bench import format_table, run_bench
     from .build import build_index, choose_default_backbone
-    from .cities import display_name
+    from .cities import full_name
     from .errors import IndexNotFound
     from .geo_index import load_index
     from .heads import train_probe
@@ -50,7 +50,7 @@ def run_demo(data=None, backbone: str = "auto", per_city=None, rebuild: bool = F
     if backbone == "auto":
         backbone, reason = choose_default_backbone()
         log(f"backbone: {backbone} ({reason})")
-    name = "demo-synthetic" if synthetic else f"demo-{Path(source).resolve().stem}-{backbone}"
+    name = demo_index_name(source, backbone, synthetic)
     path = None
     if not rebuild:
         try:
@@ -61,7 +61,9 @@ def run_demo(data=None, backbone: str = "auto", per_city=None, rebuild: bool = F
     if path is None:
         report = build_index(source, name=name, backbone=backbone, per_city=per_city, device=device,
                              index_dir=index_dir, overwrite=True, log=log)
-        log(f"built {report.name!r}: {report.manifest['counts']}, {report.images_per_second:.1f} images/s")
+        counts = report.manifest["counts"]
+        log(f"built {report.name!r}: train {counts['train']}, val {counts['val']}, test {counts['test']} photos, "
+            f"{report.images_per_second:.1f} images/s")
         path = report.path
     index = load_index(path, device=device)
     if index.store.count("val"):
@@ -73,8 +75,8 @@ def run_demo(data=None, backbone: str = "auto", per_city=None, rebuild: bool = F
     test = index.store.metadata("test")
     sample = test.groupby("city").head(1).head(3)
     for prediction, truth in zip(index.query(list(sample["path"])), sample["city"]):
-        log(f"query {Path(prediction.source).name}: kNN says {display_name(prediction.city)} "
-            f"(p={prediction.cities[0][1]:.2f}), truth {display_name(truth)}")
+        log(f"query {Path(prediction.source).name}: {full_name(prediction.city)} (p={prediction.probability:.2f}, "
+            f"{prediction.lead}), truth {full_name(truth)}")
     # The demo downloads nothing: zero-shot runs when CLIP weights are already cached, else is reported skipped.
     os.environ.setdefault("GEOINDEX_OFFLINE", "1")
     log("\nscoring kNN, the classifier heads, CLIP zero-shot and their fusion on the test split:")
@@ -83,4 +85,26 @@ def run_demo(data=None, backbone: str = "auto", per_city=None, rebuild: bool = F
     log(f"results in {results['out']}")
     if synthetic:
         warn("NOTE: SYNTHETIC data: these figures are meaningless; pass --data for real ones")
+    log(next_steps(name, index_dir))
     return results
+
+
+def demo_index_name(source, backbone: str, synthetic: bool) -> str:
+    """The name the README's own commands use: `london` for the real London photos with the default backbone,
+    else what `geoindex build` would call it (<data folder>-<backbone>), so its commands find the demo's index."""
+    if synthetic:
+        return "demo-synthetic"
+    from .build import choose_default_backbone
+    if Path(source).resolve() == REAL_SAMPLE.resolve():
+        return "london" if backbone == choose_default_backbone()[0] else f"london-{backbone}"
+    from .fileio import name_from
+    return f"{name_from(Path(source).expanduser().resolve().stem)}-{backbone}"  # as build_index names it
+
+
+def next_steps(name: str, index_dir=None) -> str:
+    where = f" --index-dir {index_dir}" if index_dir else ""
+    return (f"\nNext, with the index {name!r} (source .venv/bin/activate first to have `geoindex`):\n"
+            f"  geoindex query PHOTO.jpg --index {name}{where}     where was this photo taken? (a folder works too)\n"
+            f"  geoindex serve --index {name}{where}               a web page for dropping photos, at http://127.0.0.1:8000/\n"
+            f"  geoindex bench --index {name}{where}               these figures again (+ --external fresh.csv)\n"
+            "  geoindex --help                                  every command")

@@ -15,7 +15,7 @@ import numpy as np
 
 from .backbones import Backbone, create_backbone
 from .build import EMBEDDINGS, FAISS_INDEX
-from .cities import display_name
+from .cities import full_name
 from .errors import BackboneMismatch, GeoindexError
 from .extraction import resolve_device
 from .integrity import IndexCorrupt, read_manifest, verify_files
@@ -48,23 +48,38 @@ class Prediction:
     index: str | None = None
     top_similarity: float | None = None
     unlike_indexed: bool = False
+    unlike_threshold: float | None = None
+    hybrid: list[tuple[str, float]] | None = None
+    lead: str = "knn"  # the method the answer leads with: the best on the validation split (tuning.load_lead_choice)
+    lead_note: str = ""
 
     @property
     def city(self) -> str:
-        return self.cities[0][0]
+        """The leading method's city (`cities` stays kNN's vote, `classifier` and `hybrid` the others')."""
+        return self.ranked(self.lead)[0][0]
+
+    @property
+    def probability(self) -> float:
+        return self.ranked(self.lead)[0][1]
+
+    def ranked(self, method: str) -> list[tuple[str, float]]:
+        return {"knn": self.cities, "classifier": self.classifier, "hybrid": self.hybrid}[method] or self.cities
 
     def to_dict(self) -> dict:
         def cities(pairs):
-            return [{"city": c, "name": display_name(c), "probability": round(float(p), 6)} for c, p in pairs]
-        out = {"source": self.source, "index": self.index, "city": self.city, "name": display_name(self.city),
+            return [{"city": c, "name": full_name(c), "probability": round(float(p), 6)} for c, p in pairs]
+        out = {"source": self.source, "index": self.index, "city": self.city, "name": full_name(self.city),
+               "method": self.lead, "method_note": self.lead_note, "probability": round(float(self.probability), 6),
                "top5": cities(self.cities),
                "gps": {"lat": _finite(self.lat), "lon": _finite(self.lon)},
                "top_similarity": _finite(self.top_similarity),
-               "unlike_indexed": bool(self.unlike_indexed),
+               "unlike_indexed": bool(self.unlike_indexed), "unlike_threshold": _finite(self.unlike_threshold),
                "neighbours": [{**asdict(n), "lat": _finite(n.lat), "lon": _finite(n.lon)} for n in self.neighbours]}
         if self.classifier is not None:
             out["classifier"] = self.classifier_mode
             out["classifier_top5"] = cities(self.classifier)
+        if self.hybrid is not None:
+            out["hybrid_top5"] = cities(self.hybrid)
         return out
 
 
@@ -120,6 +135,7 @@ class GeoIndex:
         self._knn_cache = None
         self._columns = None
         self._search_lock = threading.Lock()
+        self._lead_cache = None
         self._frozen = False
 
     @classmethod
@@ -143,6 +159,7 @@ class GeoIndex:
         self.knn_method()
         self._train_columns()
         self.city_centres
+        self._lead_cache = self.lead_choice(classifier)
         self._frozen = True
         return self
 
@@ -254,6 +271,14 @@ class GeoIndex:
             self._columns = {c: self._train_meta[c].to_numpy() for c in ("path", "city", "lat", "lon")}
         return self._columns
 
+    def lead_choice(self, classifier) -> dict:
+        """Which method answers lead with (tuning.load_lead_choice); read once for a frozen index."""
+        from .tuning import load_lead_choice
+
+        if self._frozen:
+            return self._lead_cache
+        return load_lead_choice(self, classifier)
+
     def classifier_method(self):
         """The trained head that scored best on val, or None."""
         from .methods import ClassifierMethod
@@ -275,9 +300,11 @@ class GeoIndex:
         """Photos (paths or PIL images) -> one Prediction each. Raises ImageError for an unreadable file.
 
         kNN uses the k/vote/temperature tuned on val by `geoindex train` unless given here; the classifier
-        is the head that scored best on val.
+        is the head that scored best on val; the hybrid fuses the two with the weights `train` chose on val.
+        Each answer leads with whichever of the three was most accurate on val (kNN where none was compared).
         """
         from .methods import Photos
+        from .methods.hybrid import fuse
 
         if backbone is not None:
             self.check_backbone(backbone)
@@ -287,6 +314,12 @@ class GeoIndex:
         knn = self.knn_method(k=k, vote=vote_method, temperature=temperature).predict(photos)
         classifier = self.classifier_method() if with_classifier else None
         head = classifier.predict(photos) if classifier is not None else None
+        choice = self.lead_choice(classifier.classifier if classifier is not None else None)
+        fused = None
+        if head is not None and choice["weights"] is not None:
+            from .methods.base import Answer
+            fused = Answer("hybrid", fuse([knn.probs, head.probs], choice["weights"]), self.classes, knn.coords)
+        unlike_threshold = self.knn_method().unlike_threshold
         predictions = []
         sims, ids = knn.extra["similarities"], knn.extra["ids"]
         meta = self._train_columns()
@@ -301,10 +334,17 @@ class GeoIndex:
             source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"<image {q}>"
             prediction = Prediction(source, knn.top(q), float(knn.coords[q][0]), float(knn.coords[q][1]), neighbours,
                                     index=self.name, top_similarity=float(sims[q][0]) if ids[q][0] >= 0 else None,
-                                    unlike_indexed=bool(knn.extra["unlike"][q]))
+                                    unlike_indexed=bool(knn.extra["unlike"][q]), unlike_threshold=unlike_threshold,
+                                    lead_note=choice["note"])
             if head is not None:
                 prediction.classifier = head.top(q)
                 prediction.classifier_mode = classifier.classifier.mode
+                if fused is not None:
+                    prediction.hybrid = fused.top(q)
+                prediction.lead = choice["lead"]
+                if prediction.city != prediction.cities[0][0]:  # kNN's GPS guess is for another city
+                    centre = self.city_centres[self.classes.index(prediction.city)]
+                    prediction.lat, prediction.lon = float(centre[0]), float(centre[1])
             predictions.append(prediction)
         return predictions
 

@@ -58,7 +58,7 @@ class TrainResult:
     folder: Path
     history: pd.DataFrame
     best_epoch: int
-    best_val_accuracy: float
+    best_val_accuracy: float | None  # None without a validation split: a training figure is never reported as one
 
 
 def head_folder(index, mode: str) -> Path:
@@ -79,8 +79,15 @@ def save_curves(history: pd.DataFrame, folder: Path, title: str, kept_epoch: int
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
     from matplotlib.ticker import MaxNLocator
+    epochs = history["epoch"].tolist()
     for ax in (ax_loss, ax_acc):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        # Epochs are whole numbers: a tick at each when they are few (MaxNLocator(integer=True) still draws 0.96,
+        # 0.98, ... around a single epoch), whole-number ticks when they are many.
+        if len(epochs) <= 12:
+            ax.set_xticks(epochs)
+            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if kept_epoch:
             ax.axvline(kept_epoch, color="grey", linestyle="--", linewidth=1, label=f"kept: epoch {kept_epoch}")
         ax.legend()
@@ -192,10 +199,15 @@ def train_probe(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=None,
     epochs, lr, batch_size = epochs or defaults["epochs"], lr or defaults["lr"], batch_size or defaults["batch_size"]
     store = index.store
     x_train, y_train = store.embeddings("train"), store.labels("train")
-    split = "val" if store.count("val") else "train"
+    has_val = bool(store.count("val"))
+    split = "val" if has_val else "train"
+    if not has_val:
+        log(no_validation_split_message(index, "probe"))
     head, history, best_epoch, best_acc = fit_probe(x_train, y_train, store.embeddings(split), store.labels(split),
                                                     len(index.classes), epochs, lr, weight_decay, batch_size, patience,
-                                                    device, seed, log if progress else None)
+                                                    device, seed, log if progress and has_val else None)
+    if not has_val:  # what was measured on the training photos is not a validation figure: none is kept as one
+        history["val_loss"], history["val_accuracy"], best_acc = float("nan"), float("nan"), None
     folder = head_folder(index, "probe")
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / "head.pt") as tmp:
@@ -203,8 +215,20 @@ def train_probe(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=None,
     save_curves(history, folder, f"linear probe on {index.manifest['backbone']} embeddings ({index.name})", best_epoch)
     write_json_atomic(folder / "meta.json", {"mode": "probe", "classes": index.classes, "embed_dim": x_train.shape[1],
                                              "best_epoch": best_epoch, "best_val_accuracy": best_acc,
+                                             "validated_on": "val" if has_val else None,
                                              "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size})
     return TrainResult("probe", folder, history, best_epoch, best_acc)
+
+
+def no_validation_split_message(index, mode: str) -> str:
+    """What training without a validation split means, said before it starts."""
+    stop = "its epoch is chosen by the training loss, which keeps falling, so early stopping" if mode == "probe" \
+        else "its epoch is chosen on the training photos, so early stopping"
+    return (f"NOTE: index {index.name!r} has no validation split (too few photos or places per city): the {mode} head "
+            f"is trained and checked on the same photos; {stop} barely stops anything; the backbone is not adapted "
+            "(adapting stops on validation loss); kNN keeps its default "
+            "k, vote and temperature, no 'unlike anything indexed' threshold is set, no fusion is fitted, and no "
+            "validation accuracy exists to report. Build over more photos per city for one.")
 
 
 # ---------------------------------------------------------------------------- fine-tuning
@@ -292,8 +316,11 @@ def train_finetune(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=No
         log(f"resuming fine-tuning after epoch {state['epoch']}")
     folder.mkdir(parents=True, exist_ok=True)
     meta = {s: index.store.metadata(s) for s in ("train", "val")}
-    if len(meta["val"]) == 0:
+    has_val = len(meta["val"]) > 0
+    if not has_val:
+        log(no_validation_split_message(index, "finetune"))
         meta["val"] = meta["train"]
+    checked_on = "val" if has_val else "train (no val split)"
     if not any(os.path.isfile(p) for p in meta["train"]["path"]):
         raise GeoindexError(_no_readable_photo(meta["train"]["path"]))
     num_workers = default_num_workers() if num_workers is None else num_workers
@@ -349,15 +376,17 @@ def train_finetune(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=No
         save_curves(pd.DataFrame(rows), folder, f"fine-tuned {index.manifest['backbone']} ({index.name})",
                     stopper.best_epoch)
         log(f"fine-tune epoch {epoch:3d}: train loss {train_loss:.4f} acc {train_acc:.3f}  "
-            f"val loss {val_loss:.4f} acc {val_acc:.3f}  ({rows[-1]['seconds']:.0f} s)")
+            f"{checked_on} loss {val_loss:.4f} acc {val_acc:.3f}  ({rows[-1]['seconds']:.0f} s)")
         if stop:
             log(f"early stop: no val improvement for {patience} epochs")
             break
     write_json_atomic(folder / "meta.json", {"mode": "finetune", "classes": index.classes, "backbone": index.manifest["backbone"],
                                              "embed_dim": backbone.embed_dim, "best_epoch": stopper.best_epoch,
-                                             "best_val_accuracy": stopper.best, "lr": lr, "weight_decay": weight_decay,
+                                             "best_val_accuracy": stopper.best if has_val else None,
+                                             "validated_on": "val" if has_val else None,
+                                             "lr": lr, "weight_decay": weight_decay,
                                              "batch_size": batch_size, "amp": use_amp})
-    return TrainResult("finetune", folder, pd.DataFrame(rows), stopper.best_epoch, stopper.best)
+    return TrainResult("finetune", folder, pd.DataFrame(rows), stopper.best_epoch, stopper.best if has_val else None)
 
 
 def _no_readable_photo(paths) -> str:

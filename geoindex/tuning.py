@@ -21,7 +21,8 @@ SAVED_KEYS = ("k", "vote", "temperature", "unlike_threshold", "tuned_on")
 
 def tune_knn(index, log=print) -> dict:
     """Choose kNN's space (raw or whitened), k, vote and temperature, and the "unlike anything indexed"
-    threshold, on val; save them with the index."""
+    threshold, on val; save them with the index. Where a head is trained, then also the fusion of the two
+    and which method answers lead with (tune_hybrid)."""
     from .methods import KNNMethod, Photos
     from .search import save_index
 
@@ -42,6 +43,7 @@ def tune_knn(index, log=print) -> dict:
         + (f", temperature {params['temperature']:g}" if params["vote"] == "softmax" else "")
         + f" (val accuracy {params['val_accuracy']:.3f}); photos whose nearest match is below similarity "
         f"{params['unlike_threshold']:.3f} are flagged as unlike anything indexed")
+    tune_hybrid(index, log=log)
     return params
 
 
@@ -66,3 +68,81 @@ def load_knn_tuning(index) -> dict:
         except (OSError, ValueError, KeyError, RuntimeError):
             return {}  # a damaged tuning file: fall back to the untuned defaults rather than answer wrongly
     return params
+
+
+HYBRID_PARAMS = Path("heads") / "hybrid" / "params.json"
+# On equal validation accuracy the simpler answer leads: kNN (it also gives the GPS guess and the evidence photos).
+LEAD_PREFERENCE = ("knn", "classifier", "hybrid")
+
+
+def _sha256(path: Path) -> str | None:
+    import hashlib
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def tune_hybrid(index, log=print) -> dict | None:
+    """Fusion weights of the tuned kNN and the trained head, chosen on val as bench chooses them, and which of
+    kNN, the head and their fusion scores best on val: `query`, the page and the API lead with that one.
+
+    Saved to heads/hybrid/params.json with the hashes of the kNN tuning and the head it was fitted to, so a
+    head trained later makes it stale rather than wrong. None (and the file removed) without a head or val."""
+    from .methods import HybridMethod, Photos
+    from .metrics import evaluate
+
+    path = Path(index.path) / HYBRID_PARAMS
+    classifier = index.classifier_method()
+    if classifier is None or not index.store.count("val"):
+        path.unlink(missing_ok=True)
+        return None
+    val = Photos.of_split(index, "val")
+    knn = index.knn_method()
+    parts = {"knn": knn.predict(val).probs, "classifier": classifier.predict(val).probs}
+    hybrid = HybridMethod(index, [knn, classifier])
+    fitted = hybrid.fit(val)
+    from .methods.hybrid import fuse
+    fused = fuse(list(parts.values()), hybrid.weights)
+    scores = {name: evaluate(val.labels, probs, index.classes)["accuracy"]
+              for name, probs in {**parts, "hybrid": fused}.items()}
+    lead = max(LEAD_PREFERENCE, key=lambda m: (scores[m], -LEAD_PREFERENCE.index(m)))
+    params = {"weights": dict(zip(("knn", "classifier"), hybrid.weights)), "val_accuracy": scores["hybrid"],
+              "val_accuracy_by_method": scores, "lead": lead, "tuned_on": fitted["tuned_on"],
+              "classifier": classifier.classifier.mode,
+              "classifier_meta_sha256": _sha256(classifier.classifier.folder / "meta.json"),
+              "knn_params_sha256": _sha256(Path(index.path) / KNN_PARAMS)}
+    write_json_atomic(path, params)
+    names = {"knn": "kNN", "classifier": f"classifier ({classifier.classifier.mode})", "hybrid": "hybrid"}
+    log(f"hybrid tuned on val: weights kNN {hybrid.weights[0]:.1f} x {names['classifier']} {hybrid.weights[1]:.1f}; "
+        "val accuracy " + ", ".join(f"{names[m]} {scores[m]:.3f}" for m in LEAD_PREFERENCE)
+        + f": answers lead with {names[lead]}")
+    return params
+
+
+def load_lead_choice(index, classifier) -> dict:
+    """Which method a query leads with, from val figures only: {lead, weights (hybrid's, or None), note}.
+
+    kNN leads where nothing else was scored on val: no head, no validation split, or a choice made for another
+    head or kNN tuning (then the note says to rerun `geoindex train`)."""
+    folder = Path(index.path)
+    if classifier is None:
+        return {"lead": "knn", "weights": None, "scores": {}, "note": "kNN (no classifier head is trained)"}
+    try:
+        saved = json.loads((folder / HYBRID_PARAMS).read_text())
+        scores = {m: float(saved["val_accuracy_by_method"][m]) for m in LEAD_PREFERENCE}
+        weights = [float(saved["weights"]["knn"]), float(saved["weights"]["classifier"])]
+        lead = saved["lead"] if saved["lead"] in LEAD_PREFERENCE else "knn"
+    except (OSError, ValueError, KeyError, TypeError):
+        why = "no validation split to choose by" if not index.store.count("val") else \
+            "kNN and the head were not compared on val yet: rerun `geoindex train`"
+        return {"lead": "knn", "weights": None, "scores": {}, "note": f"kNN ({why})"}
+    if (saved.get("classifier") != classifier.mode
+            or saved.get("classifier_meta_sha256") != _sha256(classifier.folder / "meta.json")
+            or saved.get("knn_params_sha256") != _sha256(folder / KNN_PARAMS)):
+        return {"lead": "knn", "weights": None, "scores": {},
+                "note": "kNN (the head or kNN changed since they were compared on val: rerun `geoindex train`)"}
+    names = {"knn": "kNN", "classifier": f"classifier ({classifier.mode})", "hybrid": "hybrid"}
+    others = ", ".join(f"{names[m]} {scores[m]:.3f}" for m in LEAD_PREFERENCE if m != lead)
+    return {"lead": lead, "weights": weights, "scores": scores,
+            "note": f"{names[lead]}: best on the validation split (accuracy {scores[lead]:.3f}; {others})"}

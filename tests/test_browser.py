@@ -13,8 +13,11 @@ import pytest
 
 from test_serve import ServerProcess, build_tiny_index, photo_of
 
+# No network but this machine: every host name other than the test server's fails to resolve, so a page that
+# reached for a CDN (Swagger UI's default) would show it here as it would offline.
 CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1500,1150")
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1500,1150",
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1")
 SCREENSHOT_DIR = Path(os.environ.get("GEOINDEX_SCREENSHOT_DIR") or tempfile.gettempdir())
 
 
@@ -80,8 +83,16 @@ def check_answer_on_page(driver, expected: dict):
 
     assert driver.find_element(By.ID, "city").get_attribute("data-city") == expected["city"]
     assert driver.find_element(By.ID, "city").text == expected["name"]
+    assert driver.find_element(By.ID, "city").get_attribute("data-method") == expected["method"]
     methods = [m.get_attribute("data-method") for m in driver.find_elements(By.CSS_SELECTOR, "#methods .method")]
-    assert methods == ["knn", "classifier"][: len(methods)] and "knn" in methods
+    offered = [m for key, m in (("top5", "knn"), ("classifier_top5", "classifier"), ("hybrid_top5", "hybrid"))
+               if key in expected]
+    # the method the answer leads with first, the others beside it
+    assert methods == [expected["method"]] + [m for m in offered if m != expected["method"]]
+    # full names, never cut: every label is as wide as its text
+    for label in driver.find_elements(By.CSS_SELECTOR, "#methods .bar-row .label"):
+        assert driver.execute_script("return arguments[0].scrollWidth <= arguments[0].clientWidth + 1", label), label.text
+    assert (driver.find_element(By.ID, "caveat").is_displayed()) == expected["unlike_indexed"]
     located = [n for n in expected["neighbours"] if n["lat"] is not None]
     markers = driver.find_elements(By.CSS_SELECTOR, "#markers .marker.neighbour")
     assert len(markers) == len(located)
@@ -111,6 +122,91 @@ def test_page_locates_a_dropped_photo(browser, gsv_tree, tmp_path):
         upload_and_wait(browser, server.url + "/", photo)
         check_answer_on_page(browser, expected)
         full_page_screenshot(browser, SCREENSHOT_DIR / "geoindex-serve-synthetic.png")
+    finally:
+        server.stop()
+
+
+def test_page_says_a_photo_unlike_anything_indexed_is_a_guess(browser, gsv_tree, tmp_path):
+    """A photo the API flags `unlike_indexed` (noise, beside synthetic streets) gets the CLI's caveat on the page."""
+    import numpy as np
+    from PIL import Image
+
+    import geoindex
+    from selenium.webdriver.common.by import By
+
+    index = build_tiny_index(gsv_tree, tmp_path / "indexes")
+    geoindex.tune_knn(index, log=lambda m: None)  # sets the threshold that 99% of val photos exceed
+    noise = tmp_path / "-unlike anything.png"  # a name starting with "-": kept on one line in the status
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(noise)
+    server = ServerProcess("--index", "tiny", "--index-dir", tmp_path / "indexes")
+    try:
+        def api(photo):
+            with open(photo, "rb") as fh:
+                return httpx.post(server.url + "/v1/locate", files={"image": (photo.name, fh, "image/png")}).json()["results"][0]
+        expected = api(noise)
+        assert expected["unlike_indexed"] is True, expected  # the premise: the API flags it
+        upload_and_wait(browser, server.url + "/", noise)
+        check_answer_on_page(browser, expected)
+        caveat = browser.find_element(By.ID, "caveat")
+        assert caveat.is_displayed()
+        assert "unlike anything indexed" in caveat.text.lower() and "guess" in caveat.text
+        assert f"{expected['unlike_threshold']:.3f}" in caveat.text and f"{expected['top_similarity']:.3f}" in caveat.text
+        assert "guess" in browser.find_element(By.ID, "kicker").text.lower()
+        assert "guess" in browser.find_element(By.ID, "status").text
+        name = browser.find_element(By.CSS_SELECTOR, "#status .filename")
+        assert name.text == noise.name and name.size["height"] < 1.6 * float(name.value_of_css_property("font-size")[:-2])
+        full_page_screenshot(browser, SCREENSHOT_DIR / "geoindex-serve-unlike.png")
+
+        # then a photo like the indexed ones: the caveat goes away
+        photo = photo_of(gsv_tree, "PRS", 2)
+        expected = api(photo)
+        assert expected["unlike_indexed"] is False, expected
+        browser.find_element(By.ID, "file").send_keys(str(photo))
+        from selenium.webdriver.support.ui import WebDriverWait
+        WebDriverWait(browser, 60).until(lambda d: d.execute_script("return document.body.dataset.unlike") == "false")
+        check_answer_on_page(browser, expected)
+    finally:
+        server.stop()
+
+
+def test_empty_drop_zone_is_centred(browser, gsv_tree, tmp_path):
+    """Before any photo, the prompt sits in the middle of the drop zone (the hidden preview takes no room)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    build_tiny_index(gsv_tree, tmp_path / "indexes")
+    server = ServerProcess("--index", "tiny", "--index-dir", tmp_path / "indexes")
+    try:
+        browser.get(server.url + "/")
+        WebDriverWait(browser, 60).until(lambda d: page_state(d) == "ready")
+        assert not browser.find_element(By.ID, "photo").is_displayed()
+        zone, text = browser.find_element(By.ID, "drop").rect, browser.find_element(By.ID, "drop-text").rect
+        for axis, size in (("x", "width"), ("y", "height")):
+            zone_middle, text_middle = zone[axis] + zone[size] / 2, text[axis] + text[size] / 2
+            assert abs(zone_middle - text_middle) < 4, (axis, zone, text)
+    finally:
+        server.stop()
+
+
+def test_api_docs_render_with_no_network(browser, gsv_tree, tmp_path):
+    """/docs is Swagger UI served by the server itself: with every other host unreachable it still shows the
+    operations, and the page's footer links to it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    build_tiny_index(gsv_tree, tmp_path / "indexes")
+    server = ServerProcess("--index", "tiny", "--index-dir", tmp_path / "indexes")
+    try:
+        browser.get(server.url + "/")
+        WebDriverWait(browser, 60).until(lambda d: page_state(d) == "ready")
+        browser.find_element(By.LINK_TEXT, "API (OpenAPI, served by this server)").click()
+        WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".swagger-ui .opblock"))
+        paths = {e.text for e in browser.find_elements(By.CSS_SELECTOR, ".swagger-ui .opblock-summary-path")}
+        assert {"/v1/locate", "/v1/locate/batch", "/v1/index"} <= {p.replace("\u200b", "") for p in paths}, paths
+        html = browser.page_source
+        assert "cdn." not in html and "https://" not in html.split("<body")[0]
+        severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert severe == [], severe
     finally:
         server.stop()
 

@@ -280,11 +280,20 @@ def test_formats_the_service_does_not_read_get_415_and_never_run_ghostscript(ser
     assert_still_serving(server, gsv_tree)
 
 
-def test_a_bad_photo_in_a_batch_is_named(server, gsv_tree):
-    good = photo_of(gsv_tree, "London")
-    files = [("image", (good.name, good.read_bytes(), "image/jpeg")), ("image", ("notes.txt", b"hello", "text/plain"))]
+def test_a_bad_photo_in_a_batch_gets_its_error_and_the_others_their_answers(server, gsv_tree):
+    """As `geoindex query` answers each readable photo: one bad photo does not fail the batch."""
+    good, other = photo_of(gsv_tree, "London"), photo_of(gsv_tree, "Osaka")
+    files = [("image", (good.name, good.read_bytes(), "image/jpeg")), ("image", ("notes.txt", b"hello", "text/plain")),
+             ("image", ("huge.jpg", big_jpeg(MAX_UPLOAD_MB + 0.5), "image/jpeg")),
+             ("image", (other.name, other.read_bytes(), "image/jpeg"))]
     response = httpx.post(server.url + "/v1/locate/batch", files=files, timeout=60)
-    assert response.status_code == 415 and response.json()["error"].startswith("notes.txt: not an image")
+    assert response.status_code == 200, response.text
+    results = strict_loads(response.text)["results"]
+    assert [r["source"] for r in results] == [good.name, "notes.txt", "huge.jpg", other.name]
+    assert results[0]["city"] and results[3]["city"] and "error" not in results[0]
+    assert results[1]["code"] == "not_an_image" and results[1]["error"].startswith("not an image")
+    assert results[2]["code"] == "too_large" and "--max-upload-mb" in results[2]["error"]
+    assert_still_serving(server, gsv_tree)
 
 
 def test_bad_query_parameter_and_unknown_route_are_json(server):

@@ -167,7 +167,7 @@ def test_names_file_and_humanised_folder_names_feed_the_prompts(tmp_path, monkey
     from geoindex.cities import display_name, load_names
     monkeypatch.setattr(cities, "_EXTRA", {})
     from geoindex.zeroshot import place_name
-    assert place_name("London_Ontario", "city") == "London Ontario"
+    assert place_name("Kingston_Jamaica", "city") == "Kingston Jamaica"  # a folder name nothing knows: humanised
     assert place_name("WashingtonDC", "city_country") == "Washington, D.C., United States"
     names = tmp_path / "names.csv"
     names.write_text("city_id,name,country\nLondon_Ontario,\"London, Ontario\",Canada\n")

@@ -44,7 +44,9 @@ class ClassifierMethod:
         if ok.any():
             probs[ok] = self.classifier.predict_features(features[ok])
         meta = self.classifier.meta
-        notes = f"best val acc {meta['best_val_accuracy']:.3f} at epoch {meta['best_epoch']}"
+        notes = (f"val acc {meta['best_val_accuracy']:.3f} at its kept epoch {meta['best_epoch']}"
+                 if meta.get("best_val_accuracy") is not None else
+                 f"epoch {meta['best_epoch']} kept without a validation split")
         return Answer(self.name, probs, self.classes, self.index.city_centres[probs.argmax(1)], notes=notes)
 
     def predict_proba(self, photos: Photos) -> np.ndarray:

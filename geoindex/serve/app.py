@@ -280,13 +280,20 @@ class Locator:
         snapshot, k = group
         return [p.to_dict() for p in snapshot.index.query(list(tensors), k=k)]
 
-    async def locate(self, snapshot: Snapshot, uploads, k: int | None) -> list[dict]:
+    async def locate(self, snapshot: Snapshot, uploads, k: int | None, each: bool = False) -> list[dict]:
+        """One answer per upload, in order. each=True (the batch endpoint): a bad photo gets an error entry
+        in its place, {source, error, code}, and the others are answered, as `geoindex query` does."""
         async def one(upload):
             started = time.perf_counter()
             self.decoding += 1  # only the event loop thread touches the counter
             try:
+                if len(upload.data) > self.max_upload_bytes:
+                    raise UploadError(413, "too_large", f"{len(upload.data) / 2**20:.1f} MB is over the limit of "
+                                                        f"{self.max_upload_bytes / 2**20:g} MB (--max-upload-mb)")
                 tensor = await self.decode(snapshot, upload.data)
             except UploadError as exc:
+                if each:
+                    return {"source": upload.filename, "error": exc.message, "code": exc.code}
                 if len(uploads) > 1:  # say which photo of a batch is the bad one
                     exc.message = f"{upload.filename}: {exc.message}"
                 raise
@@ -323,13 +330,15 @@ class Locator:
             rows = train[train["city"] == city]
             classes.append({"city": city, "name": _display_name(city), "train_photos": int(len(rows)),
                             "lat": _median(rows["lat"]), "lon": _median(rows["lon"])})
-        methods = ["knn"] + (["classifier"] if snapshot.classifier_mode else [])
+        choice = index.lead_choice(index.classifier)
+        methods = ["knn"] + (["classifier"] if snapshot.classifier_mode else []) + (["hybrid"] if choice["weights"] else [])
         return jsonable({
             "name": index.name, "build_id": snapshot.build_id, "backbone": m["backbone"],
             "weights": m["weights"].get("source"),
             "embed_dim": m["embed_dim"], "image_size": m["image_size"], "index_type": m["index"]["type"],
             "counts": m["counts"], "synthetic": bool(m.get("synthetic", False)), "cities": classes,
             "methods": methods, "classifier": snapshot.classifier_mode, "device": str(index.device),
+            "answer_method": choice["lead"], "answer_method_note": choice["note"],
             "limits": self.limits() | {"k_default": self.k or snapshot.k_default, "k_max": MAX_K},
             "batching": {"max_batch": self.batcher.max_batch, "max_wait_ms": self.batcher.max_wait * 1000},
             "version": _version()})
@@ -383,8 +392,8 @@ def _median(values):
 
 
 def _display_name(city: str) -> str:
-    from ..cities import display_name
-    return display_name(city)
+    from ..cities import full_name  # one name everywhere: the page, the CLI and the JSON say "London, United Kingdom"
+    return full_name(city)
 
 
 def _version() -> str:
@@ -428,7 +437,10 @@ def create_app(index, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_batch
               f"held at once by the whole server (`--max-inflight-mb`, then 503); a JPEG up to "
               f"{max_pixels / 1e6:g} MP after decoding at reduced scale (`--max-pixels`), PNG, WebP, BMP and TIFF up "
               f"to {max_unscaled_pixels / 1e6:g} MP (decoded whole). Other formats are refused (415).")
+    # docs_url=None: FastAPI's own /docs loads Swagger UI from a CDN, a blank page offline; ours serves it from
+    # the fastapi-offline wheel's copy (see _docs_page). ReDoc would need a CDN too, so there is none.
     app = FastAPI(title="geoindex", version=_version(), root_path=root_path, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,
                   description="Which city was this street-level photo taken in? kNN over an index of photos, "
                               "classifier heads, a GPS estimate, and the nearest indexed photos as evidence. "
                               "Errors are JSON: `{\"error\": why, \"code\": short_code}`. " + limits)
@@ -477,7 +489,7 @@ def create_app(index, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_batch
     def k_param(default=k):
         return Query(default, ge=1, le=MAX_K, description="Neighbours that vote [default: as tuned on val].")
 
-    async def answer(request: Request, k_value: int | None, max_files: int, started: float) -> dict:
+    async def answer(request: Request, k_value: int | None, max_files: int, started: float, each: bool = False) -> dict:
         snapshot = locator.current()  # every photo of this request is answered from this one generation
         read_start = time.perf_counter()
         held = locator.budget.hold()
@@ -493,11 +505,7 @@ def create_app(index, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_batch
             read_ms = round((time.perf_counter() - read_start) * 1000, 2)
             uploads = split_uploads(body, request.headers.get("content-type"), max_files)
             del body
-            for upload in uploads:
-                if len(upload.data) > locator.max_upload_bytes:
-                    raise UploadError(413, "too_large", f"{upload.filename}: {len(upload.data) / 2**20:.1f} MB is "
-                                                        f"over the limit of {max_upload_mb:g} MB (--max-upload-mb)")
-            results = await locator.locate(snapshot, uploads, k_value)
+            results = await locator.locate(snapshot, uploads, k_value, each=each)
         finally:
             held.release()
         answer = jsonable({"index": snapshot.index.name, "build_id": snapshot.build_id,
@@ -519,10 +527,11 @@ def create_app(index, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_batch
     @app.post("/v1/locate/batch", tags=["locate"], openapi_extra=_BATCH_BODY,
               responses=_error_responses(400, 413, 415, 422, 503), summary="Several photos in one request",
               description=f"Up to {max_files} photos as repeated multipart file fields, {max_request_mb:g} MB in all; "
-                          "one result per photo, in order. A bad photo fails the request with a 4xx naming it. "
+                          "one result per photo, in order. A photo that cannot be used (not an image, corrupt, too large) gets "
+                          "`{source, error, code}` in its place and the others are answered. "
                           + limits)
     async def locate_batch(request: Request, k: int | None = k_param()):
-        return await answer(request, k, locator.max_files, time.perf_counter())
+        return await answer(request, k, locator.max_files, time.perf_counter(), each=True)
 
     @app.get("/v1/index", tags=["index"], summary="What is loaded", responses=_error_responses(503))
     async def describe():
@@ -562,8 +571,40 @@ def create_app(index, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_batch
     async def page():
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request):
+        return _docs_page(app, request.scope.get("root_path", ""))
+
+    swagger = _swagger_ui_assets()
+    if swagger is not None:
+        app.mount("/static/swagger", StaticFiles(directory=swagger), name="swagger")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _swagger_ui_assets() -> Path | None:
+    """Swagger UI's script and style as shipped in the fastapi-offline wheel (the serve extra), or None."""
+    try:
+        import fastapi_offline
+    except ImportError:
+        return None
+    folder = Path(fastapi_offline.__file__).resolve().parent / "static"
+    return folder if (folder / "swagger-ui-bundle.js").is_file() else None
+
+
+def _docs_page(app, root: str):
+    """Swagger UI from this server's own files: the page must work with no network."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+
+    if _swagger_ui_assets() is None:  # an install without the serve extra's fastapi-offline: a page needing nothing
+        return HTMLResponse(f"<!doctype html><title>geoindex API</title><h1>geoindex API</h1><p>Swagger UI is not "
+                            f"installed (pip install -e '.[serve]'); the API's description is "
+                            f"<a href='{root}{app.openapi_url}'>{app.openapi_url}</a> (OpenAPI JSON).</p>")
+    return get_swagger_ui_html(openapi_url=f"{root}{app.openapi_url}", title="geoindex API",
+                               swagger_js_url=f"{root}/static/swagger/swagger-ui-bundle.js",
+                               swagger_css_url=f"{root}/static/swagger/swagger-ui.css",
+                               swagger_favicon_url=f"{root}/static/swagger/favicon.png")
 
 
 def create_app_from_env():

@@ -3,16 +3,26 @@
 "use strict";
 
 const W = 800, H = 460, SVG_NS = "http://www.w3.org/2000/svg";
-const METHODS = { top5: ["kNN vote", "knn"], classifier_top5: ["Classifier", "classifier"],
-                  zeroshot_top5: ["CLIP zero-shot", "zeroshot"] };
+// answer key -> [method id, title]; the method ids are those of the answer's `method` (the one it leads with)
+const METHODS = { top5: ["knn", "kNN vote"], classifier_top5: ["classifier", "Classifier"],
+                  hybrid_top5: ["hybrid", "Hybrid (kNN + classifier)"], zeroshot_top5: ["zeroshot", "CLIP zero-shot"] };
 const PALETTE = ["#2f6fb0", "#d97b29", "#2a9d74", "#c0417a", "#7a5cc2", "#8c6d31", "#3aa0b8", "#b5463c",
                  "#5b8c2a", "#6d6f8c"];
 const $ = (id) => document.getElementById(id);
 const state = { index: null, land: null, colour: {} };
 
-function setStatus(text, kind) {
+// A file name is kept on one line (a name starting with "-" must not break after it), the message after it.
+function setStatus(text, kind, fileName) {
   const el = $("status");
-  el.textContent = text;
+  el.replaceChildren();
+  if (fileName) {
+    const name = document.createElement("span");
+    name.className = "filename";
+    name.textContent = fileName;
+    name.title = fileName;
+    el.append(name, ": ");
+  }
+  el.append(text);
   el.className = "status" + (kind ? " " + kind : "");
   document.body.dataset.state = kind || "idle";
 }
@@ -103,7 +113,9 @@ function drawMap(points, result) {
     if (c.lat == null || c.lon == null || c.lon < v0 || c.lon > v2 || c.lat < v1 || c.lat > v3) continue;
     const [x, y] = proj.project([c.lon, c.lat]);
     svg("circle", { cx: x, cy: y, r: 3 }, cities);
-    svg("text", { x: x + 6, y: y - 6 }, cities).textContent = c.name;
+    const nearRightEdge = x > W - 8 * c.name.length;  // label to the left of the dot, so it is not cut off
+    svg("text", { x: nearRightEdge ? x - 6 : x + 6, y: y - 6, "text-anchor": nearRightEdge ? "end" : "start" },
+        cities).textContent = c.name;
   }
   if (!result) return;
   result.neighbours.forEach((n, i) => {
@@ -134,33 +146,54 @@ function renderAnswer(result, timings) {
   $("answer").hidden = false;
   $("city").textContent = result.name || result.city;
   $("city").dataset.city = result.city;
+  $("city").dataset.method = result.method || "knn";
+  $("lead").textContent = result.method_note ? "answer from " + result.method_note : "";
+  // The API's unlike_indexed flag, said as plainly as `geoindex query` says it: the answer is a guess.
+  const unlike = Boolean(result.unlike_indexed);
+  $("caveat").hidden = !unlike;
+  $("city").classList.toggle("guess", unlike);
+  $("kicker").textContent = unlike ? "Best guess (unlike anything indexed)" : "Predicted city";
+  document.body.dataset.unlike = String(unlike);
+  if (unlike) {
+    const cities = ((state.index && state.index.cities) || []).map((c) => c.name);
+    const sim = result.top_similarity == null ? "" : `The nearest indexed photo has similarity ${result.top_similarity.toFixed(3)}` +
+      (result.unlike_threshold == null ? ". " : `, below the ${result.unlike_threshold.toFixed(3)} that 99% of validation photos exceed. `);
+    $("caveat-detail").textContent = sim + "The photo may be from none of the index's " +
+      (cities.length ? `${cities.length} cities (${cities.join("; ")})` : "cities") + ": read the figures below as which of these it resembles most, not where it was taken.";
+  }
   const gps = result.gps || {};
   $("gps").textContent = gps.lat == null ? "no GPS estimate (the index holds no coordinates)"
     : `GPS estimate ${gps.lat.toFixed(4)}, ${gps.lon.toFixed(4)}`;
   const methods = $("methods");
   methods.replaceChildren();
+  const boxes = [];
   for (const [key, value] of Object.entries(result)) {
     if (!(key === "top5" || key.endsWith("_top5")) || !Array.isArray(value) || !value.length) continue;
-    const [title, cls] = METHODS[key] || [key.replace(/_top5$/, "").replace(/_/g, " "), "other"];
+    const [cls, baseTitle] = METHODS[key] || ["other", key.replace(/_top5$/, "").replace(/_/g, " ")];
+    const title = cls === "classifier" && result.classifier ? `Classifier (${result.classifier})` : baseTitle;
     const box = document.createElement("div");
     box.className = `method ${cls}`;
     box.dataset.method = cls;
+    const leads = cls === (result.method || "knn");
     const agrees = value[0].city === result.city;
-    box.innerHTML = `<h4><span></span><span class="pick"></span></h4>`;
-    box.querySelector("h4 span").textContent = title;
+    box.innerHTML = `<h4><span><span class="title"></span><span class="leads"></span></span><span class="pick"></span></h4>`;
+    box.querySelector(".title").textContent = title;
+    box.querySelector(".leads").textContent = leads ? "leads" : "";
     box.querySelector(".pick").textContent = (agrees ? "" : "says ") + (value[0].name || value[0].city) +
       " " + pct(value[0].probability);
     for (const [i, c] of value.slice(0, 3).entries()) {
       const row = document.createElement("div");
       row.className = "bar-row" + (i === 0 ? " top" : "");
-      row.innerHTML = `<span class="label"></span><span class="track"><span class="fill"></span></span><span class="value"></span>`;
+      row.innerHTML = `<span class="label"></span><span class="value"></span><span class="track"><span class="fill"></span></span>`;
       row.querySelector(".label").textContent = c.name || c.city;
       row.querySelector(".fill").style.width = (100 * c.probability).toFixed(1) + "%";
       row.querySelector(".value").textContent = pct(c.probability);
       box.appendChild(row);
     }
-    methods.appendChild(box);
+    boxes.push([leads, box]);
   }
+  boxes.sort((a, b) => b[0] - a[0]);  // the leading method first, the others beside it in the answer's order
+  for (const [, box] of boxes) methods.appendChild(box);
   const t = result.timings_ms || {};
   $("timings").textContent = `answered in ${Math.round(timings.total)} ms (decode ${Math.round(t.decode || 0)} ms, ` +
     `model ${Math.round(t.model_batch || 0)} ms in a batch of ${t.batch_size || 1})`;
@@ -173,7 +206,8 @@ function renderAnswer(result, timings) {
     const img = document.createElement("img");
     img.alt = `indexed photo ${i + 1} (${n.city})`;
     img.loading = "lazy";
-    if (n.row != null) img.src = `v1/photos/${n.row}`;
+    if (n.thumbnail) img.src = n.thumbnail;  // names the build: a thumbnail never comes from a replaced index
+    else if (n.row != null) img.src = `v1/photos/${n.row}`;
     const meta = document.createElement("div");
     meta.className = "meta";
     meta.innerHTML = `<span class="rank"></span><span class="name"></span><span class="sim"></span>`;
@@ -203,7 +237,7 @@ async function locate(file) {
   photo.src = photo.dataset.url;
   photo.hidden = false;
   $("drop").classList.add("has-photo");
-  setStatus(`locating ${file.name}…`, "busy");
+  setStatus("locating…", "busy", file.name);
   const form = new FormData();
   form.append("image", file, file.name);
   const started = performance.now();
@@ -212,9 +246,10 @@ async function locate(file) {
     const payload = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
     if (!response.ok) throw new Error(payload.error || `HTTP ${response.status}`);
     renderAnswer(payload.results[0], { total: performance.now() - started });
-    setStatus(`${file.name}: done`, "done");
+    const answer = payload.results[0];
+    setStatus(answer.unlike_indexed ? "done: unlike anything indexed, the answer is a guess" : "done", "done", file.name);
   } catch (err) {
-    setStatus(`${file.name}: ${err.message}`, "error");
+    setStatus(err.message, "error", file.name);
   }
 }
 
@@ -235,7 +270,8 @@ async function init() {
     index.cities.forEach((c) => colourOf(c.city));
     const info = $("index-info");
     info.textContent = `index ${index.name} · ${index.backbone} · ${index.cities.length} cities · ` +
-      `${index.counts.train.toLocaleString()} photos · methods: ${index.methods.join(", ")}`;
+      `${index.counts.train.toLocaleString()} photos · methods: ${index.methods.join(", ")}` +
+      (index.answer_method_note ? ` · answers from ${index.answer_method_note}` : "");
     if (index.synthetic) {
       const s = document.createElement("span");
       s.className = "synthetic";
