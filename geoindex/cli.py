@@ -227,8 +227,8 @@ class _QueryOutput:
         elif self.mode == "csv":
             import csv
             self.writer = csv.writer(sys.stdout, lineterminator="\n")
-            self.writer.writerow(["source", "city", "name", "probability", "lat", "lon", "top5", "nearest_path",
-                                  "nearest_similarity", "error"])
+            self.writer.writerow(["source", "city", "name", "probability", "lat", "lon", "gps_level", "gps_radius_m",
+                                  "top5", "nearest_path", "nearest_similarity", "error"])
         else:
             click.echo(f"index: {self.index.name} ({m['backbone']}, {m['counts']['train']} indexed photos, "
                        f"{len(self.index.classes)} cities)")
@@ -239,7 +239,7 @@ class _QueryOutput:
     def error(self, source: str, message: str):
         self.errors.append({"source": source, "error": message})
         if self.mode == "csv":
-            self.writer.writerow([source, "", "", "", "", "", "", "", "", message])
+            self.writer.writerow([source, "", "", "", "", "", "", "", "", "", "", message])
         click.echo(f"{source}: {message}", err=True)
 
     def result(self, p):
@@ -248,12 +248,18 @@ class _QueryOutput:
         elif self.mode == "csv":
             nearest = p.neighbours[0] if p.neighbours else None
             self.writer.writerow([p.source, p.city, full_name(p.city), f"{p.cities[0][1]:.6f}", _number(p.lat, ".6f"),
-                                  _number(p.lon, ".6f"), ";".join(f"{c}:{pr:.4f}" for c, pr in p.cities),
+                                  _number(p.lon, ".6f"), p.gps_level,
+                                  "" if p.gps_radius_m is None else f"{p.gps_radius_m:.0f}",
+                                  ";".join(f"{c}:{pr:.4f}" for c, pr in p.cities),
                                   nearest.path if nearest else "", f"{nearest.similarity:.4f}" if nearest else "", ""])
         else:
             click.echo(f"\n{p.source}")
             click.echo(f"  city: {full_name(p.city)}  (p={p.cities[0][1]:.2f})")
             gps = "-" if p.lat != p.lat else f"{p.lat:.5f}, {p.lon:.5f}"
+            if p.lat == p.lat:
+                radius = "" if p.gps_radius_m is None else f", 80% of val answers within {p.gps_radius_m:,.0f} m"
+                gps += (f"  (street level: {len(p.street_cluster)} indexed photos within 25 m of each other{radius})"
+                        if p.gps_level == "street" else f"  (city level{radius})")
             click.echo(f"  GPS estimate: {gps}")
             click.echo("  kNN vote:      " + "  ".join(f"{display_name(c)} {pr:.2f}" for c, pr in p.cities))
             if p.classifier:

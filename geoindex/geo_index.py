@@ -48,6 +48,10 @@ class Prediction:
     index: str | None = None
     top_similarity: float | None = None
     unlike_indexed: bool = False
+    gps_level: str = "city"  # "street": the spot of the best-supported cluster of neighbours; "city": a mean over a city's
+    gps_radius_m: float | None = None  # 80% of val answers of this level fell within it (None: not calibrated)
+    gps_support: float | None = None  # the cluster's share of the vote weight
+    street_cluster: list[Neighbour] = field(default_factory=list)  # that cluster's photos (drawn on the page's map)
 
     @property
     def city(self) -> str:
@@ -58,7 +62,9 @@ class Prediction:
             return [{"city": c, "name": display_name(c), "probability": round(float(p), 6)} for c, p in pairs]
         out = {"source": self.source, "index": self.index, "city": self.city, "name": display_name(self.city),
                "top5": cities(self.cities),
-               "gps": {"lat": _finite(self.lat), "lon": _finite(self.lon)},
+               "gps": {"lat": _finite(self.lat), "lon": _finite(self.lon), "level": self.gps_level,
+                       "radius_m": _finite(self.gps_radius_m), "support": _finite(self.gps_support),
+                       "cluster": [{**asdict(n), "lat": _finite(n.lat), "lon": _finite(n.lon)} for n in self.street_cluster]},
                "top_similarity": _finite(self.top_similarity),
                "unlike_indexed": bool(self.unlike_indexed),
                "neighbours": [{**asdict(n), "lat": _finite(n.lat), "lon": _finite(n.lon)} for n in self.neighbours]}
@@ -234,6 +240,13 @@ class GeoIndex:
             self._columns = {c: self._train_meta[c].to_numpy() for c in ("path", "city", "lat", "lon")}
         return self._columns
 
+    def _street_fields(self, knn, q: int) -> dict:
+        extra = knn.extra
+        return {"gps_level": str(extra["gps_level"][q]), "gps_radius_m": _finite(float(extra["gps_radius_m"][q])),
+                "gps_support": _finite(float(extra["gps_support"][q])),
+                "street_cluster": _street_neighbours(extra, self._train_columns(), q)
+                if extra["gps_level"][q] == "street" else []}
+
     def classifier_method(self):
         """The trained head that scored best on val, or None."""
         from .methods import ClassifierMethod
@@ -281,12 +294,23 @@ class GeoIndex:
             source = os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"<image {q}>"
             prediction = Prediction(source, knn.top(q), float(knn.coords[q][0]), float(knn.coords[q][1]), neighbours,
                                     index=self.name, top_similarity=float(sims[q][0]) if ids[q][0] >= 0 else None,
-                                    unlike_indexed=bool(knn.extra["unlike"][q]))
+                                    unlike_indexed=bool(knn.extra["unlike"][q]), **self._street_fields(knn, q))
             if head is not None:
                 prediction.classifier = head.top(q)
                 prediction.classifier_mode = classifier.classifier.mode
             predictions.append(prediction)
         return predictions
+
+
+def _street_neighbours(extra: dict, meta: dict, q: int) -> list[Neighbour]:
+    """The photos of query q's best-supported street cluster, nearest first."""
+    out = []
+    for i, member, sim in zip(extra["street_ids"][q], extra["street_members"][q], extra["street_similarities"][q]):
+        if member and i >= 0:
+            i = int(i)
+            out.append(Neighbour(meta["path"][i], meta["city"][i], round(float(sim), 4), float(meta["lat"][i]),
+                                 float(meta["lon"][i]), i))
+    return out
 
 
 def load_index(name_or_path=None, index_dir=None, device="auto", verify: bool = False) -> GeoIndex:

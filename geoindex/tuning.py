@@ -1,7 +1,7 @@
 """Tuning on the validation split, saved beside the index so `query`, `bench` and the service all use it.
 
 heads/knn/params.json (k, vote, temperature, whitening dims and power, the unlike-anything threshold, the
-split that chose them), heads/knn/whitening.npz (mean, axes, scales: plain arrays) and heads/knn/whitened.faiss
+street-level GPS answer's support threshold and error radii (`street`, geoindex.revisit), the split that chose them), heads/knn/whitening.npz (mean, axes, scales: plain arrays) and heads/knn/whitened.faiss
 (the train embeddings in the whitened space, so a query does not rebuild it).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ KNN_DIR = Path("heads") / "knn"
 KNN_PARAMS = KNN_DIR / "params.json"
 WHITENING = KNN_DIR / "whitening.npz"
 WHITENED_INDEX = KNN_DIR / "whitened.faiss"
-SAVED_KEYS = ("k", "vote", "temperature", "unlike_threshold", "tuned_on")
+SAVED_KEYS = ("k", "vote", "temperature", "unlike_threshold", "tuned_on", "street")
 
 
 def tune_knn(index, log=print) -> dict:
@@ -42,7 +42,19 @@ def tune_knn(index, log=print) -> dict:
         + (f", temperature {params['temperature']:g}" if params["vote"] == "softmax" else "")
         + f" (val accuracy {params['val_accuracy']:.3f}); photos whose nearest match is below similarity "
         f"{params['unlike_threshold']:.3f} are flagged as unlike anything indexed")
+    log(street_summary(params.get("street")))
     return params
+
+
+def street_summary(street: dict | None) -> str:
+    """One line on the street-level GPS answer's calibration, for train's and bench's logs."""
+    if not street or street.get("threshold") is None:
+        why = (street or {}).get("note", "not calibrated")
+        return f"GPS answers stay city level: {why}"
+    return (f"GPS answers are street level where the best cluster of neighbours holds {street['threshold']:.3f} of the "
+            f"vote weight (calibrated on val: within 25 m {street['val_street_precision']:.0%} of the time on "
+            f"{street['val_street_share']:.0%} of val photos; radius {street['radius_m']:.0f} m, else city level, "
+            f"radius {(street.get('city_radius_m') or float('nan')) / 1000:.1f} km)")
 
 
 def load_knn_tuning(index) -> dict:

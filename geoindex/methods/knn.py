@@ -1,9 +1,14 @@
-"""kNN retrieval (IM2GPS-style): the nearest indexed photos vote for a city; their coordinates give the GPS guess."""
+"""kNN retrieval (IM2GPS-style): the nearest indexed photos vote for a city; their coordinates give the GPS guess.
+
+The GPS guess is street level where the index holds the place: the best-supported cluster of neighbours within
+25 m of each other (`voting.street_clusters`), when its support passes the threshold calibrated on val
+(`revisit.calibrate_street`); else the city-level guess, a weighted mean over the winning city's neighbours.
+"""
 from __future__ import annotations
 
 import numpy as np
 
-from ..voting import VOTE_METHODS, estimate_locations, vote
+from ..voting import VOTE_METHODS, vote
 from .base import Answer, Photos, break_ties
 
 K_GRID = (1, 3, 5, 10, 20, 30, 50)
@@ -22,19 +27,20 @@ class KNNMethod:
 
     def __init__(self, index, k: int = 20, vote: str = "softmax", temperature: float = 0.05, gps: str = "mean",
                  unlike_threshold: float | None = None, tuned_on: str | None = None, whitening=None,
-                 whitened_index=None):
+                 whitened_index=None, street: dict | None = None):
         if vote not in VOTE_METHODS:
             raise ValueError(f"unknown vote method {vote!r}; choose one of {', '.join(VOTE_METHODS)}")
         self.index, self.k, self.vote, self.temperature, self.gps = index, k, vote, temperature, gps
         self.unlike_threshold, self.tuned_on = unlike_threshold, tuned_on
         self.whitening, self._whitened_index = whitening, whitened_index
+        self.street = street  # calibrate_street's threshold and radii; None: every GPS answer is city level
         self.classes = index.classes
 
     @property
     def params(self) -> dict:
         whiten = None if self.whitening is None else {"dims": self.whitening.dims, "power": self.whitening.power}
         return {"k": self.k, "vote": self.vote, "temperature": self.temperature, "gps": self.gps, "whiten": whiten,
-                "unlike_threshold": self.unlike_threshold, "tuned_on": self.tuned_on}
+                "unlike_threshold": self.unlike_threshold, "tuned_on": self.tuned_on, "street": self.street}
 
     @property
     def whitened_index(self):
@@ -71,18 +77,27 @@ class KNNMethod:
         return break_ties(probs, labels[:, 0])
 
     def predict(self, photos: Photos) -> Answer:
-        sims, ids, labels = self.neighbours(photos)
+        from ..revisit import STREET_K, knn_answers
+
+        sims, ids, labels = self.neighbours(photos, max(self.k, STREET_K))
         probs = self._probs(sims, labels, self.k, self.vote, self.temperature)
         meta = self.index.train_meta
-        safe = np.clip(ids, 0, None)
-        lats, lons = meta["lat"].to_numpy()[safe], meta["lon"].to_numpy()[safe]
-        coords = estimate_locations(labels, sims, lats, lons, probs.argmax(1), self.vote, self.temperature, self.gps)
+        gps = knn_answers(self, sims, ids, meta["lat"].to_numpy(dtype=np.float64), meta["lon"].to_numpy(dtype=np.float64),
+                          meta["label"].to_numpy(), self.street, probs)
+        coords = gps["final"]
+        street = self.street or {}
+        level = np.where(gps["street"], "street", "city")
+        radius = np.where(gps["street"], street.get("radius_m") or np.nan, street.get("city_radius_m") or np.nan)
+        street_sims = sims[:, :gps["ids"].shape[1]]
+        sims, ids = sims[:, :self.k], ids[:, :self.k]
         unlike = (sims[:, 0] < self.unlike_threshold) if self.unlike_threshold is not None else np.zeros(len(sims), bool)
         notes = f"k={self.k}, {self.vote} vote" + (f", T={self.temperature:g}" if self.vote == "softmax" else "")
         if self.tuned_on:
             notes += f" (tuned on {self.tuned_on})"
         return Answer(self.name, probs, self.classes, coords, notes=notes,
-                      extra={"similarities": sims, "ids": ids, "unlike": unlike})
+                      extra={"similarities": sims, "ids": ids, "unlike": unlike, "gps_level": level,
+                             "gps_radius_m": radius, "gps_support": gps["support"], "street_members": gps["members"],
+                             "street_ids": gps["ids"], "street_similarities": street_sims})
 
     def predict_proba(self, photos: Photos) -> np.ndarray:
         return self.predict(photos).probs
@@ -120,4 +135,7 @@ class KNNMethod:
         self.whitening, self._whitened_index = space, None
         self.unlike_threshold = float(np.quantile(top1, UNLIKE_QUANTILE))
         self.tuned_on = val.name
+        if val.name == "val" and hasattr(store, "metadata"):  # a stored index (not a bare vector set) has dates to use
+            from ..revisit import calibrate_street
+            self.street = calibrate_street(self.index, self)
         return self.params | {"val_accuracy": best_key[0]}
