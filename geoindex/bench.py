@@ -372,9 +372,15 @@ def revisit_lines(results: dict) -> list[str]:
         return []
     if r.get("skipped"):
         return [f"street-level revisit protocol skipped: {r['skipped']}"]
+    space = r.get("street_space")
+    space = "raw cosine" if not space else f"whitened to {space['dims']} dims (power {space['power']:g})"
+    knn_space = r.get("recall_knn_space") or {}
     return [f"revisit protocol on {r['split']}: {r['rule']} ({r['n_queries']} queries, gallery {r['mean_gallery']:,.0f} "
             f"photos on average); street-level answers for {r['street_share']:.1%} of queries"
             + (f", within 25 m {r['street_precision']:.1%} of the time" if r.get("street_precision") is not None else ""),
+            f"recall in the street space ({space})"
+            + (f"; in kNN's city space r@1/5/10 {_fmt(knn_space.get('r@1_25m'))} / {_fmt(knn_space.get('r@5_25m'))} / "
+               f"{_fmt(knn_space.get('r@10_25m'))}" if knn_space else ""),
             street_summary(r.get("street"))]
 
 

@@ -232,6 +232,8 @@ class GeoIndex:
         method = KNNMethod(self, **params)
         if "whitened_index" not in params and method.whitening is not None and not overrides:
             self._knn_cache[1]["whitened_index"] = method.whitened_index  # built once, then shared
+        if "street_index" not in self._knn_cache[1] and method.street_whitening is not None:
+            self._knn_cache[1]["street_index"] = method.street_index  # the street space does not depend on overrides
         return method
 
     def _train_columns(self) -> dict:
@@ -243,7 +245,7 @@ class GeoIndex:
     def _street_fields(self, knn, q: int) -> dict:
         extra = knn.extra
         return {"gps_level": str(extra["gps_level"][q]), "gps_radius_m": _finite(float(extra["gps_radius_m"][q])),
-                "gps_support": _finite(float(extra["gps_support"][q])),
+                "gps_support": _finite(float(extra["gps_support"][q])) if "gps_support" in extra else None,
                 "street_cluster": _street_neighbours(extra, self._train_columns(), q)
                 if extra["gps_level"][q] == "street" else []}
 

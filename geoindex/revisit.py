@@ -10,16 +10,18 @@ Over an index's stored embeddings (no photo is embedded again), among the photos
   so a same-drive neighbour 30 m along the street cannot help either). The query's spot is thus in the gallery
   only through older captures: another year, season, light, other cars. Photos without a date take no part.
 
-For every query the nearest gallery photos (cosine, in kNN's tuned space: raw or whitened) give recall@1/5/10
-within 25 m, and kNN's GPS answer from those neighbours is scored two ways: the city-level answer (a weighted
-mean over the winning city's neighbours) and the street-level one (the best-supported cluster of neighbours
-within 25 m of each other, `voting.street_clusters`), as `query` answers it: the street spot where the cluster's
-support passes the threshold calibrated on val, else the city-level answer.
+For every query the nearest gallery photos in the street space (below) give recall@1/5/10 within 25 m, and
+kNN's GPS answer is scored three ways: the city-level answer (a weighted mean over the winning city's neighbours,
+found in kNN's own space), the best street cluster always (the best-supported cluster of the nearest STREET_K
+neighbours within 25 m of each other, `voting.street_clusters`), and the answer `query` gives: the cluster's spot
+where its support passes the threshold calibrated on val, else the city-level answer.
 
 Calibration (`calibrate_street`, run by `geoindex train` and by `bench` when it tunes kNN) uses every dated val
-photo as a query against the train and val photos under the same exclusions (never a test photo): the support
-threshold is the lowest at which street-level answers are within 25 m at least STREET_PRECISION of the time,
-and each level's `radius_m` is the 80th percentile error of its answers.
+photo as a query against the train and val photos under the same exclusions (never a test photo). It chooses the
+street space (raw cosine, or PCA whitening learnt on the train photos with a dimension and power: the space
+that tells cities apart is rarely the one that tells corners apart) and the support threshold: the lowest at
+which street-level answers are within 25 m at least STREET_PRECISION of the time, the space being the one where
+that covers the most val photos; each level's `radius_m` is the 80th percentile error of its val answers.
 """
 from __future__ import annotations
 
@@ -32,12 +34,19 @@ from .voting import EARTH_RADIUS_KM, estimate_locations, haversine_km, street_cl
 
 SPOT_M = 25.0
 RECALL_AT = (1, 5, 10)
-STREET_K = 10  # neighbours the street cluster is looked for among (at least; kNN's k when larger)
+STREET_K = 10  # neighbours the street cluster is looked for among
+STREET_TEMPERATURE = 0.05  # softmax weights of those neighbours (0.02-0.1 gave the same on the London photos)
+STREET_DIMS = (256, 512, 1024, 2048)  # whitened street spaces tried on val, plus every axis, at each power
+STREET_POWERS = (0.5, 1.0)
+STREET_WHITEN_MAX_TRAIN = 50_000  # above this, the whitened spaces cost more than they are worth here: raw cosine
 STREET_PRECISION = 0.8  # a street-level answer must be within 25 m this often on val
 MIN_STREET_ANSWERS = 10  # fewer street answers than this on val cannot calibrate anything
 RADIUS_QUANTILE = 0.8
 ERROR_THRESHOLDS_M = (25, 100, 1000)
 CALIBRATION_SAMPLE = 5000
+RULE = ("query: a dated photo of this split that has a capture of another date within 25 m and is the newest capture "
+        "within 25 m of itself; gallery: every dated photo of the index (all splits) except the query and photos of "
+        "its capture month")
 
 
 def revisit_queries(lat, lon, yyyymm, radius_m: float = SPOT_M) -> np.ndarray:
@@ -84,9 +93,9 @@ def masked_top_k(queries: np.ndarray, gallery: np.ndarray, query_rows: np.ndarra
 
 
 class RevisitSet:
-    """The dated, located photos of chosen splits of an index, in kNN's space: the protocol's table."""
+    """The dated, located photos of chosen splits of an index (their stored embeddings): the protocol's table."""
 
-    def __init__(self, index, knn, splits=SPLITS):
+    def __init__(self, index, splits=SPLITS):
         tables, vectors = [], []
         for split in splits:
             if not index.store.count(split):
@@ -102,43 +111,59 @@ class RevisitSet:
             vectors.append(index.store.embeddings(split, np.flatnonzero(keep)))
         self.table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
             columns=["path", "city", "label", "lat", "lon", "place_id", "yyyymm", "split"])
-        embeddings = np.concatenate(vectors) if vectors else np.zeros((0, index.store.embed_dim), np.float32)
-        space = knn.whitening(embeddings) if knn.whitening is not None and len(embeddings) else embeddings
-        self.vectors = np.ascontiguousarray(space, dtype=np.float32)
+        self.embeddings = np.concatenate(vectors) if vectors else np.zeros((0, index.store.embed_dim), np.float32)
         self.lat = self.table["lat"].to_numpy(dtype=np.float64)
         self.lon = self.table["lon"].to_numpy(dtype=np.float64)
         self.dates = self.table["yyyymm"].to_numpy(dtype=np.int64)
         self.labels = self.table["label"].to_numpy(dtype=np.int64)
+        self._spaces: dict = {}
 
     def __len__(self) -> int:
         return len(self.table)
 
-    def neighbours(self, rows: np.ndarray, k: int):
-        """(similarities, table ids) of each row's k nearest allowed gallery photos."""
-        return masked_top_k(self.vectors[rows], self.vectors, rows, self.dates[rows], self.dates, k)
+    def rows_of(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.table["split"].to_numpy() == split) if len(self) else np.zeros(0, dtype=np.int64)
+
+    def vectors(self, space=None) -> np.ndarray:
+        """The embeddings in a space: raw (None) or a Whitening."""
+        key = None if space is None else (id(space), space.dims, space.power)
+        if key not in self._spaces:
+            self._spaces = {k: v for k, v in self._spaces.items() if k is None}  # one whitened copy at a time
+            x = self.embeddings if space is None or not len(self.embeddings) else space(self.embeddings)
+            self._spaces[key] = np.ascontiguousarray(x, dtype=np.float32)
+        return self._spaces[key]
+
+    def neighbours(self, rows: np.ndarray, k: int, space=None):
+        """(similarities, table ids) of each row's k nearest allowed gallery photos in a space."""
+        vectors = self.vectors(space)
+        return masked_top_k(vectors[rows], vectors, rows, self.dates[rows], self.dates, k)
 
 
-def knn_answers(knn, sims, ids, lats, lons, labels, street: dict | None, probs=None):
-    """What kNN answers from these neighbours (ids into lats/lons/labels, -1 for none): the city-level GPS, the
-    street cluster (members: a mask over the first max(k, STREET_K) neighbours, `ids`), and the final answer."""
-    k, street_k = knn.k, max(knn.k, STREET_K)
-    safe = np.clip(ids, 0, None)
-    n_lat = np.where(ids >= 0, lats[safe], np.nan)
-    n_lon = np.where(ids >= 0, lons[safe], np.nan)
-    n_labels = np.where(ids >= 0, labels[safe], -1)
+def _at(ids, values, fill):
+    return np.where(ids >= 0, values[np.clip(ids, 0, None)], fill)
+
+
+def city_answers(knn, sims, ids, lats, lons, labels, probs=None) -> np.ndarray:
+    """kNN's city-level GPS guess from its neighbours (ids into lats/lons/labels, -1 for none): the weighted
+    mean over the winning city's neighbours."""
+    k = knn.k
+    n_labels = _at(ids, labels, -1)
     if probs is None:
         probs = break_ties(vote(n_labels[:, :k], sims[:, :k], len(knn.classes), knn.vote, knn.temperature),
                            n_labels[:, 0])
-    city = estimate_locations(n_labels[:, :k], sims[:, :k], n_lat[:, :k], n_lon[:, :k], probs.argmax(1), knn.vote,
-                              knn.temperature, knn.gps)
-    weights = np.where(ids[:, :street_k] >= 0, vote_weights(sims[:, :street_k], knn.vote, knn.temperature), 0.0)
-    members, support, centres = street_clusters(n_lat[:, :street_k], n_lon[:, :street_k], weights)
-    threshold = (street or {}).get("threshold")
+    return estimate_locations(n_labels[:, :k], sims[:, :k], _at(ids, lats, np.nan)[:, :k],
+                              _at(ids, lons, np.nan)[:, :k], probs.argmax(1), knn.vote, knn.temperature, knn.gps)
+
+
+def street_answers(sims, ids, lats, lons, threshold: float | None) -> dict:
+    """The best-supported cluster among the first STREET_K street neighbours, and where it is street level."""
+    sims, ids = sims[:, :STREET_K], ids[:, :STREET_K]
+    weights = np.where(ids >= 0, vote_weights(np.where(ids >= 0, sims, -np.inf), "softmax", STREET_TEMPERATURE), 0.0)
+    members, support, centres = street_clusters(_at(ids, lats, np.nan), _at(ids, lons, np.nan), weights)
     at_street = np.isfinite(centres[:, 0]) & (support >= threshold) if threshold is not None else \
         np.zeros(len(sims), dtype=bool)
-    final = np.where(at_street[:, None], centres, city)
-    return {"city": city, "cluster": centres, "support": support, "members": members, "street": at_street,
-            "final": final, "ids": ids[:, :street_k]}
+    return {"members": members, "support": support, "centre": centres, "street": at_street, "ids": ids,
+            "similarities": sims}
 
 
 def error_figures(pred, true_lat, true_lon) -> dict:
@@ -150,74 +175,115 @@ def error_figures(pred, true_lat, true_lon) -> dict:
     return out
 
 
-def calibrate_street(index, knn) -> dict:
-    """The support threshold for a street-level answer and each level's error radius, on val photos only."""
-    data = RevisitSet(index, knn, splits=("train", "val"))
-    rows = np.flatnonzero(data.table["split"].to_numpy() == "val") if len(data) else np.zeros(0, dtype=np.int64)
+def street_spaces(index) -> list:
+    """Raw cosine, and (for indexes of up to STREET_WHITEN_MAX_TRAIN train photos) whitenings learnt on train."""
+    spaces = [None]
+    if 2 * STREET_K < index.store.count("train") <= STREET_WHITEN_MAX_TRAIN:
+        from .methods.whitening import Whitening
+        fitted = Whitening.fit(index.store.embeddings("train"), max_dims=index.store.embed_dim)
+        dims = sorted({min(d, len(fitted.singular)) for d in STREET_DIMS} | {len(fitted.singular)})
+        spaces += [fitted.using(d, p) for d in dims for p in STREET_POWERS]
+    return spaces
+
+
+def _threshold(support, hits) -> tuple[float | None, int]:
+    """The lowest support at which answers at or above it are within 25 m STREET_PRECISION of the time, and
+    how many val answers that makes street level."""
+    order = np.argsort(-support, kind="stable")
+    counts = np.arange(1, len(order) + 1)
+    precision = np.cumsum(hits[order]) / counts
+    ok = np.flatnonzero((precision >= STREET_PRECISION) & (counts >= MIN_STREET_ANSWERS))
+    if not len(ok):
+        return None, 0
+    return float(support[order[ok[-1]]]), int(ok[-1] + 1)
+
+
+def _quantile(values) -> float | None:
+    values = values[np.isfinite(values)]
+    return float(np.quantile(values, RADIUS_QUANTILE)) if len(values) else None
+
+
+def calibrate_street(index, knn, log=None) -> tuple[dict, object]:
+    """On val photos only: the street space, the support threshold for a street-level answer and each level's
+    error radius. Returns (the JSON-able parameters, the street space's Whitening or None for raw cosine)."""
+    data = RevisitSet(index, splits=("train", "val"))
+    rows = data.rows_of("val")
     if len(rows) > CALIBRATION_SAMPLE:
         rows = np.sort(np.random.default_rng(0).choice(rows, CALIBRATION_SAMPLE, replace=False))
-    base = {"threshold": None, "radius_m": None, "city_radius_m": None, "precision_target": STREET_PRECISION,
+    base = {"space": None, "threshold": None, "radius_m": None, "city_radius_m": None,
+            "precision_target": STREET_PRECISION, "k": STREET_K, "temperature": STREET_TEMPERATURE,
             "calibrated_on": "val", "n_val": int(len(rows))}
     if len(rows) < MIN_STREET_ANSWERS or len(data) < 2:
-        return base | {"note": f"{len(rows)} dated, located val photos: too few to calibrate a street-level answer on"}
-    sims, ids = data.neighbours(rows, max(knn.k, STREET_K))
-    answers = knn_answers(knn, sims, ids, data.lat, data.lon, data.labels, None)
+        return base | {"note": f"{len(rows)} dated, located val photos: too few to calibrate a street-level "
+                               f"answer on"}, None
     true_lat, true_lon = data.lat[rows], data.lon[rows]
-    street_m = haversine_km(true_lat, true_lon, answers["cluster"][:, 0], answers["cluster"][:, 1]) * 1000
-    city_m = haversine_km(true_lat, true_lon, answers["city"][:, 0], answers["city"][:, 1]) * 1000
-    order = np.argsort(-answers["support"], kind="stable")
-    hits = np.cumsum(np.nan_to_num(street_m[order], nan=np.inf) <= SPOT_M)
-    precision = hits / np.arange(1, len(order) + 1)
-    ok = np.flatnonzero((precision >= STREET_PRECISION) & (np.arange(1, len(order) + 1) >= MIN_STREET_ANSWERS))
-    if not len(ok):
-        finite = city_m[np.isfinite(city_m)]
-        return base | {"city_radius_m": float(np.quantile(finite, RADIUS_QUANTILE)) if len(finite) else None,
+    sims, ids = data.neighbours(rows, knn.k, knn.whitening)
+    city_m = haversine_km(true_lat, true_lon, *city_answers(knn, sims, ids, data.lat, data.lon, data.labels).T) * 1000
+    best = None
+    for space in street_spaces(index):
+        sims, ids = data.neighbours(rows, STREET_K, space)
+        street = street_answers(sims, ids, data.lat, data.lon, None)
+        street_m = haversine_km(true_lat, true_lon, street["centre"][:, 0], street["centre"][:, 1]) * 1000
+        hits = np.nan_to_num(street_m, nan=np.inf) <= SPOT_M
+        threshold, covered = _threshold(street["support"], hits)
+        key = (covered, float(hits.mean()))
+        if best is None or key > best[0]:
+            best = (key, space, threshold, street["support"], street_m, hits)
+    (covered, hit_rate), space, threshold, support, street_m, hits = best
+    base["space"] = None if space is None else {"dims": int(space.dims), "power": float(space.power)}
+    base["val_cluster_within_25m"] = hit_rate
+    if threshold is None:
+        return base | {"city_radius_m": _quantile(city_m),
                        "note": f"no support threshold makes street-level answers within {SPOT_M:g} m "
-                               f"{STREET_PRECISION:.0%} of the time on val: every answer is city level"}
-    last = int(ok[-1])
-    threshold = float(answers["support"][order[last]])
-    at_street = answers["support"] >= threshold
-    street_err, city_err = street_m[at_street], city_m[~at_street]
-    street_err, city_err = street_err[np.isfinite(street_err)], city_err[np.isfinite(city_err)]
-    return base | {"threshold": threshold,
-                   "radius_m": float(np.quantile(street_err, RADIUS_QUANTILE)) if len(street_err) else None,
-                   "city_radius_m": float(np.quantile(city_err, RADIUS_QUANTILE)) if len(city_err) else None,
-                   "val_street_share": float(at_street.mean()), "val_street_precision": float(precision[last])}
+                               f"{STREET_PRECISION:.0%} of the time on val: every answer is city level"}, space
+    at_street = support >= threshold
+    return base | {"threshold": threshold, "radius_m": _quantile(street_m[at_street]),
+                   "city_radius_m": _quantile(city_m[~at_street]), "val_street_share": float(at_street.mean()),
+                   "val_street_precision": float(hits[at_street].mean())}, space
 
 
 def revisit_report(index, knn, split: str = "test") -> dict:
     """The protocol on one split's queries: recall@1/5/10 within 25 m and the GPS answers' error."""
-    data = RevisitSet(index, knn)
-    rule = ("query: a dated photo of this split that has a capture of another date within 25 m and is the newest "
-            "capture within 25 m of itself; gallery: every dated photo of the index (all splits) except the query "
-            "and photos of its capture month")
+    data = RevisitSet(index)
     if not len(data):
         return {"split": split, "skipped": "no photo of the index carries both a capture date and coordinates",
-                "rule": rule}
+                "rule": RULE}
     is_query = revisit_queries(data.lat, data.lon, data.dates) & (data.table["split"].to_numpy() == split)
     rows = np.flatnonzero(is_query)
     if not len(rows):
         return {"split": split, "skipped": f"no {split} photo has an older capture of another date within 25 m",
-                "rule": rule}
-    k = max(max(RECALL_AT), knn.k, STREET_K)
-    sims, ids = data.neighbours(rows, k)
-    safe = np.clip(ids, 0, None)
-    metres = haversine_km(data.lat[rows, None], data.lon[rows, None], data.lat[safe], data.lon[safe]) * 1000
-    hit = (ids >= 0) & (metres <= SPOT_M)
-    street = getattr(knn, "street", None)
-    answers = knn_answers(knn, sims, ids, data.lat, data.lon, data.labels, street)
+                "rule": RULE}
     true_lat, true_lon = data.lat[rows], data.lon[rows]
-    allowed = len(data) - 1 - np.array([int((data.dates == d).sum()) - 1 for d in data.dates[rows]])
+    k = max(max(RECALL_AT), STREET_K)
+
+    def recall(space):
+        sims, ids = data.neighbours(rows, k, space)
+        metres = haversine_km(true_lat[:, None], true_lon[:, None], data.lat[np.clip(ids, 0, None)],
+                              data.lon[np.clip(ids, 0, None)]) * 1000
+        hit = (ids >= 0) & (metres <= SPOT_M)
+        return {f"r@{n}_25m": float(hit[:, :n].any(axis=1).mean()) for n in RECALL_AT}, sims, ids
+
+    street = getattr(knn, "street", None) or {}
+    street_space = getattr(knn, "street_whitening", None)
+    city_sims, city_ids = data.neighbours(rows, knn.k, knn.whitening)
+    city = city_answers(knn, city_sims, city_ids, data.lat, data.lon, data.labels)
+    knn_recall = recall(knn.whitening)[0]
+    street_recall, sims, ids = recall(street_space)
+    cluster = street_answers(sims, ids, data.lat, data.lon, street.get("threshold"))
+    final = np.where(cluster["street"][:, None], cluster["centre"], city)
+    at_street = cluster["street"]
+    same_date = pd.Series(data.dates).value_counts()
+    gallery = len(data) - same_date.reindex(data.dates[rows]).to_numpy()  # everything but the query's capture month
     return {
-        "split": split, "rule": rule, "n_queries": int(len(rows)), "n_dated_photos": int(len(data)),
-        "mean_gallery": float(allowed.mean()),
-        "recall": {f"r@{n}_25m": float(hit[:, :n].any(axis=1).mean()) for n in RECALL_AT},
-        "gps": {"city": error_figures(answers["city"], true_lat, true_lon),
-                "cluster": error_figures(answers["cluster"], true_lat, true_lon),
-                "answer": error_figures(answers["final"], true_lat, true_lon)},
-        "street_share": float(answers["street"].mean()),
-        "street_precision": float((error_figures(answers["final"][answers["street"]], true_lat[answers["street"]],
-                                                 true_lon[answers["street"]])["within_25m"] or 0.0))
-        if answers["street"].any() else None,
-        "street": street,
+        "split": split, "rule": RULE, "n_queries": int(len(rows)), "n_dated_photos": int(len(data)),
+        "mean_gallery": float(gallery.mean()),
+        "street_space": None if street_space is None else {"dims": int(street_space.dims),
+                                                           "power": float(street_space.power)},
+        "recall": street_recall, "recall_knn_space": knn_recall,
+        "gps": {"city": error_figures(city, true_lat, true_lon),
+                "cluster": error_figures(cluster["centre"], true_lat, true_lon),
+                "answer": error_figures(final, true_lat, true_lon)},
+        "street_share": float(at_street.mean()),
+        "street_precision": error_figures(final[at_street], true_lat[at_street], true_lon[at_street])["within_25m"],
+        "street": street or None,
     }

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from geoindex.cli import main
 from geoindex.metrics import evaluate
-from geoindex.revisit import knn_answers
+from geoindex.revisit import city_answers, street_answers
 from geoindex.voting import estimate_locations, haversine_km, street_clusters
 
 M_PER_DEG_LAT = 111_195.0
@@ -37,11 +37,11 @@ def test_evaluate_reports_within_25m_and_100m():
 
 def neighbours(rng, at_spot: int, scattered: int):
     """A London query's neighbours: `at_spot` photos within 15 m of SPOT, the rest scattered over 10 km, each of
-    the scattered ones individually more similar than any spot photo."""
+    the scattered ones individually a little more similar than any spot photo."""
     spot = np.array(SPOT) + rng.uniform(-10, 10, (at_spot, 2)) / M_PER_DEG_LAT
     spread = np.array(SPOT) + rng.uniform(-5000, 5000, (scattered, 2)) / M_PER_DEG_LAT + [0.02, 0.0]
     coords = np.concatenate([spread, spot])
-    sims = np.concatenate([np.full(scattered, 0.8), np.full(at_spot, 0.7)])
+    sims = np.concatenate([np.full(scattered, 0.79), np.full(at_spot, 0.78)])
     order = np.argsort(-sims, kind="stable")
     return coords[order], sims[order]
 
@@ -51,7 +51,7 @@ def test_the_clustered_answer_lands_on_the_spot_not_the_mean_across_the_city():
     lats, lons, weights = coords[None, :, 0], coords[None, :, 1], sims[None, :]
     members, support, centre = street_clusters(lats, lons, weights)
     assert metres(centre[0], SPOT) <= 25
-    assert members[0].sum() == 4 and support[0] == pytest.approx(4 * 0.7 / (4 * 0.7 + 6 * 0.8))
+    assert members[0].sum() == 4 and support[0] == pytest.approx(4 * 0.78 / (4 * 0.78 + 6 * 0.79))
     city_mean = estimate_locations(np.zeros((1, 10), int), sims[None, :], lats, lons, np.array([0]), "weighted", 1.0)
     assert metres(city_mean[0], SPOT) > 1000, "the constructed city must pull a mean far from the spot"
 
@@ -68,17 +68,14 @@ def test_strong_support_answers_street_level_and_weak_support_falls_back_to_the_
     sims = np.stack([strong_sims, weak_sims])
     ids = np.arange(20).reshape(2, 10)
     lats, lons, labels = coords[..., 0].ravel(), coords[..., 1].ravel(), np.zeros(20, int)
-    street = {"threshold": 0.3, "radius_m": 20.0, "city_radius_m": 8000.0}
-    answers = knn_answers(knn_like(), sims, ids, lats, lons, labels, street)
-    assert answers["street"].tolist() == [True, False]
-    assert metres(answers["final"][0], SPOT) <= 25
-    assert answers["support"][1] < 0.3
-    np.testing.assert_allclose(answers["final"][1], answers["city"][1])
-    assert metres(answers["final"][1], SPOT) > 1000
-    # Uncalibrated (no threshold): every answer is city level.
-    answers = knn_answers(knn_like(), sims, ids, lats, lons, labels, None)
-    assert not answers["street"].any()
-    np.testing.assert_allclose(answers["final"], answers["city"])
+    street = street_answers(sims, ids, lats, lons, threshold=0.3)
+    city = city_answers(knn_like(), sims, ids, lats, lons, labels)
+    assert street["street"].tolist() == [True, False]
+    assert metres(street["centre"][0], SPOT) <= 25 and street["members"][0].sum() == 5
+    assert street["support"][1] < 0.3
+    assert metres(city[0], SPOT) > 100 and metres(city[1], SPOT) > 100, "a mean over the city is off the street"
+    # Uncalibrated (no threshold): nothing is street level.
+    assert not street_answers(sims, ids, lats, lons, threshold=None)["street"].any()
 
 
 @pytest.fixture(scope="module")

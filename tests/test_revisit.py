@@ -211,7 +211,7 @@ def test_street_calibration_never_reads_the_test_split(dated_index, monkeypatch)
 
     monkeypatch.setattr(index.store, "metadata", refuse_test(real_metadata))
     monkeypatch.setattr(index.store, "embeddings", refuse_test(real_embeddings))
-    street = calibrate_street(index, knn)
+    street, _ = calibrate_street(index, knn)
     assert street["calibrated_on"] == "val" and street["n_val"] == index.store.count("val")
     assert street["threshold"] is None or 0 < street["threshold"] <= 1
     assert math.isfinite(street["city_radius_m"] or 0.0)

@@ -27,13 +27,14 @@ class KNNMethod:
 
     def __init__(self, index, k: int = 20, vote: str = "softmax", temperature: float = 0.05, gps: str = "mean",
                  unlike_threshold: float | None = None, tuned_on: str | None = None, whitening=None,
-                 whitened_index=None, street: dict | None = None):
+                 whitened_index=None, street: dict | None = None, street_whitening=None, street_index=None):
         if vote not in VOTE_METHODS:
             raise ValueError(f"unknown vote method {vote!r}; choose one of {', '.join(VOTE_METHODS)}")
         self.index, self.k, self.vote, self.temperature, self.gps = index, k, vote, temperature, gps
         self.unlike_threshold, self.tuned_on = unlike_threshold, tuned_on
         self.whitening, self._whitened_index = whitening, whitened_index
         self.street = street  # calibrate_street's threshold and radii; None: every GPS answer is city level
+        self.street_whitening, self._street_index = street_whitening, street_index  # its space; None: raw cosine
         self.classes = index.classes
 
     @property
@@ -49,6 +50,27 @@ class KNNMethod:
             from .whitening import flat_index
             self._whitened_index = flat_index(self.whitening(self.index.store.embeddings("train")))
         return self._whitened_index
+
+    @property
+    def street_index(self):
+        """FAISS over the train embeddings in the street space, when that space is a whitening (built once)."""
+        if self._street_index is None and self.street_whitening is not None:
+            from .whitening import flat_index
+            self._street_index = flat_index(self.street_whitening(self.index.store.embeddings("train")))
+        return self._street_index
+
+    def street_neighbours(self, photos: Photos, k: int):
+        """(similarities, train row ids) of the k nearest train photos in the street space, cached per set."""
+        space = self.street_whitening
+        key = ("street-neighbours", None if space is None else (space.dims, space.power))
+        cached = photos.cache.get(key)
+        if cached is None or cached[0].shape[1] < k:
+            if space is None:
+                cached = self.index.search(photos.embeddings, k)
+            else:
+                cached = self.street_index.search(space(photos.embeddings), min(k, self.street_index.ntotal))
+            photos.cache[key] = cached
+        return cached[0][:, :k], cached[1][:, :k]
 
     def _search(self, embeddings: np.ndarray, k: int):
         if self.whitening is None:
@@ -77,27 +99,30 @@ class KNNMethod:
         return break_ties(probs, labels[:, 0])
 
     def predict(self, photos: Photos) -> Answer:
-        from ..revisit import STREET_K, knn_answers
+        from ..revisit import STREET_K, city_answers, street_answers
 
-        sims, ids, labels = self.neighbours(photos, max(self.k, STREET_K))
+        sims, ids, labels = self.neighbours(photos)
         probs = self._probs(sims, labels, self.k, self.vote, self.temperature)
         meta = self.index.train_meta
-        gps = knn_answers(self, sims, ids, meta["lat"].to_numpy(dtype=np.float64), meta["lon"].to_numpy(dtype=np.float64),
-                          meta["label"].to_numpy(), self.street, probs)
-        coords = gps["final"]
+        lats, lons = meta["lat"].to_numpy(dtype=np.float64), meta["lon"].to_numpy(dtype=np.float64)
+        coords = city_answers(self, sims, ids, lats, lons, meta["label"].to_numpy(), probs)
         street = self.street or {}
-        level = np.where(gps["street"], "street", "city")
-        radius = np.where(gps["street"], street.get("radius_m") or np.nan, street.get("city_radius_m") or np.nan)
-        street_sims = sims[:, :gps["ids"].shape[1]]
-        sims, ids = sims[:, :self.k], ids[:, :self.k]
+        extra = {}
+        at_street = np.zeros(len(sims), dtype=bool)
+        if street.get("threshold") is not None and len(sims):
+            found = street_answers(*self.street_neighbours(photos, STREET_K), lats, lons, street["threshold"])
+            at_street = found["street"]
+            coords = np.where(at_street[:, None], found["centre"], coords)
+            extra = {"gps_support": found["support"], "street_members": found["members"], "street_ids": found["ids"],
+                     "street_similarities": found["similarities"]}
+        radius = np.where(at_street, street.get("radius_m") or np.nan, street.get("city_radius_m") or np.nan)
         unlike = (sims[:, 0] < self.unlike_threshold) if self.unlike_threshold is not None else np.zeros(len(sims), bool)
         notes = f"k={self.k}, {self.vote} vote" + (f", T={self.temperature:g}" if self.vote == "softmax" else "")
         if self.tuned_on:
             notes += f" (tuned on {self.tuned_on})"
         return Answer(self.name, probs, self.classes, coords, notes=notes,
-                      extra={"similarities": sims, "ids": ids, "unlike": unlike, "gps_level": level,
-                             "gps_radius_m": radius, "gps_support": gps["support"], "street_members": gps["members"],
-                             "street_ids": gps["ids"], "street_similarities": street_sims})
+                      extra={"similarities": sims, "ids": ids, "unlike": unlike,
+                             "gps_level": np.where(at_street, "street", "city"), "gps_radius_m": radius, **extra})
 
     def predict_proba(self, photos: Photos) -> np.ndarray:
         return self.predict(photos).probs
@@ -137,5 +162,6 @@ class KNNMethod:
         self.tuned_on = val.name
         if val.name == "val" and hasattr(store, "metadata"):  # a stored index (not a bare vector set) has dates to use
             from ..revisit import calibrate_street
-            self.street = calibrate_street(self.index, self)
+            self.street, self.street_whitening = calibrate_street(self.index, self)
+            self._street_index = None
         return self.params | {"val_accuracy": best_key[0]}
