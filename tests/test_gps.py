@@ -122,3 +122,52 @@ def test_query_json_and_csv_carry_the_gps_level_radius_and_the_cluster(tiny_inde
     assert rows[0]["gps_level"] == "city" and rows[0]["gps_radius_m"] == "4000"
     text = run("query", photo, "--index", "gps", "--index-dir", tiny_index).output
     assert "(city level, 80% of val answers within 4,000 m)" in text
+
+
+def test_a_whitened_street_space_is_saved_loaded_and_a_damaged_one_falls_back_to_city_level(tiny_index, tmp_path):
+    import shutil
+
+    from geoindex.geo_index import load_index
+    from geoindex.methods.whitening import Whitening
+    from geoindex.tuning import STREET_WHITENING
+    shutil.copytree(tiny_index, tmp_path / "idx")
+    index_dir = tmp_path / "idx"
+    index = load_index("gps", index_dir)
+    train = index.store.metadata("train")
+    space = Whitening.fit(index.store.embeddings("train"), max_dims=16).using(8, 1.0)
+    index.close()
+    space.save(index_dir / "gps" / STREET_WHITENING)
+    (index_dir / "gps" / "heads" / "knn" / "params.json").write_text(json.dumps(
+        {"k": 5, "vote": "softmax", "temperature": 0.01, "tuned_on": "val",
+         "street": {"space": {"dims": 8, "power": 1.0}, "threshold": 0.0, "radius_m": 9.0, "city_radius_m": 5000.0}}))
+    index = load_index("gps", index_dir)
+    knn = index.knn_method()
+    assert knn.street_whitening is not None and knn.street_whitening.dims == 8
+    index.close()
+    photo, spot = train["path"].iloc[3], (train["lat"].iloc[3], train["lon"].iloc[3])
+    gps = json.loads(run("query", photo, "--index", "gps", "--index-dir", index_dir, "--json").output)["results"][0]["gps"]
+    assert gps["level"] == "street" and gps["radius_m"] == 9.0 and metres((gps["lat"], gps["lon"]), spot) < 1
+
+    (index_dir / "gps" / STREET_WHITENING).write_bytes(b"not an npz file")
+    result = run("query", photo, "--index", "gps", "--index-dir", index_dir, "--json")
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    gps = json.loads(result.output)["results"][0]["gps"]
+    assert gps["level"] == "city" and gps["cluster"] == []
+
+
+def test_train_tunes_and_saves_the_street_calibration_on_val(tiny_index, tmp_path):
+    import shutil
+
+    from geoindex.geo_index import load_index
+    from geoindex.tuning import STREET_WHITENING, tune_knn
+    shutil.copytree(tiny_index, tmp_path / "idx")
+    index = load_index("gps", tmp_path / "idx")
+    lines = []
+    tune_knn(index, log=lines.append)
+    saved = json.loads((tmp_path / "idx" / "gps" / "heads" / "knn" / "params.json").read_text())["street"]
+    assert saved["calibrated_on"] == "val" and saved["n_val"] == index.store.count("val")
+    assert (saved["space"] is None) == (not (tmp_path / "idx" / "gps" / STREET_WHITENING).exists())
+    assert any("GPS answers" in line for line in lines)
+    index.close()
+    reloaded = load_index("gps", tmp_path / "idx").knn_method()
+    assert reloaded.street == saved
