@@ -117,6 +117,7 @@ class RevisitSet:
         self.dates = self.table["yyyymm"].to_numpy(dtype=np.int64)
         self.labels = self.table["label"].to_numpy(dtype=np.int64)
         self._spaces: dict = {}
+        self._projection = None
 
     def __len__(self) -> int:
         return len(self.table)
@@ -125,12 +126,21 @@ class RevisitSet:
         return np.flatnonzero(self.table["split"].to_numpy() == split) if len(self) else np.zeros(0, dtype=np.int64)
 
     def vectors(self, space=None) -> np.ndarray:
-        """The embeddings in a space: raw (None) or a Whitening."""
-        key = None if space is None else (id(space), space.dims, space.power)
+        """The embeddings in a space: raw (None) or a Whitening. Whitenings sharing their axes (one fit at several
+        dimensions and powers) share one projection, so trying many costs little more than trying one."""
+        key = None if space is None else (id(space.axes), space.dims, space.power)
         if key not in self._spaces:
-            self._spaces = {k: v for k, v in self._spaces.items() if k is None}  # one whitened copy at a time
-            x = self.embeddings if space is None or not len(self.embeddings) else space(self.embeddings)
-            self._spaces[key] = np.ascontiguousarray(x, dtype=np.float32)
+            if space is None or not len(self.embeddings):
+                self._spaces[key] = np.ascontiguousarray(self.embeddings, dtype=np.float32)
+            else:
+                if self._projection is None or self._projection[0] is not space.axes:
+                    projected = (self.embeddings - space.mean) @ space.axes.T
+                    self._projection = (space.axes, projected.astype(np.float32))
+                scale = (space.singular[:space.dims] / space.singular[0]) ** space.power
+                x = self._projection[1][:, :space.dims] / scale
+                x /= np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+                self._spaces = {k: v for k, v in self._spaces.items() if k is None}  # one whitened copy at a time
+                self._spaces[key] = np.ascontiguousarray(x, dtype=np.float32)
         return self._spaces[key]
 
     def neighbours(self, rows: np.ndarray, k: int, space=None):
@@ -175,12 +185,14 @@ def error_figures(pred, true_lat, true_lon) -> dict:
     return out
 
 
-def street_spaces(index) -> list:
-    """Raw cosine, and (for indexes of up to STREET_WHITEN_MAX_TRAIN train photos) whitenings learnt on train."""
+def street_spaces(index, fitted=None) -> list:
+    """Raw cosine, and (for indexes of up to STREET_WHITEN_MAX_TRAIN train photos) whitenings learnt on train
+    (`fitted`, a Whitening fit on the train photos with every axis, when the caller has one already)."""
     spaces = [None]
     if 2 * STREET_K < index.store.count("train") <= STREET_WHITEN_MAX_TRAIN:
         from .methods.whitening import Whitening
-        fitted = Whitening.fit(index.store.embeddings("train"), max_dims=index.store.embed_dim)
+        if fitted is None or len(fitted.singular) < min(index.store.embed_dim, index.store.count("train") - 1):
+            fitted = Whitening.fit(index.store.embeddings("train"), max_dims=index.store.embed_dim)
         dims = sorted({min(d, len(fitted.singular)) for d in STREET_DIMS} | {len(fitted.singular)})
         spaces += [fitted.using(d, p) for d in dims for p in STREET_POWERS]
     return spaces
@@ -203,7 +215,7 @@ def _quantile(values) -> float | None:
     return float(np.quantile(values, RADIUS_QUANTILE)) if len(values) else None
 
 
-def calibrate_street(index, knn, log=None) -> tuple[dict, object]:
+def calibrate_street(index, knn, fitted=None) -> tuple[dict, object]:
     """On val photos only: the street space, the support threshold for a street-level answer and each level's
     error radius. Returns (the JSON-able parameters, the street space's Whitening or None for raw cosine)."""
     data = RevisitSet(index, splits=("train", "val"))
@@ -220,7 +232,7 @@ def calibrate_street(index, knn, log=None) -> tuple[dict, object]:
     sims, ids = data.neighbours(rows, knn.k, knn.whitening)
     city_m = haversine_km(true_lat, true_lon, *city_answers(knn, sims, ids, data.lat, data.lon, data.labels).T) * 1000
     best = None
-    for space in street_spaces(index):
+    for space in street_spaces(index, fitted):
         sims, ids = data.neighbours(rows, STREET_K, space)
         street = street_answers(sims, ids, data.lat, data.lon, None)
         street_m = haversine_km(true_lat, true_lon, street["centre"][:, 0], street["centre"][:, 1]) * 1000

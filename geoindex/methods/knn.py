@@ -136,11 +136,12 @@ class KNNMethod:
         if len(val) > VAL_SAMPLE:
             val = val.subset(np.sort(np.random.default_rng(0).choice(len(val), VAL_SAMPLE, replace=False)))
         k_max = min(max(K_GRID), self.index.ntotal)
-        spaces = [None]
+        spaces, fitted = [None], None
         store = getattr(self.index, "store", None)
         if store is not None and 2 * max(K_GRID) < self.index.ntotal <= WHITEN_MAX_TRAIN:
             from .whitening import Whitening
-            fitted = Whitening.fit(store.embeddings("train"), max_dims=max(WHITEN_DIMS))
+            # Every axis is kept (the eigendecomposition costs the same): the street space tries them all.
+            fitted = Whitening.fit(store.embeddings("train"), max_dims=store.embed_dim)
             dims = sorted({min(d, fitted.axes.shape[0]) for d in WHITEN_DIMS})
             spaces += [fitted.using(d, p) for d in dims for p in WHITEN_POWERS]
         best_key, best = None, None
@@ -162,6 +163,6 @@ class KNNMethod:
         self.tuned_on = val.name
         if val.name == "val" and hasattr(store, "metadata"):  # a stored index (not a bare vector set) has dates to use
             from ..revisit import calibrate_street
-            self.street, self.street_whitening = calibrate_street(self.index, self)
+            self.street, self.street_whitening = calibrate_street(self.index, self, fitted)
             self._street_index = None
         return self.params | {"val_accuracy": best_key[0]}
