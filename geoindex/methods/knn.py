@@ -141,7 +141,8 @@ class KNNMethod:
         if store is not None and 2 * max(K_GRID) < self.index.ntotal <= WHITEN_MAX_TRAIN:
             from .whitening import Whitening
             # Every axis is kept (the eigendecomposition costs the same): the street space tries them all.
-            fitted = Whitening.fit(store.embeddings("train"), max_dims=store.embed_dim)
+            train = store.embeddings("train")
+            fitted = Whitening.fit(train, max_dims=train.shape[1])
             dims = sorted({min(d, fitted.axes.shape[0]) for d in WHITEN_DIMS})
             spaces += [fitted.using(d, p) for d in dims for p in WHITEN_POWERS]
         best_key, best = None, None
