@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from geoindex.geo_index import load_index  # noqa: E402
 from geoindex.jsonio import dumps  # noqa: E402
 from geoindex.methods import KNNMethod, Photos  # noqa: E402
-from geoindex.revisit import (RECALL_AT, SPOT_M, STREET_K, RevisitSet, _threshold, city_answers,  # noqa: E402
-                              revisit_queries, street_answers)
+from geoindex.revisit import (RECALL_AT, SPOT_M, STREET_K, RevisitSet, city_answers, revisit_queries,  # noqa: E402
+                              space_calibration, street_answers, val_winners)
 from geoindex.voting import haversine_km  # noqa: E402
 
 
@@ -49,13 +49,11 @@ def issue_rule(data: RevisitSet) -> dict:
             "median_top1_km": float(np.median(first) / 1000)}
 
 
-def val_threshold(index, space):
-    """The support threshold calibrate_street would set for this space (every dated val photo vs train + val)."""
+def val_threshold(index, knn, space):
+    """The support threshold calibrate_street would set for this space (see its docstring)."""
     data = RevisitSet(index, splits=("train", "val"))
     rows = data.rows_of("val")
-    sims, ids = data.neighbours(rows, STREET_K, space)
-    street = street_answers(sims, ids, data.lat, data.lon, None)
-    return _threshold(street["support"], within(street["centre"], data.lat[rows], data.lon[rows]))[0]
+    return space_calibration(data, rows, val_winners(data, rows, knn)[1], space)[0]
 
 
 def protocol(data: RevisitSet, knn, space, threshold, split: str) -> dict:
@@ -64,8 +62,9 @@ def protocol(data: RevisitSet, knn, space, threshold, split: str) -> dict:
     sims, ids = data.neighbours(rows, max(max(RECALL_AT), STREET_K), space)
     metres = haversine_km(lat[:, None], lon[:, None], data.lat[np.clip(ids, 0, None)], data.lon[np.clip(ids, 0, None)])
     hit = (ids >= 0) & (metres * 1000 <= SPOT_M)
-    city = city_answers(knn, *data.neighbours(rows, knn.k, knn.whitening), data.lat, data.lon, data.labels)
-    street = street_answers(sims, ids, data.lat, data.lon, threshold)
+    city, winners = city_answers(knn, *data.neighbours(rows, knn.k, knn.whitening), data.lat, data.lon, data.labels,
+                                 with_winners=True)
+    street = street_answers(sims, ids, data.lat, data.lon, threshold, data.labels, winners)
     final = np.where(street["street"][:, None], street["centre"], city)
     at = street["street"]
     return {"n": int(len(rows)), **{f"r@{n}": float(hit[:, :n].any(1).mean()) for n in RECALL_AT},
@@ -94,7 +93,7 @@ def main(argv=None):
     print("issue rule (raw cosine):", dumps(results["issue_rule_raw"], indent=None))
     spaces = (("raw cosine", None), ("kNN city space", knn.whitening), ("street space (val's choice)", knn.street_whitening))
     for name, space in spaces:
-        threshold = val_threshold(index, space)
+        threshold = val_threshold(index, knn, space)
         results[name] = {"val_threshold": threshold, **{split: protocol(data, knn, space, threshold, split)
                                                         for split in ("val", "test")}}
         for split in ("val", "test"):

@@ -16,8 +16,9 @@ found in kNN's own space), the best street cluster always (the best-supported cl
 neighbours within 25 m of each other, `voting.street_clusters`), and the answer `query` gives: the cluster's spot
 where its support passes the threshold calibrated on val, else the city-level answer.
 
-Calibration (`calibrate_street`, run by `geoindex train` and by `bench` when it tunes kNN) uses every dated val
-photo as a query against the train and val photos under the same exclusions (never a test photo). It chooses the
+Calibration (`calibrate_street`, run by `geoindex train` and by `bench` when it tunes kNN) asks every dated val
+photo against the train and val photos under the same exclusions, and again against the train photos alone (what
+`query` searches, where a split by place or cell never holds its place); never a test photo. It chooses the
 street space (raw cosine, or PCA whitening learnt on the train photos with a dimension and power: the space
 that tells cities apart is rarely the one that tells corners apart) and the support threshold: the lowest at
 which street-level answers are within 25 m at least STREET_PRECISION of the time, the space being the one where
@@ -69,9 +70,10 @@ def revisit_queries(lat, lon, yyyymm, radius_m: float = SPOT_M) -> np.ndarray:
 
 
 def masked_top_k(queries: np.ndarray, gallery: np.ndarray, query_rows: np.ndarray, query_dates: np.ndarray,
-                 gallery_dates: np.ndarray, k: int, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k inner products per query over the gallery, leaving out the query's own row and every gallery
-    row of the query's capture date; ids are -1 where fewer remain. Blocks of queries keep memory flat."""
+                 gallery_dates: np.ndarray, k: int, block: int = 256, allowed=None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner products per query over the gallery (only its `allowed` rows, when given), leaving out
+    the query's own row and every gallery row of the query's capture date; ids are -1 where fewer remain. Blocks
+    of queries keep memory flat."""
     k = min(k, len(gallery))
     sims = np.full((len(queries), k), -np.inf, dtype=np.float32)
     ids = np.full((len(queries), k), -1, dtype=np.int64)
@@ -83,6 +85,8 @@ def masked_top_k(queries: np.ndarray, gallery: np.ndarray, query_rows: np.ndarra
         stop = start + len(scores)
         scores[query_dates[start:stop, None] == gallery_dates[None, :]] = -np.inf
         scores[query_rows[start:stop, None] == gallery_rows[None, :]] = -np.inf
+        if allowed is not None:
+            scores[:, ~allowed] = -np.inf
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         top_scores = np.take_along_axis(scores, top, axis=1)
         order = np.argsort(-top_scores, axis=1, kind="stable")
@@ -143,35 +147,43 @@ class RevisitSet:
                 self._spaces[key] = np.ascontiguousarray(x, dtype=np.float32)
         return self._spaces[key]
 
-    def neighbours(self, rows: np.ndarray, k: int, space=None):
-        """(similarities, table ids) of each row's k nearest allowed gallery photos in a space."""
+    def neighbours(self, rows: np.ndarray, k: int, space=None, gallery_splits=None):
+        """(similarities, table ids) of each row's k nearest allowed gallery photos in a space (of gallery_splits
+        only, when given)."""
         vectors = self.vectors(space)
-        return masked_top_k(vectors[rows], vectors, rows, self.dates[rows], self.dates, k)
+        allowed = None if gallery_splits is None else self.table["split"].isin(gallery_splits).to_numpy()
+        return masked_top_k(vectors[rows], vectors, rows, self.dates[rows], self.dates, k, allowed=allowed)
 
 
 def _at(ids, values, fill):
     return np.where(ids >= 0, values[np.clip(ids, 0, None)], fill)
 
 
-def city_answers(knn, sims, ids, lats, lons, labels, probs=None) -> np.ndarray:
+def city_answers(knn, sims, ids, lats, lons, labels, probs=None, with_winners: bool = False):
     """kNN's city-level GPS guess from its neighbours (ids into lats/lons/labels, -1 for none): the weighted
-    mean over the winning city's neighbours."""
+    mean over the winning city's neighbours (and, with_winners, the winning city ids)."""
     k = knn.k
     n_labels = _at(ids, labels, -1)
     if probs is None:
         probs = break_ties(vote(n_labels[:, :k], sims[:, :k], len(knn.classes), knn.vote, knn.temperature),
                            n_labels[:, 0])
-    return estimate_locations(n_labels[:, :k], sims[:, :k], _at(ids, lats, np.nan)[:, :k],
-                              _at(ids, lons, np.nan)[:, :k], probs.argmax(1), knn.vote, knn.temperature, knn.gps)
+    winners = probs.argmax(1)
+    coords = estimate_locations(n_labels[:, :k], sims[:, :k], _at(ids, lats, np.nan)[:, :k],
+                                _at(ids, lons, np.nan)[:, :k], winners, knn.vote, knn.temperature, knn.gps)
+    return (coords, winners) if with_winners else coords
 
 
-def street_answers(sims, ids, lats, lons, threshold: float | None) -> dict:
-    """The best-supported cluster among the first STREET_K street neighbours, and where it is street level."""
+def street_answers(sims, ids, lats, lons, threshold: float | None, labels=None, winners=None) -> dict:
+    """The best-supported cluster among the first STREET_K street neighbours, and where it is street level: its
+    support passes the threshold and (given labels and the kNN vote's winners) it lies in the winning city."""
     sims, ids = sims[:, :STREET_K], ids[:, :STREET_K]
     weights = np.where(ids >= 0, vote_weights(np.where(ids >= 0, sims, -np.inf), "softmax", STREET_TEMPERATURE), 0.0)
     members, support, centres = street_clusters(_at(ids, lats, np.nan), _at(ids, lons, np.nan), weights)
     at_street = np.isfinite(centres[:, 0]) & (support >= threshold) if threshold is not None else \
         np.zeros(len(sims), dtype=bool)
+    if labels is not None and winners is not None and len(sims):
+        first = np.argmax(members, axis=1)  # the cluster's most similar photo names its city
+        at_street &= _at(ids[np.arange(len(ids)), first], labels, -1) == winners
     return {"members": members, "support": support, "centre": centres, "street": at_street, "ids": ids,
             "similarities": sims}
 
@@ -215,9 +227,44 @@ def _quantile(values) -> float | None:
     return float(np.quantile(values, RADIUS_QUANTILE)) if len(values) else None
 
 
+GALLERIES = (("held", None), ("open", ("train",)))  # train + val photos; train photos only (what `query` searches)
+
+
+def space_calibration(data: RevisitSet, rows, winners, space):
+    """One street space on val rows asked against both GALLERIES: (threshold or None, street answers it makes,
+    support (-inf where the cluster is not in the winning city), error in metres, within 25 m), both galleries
+    concatenated."""
+    found = [street_answers(*data.neighbours(rows, STREET_K, space, gallery), data.lat, data.lon, -np.inf,
+                            data.labels, winners[i * len(rows):(i + 1) * len(rows)])
+             for i, (_, gallery) in enumerate(GALLERIES)]
+    centre = np.concatenate([f["centre"] for f in found])
+    eligible = np.concatenate([f["street"] for f in found])
+    support = np.where(eligible, np.concatenate([f["support"] for f in found]), -np.inf)
+    street_m = haversine_km(np.tile(data.lat[rows], 2), np.tile(data.lon[rows], 2), centre[:, 0], centre[:, 1]) * 1000
+    hits = np.nan_to_num(street_m, nan=np.inf) <= SPOT_M
+    threshold, covered = _threshold(support[eligible], hits[eligible])
+    return threshold, covered, support, street_m, hits
+
+
+def val_winners(data: RevisitSet, rows, knn):
+    """kNN's city answers and winning cities for val rows against both GALLERIES, concatenated."""
+    city, winners = [], []
+    for _, gallery in GALLERIES:
+        coords, won = city_answers(knn, *data.neighbours(rows, knn.k, knn.whitening, gallery), data.lat, data.lon,
+                                   data.labels, with_winners=True)
+        city.append(coords)
+        winners.append(won)
+    return np.concatenate(city), np.concatenate(winners)
+
+
 def calibrate_street(index, knn, fitted=None) -> tuple[dict, object]:
     """On val photos only: the street space, the support threshold for a street-level answer and each level's
-    error radius. Returns (the JSON-able parameters, the street space's Whitening or None for raw cosine)."""
+    error radius. Returns (the JSON-able parameters, the street space's Whitening or None for raw cosine).
+
+    Each val photo is asked twice: against the train and val photos (where the index mostly holds its place,
+    through other captures) and against the train photos only, what `query` searches (with a split by place or
+    map cell, never its place). The threshold must keep street-level answers within 25 m STREET_PRECISION of the
+    time over both, so a cluster of look-alikes somewhere else does not pass for the spot."""
     data = RevisitSet(index, splits=("train", "val"))
     rows = data.rows_of("val")
     if len(rows) > CALIBRATION_SAMPLE:
@@ -225,22 +272,18 @@ def calibrate_street(index, knn, fitted=None) -> tuple[dict, object]:
     base = {"space": None, "threshold": None, "radius_m": None, "city_radius_m": None,
             "precision_target": STREET_PRECISION, "k": STREET_K, "temperature": STREET_TEMPERATURE,
             "calibrated_on": "val", "n_val": int(len(rows))}
-    if len(rows) < MIN_STREET_ANSWERS or len(data) < 2:
+    if len(rows) < MIN_STREET_ANSWERS or len(data) < 2 or not (data.table["split"] == "train").any():
         return base | {"note": f"{len(rows)} dated, located val photos: too few to calibrate a street-level "
                                f"answer on"}, None
-    true_lat, true_lon = data.lat[rows], data.lon[rows]
-    sims, ids = data.neighbours(rows, knn.k, knn.whitening)
-    city_m = haversine_km(true_lat, true_lon, *city_answers(knn, sims, ids, data.lat, data.lon, data.labels).T) * 1000
+    true_lat, true_lon = np.tile(data.lat[rows], 2), np.tile(data.lon[rows], 2)
+    city, winners = val_winners(data, rows, knn)
+    city_m = haversine_km(true_lat, true_lon, city[:, 0], city[:, 1]) * 1000
     best = None
     for space in street_spaces(index, fitted):
-        sims, ids = data.neighbours(rows, STREET_K, space)
-        street = street_answers(sims, ids, data.lat, data.lon, None)
-        street_m = haversine_km(true_lat, true_lon, street["centre"][:, 0], street["centre"][:, 1]) * 1000
-        hits = np.nan_to_num(street_m, nan=np.inf) <= SPOT_M
-        threshold, covered = _threshold(street["support"], hits)
-        key = (covered, float(hits.mean()))
+        threshold, covered, support, street_m, hits = space_calibration(data, rows, winners, space)
+        key = (covered, float(hits[:len(rows)].mean()))
         if best is None or key > best[0]:
-            best = (key, space, threshold, street["support"], street_m, hits)
+            best = (key, space, threshold, support, street_m, hits)
     (covered, hit_rate), space, threshold, support, street_m, hits = best
     base["space"] = None if space is None else {"dims": int(space.dims), "power": float(space.power)}
     base["val_cluster_within_25m"] = hit_rate
@@ -249,8 +292,10 @@ def calibrate_street(index, knn, fitted=None) -> tuple[dict, object]:
                        "note": f"no support threshold makes street-level answers within {SPOT_M:g} m "
                                f"{STREET_PRECISION:.0%} of the time on val: every answer is city level"}, space
     at_street = support >= threshold
+    held, n = at_street[:len(rows)], len(rows)
     return base | {"threshold": threshold, "radius_m": _quantile(street_m[at_street]),
-                   "city_radius_m": _quantile(city_m[~at_street]), "val_street_share": float(at_street.mean()),
+                   "city_radius_m": _quantile(city_m[~at_street]), "val_street_share": float(held.mean()),
+                   "val_street_share_train_only": float(at_street[n:].mean()),
                    "val_street_precision": float(hits[at_street].mean())}, space
 
 
@@ -278,10 +323,10 @@ def revisit_report(index, knn, split: str = "test") -> dict:
     street = getattr(knn, "street", None) or {}
     street_space = getattr(knn, "street_whitening", None)
     city_sims, city_ids = data.neighbours(rows, knn.k, knn.whitening)
-    city = city_answers(knn, city_sims, city_ids, data.lat, data.lon, data.labels)
+    city, winners = city_answers(knn, city_sims, city_ids, data.lat, data.lon, data.labels, with_winners=True)
     knn_recall = recall(knn.whitening)[0]
     street_recall, sims, ids = recall(street_space)
-    cluster = street_answers(sims, ids, data.lat, data.lon, street.get("threshold"))
+    cluster = street_answers(sims, ids, data.lat, data.lon, street.get("threshold"), data.labels, winners)
     final = np.where(cluster["street"][:, None], cluster["centre"], city)
     at_street = cluster["street"]
     same_date = pd.Series(data.dates).value_counts()

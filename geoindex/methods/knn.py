@@ -105,12 +105,14 @@ class KNNMethod:
         probs = self._probs(sims, labels, self.k, self.vote, self.temperature)
         meta = self.index.train_meta
         lats, lons = meta["lat"].to_numpy(dtype=np.float64), meta["lon"].to_numpy(dtype=np.float64)
-        coords = city_answers(self, sims, ids, lats, lons, meta["label"].to_numpy(), probs)
+        train_labels = meta["label"].to_numpy()
+        coords = city_answers(self, sims, ids, lats, lons, train_labels, probs)
         street = self.street or {}
         extra = {}
         at_street = np.zeros(len(sims), dtype=bool)
         if street.get("threshold") is not None and len(sims):
-            found = street_answers(*self.street_neighbours(photos, STREET_K), lats, lons, street["threshold"])
+            found = street_answers(*self.street_neighbours(photos, STREET_K), lats, lons, street["threshold"],
+                                   train_labels, probs.argmax(1))
             at_street = found["street"]
             coords = np.where(at_street[:, None], found["centre"], coords)
             extra = {"gps_support": found["support"], "street_members": found["members"], "street_ids": found["ids"],
