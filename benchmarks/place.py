@@ -9,7 +9,9 @@ the protocol; nothing is embedded again):
 * per space the street cluster is searched in (raw cosine, kNN's city space, the street space val chose), on the
   revisit queries of val and test under the bench rule: recall@1/5/10 within 25 m, the share of GPS answers
   within 25 m for the city-level mean (the old answer), the best cluster always, and the answer with that space's
-  own support threshold calibrated on val as `calibrate_street` does (with its street share and precision).
+  own support threshold calibrated on val as `calibrate_street` does (with its street share and precision);
+* `query` itself on the val and test photos (it searches the train photos, which with a split by place or map
+  cell never hold their spot): how many street-level answers it makes there, how many are right, the worst.
 Saves JSON in benchmarks/results/.
 """
 from __future__ import annotations
@@ -102,6 +104,17 @@ def main(argv=None):
                   f"within 25 m: city mean {row['city_25m']:.3f}, cluster always {row['cluster_25m']:.3f}, answer "
                   f"{row['answer_25m']:.3f} (street {row['street_share']:.3f}, precision "
                   f"{'-' if row['street_precision'] is None else format(row['street_precision'], '.3f')})", flush=True)
+    meta = index.train_meta
+    for split in ("val", "test"):
+        photos = Photos.of_split(index, split)
+        answer = knn.predict(photos)
+        street = answer.extra["gps_level"] == "street"
+        metres = haversine_km(photos.coords[:, 0], photos.coords[:, 1], answer.coords[:, 0], answer.coords[:, 1]) * 1000
+        results[f"query_{split}"] = {"n": len(photos), "street": int(street.sum()),
+                                     "street_within_25m": int((metres[street] <= SPOT_M).sum()),
+                                     "worst_street_m": float(metres[street].max()) if street.any() else None,
+                                     "train_photos": int(len(meta))}
+        print(f"query on {split} photos (vs the train photos): {dumps(results[f'query_{split}'], indent=None)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"place_{index.name}.json").write_text(dumps(results) + "\n")
