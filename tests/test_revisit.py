@@ -216,3 +216,19 @@ def test_street_calibration_never_reads_the_test_split(dated_index, monkeypatch)
     assert street["threshold"] is None or 0 < street["threshold"] <= 1
     assert math.isfinite(street["city_radius_m"] or 0.0)
     index.close()
+
+
+def test_the_place_benchmark_runs_on_a_dated_index(dated_index, tmp_path):
+    import os
+    import subprocess
+    import sys
+    _, index_dir = dated_index
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "place.py"
+    proc = subprocess.run([sys.executable, str(script), "--index", "dated", "--index-dir", str(index_dir), "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(script.parents[1])})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.loads((tmp_path / "place_dated.json").read_text())
+    assert saved["issue_rule_raw"]["queries"] + saved["issue_rule_raw"]["gallery"] > 0
+    assert {"val", "test", "val_threshold"} <= set(saved["raw cosine"])
+    assert saved["query_test"]["n"] > 0
