@@ -80,6 +80,7 @@ def masked_top_k(queries: np.ndarray, gallery: np.ndarray, query_rows: np.ndarra
     if not k:
         return sims, ids
     gallery_rows = np.arange(len(gallery))
+    block = max(1, min(block, (1 << 26) // len(gallery)))  # a block's scores stay under 256 MB
     for start in range(0, len(queries), block):
         scores = queries[start:start + block] @ gallery.T
         stop = start + len(scores)

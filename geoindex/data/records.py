@@ -62,12 +62,6 @@ def parse_capture_date(text) -> tuple[int, int] | None:
     return int(match.group(1)), int(match.group(2) or match.group(3))
 
 
-def capture_yyyymm(year, month) -> int:
-    """year * 100 + month, or -1 when either is unknown."""
-    year, month = int(year), int(month)
-    return year * 100 + month if year > 0 and 1 <= month <= 12 else -1
-
-
 def utf8_problem(path: str) -> str | None:
     """Names that cannot be stored as UTF-8 (undecodable bytes arrive as surrogates) are refused by name."""
     try:
@@ -133,8 +127,8 @@ def make_records(rows: list[dict], skipped: list[dict]) -> pd.DataFrame:
         records["lon"] = records["lon"].astype(np.float64)
         for column in ("year", "month", "northdeg"):
             records[column] = records[column].astype(np.int64)
-        records["yyyymm"] = [capture_yyyymm(y, m) for y, m in zip(records["year"], records["month"])]
-        records["yyyymm"] = records["yyyymm"].astype(np.int64)
+        year, month = records["year"].to_numpy(), records["month"].to_numpy()
+        records["yyyymm"] = np.where((year > 0) & (month >= 1) & (month <= 12), year * 100 + month, -1).astype(np.int64)
         records["city"] = records["city"].astype(str).str.strip()
     return records
 
