@@ -6,7 +6,8 @@ kNN as tuned on val (`geoindex train`), else tuned here on val the same way. Row
 the protocol; nothing is embedded again):
 * `issue rule`: raw cosine; queries over the whole index, the gallery every photo that is not a query (the rule
   that gave issue 22's 22.6%), as a check that the numbers here are the issue's;
-* per space the street cluster is searched in (raw cosine, kNN's city space, the street space val chose), on the
+* per space the street cluster is searched in (raw cosine, kNN's city space, the street space val chose, and a
+  place-aware learned whitening fit on train revisit pairs, not in geoindex itself: see learned_whitening), on the
   revisit queries of val and test under the bench rule: recall@1/5/10 within 25 m, the share of GPS answers
   within 25 m for the city-level mean (the old answer), the best cluster always, and the answer with that space's
   own support threshold calibrated on val as `calibrate_street` does (with its street share and precision);
@@ -32,6 +33,37 @@ from geoindex.methods import KNNMethod, Photos  # noqa: E402
 from geoindex.revisit import (RECALL_AT, SPOT_M, STREET_K, RevisitSet, city_answers, revisit_queries,  # noqa: E402
                               space_calibration, street_answers, val_winners)
 from geoindex.voting import haversine_km  # noqa: E402
+
+
+def learned_whitening(index, regulariser: float = 0.3):
+    """Whitening learnt from matching pairs (Radenović, Tolias & Chum 2018, "Lw"): pairs of train photos within
+    25 m of each other taken on different dates; their differences are whitened (with a ridge of `regulariser`
+    times the mean variance), then all train photos are rotated onto their principal axes in that space. A place-aware
+    projection that costs two eigendecompositions and no backbone training."""
+    from sklearn.neighbors import BallTree
+
+    from geoindex.methods.whitening import Whitening
+    from geoindex.voting import EARTH_RADIUS_KM
+
+    meta, x = index.store.metadata("train"), index.store.embeddings("train")
+    usable = np.flatnonzero((meta["yyyymm"].to_numpy() >= 0) & np.isfinite(meta["lat"].to_numpy(dtype=float)))
+    points = np.radians(meta[["lat", "lon"]].to_numpy(dtype=float)[usable])
+    dates = meta["yyyymm"].to_numpy()[usable]
+    near = BallTree(points, metric="haversine").query_radius(points, SPOT_M / 1000 / EARTH_RADIUS_KM)
+    pairs = np.array([(usable[i], usable[j]) for i, found in enumerate(near) for j in found
+                      if j > i and dates[j] != dates[i]])
+    if len(pairs) < 10:
+        return None, 0
+    diffs = (x[pairs[:, 0]] - x[pairs[:, 1]]).astype(np.float64)
+    within_pairs = diffs.T @ diffs / len(diffs)
+    within_pairs += regulariser * np.trace(within_pairs) / len(within_pairs) * np.eye(len(within_pairs))
+    values, vectors = np.linalg.eigh(within_pairs)
+    inverse_root = (vectors / np.sqrt(values)) @ vectors.T
+    mean = x.mean(axis=0)
+    spread = (x - mean).astype(np.float64) @ inverse_root
+    values, vectors = np.linalg.eigh(spread.T @ spread / len(spread))
+    axes = (vectors[:, np.argsort(values)[::-1]].T @ inverse_root).astype(np.float32)
+    return Whitening(mean.astype(np.float32), axes, np.ones(len(axes), np.float32), len(axes), 1.0), len(pairs)
 
 
 def within(pred, lat, lon, metres=SPOT_M):
@@ -93,8 +125,13 @@ def main(argv=None):
     data = RevisitSet(index)
     results["issue_rule_raw"] = issue_rule(data)
     print("issue rule (raw cosine):", dumps(results["issue_rule_raw"], indent=None))
-    spaces = (("raw cosine", None), ("kNN city space", knn.whitening), ("street space (val's choice)", knn.street_whitening))
+    learned, n_pairs = learned_whitening(index)
+    results["learned_whitening_pairs"] = n_pairs
+    spaces = (("raw cosine", None), ("kNN city space", knn.whitening), ("street space (val's choice)", knn.street_whitening),
+              ("learned whitening (train revisit pairs)", learned))
     for name, space in spaces:
+        if name.startswith("learned") and space is None:
+            continue  # too few revisit pairs among the train photos to learn from
         threshold = val_threshold(index, knn, space)
         results[name] = {"val_threshold": threshold, **{split: protocol(data, knn, space, threshold, split)
                                                         for split in ("val", "test")}}
