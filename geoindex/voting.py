@@ -85,13 +85,14 @@ def estimate_locations(neighbour_labels, similarities, lats, lons, winners, meth
 STREET_RADIUS_M = 25.0
 
 
-def street_clusters(lats, lons, weights, radius_m: float = STREET_RADIUS_M, centre: str = "medoid"):
+def street_clusters(lats, lons, weights, radius_m: float = STREET_RADIUS_M):
     """The best-supported spot among each query's neighbours: (members (Q, k) bool, support (Q,), centre (Q, 2)).
 
     A neighbour's ball is every neighbour within radius_m of it; the cluster is the ball holding the most vote
     weight (ties: the nearer neighbour's ball), and its support is that weight's share of all k neighbours'.
-    The answer is the cluster's weighted medoid (a spot a photo was taken at) or weighted mean, so one street
-    corner outvotes neighbours spread over a city, which a mean over the city's neighbours would average away.
+    The answer is the cluster's weighted medoid (a spot a photo was taken at; its weighted mean scored the same on
+    the London revisits), so one street corner outvotes neighbours spread over a city, which a mean over the
+    city's neighbours would average away.
     """
     lats, lons = np.atleast_2d(np.asarray(lats, dtype=np.float64)), np.atleast_2d(np.asarray(lons, dtype=np.float64))
     weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
@@ -110,5 +111,5 @@ def street_clusters(lats, lons, weights, radius_m: float = STREET_RADIUS_M, cent
         mine = ball[best]
         members[q, usable[mine]] = True
         support[q] = held[best] / w.sum()
-        centres[q] = gps_estimate(la[mine], lo[mine], w[mine], "medoid" if centre == "medoid" else "mean")
+        centres[q] = gps_estimate(la[mine], lo[mine], w[mine], "medoid")
     return members, support, centres
