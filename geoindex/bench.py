@@ -1,6 +1,9 @@
 """`geoindex bench`: kNN vs classifier heads vs CLIP zero-shot vs their fusion, on the same photos,
 every row from the same method objects `query` uses, every figure from `metrics.evaluate`.
 
+Beside the city table, where the index's photos carry capture dates, the street-level revisit protocol
+(`geoindex.revisit`): recall@1/5/10 within 25 m and kNN's GPS answer's error on the scored split's revisits.
+
 Honesty rules: anything tuned (kNN's k and temperature, fusion weights) is tuned on the validation
 split and says so; with no validation split the tuned methods are skipped with the reason. External
 photos that are also in the index (same bytes, same place, or same map cell) are dropped, with counts.
@@ -144,8 +147,9 @@ class Bench:
             if knn.tuned_on is None and not any(v is not None for v in overrides.values()):
                 if self.val is not None:
                     self.tuned["knn"] = knn.fit(self.val)
+                    from .tuning import street_summary
                     log(f"knn: k={knn.k}, {knn.vote} vote, T={knn.temperature:g} (tuned on val, accuracy "
-                        f"{self.tuned['knn']['val_accuracy']:.3f})")
+                        f"{self.tuned['knn']['val_accuracy']:.3f}); {street_summary(knn.street)}")
                 else:
                     log("knn: no validation split to tune k and temperature on; using the defaults")
             elif knn.tuned_on:
@@ -251,6 +255,10 @@ def run_bench(index, methods=METHODS, split: str = "test", out=None, external=No
     for photos in sets:
         results["sets"][photos.name] = {"n": len(photos), "ids_sha256": _ids_sha256(photos),
                                         "methods": bench.score(photos), "skipped": dict(bench.skipped)}
+    knn = next((m for m in bench.methods if m.name == "knn"), None)
+    if knn is not None:
+        from .revisit import revisit_report
+        results["revisit"] = revisit_report(index, knn, split)
     results = merge_previous(out / "results.json", results)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results.json", results)
@@ -292,6 +300,8 @@ def merge_previous(path: Path, results: dict) -> dict:
             block["skipped"].pop(method, None)
     for name, params in previous.get("tuned", {}).items():
         results["tuned"].setdefault(name, params)
+    if "revisit" not in results and previous.get("revisit"):
+        results["revisit"] = previous["revisit"]
     return results
 
 
@@ -300,13 +310,14 @@ def _fmt(value, pattern="{:.3f}"):
 
 
 def results_table(results: dict) -> list[list[str]]:
-    header = ["set", "method", "level", "n", "accuracy", "top5", "macro-F1", "median km", "<=25 km", "<=200 km",
-              "mean top p"]
+    header = ["set", "method", "level", "n", "accuracy", "top5", "macro-F1", "median km", "<=25 m", "<=100 m",
+              "<=25 km", "<=200 km", "mean top p"]
     table = [header]
     for set_name, block in results["sets"].items():
         for method, m in block["methods"].items():
             table.append([set_name, method, m["level"], str(m["n"]), _fmt(m["accuracy"]), _fmt(m.get("top5_accuracy")),
-                          _fmt(m["macro_f1"]), _fmt(m.get("median_km"), "{:.1f}"), _fmt(m.get("within_25km")),
+                          _fmt(m["macro_f1"]), _fmt(m.get("median_km"), "{:.1f}"), _fmt(m.get("within_25m")),
+                          _fmt(m.get("within_100m")), _fmt(m.get("within_25km")),
                           _fmt(m.get("within_200km")), _fmt(m.get("mean_top_probability"))])
     return table
 
@@ -326,7 +337,7 @@ def notes_lines(results: dict) -> list[str]:
     if by:
         lines.append(f"split by {by}" + (f" ({results['cell_km']:g} km cells)" if results.get("cell_km") else ""))
     for name, params in results.get("tuned", {}).items():
-        shown = {k: v for k, v in params.items() if k not in ("tuned_on", "val_accuracy", "gps")}
+        shown = {k: v for k, v in params.items() if k not in ("tuned_on", "val_accuracy", "gps", "street")}
         lines.append(f"{name} tuned on {params.get('tuned_on', 'val')}: {dumps(shown, indent=None)}")
     ext = results.get("external")
     if ext:
@@ -334,6 +345,43 @@ def notes_lines(results: dict) -> list[str]:
         lines.append(f"external {ext['source']}: {ext['scored']} scored; left out: unknown city {ext['unknown_city']}, "
                      f"already in the index ({dropped}), unreadable {ext['unreadable']}")
     return lines
+
+
+def revisit_table(results: dict) -> list[list[str]]:
+    """The street-level revisit block as rows: recall within 25 m, then each GPS answer's error."""
+    r = results.get("revisit")
+    if not r or r.get("skipped"):
+        return []
+    recall = r["recall"]
+    table = [["kNN on revisits", "n", "r@1 25 m", "r@5 25 m", "r@10 25 m", "median m", "<=25 m", "<=100 m", "<=1 km"]]
+    names = (("answer", "GPS answer (street where calibrated, else city)"), ("cluster", "best street cluster, always"),
+             ("city", "city-level mean (the old answer)"))
+    for key, label in names:
+        g = r["gps"][key]
+        table.append([label, str(r["n_queries"]), _fmt(recall["r@1_25m"]), _fmt(recall["r@5_25m"]),
+                      _fmt(recall["r@10_25m"]), _fmt(g["median_m"], "{:,.0f}"), _fmt(g["within_25m"]),
+                      _fmt(g["within_100m"]), _fmt(g["within_1000m"])])
+    return table
+
+
+def revisit_lines(results: dict) -> list[str]:
+    from .tuning import street_summary
+
+    r = results.get("revisit")
+    if not r:
+        return []
+    if r.get("skipped"):
+        return [f"street-level revisit protocol skipped: {r['skipped']}"]
+    space = r.get("street_space")
+    space = "raw cosine" if not space else f"whitened to {space['dims']} dims (power {space['power']:g})"
+    knn_space = r.get("recall_knn_space") or {}
+    return [f"revisit protocol on {r['split']}: {r['rule']} ({r['n_queries']} queries, gallery {r['mean_gallery']:,.0f} "
+            f"photos on average); street-level answers for {r['street_share']:.1%} of queries"
+            + (f", within 25 m {r['street_precision']:.1%} of the time" if r.get("street_precision") is not None else ""),
+            f"recall in the street space ({space})"
+            + (f"; in kNN's city space r@1/5/10 {_fmt(knn_space.get('r@1_25m'))} / {_fmt(knn_space.get('r@5_25m'))} / "
+               f"{_fmt(knn_space.get('r@10_25m'))}" if knn_space else ""),
+            street_summary(r.get("street"))]
 
 
 def results_markdown(results: dict) -> str:
@@ -345,7 +393,12 @@ def results_markdown(results: dict) -> str:
         lines += [f"**{results['split_warning']}**", ""]
     lines += ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
     lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
-    lines += [""] + [f"- {line}" for line in notes_lines(results) + skipped_lines(results)]
+    revisit = revisit_table(results)
+    if revisit:
+        lines += ["", "## Street level: does kNN find the spot?", ""]
+        lines += ["| " + " | ".join(revisit[0]) + " |", "|" + "---|" * len(revisit[0])]
+        lines += ["| " + " | ".join(row) + " |" for row in revisit[1:]]
+    lines += [""] + [f"- {line}" for line in notes_lines(results) + revisit_lines(results) + skipped_lines(results)]
     lines += ["", "Every row is scored by `geoindex.metrics.evaluate` on the same photo ids (see `ids_sha256` in "
               "results.json). Country-level zero-shot is scored on countries. top5 is shown only with more than 5 "
               "classes; a classifier's or zero-shot's km figures use the centre of its predicted city's train photos."]
@@ -353,10 +406,14 @@ def results_markdown(results: dict) -> str:
 
 
 def format_table(results: dict) -> str:
-    table = results_table(results)
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
-    return "\n".join(lines + notes_lines(results) + skipped_lines(results))
+    lines = []
+    for table in (results_table(results), revisit_table(results)):
+        if not table:
+            continue
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        lines += (["" ] if lines else []) + ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                                             for row in table]
+    return "\n".join(lines + notes_lines(results) + revisit_lines(results) + skipped_lines(results))
 
 
 def plot_confusion(metrics: dict, path: Path, title: str) -> None:

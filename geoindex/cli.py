@@ -262,7 +262,8 @@ class _QueryOutput:
         elif self.mode == "csv":
             import csv
             self.writer = csv.writer(sys.stdout, lineterminator="\n")
-            self.writer.writerow(["source", "city", "name", "method", "probability", "lat", "lon", "unlike_indexed",
+            self.writer.writerow(["source", "city", "name", "method", "probability", "lat", "lon", "gps_level",
+                                  "gps_radius_m", "unlike_indexed",
                                   "top5", "nearest_path", "nearest_similarity", "error"])
         else:
             click.echo(f"index: {self.index.name} ({m['backbone']}, {m['counts']['train']} indexed photos, "
@@ -283,7 +284,8 @@ class _QueryOutput:
         elif self.mode == "csv":
             nearest = p.neighbours[0] if p.neighbours else None
             self.writer.writerow([p.source, p.city, full_name(p.city), p.lead, f"{p.probability:.6f}",
-                                  _number(p.lat, ".6f"), _number(p.lon, ".6f"), int(p.unlike_indexed),
+                                  _number(p.lat, ".6f"), _number(p.lon, ".6f"), p.gps_level,
+                                  "" if p.gps_radius_m is None else f"{p.gps_radius_m:.0f}", int(p.unlike_indexed),
                                   ";".join(f"{c}:{pr:.4f}" for c, pr in p.ranked(p.lead)),
                                   nearest.path if nearest else "", f"{nearest.similarity:.4f}" if nearest else "", ""])
         else:
@@ -295,6 +297,10 @@ class _QueryOutput:
                             "photos exceed): the answer is a guess, and the photo may be from none of the index's "
                             "cities", fg="yellow")
             gps = "-" if p.lat != p.lat else f"{p.lat:.5f}, {p.lon:.5f}"
+            if p.lat == p.lat:
+                radius = "" if p.gps_radius_m is None else f", 80% of val answers within {p.gps_radius_m:,.0f} m"
+                gps += (f"  (street level: {len(p.street_cluster)} indexed photos within 25 m of each other{radius})"
+                        if p.gps_level == "street" else f"  (city level{radius})")
             click.echo(f"  GPS estimate: {gps}")
             methods = [("knn", METHOD_TITLES["knn"], p.cities)]
             if p.classifier:

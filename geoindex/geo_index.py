@@ -52,6 +52,10 @@ class Prediction:
     hybrid: list[tuple[str, float]] | None = None
     lead: str = "knn"  # the method the answer leads with: the best on the validation split (tuning.load_lead_choice)
     lead_note: str = ""
+    gps_level: str = "city"  # "street": the spot of the best-supported cluster of neighbours; "city": a mean over a city's
+    gps_radius_m: float | None = None  # 80% of val answers of this level fell within it (None: not calibrated)
+    gps_support: float | None = None  # the cluster's share of the vote weight
+    street_cluster: list[Neighbour] = field(default_factory=list)  # that cluster's photos (drawn on the page's map)
 
     @property
     def city(self) -> str:
@@ -71,7 +75,9 @@ class Prediction:
         out = {"source": self.source, "index": self.index, "city": self.city, "name": full_name(self.city),
                "method": self.lead, "method_note": self.lead_note, "probability": round(float(self.probability), 6),
                "top5": cities(self.cities),
-               "gps": {"lat": _finite(self.lat), "lon": _finite(self.lon)},
+               "gps": {"lat": _finite(self.lat), "lon": _finite(self.lon), "level": self.gps_level,
+                       "radius_m": _finite(self.gps_radius_m), "support": _finite(self.gps_support),
+                       "cluster": [{**asdict(n), "lat": _finite(n.lat), "lon": _finite(n.lon)} for n in self.street_cluster]},
                "top_similarity": _finite(self.top_similarity),
                "unlike_indexed": bool(self.unlike_indexed), "unlike_threshold": _finite(self.unlike_threshold),
                "neighbours": [{**asdict(n), "lat": _finite(n.lat), "lon": _finite(n.lon)} for n in self.neighbours]}
@@ -263,6 +269,8 @@ class GeoIndex:
         method = KNNMethod(self, **params)
         if "whitened_index" not in params and method.whitening is not None and not overrides:
             self._knn_cache[1]["whitened_index"] = method.whitened_index  # built once, then shared
+        if "street_index" not in self._knn_cache[1] and method.street_whitening is not None:
+            self._knn_cache[1]["street_index"] = method.street_index  # the street space does not depend on overrides
         return method
 
     def _train_columns(self) -> dict:
@@ -278,6 +286,13 @@ class GeoIndex:
         if self._frozen:
             return self._lead_cache
         return load_lead_choice(self, classifier)
+
+    def _street_fields(self, knn, q: int) -> dict:
+        extra = knn.extra
+        return {"gps_level": str(extra["gps_level"][q]), "gps_radius_m": _finite(float(extra["gps_radius_m"][q])),
+                "gps_support": _finite(float(extra["gps_support"][q])) if "gps_support" in extra else None,
+                "street_cluster": _street_neighbours(extra, self._train_columns(), q)
+                if extra["gps_level"][q] == "street" else []}
 
     def classifier_method(self):
         """The trained head that scored best on val, or None."""
@@ -335,7 +350,8 @@ class GeoIndex:
             prediction = Prediction(source, knn.top(q), float(knn.coords[q][0]), float(knn.coords[q][1]), neighbours,
                                     index=self.name, top_similarity=float(sims[q][0]) if ids[q][0] >= 0 else None,
                                     unlike_indexed=bool(knn.extra["unlike"][q]), unlike_threshold=unlike_threshold,
-                                    lead_note=choice["note"])
+                                    lead_note=choice["note"],
+                                    **self._street_fields(knn, q))
             if head is not None:
                 prediction.classifier = head.top(q)
                 prediction.classifier_mode = classifier.classifier.mode
@@ -345,8 +361,22 @@ class GeoIndex:
                 if prediction.city != prediction.cities[0][0]:  # kNN's GPS guess is for another city
                     centre = self.city_centres[self.classes.index(prediction.city)]
                     prediction.lat, prediction.lon = float(centre[0]), float(centre[1])
+                    # kNN's street cluster lies in kNN's city: this answer is a city-level one, not calibrated on val
+                    prediction.gps_level, prediction.gps_radius_m, prediction.gps_support = "city", None, None
+                    prediction.street_cluster = []
             predictions.append(prediction)
         return predictions
+
+
+def _street_neighbours(extra: dict, meta: dict, q: int) -> list[Neighbour]:
+    """The photos of query q's best-supported street cluster, nearest first."""
+    out = []
+    for i, member, sim in zip(extra["street_ids"][q], extra["street_members"][q], extra["street_similarities"][q]):
+        if member and i >= 0:
+            i = int(i)
+            out.append(Neighbour(meta["path"][i], meta["city"][i], round(float(sim), 4), float(meta["lat"][i]),
+                                 float(meta["lon"][i]), i))
+    return out
 
 
 def load_index(name_or_path=None, index_dir=None, device="auto", verify: bool = False) -> GeoIndex:

@@ -1,7 +1,7 @@
 """The embeddings file: one HDF5 group per split with embeddings and per-row metadata.
 
 Layout: /<split>/embeddings (N, D) float16|float32, L2-normalised, contiguous;
-/<split>/{path, city, label, lat, lon, place_id}, and the photo's key {size, mtime_ns, digest} (what a later
+/<split>/{path, city, label, lat, lon, place_id, yyyymm (capture month, -1 unknown; absent in older files)}, and the photo's key {size, mtime_ns, digest} (what a later
 build compares to reuse an embedding instead of recomputing it); root attrs: classes (city ids), embed_dim, backbone.
 Readers stream it in row blocks, so no step needs the whole matrix in memory.
 """
@@ -40,6 +40,7 @@ def create_store(path, counts: dict[str, int], embed_dim: int, dtype: str, class
         g.create_dataset("lat", shape=(n,), dtype=np.float64)
         g.create_dataset("lon", shape=(n,), dtype=np.float64)
         g.create_dataset("place_id", shape=(n,), dtype=np.int64)
+        g.create_dataset("yyyymm", shape=(n,), dtype=np.int32, fillvalue=-1)
         g.create_dataset("size", shape=(n,), dtype=np.int64)
         g.create_dataset("mtime_ns", shape=(n,), dtype=np.int64)
         g.create_dataset("digest", shape=(n,), dtype=STRING)
@@ -54,6 +55,8 @@ def write_metadata(group: h5py.Group, records: pd.DataFrame, classes: list[str])
     group["lat"][:] = records["lat"].to_numpy(dtype=np.float64)
     group["lon"][:] = records["lon"].to_numpy(dtype=np.float64)
     group["place_id"][:] = records["place_id"].to_numpy(dtype=np.int64)
+    if "yyyymm" in records:
+        group["yyyymm"][:] = records["yyyymm"].to_numpy(dtype=np.int32)
     for name in ("size", "mtime_ns"):
         if name in records:
             group[name][:] = records[name].to_numpy(dtype=np.int64)
@@ -119,5 +122,6 @@ class EmbeddingStore:
             g = self.file[split]
             self._meta[split] = pd.DataFrame({
                 "path": g["path"].asstr()[...], "city": g["city"].asstr()[...], "label": g["label"][...],
-                "lat": g["lat"][...], "lon": g["lon"][...], "place_id": g["place_id"][...]})
+                "lat": g["lat"][...], "lon": g["lon"][...], "place_id": g["place_id"][...],
+                "yyyymm": g["yyyymm"][...] if "yyyymm" in g else np.full(len(g["path"]), -1, dtype=np.int32)})
         return self._meta[split]

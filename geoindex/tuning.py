@@ -1,8 +1,9 @@
 """Tuning on the validation split, saved beside the index so `query`, `bench` and the service all use it.
 
 heads/knn/params.json (k, vote, temperature, whitening dims and power, the unlike-anything threshold, the
-split that chose them), heads/knn/whitening.npz (mean, axes, scales: plain arrays) and heads/knn/whitened.faiss
-(the train embeddings in the whitened space, so a query does not rebuild it).
+street-level GPS answer's support threshold and error radii (`street`, geoindex.revisit), the split that chose them), heads/knn/whitening.npz (mean, axes, scales: plain arrays) and heads/knn/whitened.faiss
+(the train embeddings in the whitened space, so a query does not rebuild it); heads/knn/street_whitening.npz and
+street.faiss the same for the street-level GPS answer's own space, where val chose a whitening for it.
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ KNN_DIR = Path("heads") / "knn"
 KNN_PARAMS = KNN_DIR / "params.json"
 WHITENING = KNN_DIR / "whitening.npz"
 WHITENED_INDEX = KNN_DIR / "whitened.faiss"
-SAVED_KEYS = ("k", "vote", "temperature", "unlike_threshold", "tuned_on")
+STREET_WHITENING = KNN_DIR / "street_whitening.npz"
+STREET_INDEX = KNN_DIR / "street.faiss"
+SAVED_KEYS = ("k", "vote", "temperature", "unlike_threshold", "tuned_on", "street")
 
 
 def tune_knn(index, log=print) -> dict:
@@ -31,11 +34,14 @@ def tune_knn(index, log=print) -> dict:
     knn = KNNMethod(index)
     params = knn.fit(Photos.of_split(index, "val"))
     folder = Path(index.path)
-    for stale in (WHITENING, WHITENED_INDEX):
+    for stale in (WHITENING, WHITENED_INDEX, STREET_WHITENING, STREET_INDEX):
         (folder / stale).unlink(missing_ok=True)
     if knn.whitening is not None:
         knn.whitening.save(folder / WHITENING)
         save_index(knn.whitened_index, folder / WHITENED_INDEX)
+    if knn.street_whitening is not None:
+        knn.street_whitening.save(folder / STREET_WHITENING)
+        save_index(knn.street_index, folder / STREET_INDEX)
     write_json_atomic(folder / KNN_PARAMS, params)
     space = "raw embeddings" if knn.whitening is None else \
         f"whitened to {knn.whitening.dims} dims (power {knn.whitening.power:g})"
@@ -43,8 +49,22 @@ def tune_knn(index, log=print) -> dict:
         + (f", temperature {params['temperature']:g}" if params["vote"] == "softmax" else "")
         + f" (val accuracy {params['val_accuracy']:.3f}); photos whose nearest match is below similarity "
         f"{params['unlike_threshold']:.3f} are flagged as unlike anything indexed")
+    log(street_summary(params.get("street")))
     tune_hybrid(index, log=log)
     return params
+
+
+def street_summary(street: dict | None) -> str:
+    """One line on the street-level GPS answer's calibration, for train's and bench's logs."""
+    if not street or street.get("threshold") is None:
+        why = (street or {}).get("note", "not calibrated")
+        return f"GPS answers stay city level: {why}"
+    space = street.get("space")
+    space = "raw cosine" if not space else f"whitened to {space['dims']} dims (power {space['power']:g})"
+    return (f"GPS answers are street level where the best cluster of neighbours ({space}) holds {street['threshold']:.3f} "
+            f"of their weight (calibrated on val: within 25 m {street['val_street_precision']:.0%} of the time on "
+            f"{street['val_street_share']:.0%} of val photos; radius {street['radius_m']:.0f} m), else city level "
+            f"(radius {(street.get('city_radius_m') or float('nan')) / 1000:.1f} km)")
 
 
 def load_knn_tuning(index) -> dict:
@@ -67,6 +87,19 @@ def load_knn_tuning(index) -> dict:
                     params["whitened_index"] = loaded
         except (OSError, ValueError, KeyError, RuntimeError):
             return {}  # a damaged tuning file: fall back to the untuned defaults rather than answer wrongly
+    if isinstance(params.get("street"), dict) and params["street"].get("space"):
+        from .methods.whitening import Whitening
+        from .search import load_index_file
+        try:
+            params["street_whitening"] = Whitening.load(folder / STREET_WHITENING)
+            street_index = folder / STREET_INDEX
+            if street_index.is_file():
+                loaded = load_index_file(street_index)
+                if loaded.ntotal == index.ntotal and loaded.d == params["street_whitening"].dims:
+                    params["street_index"] = loaded
+        except (OSError, ValueError, KeyError, RuntimeError):
+            params.pop("street_whitening", None)
+            params["street"] = None  # its space is unreadable: city-level answers rather than wrong street ones
     return params
 
 

@@ -80,3 +80,36 @@ def estimate_locations(neighbour_labels, similarities, lats, lons, winners, meth
         mask = np.asarray(neighbour_labels[q]) == winner
         out[q] = gps_estimate(lats[q][mask], lons[q][mask], weights[q][mask], gps_method)
     return out
+
+
+STREET_RADIUS_M = 25.0
+
+
+def street_clusters(lats, lons, weights, radius_m: float = STREET_RADIUS_M):
+    """The best-supported spot among each query's neighbours: (members (Q, k) bool, support (Q,), centre (Q, 2)).
+
+    A neighbour's ball is every neighbour within radius_m of it; the cluster is the ball holding the most vote
+    weight (ties: the nearer neighbour's ball), and its support is that weight's share of all k neighbours'.
+    The answer is the cluster's weighted medoid (a spot a photo was taken at; its weighted mean scored the same on
+    the London revisits), so one street corner outvotes neighbours spread over a city, which a mean over the
+    city's neighbours would average away.
+    """
+    lats, lons = np.atleast_2d(np.asarray(lats, dtype=np.float64)), np.atleast_2d(np.asarray(lons, dtype=np.float64))
+    weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    n_queries, k = lats.shape
+    members = np.zeros((n_queries, k), dtype=bool)
+    support = np.zeros(n_queries)
+    centres = np.full((n_queries, 2), np.nan)
+    for q in range(n_queries):
+        usable = np.flatnonzero(np.isfinite(lats[q]) & np.isfinite(lons[q]) & (weights[q] > 0))
+        if not usable.size:
+            continue
+        la, lo, w = lats[q, usable], lons[q, usable], weights[q, usable]
+        ball = haversine_km(la[:, None], lo[:, None], la[None, :], lo[None, :]) * 1000 <= radius_m
+        held = ball @ w
+        best = int(np.argmax(held))
+        mine = ball[best]
+        members[q, usable[mine]] = True
+        support[q] = held[best] / w.sum()
+        centres[q] = gps_estimate(la[mine], lo[mine], w[mine], "medoid")
+    return members, support, centres

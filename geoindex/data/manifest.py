@@ -1,7 +1,8 @@
 """Geotagged CSV manifests: geoindex's own (`path, city[, lat, lon, place_id, ...]`) and OSV-5M's metadata.
 
 geoindex CSV: `path` is relative to the CSV's folder or absolute; `city` names the class; `lat`/`lon`
-(or `latitude`/`longitude`) and `place_id` are optional; every other column is kept.
+(or `latitude`/`longitude`) and `place_id` are optional; a capture date comes from a `yyyymm` or `date` column
+(YYYYMM, YYYY-MM or YYYY-MM-DD), else from the photo's EXIF DateTimeOriginal; every other column is kept.
 OSV-5M (`id, latitude, longitude, city, country, ...`): photos are `<id>.jpg` beside the CSV, under
 `images/`, or anywhere below the CSV's folder. A photo whose row has no coordinates gets its EXIF GPS.
 """
@@ -16,9 +17,10 @@ import pandas as pd
 
 from ..errors import DatasetError
 from .files import find_by_stem
-from .records import COLUMNS, Dataset, empty_row, make_records
+from .records import COLUMNS, Dataset, empty_row, make_records, parse_capture_date
 
 LAT_NAMES, LON_NAMES = ("lat", "latitude"), ("lon", "lng", "longitude")
+DATE_NAMES = ("yyyymm", "date")
 
 
 def _column(columns, names) -> str | None:
@@ -48,19 +50,27 @@ def _float(text: str):
         return text  # kept as text so the row check names it
 
 
-def exif_gps(path) -> tuple[float, float] | None:
-    """(lat, lon) from a photo's EXIF GPS block, or None. Reads the header only."""
+def _read_exif(path):
     from PIL import Image
 
     from ..images import DECODED_FORMATS
 
+    try:
+        with Image.open(path, formats=DECODED_FORMATS) as img:  # only formats geoindex decodes: EPS would run gs
+            return img.getexif()
+    except Exception:  # noqa: BLE001 - a photo without readable EXIF simply has none
+        return None
+
+
+def exif_gps(path, exif=None) -> tuple[float, float] | None:
+    """(lat, lon) from a photo's EXIF GPS block, or None. Reads the header only."""
     def degrees(value):
         d, m, s = (float(v) for v in value)
         return d + m / 60 + s / 3600
 
+    exif = _read_exif(path) if exif is None else exif
     try:
-        with Image.open(path, formats=DECODED_FORMATS) as img:
-            gps = img.getexif().get_ifd(0x8825)
+        gps = exif.get_ifd(0x8825) if exif is not None else None
         if not gps or 2 not in gps or 4 not in gps:
             return None
         lat, lon = degrees(gps[2]), degrees(gps[4])
@@ -71,6 +81,17 @@ def exif_gps(path) -> tuple[float, float] | None:
         return lat, lon
     except Exception:  # noqa: BLE001 - a photo without readable EXIF simply has no GPS from it
         return None
+
+
+def exif_capture_date(path, exif=None) -> tuple[int, int] | None:
+    """(year, month) from EXIF DateTimeOriginal ("YYYY:MM:DD HH:MM:SS"), or None. Reads the header only."""
+    exif = _read_exif(path) if exif is None else exif
+    try:
+        value = exif.get_ifd(0x8769).get(0x9003) if exif is not None else None
+        found = parse_capture_date(value) if value else None
+    except Exception:  # noqa: BLE001 - an unreadable EXIF block simply gives no date
+        return None
+    return found if found is not None and 1 <= found[1] <= 12 else None
 
 
 def is_osv5m(columns) -> bool:
@@ -118,9 +139,10 @@ def scan_manifest(csv_path, use_exif: bool = True) -> Dataset:
                            f"or OSV-5M's id, latitude, longitude, city; found {', '.join(table.columns)}")
     lat_col, lon_col = _column(table.columns, LAT_NAMES), _column(table.columns, LON_NAMES)
     place_col = _column(table.columns, ("place_id",))
+    date_col = _column(table.columns, DATE_NAMES)
     known = {c for c in (city_col, lat_col, lon_col, place_col, _column(table.columns, ("path",))) if c}
     extra = [c for c in table.columns if c not in known and c not in COLUMNS and c.strip() and not c.startswith("Unnamed")]
-    rows, skipped, from_exif = [], [], 0
+    rows, skipped, from_exif, dates_from_exif = [], [], 0, 0
     for i, path in enumerate(paths):
         if not path:
             skipped.append({"path": f"{csv_path}:row {i + 2}", "reason": "no path given"})
@@ -133,11 +155,24 @@ def scan_manifest(csv_path, use_exif: bool = True) -> Dataset:
             row["lat"], row["lon"] = _float(table[lat_col].iat[i]), _float(table[lon_col].iat[i])
         if place_col:
             row["place_id"] = place_id_value(table[place_col].iat[i])
-        if use_exif and isinstance(row["lat"], float) and np.isnan(row["lat"]):
-            gps = exif_gps(path)
+        if date_col and table[date_col].iat[i].strip():
+            date = parse_capture_date(table[date_col].iat[i])
+            if date is None:
+                skipped.append({"path": path, "reason": f"capture date {table[date_col].iat[i].strip()[:40]!r} is not "
+                                                        "YYYYMM, YYYY-MM or YYYY-MM-DD"})
+                continue
+            row["year"], row["month"] = date
+        needs_gps = isinstance(row["lat"], float) and np.isnan(row["lat"])
+        if use_exif and (needs_gps or not date_col):
+            exif = _read_exif(path)
+            gps = exif_gps(path, exif) if needs_gps else None
             if gps is not None:
                 row["lat"], row["lon"] = gps
                 from_exif += 1
+            date = exif_capture_date(path, exif) if not date_col else None
+            if date is not None:
+                row["year"], row["month"] = date
+                dates_from_exif += 1
         row.update({c: table[c].iat[i] for c in extra})
         rows.append(row)
     records = make_records(rows, skipped)
@@ -145,6 +180,8 @@ def scan_manifest(csv_path, use_exif: bool = True) -> Dataset:
         raise DatasetError(f"no usable photo listed in {csv_path} ({len(skipped)} rows skipped; "
                            f"first: {skipped[0]['reason'] if skipped else 'the CSV is empty'})")
     notes = [f"{from_exif} photos took their coordinates from EXIF GPS"] if from_exif else []
+    if dates_from_exif:
+        notes.append(f"{dates_from_exif} photos took their capture date from EXIF DateTimeOriginal")
     return Dataset(root, layout, records, skipped, notes)
 
 

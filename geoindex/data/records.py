@@ -1,12 +1,14 @@
 """The one table every data format becomes, and the checks each of its rows must pass.
 
 A row is a photo: `path` (absolute), `city`, and where known `place_id`, `lat`, `lon`, capture date and
-heading. A row that fails a check is not an error: it is set aside with its reason, like a bad image.
+heading. The capture date is kept as `year` and `month` and as one sortable `yyyymm` integer (-1: unknown), which
+the street-level revisit protocol (geoindex.revisit) needs to tell another capture of a spot from the same one. A row that fails a check is not an error: it is set aside with its reason, like a bad image.
 """
 from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 SPLITS = ("train", "val", "test")
-COLUMNS = ["path", "city", "place_id", "lat", "lon", "year", "month", "northdeg", "panoid"]
+COLUMNS = ["path", "city", "place_id", "lat", "lon", "year", "month", "northdeg", "panoid", "yyyymm"]
 INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -44,6 +46,20 @@ class Dataset:
 def empty_row(path: str, city: str) -> dict:
     return {"path": path, "city": city, "place_id": -1, "lat": np.nan, "lon": np.nan, "year": -1, "month": -1,
             "northdeg": -1, "panoid": ""}
+
+
+# 202108, 2021-08, 2021/8, 2021-08-15, 20210815, 2021-08-15T10:20:00, EXIF's 2021:08:15 10:20:00
+_DATE = re.compile(r"(\d{4})(?:[-/:.](\d{1,2})|(\d{2}))(?:[-/:.]?\d{1,2})?(?:[ T].*)?")
+
+
+def parse_capture_date(text) -> tuple[int, int] | None:
+    """(year, month) of a capture date written as YYYYMM, YYYY-MM or YYYY-MM-DD (any of - / : . between), or None.
+
+    The month is not range-checked here: a row with month 13 is refused by row_problem with that reason."""
+    match = _DATE.fullmatch(str(text).strip())
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2) or match.group(3))
 
 
 def utf8_problem(path: str) -> str | None:
@@ -111,6 +127,8 @@ def make_records(rows: list[dict], skipped: list[dict]) -> pd.DataFrame:
         records["lon"] = records["lon"].astype(np.float64)
         for column in ("year", "month", "northdeg"):
             records[column] = records[column].astype(np.int64)
+        year, month = records["year"].to_numpy(), records["month"].to_numpy()
+        records["yyyymm"] = np.where((year > 0) & (month >= 1) & (month <= 12), year * 100 + month, -1).astype(np.int64)
         records["city"] = records["city"].astype(str).str.strip()
     return records
 

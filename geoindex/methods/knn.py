@@ -1,9 +1,14 @@
-"""kNN retrieval (IM2GPS-style): the nearest indexed photos vote for a city; their coordinates give the GPS guess."""
+"""kNN retrieval (IM2GPS-style): the nearest indexed photos vote for a city; their coordinates give the GPS guess.
+
+The GPS guess is street level where the index holds the place: the best-supported cluster of neighbours within
+25 m of each other (`voting.street_clusters`), when its support passes the threshold calibrated on val
+(`revisit.calibrate_street`); else the city-level guess, a weighted mean over the winning city's neighbours.
+"""
 from __future__ import annotations
 
 import numpy as np
 
-from ..voting import VOTE_METHODS, estimate_locations, vote
+from ..voting import VOTE_METHODS, vote
 from .base import Answer, Photos, break_ties
 
 K_GRID = (1, 3, 5, 10, 20, 30, 50)
@@ -22,19 +27,21 @@ class KNNMethod:
 
     def __init__(self, index, k: int = 20, vote: str = "softmax", temperature: float = 0.05, gps: str = "mean",
                  unlike_threshold: float | None = None, tuned_on: str | None = None, whitening=None,
-                 whitened_index=None):
+                 whitened_index=None, street: dict | None = None, street_whitening=None, street_index=None):
         if vote not in VOTE_METHODS:
             raise ValueError(f"unknown vote method {vote!r}; choose one of {', '.join(VOTE_METHODS)}")
         self.index, self.k, self.vote, self.temperature, self.gps = index, k, vote, temperature, gps
         self.unlike_threshold, self.tuned_on = unlike_threshold, tuned_on
         self.whitening, self._whitened_index = whitening, whitened_index
+        self.street = street  # calibrate_street's threshold and radii; None: every GPS answer is city level
+        self.street_whitening, self._street_index = street_whitening, street_index  # its space; None: raw cosine
         self.classes = index.classes
 
     @property
     def params(self) -> dict:
         whiten = None if self.whitening is None else {"dims": self.whitening.dims, "power": self.whitening.power}
         return {"k": self.k, "vote": self.vote, "temperature": self.temperature, "gps": self.gps, "whiten": whiten,
-                "unlike_threshold": self.unlike_threshold, "tuned_on": self.tuned_on}
+                "unlike_threshold": self.unlike_threshold, "tuned_on": self.tuned_on, "street": self.street}
 
     @property
     def whitened_index(self):
@@ -43,6 +50,27 @@ class KNNMethod:
             from .whitening import flat_index
             self._whitened_index = flat_index(self.whitening(self.index.store.embeddings("train")))
         return self._whitened_index
+
+    @property
+    def street_index(self):
+        """FAISS over the train embeddings in the street space, when that space is a whitening (built once)."""
+        if self._street_index is None and self.street_whitening is not None:
+            from .whitening import flat_index
+            self._street_index = flat_index(self.street_whitening(self.index.store.embeddings("train")))
+        return self._street_index
+
+    def street_neighbours(self, photos: Photos, k: int):
+        """(similarities, train row ids) of the k nearest train photos in the street space, cached per set."""
+        space = self.street_whitening
+        key = ("street-neighbours", None if space is None else (space.dims, space.power))
+        cached = photos.cache.get(key)
+        if cached is None or cached[0].shape[1] < k:
+            if space is None:
+                cached = self.index.search(photos.embeddings, k)
+            else:
+                cached = self.street_index.search(space(photos.embeddings), min(k, self.street_index.ntotal))
+            photos.cache[key] = cached
+        return cached[0][:, :k], cached[1][:, :k]
 
     def _search(self, embeddings: np.ndarray, k: int):
         if self.whitening is None:
@@ -71,18 +99,32 @@ class KNNMethod:
         return break_ties(probs, labels[:, 0])
 
     def predict(self, photos: Photos) -> Answer:
+        from ..revisit import STREET_K, city_answers, street_answers
+
         sims, ids, labels = self.neighbours(photos)
         probs = self._probs(sims, labels, self.k, self.vote, self.temperature)
         meta = self.index.train_meta
-        safe = np.clip(ids, 0, None)
-        lats, lons = meta["lat"].to_numpy()[safe], meta["lon"].to_numpy()[safe]
-        coords = estimate_locations(labels, sims, lats, lons, probs.argmax(1), self.vote, self.temperature, self.gps)
+        lats, lons = meta["lat"].to_numpy(dtype=np.float64), meta["lon"].to_numpy(dtype=np.float64)
+        train_labels = meta["label"].to_numpy()
+        coords = city_answers(self, sims, ids, lats, lons, train_labels, probs)
+        street = self.street or {}
+        extra = {}
+        at_street = np.zeros(len(sims), dtype=bool)
+        if street.get("threshold") is not None and len(sims):
+            found = street_answers(*self.street_neighbours(photos, STREET_K), lats, lons, street["threshold"],
+                                   train_labels, probs.argmax(1))
+            at_street = found["street"]
+            coords = np.where(at_street[:, None], found["centre"], coords)
+            extra = {"gps_support": found["support"], "street_members": found["members"], "street_ids": found["ids"],
+                     "street_similarities": found["similarities"]}
+        radius = np.where(at_street, street.get("radius_m") or np.nan, street.get("city_radius_m") or np.nan)
         unlike = (sims[:, 0] < self.unlike_threshold) if self.unlike_threshold is not None else np.zeros(len(sims), bool)
         notes = f"k={self.k}, {self.vote} vote" + (f", T={self.temperature:g}" if self.vote == "softmax" else "")
         if self.tuned_on:
             notes += f" (tuned on {self.tuned_on})"
         return Answer(self.name, probs, self.classes, coords, notes=notes,
-                      extra={"similarities": sims, "ids": ids, "unlike": unlike})
+                      extra={"similarities": sims, "ids": ids, "unlike": unlike,
+                             "gps_level": np.where(at_street, "street", "city"), "gps_radius_m": radius, **extra})
 
     def predict_proba(self, photos: Photos) -> np.ndarray:
         return self.predict(photos).probs
@@ -96,11 +138,13 @@ class KNNMethod:
         if len(val) > VAL_SAMPLE:
             val = val.subset(np.sort(np.random.default_rng(0).choice(len(val), VAL_SAMPLE, replace=False)))
         k_max = min(max(K_GRID), self.index.ntotal)
-        spaces = [None]
+        spaces, fitted = [None], None
         store = getattr(self.index, "store", None)
         if store is not None and 2 * max(K_GRID) < self.index.ntotal <= WHITEN_MAX_TRAIN:
             from .whitening import Whitening
-            fitted = Whitening.fit(store.embeddings("train"), max_dims=max(WHITEN_DIMS))
+            # Every axis is kept (the eigendecomposition costs the same): the street space tries them all.
+            train = store.embeddings("train")
+            fitted = Whitening.fit(train, max_dims=train.shape[1])
             dims = sorted({min(d, fitted.axes.shape[0]) for d in WHITEN_DIMS})
             spaces += [fitted.using(d, p) for d in dims for p in WHITEN_POWERS]
         best_key, best = None, None
@@ -120,4 +164,8 @@ class KNNMethod:
         self.whitening, self._whitened_index = space, None
         self.unlike_threshold = float(np.quantile(top1, UNLIKE_QUANTILE))
         self.tuned_on = val.name
+        if val.name == "val" and hasattr(store, "metadata"):  # a stored index (not a bare vector set) has dates to use
+            from ..revisit import calibrate_street
+            self.street, self.street_whitening = calibrate_street(self.index, self, fitted)
+            self._street_index = None
         return self.params | {"val_accuracy": best_key[0]}

@@ -303,6 +303,8 @@ class Locator:
             answer, timing = await self.batcher(tensor, (snapshot, k))
             answer = dict(answer, source=upload.filename)
             answer["neighbours"] = [self.neighbour(snapshot, n) for n in answer["neighbours"]]
+            if answer.get("gps", {}).get("cluster"):
+                answer["gps"]["cluster"] = [self.neighbour(snapshot, n) for n in answer["gps"]["cluster"]]
             answer["timings_ms"] = {"decode": decode_ms, "queue": timing.queue_ms,
                                     "model_batch": timing.batch_ms, "batch_size": timing.batch_size}
             return answer

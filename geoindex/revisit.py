@@ -1,0 +1,347 @@
+"""Street-level revisit protocol: does the index find the spot, not only the city?
+
+Over an index's stored embeddings (no photo is embedded again), among the photos that carry a capture date
+(`yyyymm`: a GSV-Cities file name, a CSV `yyyymm` or `date` column, or EXIF DateTimeOriginal) and coordinates:
+
+* a **query** is a photo that has a capture of another date within 25 m and is the newest capture within 25 m
+  of itself (photos sharing that newest date are all queries), drawn from the scored split only;
+* its **gallery** is every dated, located photo of the index, all splits, except the query itself and every
+  photo of the query's capture month (anywhere: a photo never matches another photo of its own capture date,
+  so a same-drive neighbour 30 m along the street cannot help either). The query's spot is thus in the gallery
+  only through older captures: another year, season, light, other cars. Photos without a date take no part.
+
+For every query the nearest gallery photos in the street space (below) give recall@1/5/10 within 25 m, and
+kNN's GPS answer is scored three ways: the city-level answer (a weighted mean over the winning city's neighbours,
+found in kNN's own space), the best street cluster always (the best-supported cluster of the nearest STREET_K
+neighbours within 25 m of each other, `voting.street_clusters`), and the answer `query` gives: the cluster's spot
+where its support passes the threshold calibrated on val, else the city-level answer.
+
+Calibration (`calibrate_street`, run by `geoindex train` and by `bench` when it tunes kNN) asks every dated val
+photo against the train and val photos under the same exclusions, and again against the train photos alone (what
+`query` searches, where a split by place or cell never holds its place); never a test photo. It chooses the
+street space (raw cosine, or PCA whitening learnt on the train photos with a dimension and power: the space
+that tells cities apart is rarely the one that tells corners apart) and the support threshold: the lowest at
+which street-level answers are within 25 m at least STREET_PRECISION of the time, the space being the one where
+that covers the most val photos; each level's `radius_m` is the 80th percentile error of its val answers.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .data.records import SPLITS
+from .methods.base import break_ties
+from .voting import EARTH_RADIUS_KM, estimate_locations, haversine_km, street_clusters, vote, vote_weights
+
+SPOT_M = 25.0
+RECALL_AT = (1, 5, 10)
+STREET_K = 10  # neighbours the street cluster is looked for among
+STREET_TEMPERATURE = 0.05  # softmax weights of those neighbours (0.02-0.1 gave the same on the London photos)
+STREET_DIMS = (256, 512, 1024, 2048)  # whitened street spaces tried on val, plus every axis, at each power
+STREET_POWERS = (0.5, 1.0)
+STREET_WHITEN_MAX_TRAIN = 50_000  # above this, the whitened spaces cost more than they are worth here: raw cosine
+STREET_PRECISION = 0.8  # a street-level answer must be within 25 m this often on val
+MIN_STREET_ANSWERS = 10  # fewer street answers than this on val cannot calibrate anything
+RADIUS_QUANTILE = 0.8
+ERROR_THRESHOLDS_M = (25, 100, 1000)
+CALIBRATION_SAMPLE = 5000
+RULE = ("query: a dated photo of this split that has a capture of another date within 25 m and is the newest capture "
+        "within 25 m of itself; gallery: every dated photo of the index (all splits) except the query and photos of "
+        "its capture month")
+
+
+def revisit_queries(lat, lon, yyyymm, radius_m: float = SPOT_M) -> np.ndarray:
+    """True for each photo that has a capture of another date within radius_m and is the newest within radius_m."""
+    from sklearn.neighbors import BallTree
+
+    lat, lon, yyyymm = (np.asarray(a) for a in (lat, lon, yyyymm))
+    usable = np.isfinite(lat.astype(np.float64)) & np.isfinite(lon.astype(np.float64)) & (yyyymm >= 0)
+    out = np.zeros(len(lat), dtype=bool)
+    rows = np.flatnonzero(usable)
+    if not len(rows):
+        return out
+    points = np.radians(np.column_stack([lat[rows], lon[rows]]).astype(np.float64))
+    near = BallTree(points, metric="haversine").query_radius(points, radius_m / 1000 / EARTH_RADIUS_KM)
+    dates = yyyymm[rows]
+    for i, found in enumerate(near):
+        others = dates[found]
+        out[rows[i]] = bool((others != dates[i]).any() and dates[i] >= others.max())
+    return out
+
+
+def masked_top_k(queries: np.ndarray, gallery: np.ndarray, query_rows: np.ndarray, query_dates: np.ndarray,
+                 gallery_dates: np.ndarray, k: int, block: int = 256, allowed=None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner products per query over the gallery (only its `allowed` rows, when given), leaving out
+    the query's own row and every gallery row of the query's capture date; ids are -1 where fewer remain. Blocks
+    of queries keep memory flat."""
+    k = min(k, len(gallery))
+    sims = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    ids = np.full((len(queries), k), -1, dtype=np.int64)
+    if not k:
+        return sims, ids
+    gallery_rows = np.arange(len(gallery))
+    block = max(1, min(block, (1 << 26) // len(gallery)))  # a block's scores stay under 256 MB
+    for start in range(0, len(queries), block):
+        scores = queries[start:start + block] @ gallery.T
+        stop = start + len(scores)
+        scores[query_dates[start:stop, None] == gallery_dates[None, :]] = -np.inf
+        scores[query_rows[start:stop, None] == gallery_rows[None, :]] = -np.inf
+        if allowed is not None:
+            scores[:, ~allowed] = -np.inf
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        top, top_scores = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_scores, order, axis=1)
+        ids[start:stop] = np.where(np.isfinite(top_scores), top, -1)
+        sims[start:stop] = top_scores
+    return sims, ids
+
+
+class RevisitSet:
+    """The dated, located photos of chosen splits of an index (their stored embeddings): the protocol's table."""
+
+    def __init__(self, index, splits=SPLITS):
+        tables, vectors = [], []
+        for split in splits:
+            if not index.store.count(split):
+                continue
+            meta = index.store.metadata(split)
+            if "yyyymm" not in meta:
+                continue
+            keep = (meta["yyyymm"].to_numpy() >= 0) & np.isfinite(meta["lat"].to_numpy(dtype=np.float64)) \
+                & np.isfinite(meta["lon"].to_numpy(dtype=np.float64))
+            if not keep.any():
+                continue
+            tables.append(meta[keep].assign(split=split))
+            vectors.append(index.store.embeddings(split, np.flatnonzero(keep)))
+        self.table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
+            columns=["path", "city", "label", "lat", "lon", "place_id", "yyyymm", "split"])
+        self.embeddings = np.concatenate(vectors) if vectors else np.zeros((0, index.store.embed_dim), np.float32)
+        self.lat = self.table["lat"].to_numpy(dtype=np.float64)
+        self.lon = self.table["lon"].to_numpy(dtype=np.float64)
+        self.dates = self.table["yyyymm"].to_numpy(dtype=np.int64)
+        self.labels = self.table["label"].to_numpy(dtype=np.int64)
+        self._spaces: dict = {}
+        self._projection = None
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def rows_of(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.table["split"].to_numpy() == split) if len(self) else np.zeros(0, dtype=np.int64)
+
+    def vectors(self, space=None) -> np.ndarray:
+        """The embeddings in a space: raw (None) or a Whitening. Whitenings sharing their axes (one fit at several
+        dimensions and powers) share one projection, so trying many costs little more than trying one."""
+        key = None if space is None else (id(space.axes), space.dims, space.power)
+        if key not in self._spaces:
+            if space is None or not len(self.embeddings):
+                self._spaces[key] = np.ascontiguousarray(self.embeddings, dtype=np.float32)
+            else:
+                if self._projection is None or self._projection[0] is not space.axes:
+                    projected = (self.embeddings - space.mean) @ space.axes.T
+                    self._projection = (space.axes, projected.astype(np.float32))
+                scale = (space.singular[:space.dims] / space.singular[0]) ** space.power
+                x = self._projection[1][:, :space.dims] / scale
+                x /= np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+                self._spaces = {k: v for k, v in self._spaces.items() if k is None}  # one whitened copy at a time
+                self._spaces[key] = np.ascontiguousarray(x, dtype=np.float32)
+        return self._spaces[key]
+
+    def neighbours(self, rows: np.ndarray, k: int, space=None, gallery_splits=None):
+        """(similarities, table ids) of each row's k nearest allowed gallery photos in a space (of gallery_splits
+        only, when given)."""
+        vectors = self.vectors(space)
+        allowed = None if gallery_splits is None else self.table["split"].isin(gallery_splits).to_numpy()
+        return masked_top_k(vectors[rows], vectors, rows, self.dates[rows], self.dates, k, allowed=allowed)
+
+
+def _at(ids, values, fill):
+    return np.where(ids >= 0, values[np.clip(ids, 0, None)], fill)
+
+
+def city_answers(knn, sims, ids, lats, lons, labels, probs=None, with_winners: bool = False):
+    """kNN's city-level GPS guess from its neighbours (ids into lats/lons/labels, -1 for none): the weighted
+    mean over the winning city's neighbours (and, with_winners, the winning city ids)."""
+    k = knn.k
+    n_labels = _at(ids, labels, -1)
+    if probs is None:
+        probs = break_ties(vote(n_labels[:, :k], sims[:, :k], len(knn.classes), knn.vote, knn.temperature),
+                           n_labels[:, 0])
+    winners = probs.argmax(1)
+    coords = estimate_locations(n_labels[:, :k], sims[:, :k], _at(ids, lats, np.nan)[:, :k],
+                                _at(ids, lons, np.nan)[:, :k], winners, knn.vote, knn.temperature, knn.gps)
+    return (coords, winners) if with_winners else coords
+
+
+def street_answers(sims, ids, lats, lons, threshold: float | None, labels=None, winners=None) -> dict:
+    """The best-supported cluster among the first STREET_K street neighbours, and where it is street level: its
+    support passes the threshold and (given labels and the kNN vote's winners) it lies in the winning city."""
+    sims, ids = sims[:, :STREET_K], ids[:, :STREET_K]
+    weights = np.where(ids >= 0, vote_weights(np.where(ids >= 0, sims, -np.inf), "softmax", STREET_TEMPERATURE), 0.0)
+    members, support, centres = street_clusters(_at(ids, lats, np.nan), _at(ids, lons, np.nan), weights)
+    at_street = np.isfinite(centres[:, 0]) & (support >= threshold) if threshold is not None else \
+        np.zeros(len(sims), dtype=bool)
+    if labels is not None and winners is not None and len(sims):
+        first = np.argmax(members, axis=1)  # the cluster's most similar photo names its city
+        at_street &= _at(ids[np.arange(len(ids)), first], labels, -1) == winners
+    return {"members": members, "support": support, "centre": centres, "street": at_street, "ids": ids,
+            "similarities": sims}
+
+
+def error_figures(pred, true_lat, true_lon) -> dict:
+    metres = haversine_km(true_lat, true_lon, pred[:, 0], pred[:, 1]) * 1000
+    metres = metres[np.isfinite(metres)]
+    out = {"n_located": int(len(metres)), "median_m": float(np.median(metres)) if len(metres) else None}
+    for t in ERROR_THRESHOLDS_M:
+        out[f"within_{t}m"] = float((metres <= t).mean()) if len(metres) else None
+    return out
+
+
+def street_spaces(index, fitted=None) -> list:
+    """Raw cosine, and (for indexes of up to STREET_WHITEN_MAX_TRAIN train photos) whitenings learnt on train
+    (`fitted`, a Whitening fit on the train photos with every axis, when the caller has one already)."""
+    spaces = [None]
+    if 2 * STREET_K < index.store.count("train") <= STREET_WHITEN_MAX_TRAIN:
+        from .methods.whitening import Whitening
+        if fitted is None or len(fitted.singular) < min(index.store.embed_dim, index.store.count("train") - 1):
+            fitted = Whitening.fit(index.store.embeddings("train"), max_dims=index.store.embed_dim)
+        dims = sorted({min(d, len(fitted.singular)) for d in STREET_DIMS} | {len(fitted.singular)})
+        spaces += [fitted.using(d, p) for d in dims for p in STREET_POWERS]
+    return spaces
+
+
+def _threshold(support, hits) -> tuple[float | None, int]:
+    """The lowest support at which answers at or above it are within 25 m STREET_PRECISION of the time, and
+    how many val answers that makes street level."""
+    order = np.argsort(-support, kind="stable")
+    counts = np.arange(1, len(order) + 1)
+    precision = np.cumsum(hits[order]) / counts
+    ok = np.flatnonzero((precision >= STREET_PRECISION) & (counts >= MIN_STREET_ANSWERS))
+    if not len(ok):
+        return None, 0
+    return float(support[order[ok[-1]]]), int(ok[-1] + 1)
+
+
+def _quantile(values) -> float | None:
+    values = values[np.isfinite(values)]
+    return float(np.quantile(values, RADIUS_QUANTILE)) if len(values) else None
+
+
+GALLERIES = (("held", None), ("open", ("train",)))  # train + val photos; train photos only (what `query` searches)
+
+
+def space_calibration(data: RevisitSet, rows, winners, space):
+    """One street space on val rows asked against both GALLERIES: (threshold or None, street answers it makes,
+    support (-inf where the cluster is not in the winning city), error in metres, within 25 m), both galleries
+    concatenated."""
+    found = [street_answers(*data.neighbours(rows, STREET_K, space, gallery), data.lat, data.lon, -np.inf,
+                            data.labels, winners[i * len(rows):(i + 1) * len(rows)])
+             for i, (_, gallery) in enumerate(GALLERIES)]
+    centre = np.concatenate([f["centre"] for f in found])
+    eligible = np.concatenate([f["street"] for f in found])
+    support = np.where(eligible, np.concatenate([f["support"] for f in found]), -np.inf)
+    street_m = haversine_km(np.tile(data.lat[rows], 2), np.tile(data.lon[rows], 2), centre[:, 0], centre[:, 1]) * 1000
+    hits = np.nan_to_num(street_m, nan=np.inf) <= SPOT_M
+    threshold, covered = _threshold(support[eligible], hits[eligible])
+    return threshold, covered, support, street_m, hits
+
+
+def val_winners(data: RevisitSet, rows, knn):
+    """kNN's city answers and winning cities for val rows against both GALLERIES, concatenated."""
+    city, winners = [], []
+    for _, gallery in GALLERIES:
+        coords, won = city_answers(knn, *data.neighbours(rows, knn.k, knn.whitening, gallery), data.lat, data.lon,
+                                   data.labels, with_winners=True)
+        city.append(coords)
+        winners.append(won)
+    return np.concatenate(city), np.concatenate(winners)
+
+
+def calibrate_street(index, knn, fitted=None) -> tuple[dict, object]:
+    """On val photos only: the street space, the support threshold for a street-level answer and each level's
+    error radius. Returns (the JSON-able parameters, the street space's Whitening or None for raw cosine).
+
+    Each val photo is asked twice: against the train and val photos (where the index mostly holds its place,
+    through other captures) and against the train photos only, what `query` searches (with a split by place or
+    map cell, never its place). The threshold must keep street-level answers within 25 m STREET_PRECISION of the
+    time over both, so a cluster of look-alikes somewhere else does not pass for the spot."""
+    data = RevisitSet(index, splits=("train", "val"))
+    rows = data.rows_of("val")
+    if len(rows) > CALIBRATION_SAMPLE:
+        rows = np.sort(np.random.default_rng(0).choice(rows, CALIBRATION_SAMPLE, replace=False))
+    base = {"space": None, "threshold": None, "radius_m": None, "city_radius_m": None,
+            "precision_target": STREET_PRECISION, "k": STREET_K, "temperature": STREET_TEMPERATURE,
+            "calibrated_on": "val", "n_val": int(len(rows))}
+    if len(rows) < MIN_STREET_ANSWERS or len(data) < 2 or not (data.table["split"] == "train").any():
+        return base | {"note": f"{len(rows)} dated, located val photos: too few to calibrate a street-level "
+                               f"answer on"}, None
+    true_lat, true_lon = np.tile(data.lat[rows], 2), np.tile(data.lon[rows], 2)
+    city, winners = val_winners(data, rows, knn)
+    city_m = haversine_km(true_lat, true_lon, city[:, 0], city[:, 1]) * 1000
+    best = None
+    for space in street_spaces(index, fitted):
+        threshold, covered, support, street_m, hits = space_calibration(data, rows, winners, space)
+        key = (covered, float(hits[:len(rows)].mean()))
+        if best is None or key > best[0]:
+            best = (key, space, threshold, support, street_m, hits)
+    (covered, hit_rate), space, threshold, support, street_m, hits = best
+    base["space"] = None if space is None else {"dims": int(space.dims), "power": float(space.power)}
+    base["val_cluster_within_25m"] = hit_rate
+    if threshold is None:
+        return base | {"city_radius_m": _quantile(city_m),
+                       "note": f"no support threshold makes street-level answers within {SPOT_M:g} m "
+                               f"{STREET_PRECISION:.0%} of the time on val: every answer is city level"}, space
+    at_street = support >= threshold
+    held, n = at_street[:len(rows)], len(rows)
+    return base | {"threshold": threshold, "radius_m": _quantile(street_m[at_street]),
+                   "city_radius_m": _quantile(city_m[~at_street]), "val_street_share": float(held.mean()),
+                   "val_street_share_train_only": float(at_street[n:].mean()),
+                   "val_street_precision": float(hits[at_street].mean())}, space
+
+
+def revisit_report(index, knn, split: str = "test") -> dict:
+    """The protocol on one split's queries: recall@1/5/10 within 25 m and the GPS answers' error."""
+    data = RevisitSet(index)
+    if not len(data):
+        return {"split": split, "skipped": "no photo of the index carries both a capture date and coordinates",
+                "rule": RULE}
+    is_query = revisit_queries(data.lat, data.lon, data.dates) & (data.table["split"].to_numpy() == split)
+    rows = np.flatnonzero(is_query)
+    if not len(rows):
+        return {"split": split, "skipped": f"no {split} photo has an older capture of another date within 25 m",
+                "rule": RULE}
+    true_lat, true_lon = data.lat[rows], data.lon[rows]
+    k = max(max(RECALL_AT), STREET_K)
+
+    def recall(space):
+        sims, ids = data.neighbours(rows, k, space)
+        metres = haversine_km(true_lat[:, None], true_lon[:, None], data.lat[np.clip(ids, 0, None)],
+                              data.lon[np.clip(ids, 0, None)]) * 1000
+        hit = (ids >= 0) & (metres <= SPOT_M)
+        return {f"r@{n}_25m": float(hit[:, :n].any(axis=1).mean()) for n in RECALL_AT}, sims, ids
+
+    street = getattr(knn, "street", None) or {}
+    street_space = getattr(knn, "street_whitening", None)
+    city_sims, city_ids = data.neighbours(rows, knn.k, knn.whitening)
+    city, winners = city_answers(knn, city_sims, city_ids, data.lat, data.lon, data.labels, with_winners=True)
+    knn_recall = recall(knn.whitening)[0]
+    street_recall, sims, ids = recall(street_space)
+    cluster = street_answers(sims, ids, data.lat, data.lon, street.get("threshold"), data.labels, winners)
+    final = np.where(cluster["street"][:, None], cluster["centre"], city)
+    at_street = cluster["street"]
+    same_date = pd.Series(data.dates).value_counts()
+    gallery = len(data) - same_date.reindex(data.dates[rows]).to_numpy()  # everything but the query's capture month
+    return {
+        "split": split, "rule": RULE, "n_queries": int(len(rows)), "n_dated_photos": int(len(data)),
+        "mean_gallery": float(gallery.mean()),
+        "street_space": None if street_space is None else {"dims": int(street_space.dims),
+                                                           "power": float(street_space.power)},
+        "recall": street_recall, "recall_knn_space": knn_recall,
+        "gps": {"city": error_figures(city, true_lat, true_lon),
+                "cluster": error_figures(cluster["centre"], true_lat, true_lon),
+                "answer": error_figures(final, true_lat, true_lon)},
+        "street_share": float(at_street.mean()),
+        "street_precision": error_figures(final[at_street], true_lat[at_street], true_lon[at_street])["within_25m"],
+        "street": street or None,
+    }
