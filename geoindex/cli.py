@@ -245,6 +245,10 @@ def _number(value: float, fmt: str) -> str:
 METHOD_TITLES = {"knn": "kNN vote", "classifier": "classifier", "hybrid": "hybrid"}
 
 
+CSV_COLUMNS = ("source", "city", "name", "method", "probability", "lat", "lon", "gps_level", "gps_radius_m",
+               "unlike_indexed", "top5", "nearest_path", "nearest_similarity", "error")
+
+
 class _QueryOutput:
     """Writes answers as they come (text, strict JSON or CSV), so nothing is held for all photos at once."""
 
@@ -262,9 +266,7 @@ class _QueryOutput:
         elif self.mode == "csv":
             import csv
             self.writer = csv.writer(sys.stdout, lineterminator="\n")
-            self.writer.writerow(["source", "city", "name", "method", "probability", "lat", "lon", "gps_level",
-                                  "gps_radius_m", "unlike_indexed",
-                                  "top5", "nearest_path", "nearest_similarity", "error"])
+            self.writer.writerow(CSV_COLUMNS)
         else:
             click.echo(f"index: {self.index.name} ({m['backbone']}, {m['counts']['train']} indexed photos, "
                        f"{len(self.index.classes)} cities)")
@@ -275,7 +277,7 @@ class _QueryOutput:
     def error(self, source: str, message: str):
         self.errors.append({"source": source, "error": message})
         if self.mode == "csv":
-            self.writer.writerow([source, "", "", "", "", "", "", "", "", "", "", message])
+            self.writer.writerow([source] + [""] * (len(CSV_COLUMNS) - 2) + [message])
         click.echo(f"{source}: {message}", err=True)
 
     def result(self, p):
