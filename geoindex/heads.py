@@ -39,6 +39,29 @@ def load_weights_file(path, what: str, map_location="cpu"):
                             "nothing in it ran. Delete it (or retrain) to go on") from None
 
 
+def save_weights(obj, path: Path, what: str, kept: str) -> None:
+    """torch.save, atomically; a full disk is one line saying what is kept (torch reports it as a bare
+    `RuntimeError: [enforce fail at inline_container.cc]`, without errno)."""
+    import shutil
+
+    from .build import _is_disk_full
+
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+    except (OSError, RuntimeError) as exc:
+        text = str(exc)
+        try:
+            nearly_full = shutil.disk_usage(Path(path).parent).free < (16 << 20)
+        except OSError:
+            nearly_full = False
+        if not (_is_disk_full(exc) or "file write failed" in text or "inline_container" in text and nearly_full):
+            raise
+        raise GeoindexError(f"disk full: {what} could not be written to {Path(path).parent} "
+                            f"({shutil.disk_usage(Path(path).parent).free / 1e6:.1f} MB free); {kept}; free some "
+                            "space and rerun the same command to resume") from None
+
+
 class ProbeHead(nn.Module):
     """Standardise with the train split's statistics, then one linear layer."""
 
@@ -187,7 +210,16 @@ def fit_probe(x_train, y_train, x_val, y_val, n_classes: int, epochs: int = 30, 
 
 def train_probe(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=None, patience=3, device="cpu", seed=0,
                 progress=True, log=print) -> TrainResult:
-    """Train a softmax head on the index's stored train embeddings, early-stopped on validation loss."""
+    """Train a softmax head on the index's stored train embeddings, early-stopped on validation loss.
+    Holds the index's lock (geoindex.locks): the head is saved into the index it was trained for, or not at all."""
+    from .locks import writing_to
+
+    with writing_to(index, "train"):
+        return _train_probe_locked(index, epochs, lr, weight_decay, batch_size, patience, device, seed, progress, log)
+
+
+def _train_probe_locked(index, epochs, lr, weight_decay, batch_size, patience, device, seed, progress,
+                        log) -> TrainResult:
     defaults = DEFAULTS["probe"]
     epochs, lr, batch_size = epochs or defaults["epochs"], lr or defaults["lr"], batch_size or defaults["batch_size"]
     store = index.store
@@ -255,8 +287,17 @@ def train_finetune(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=No
                    resume=False, num_workers=None, seed=0, progress=True, log=print) -> TrainResult:
     """Fine-tune the whole backbone with a new linear head (Adam, AMP and channels-last on a GPU).
 
-    A checkpoint is written after every epoch; resume=True continues from it.
+    A checkpoint is written after every epoch; resume=True continues from it. Holds the index's lock.
     """
+    from .locks import writing_to
+
+    with writing_to(index, "train"):
+        return _train_finetune_locked(index, epochs, lr, weight_decay, batch_size, patience, device, resume,
+                                      num_workers, seed, progress, log)
+
+
+def _train_finetune_locked(index, epochs, lr, weight_decay, batch_size, patience, device, resume, num_workers, seed,
+                           progress, log) -> TrainResult:
     from tqdm.auto import tqdm
 
     defaults = DEFAULTS["finetune"]

@@ -134,9 +134,18 @@ def index_entries(home) -> list[dict]:
                 if not folder.is_dir():
                     continue
                 shards = list((folder / "cache").glob("shard-*.npz"))
-                reason = (f"unfinished build: {len(shards)} checkpoint shard(s) kept in {folder}; rerun the build "
-                          f"command to finish it, or `geoindex rm {folder.name}` to discard it")
                 entry = entries.get(folder.name)
+                if (folder / "reembed.json").is_file():  # geoindex.build.REEMBED_MARK: train's, not a build's
+                    reason = (f"`geoindex train` was interrupted while re-embedding it (the index answers as before, "
+                              f"with its old embeddings): rerun `geoindex train --index {folder.name}` to finish, or "
+                              f"`geoindex rm {folder.name} --unfinished` to discard only the unfinished part")
+                elif entry is not None:
+                    reason = (f"a rebuild is unfinished: {len(shards)} checkpoint shard(s) kept in {folder}; rerun the "
+                              f"build command to finish it, or `geoindex rm {folder.name} --unfinished` to discard only "
+                              "the rebuild (`geoindex rm NAME` deletes the index too)")
+                else:
+                    reason = (f"unfinished build: {len(shards)} checkpoint shard(s) kept in {folder}; rerun the build "
+                              f"command to finish it, or `geoindex rm {folder.name}` to discard it")
                 if entry is None:
                     entries[folder.name] = {"name": folder.name, "path": str(folder), "status": "unfinished",
                                             "reason": reason, "manifest": None}

@@ -21,7 +21,14 @@ SAVED_KEYS = ("k", "vote", "temperature", "unlike_threshold", "tuned_on")
 
 def tune_knn(index, log=print) -> dict:
     """Choose kNN's space (raw or whitened), k, vote and temperature, and the "unlike anything indexed"
-    threshold, on val; save them with the index."""
+    threshold, on val; save them with the index (under its lock: geoindex.locks)."""
+    from .locks import writing_to
+
+    with writing_to(index, "train"):
+        return _tune_knn_locked(index, log)
+
+
+def _tune_knn_locked(index, log) -> dict:
     from .methods import KNNMethod, Photos
     from .search import save_index
 
