@@ -40,26 +40,26 @@ def load_weights_file(path, what: str, map_location="cpu"):
 
 
 def save_weights(obj, path: Path, what: str, kept: str) -> None:
-    """torch.save, atomically; a full disk is one line saying what is kept (torch reports it as a bare
-    `RuntimeError: [enforce fail at inline_container.cc]`, without errno)."""
+    """torch.save, atomically; a full disk is one line saying what is kept (torch reports it without an errno,
+    as `RuntimeError: [enforce fail at inline_container.cc] unexpected pos` or `basic_ios::clear`)."""
     import shutil
 
     from .build import _is_disk_full
 
-    try:
-        with atomic_path(path) as tmp:
-            torch.save(obj, tmp)
-    except (OSError, RuntimeError) as exc:
-        text = str(exc)
+    folder = Path(path).parent
+    with atomic_path(path) as tmp:
         try:
-            nearly_full = shutil.disk_usage(Path(path).parent).free < (16 << 20)
-        except OSError:
-            nearly_full = False
-        if not (_is_disk_full(exc) or "file write failed" in text or "inline_container" in text and nearly_full):
-            raise
-        raise GeoindexError(f"disk full: {what} could not be written to {Path(path).parent} "
-                            f"({shutil.disk_usage(Path(path).parent).free / 1e6:.1f} MB free); {kept}; free some "
-                            "space and rerun the same command to resume") from None
+            torch.save(obj, tmp)
+        except (OSError, RuntimeError) as exc:
+            # Judged while the partial file still holds the space it took: after its removal the disk looks fine.
+            try:
+                full = shutil.disk_usage(folder).free < (4 << 20)
+            except OSError:
+                full = False
+            if not (full or _is_disk_full(exc)):
+                raise
+            raise GeoindexError(f"disk full: {what} could not be written to {folder}; {kept}; free some space and "
+                                "rerun the same command to resume") from None
 
 
 class ProbeHead(nn.Module):

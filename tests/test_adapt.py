@@ -140,6 +140,9 @@ def test_adapting_killed_midway_resumes_to_the_same_index(pretrained_index, tmp_
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     old = json.loads((home / "b" / "manifest.json").read_text())
     assert "adapted" not in old  # the index still answers as it was
+    listed = subprocess.run([sys.executable, "-m", "geoindex.cli", "indexes", "--index-dir", str(home)],
+                            capture_output=True, text=True, env=env).stdout
+    assert "rerun `geoindex train --index b`" in listed and "geoindex rm b --unfinished" in listed, listed
     resumed = subprocess.run([sys.executable, "-c", ADAPT, "b", str(home)], capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming the tail fine-tuning after epoch" in resumed.stdout

@@ -92,10 +92,11 @@ def test_a_second_writer_is_refused_at_once_and_the_first_finishes_whole(built, 
     holder = start(command(first, home, data, moved), fault=f"{HOLD_AT[first]}:STOP")
     try:
         wait_until_stopped(holder)
-        # While it is held, the listing says what is true: the old index answers; a rebuild is unfinished.
+        # While it is held, the listing says what is true: the old index answers, and who is changing it.
         listed = geoindex("indexes", "--index-dir", home)
         assert listed.returncode == 0 and "BROKEN" not in listed.stdout and "ix" in listed.stdout, listed.stdout
-        assert ("unfinished" in listed.stdout) == (first == "build"), listed.stdout
+        assert f"now by pid {holder.pid}, `geoindex {first}`" in listed.stdout, listed.stdout
+        assert "rerun" not in listed.stdout, listed.stdout  # it is running, not interrupted
         held = snapshot(home)  # after the listing: its checksum memo (.verified.json) is a reader's, not a change
         others = [w for w in WRITERS if w != first]
         started = time.monotonic()
