@@ -233,7 +233,8 @@ def _train_probe_locked(index, epochs, lr, weight_decay, batch_size, patience, d
     with atomic_path(folder / "head.pt") as tmp:
         torch.save(head.state_dict(), tmp)
     save_curves(history, folder, f"linear probe on {index.manifest['backbone']} embeddings ({index.name})", best_epoch)
-    write_json_atomic(folder / "meta.json", {"mode": "probe", "classes": index.classes, "embed_dim": x_train.shape[1],
+    write_json_atomic(folder / "meta.json", {"mode": "probe", "build_id": index.manifest.get("build_id"),
+                                             "classes": index.classes, "embed_dim": x_train.shape[1],
                                              "best_epoch": best_epoch, "best_val_accuracy": best_acc,
                                              "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size})
     return TrainResult("probe", folder, history, best_epoch, best_acc)
@@ -394,7 +395,8 @@ def _train_finetune_locked(index, epochs, lr, weight_decay, batch_size, patience
         if stop:
             log(f"early stop: no val improvement for {patience} epochs")
             break
-    write_json_atomic(folder / "meta.json", {"mode": "finetune", "classes": index.classes, "backbone": index.manifest["backbone"],
+    write_json_atomic(folder / "meta.json", {"mode": "finetune", "build_id": index.manifest.get("build_id"),
+                                             "classes": index.classes, "backbone": index.manifest["backbone"],
                                              "embed_dim": backbone.embed_dim, "best_epoch": stopper.best_epoch,
                                              "best_val_accuracy": stopper.best, "lr": lr, "weight_decay": weight_decay,
                                              "batch_size": batch_size, "amp": use_amp})
@@ -426,6 +428,12 @@ class Classifier:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise GeoindexError(f"the {mode} head in {self.folder} is damaged ({type(exc).__name__} in meta.json); "
                                 "retrain it or delete that folder") from None
+        if self.meta.get("build_id") not in (None, index.manifest.get("build_id")):
+            # Heads are saved with the build they read: one beside another build's embeddings came from a race
+            # or a copy, and would answer with confidence about features it never saw.
+            raise GeoindexError(f"the {mode} head in {self.folder} was trained for another build of index "
+                                f"{index.name!r}; retrain it (`geoindex train --index {index.name}`) or delete that "
+                                "folder")
         if self.meta["classes"] != index.classes:
             raise GeoindexError(f"the {mode} head in {self.folder} was trained for other classes; retrain it")
         self.device = resolve_device(device)

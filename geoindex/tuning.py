@@ -35,7 +35,7 @@ def _tune_knn_locked(index, log) -> dict:
     if not index.store.count("val"):
         raise GeoindexError(f"index {index.name!r} has no validation split to tune kNN on")
     knn = KNNMethod(index)
-    params = knn.fit(Photos.of_split(index, "val"))
+    params = knn.fit(Photos.of_split(index, "val")) | {"build_id": index.manifest.get("build_id")}
     folder = Path(index.path)
     for stale in (WHITENING, WHITENED_INDEX):
         (folder / stale).unlink(missing_ok=True)
@@ -59,6 +59,8 @@ def load_knn_tuning(index) -> dict:
         saved = json.loads((folder / KNN_PARAMS).read_text())
     except (OSError, ValueError):
         return {}
+    if not isinstance(saved, dict) or saved.get("build_id") not in (None, index.manifest.get("build_id")):
+        return {}  # tuned on another build's embeddings (a race or a copy): the defaults are the honest answer
     params = {k: saved[k] for k in SAVED_KEYS if k in saved}
     if saved.get("whiten"):
         from .methods.whitening import Whitening

@@ -154,3 +154,28 @@ def test_heads_are_never_written_into_an_index_rebuilt_since_it_was_opened(built
         tune_knn(index, log=lambda m: None)
     assert not (home / "ix" / "heads").exists()
     index.close()
+
+
+def test_heads_and_tuning_of_another_build_are_not_used(tree, tmp_path):
+    """However a head got beside another build's embeddings (a race of older versions, a copied folder), it is
+    refused by name and kNN falls back to its untuned defaults instead of claiming a tuning it does not have."""
+    from geoindex.errors import GeoindexError
+    from geoindex.heads import train_probe
+    from geoindex.tuning import tune_knn
+
+    fast = dict(backbone="cnn", weights="none", image_size=32, batch_size=4, num_workers=0, progress=False)
+    home = tmp_path / "home"
+    build_index(tree, name="ix", index_dir=home, log=lambda m: None, **fast)
+    index = load_index("ix", home, device="cpu")
+    train_probe(index, epochs=1, progress=False, log=lambda m: None)
+    tune_knn(index, log=lambda m: None)
+    assert index.knn_method().tuned_on == "val"
+    index.close()
+    shutil.copytree(home / "ix" / "heads", tmp_path / "heads")
+    build_index(tree, name="ix", index_dir=home, overwrite=True, log=lambda m: None, **fast)
+    shutil.copytree(tmp_path / "heads", home / "ix" / "heads")
+    index = load_index("ix", home, device="cpu")
+    with pytest.raises(GeoindexError, match="trained for another build"):
+        index.classifier
+    assert index.knn_method().tuned_on is None
+    index.close()
