@@ -325,9 +325,8 @@ def rm_command(name, yes, unfinished, index_dir):
     home = index_home(index_dir)
     target, staging = home / name, home / STAGING / name
     if unfinished:
-        from .adapt import TRUNK_CACHE
-        leftovers = [p for p in (target / "heads" / "tail" / "checkpoint.pt", target / "heads" / "tail" / TRUNK_CACHE)
-                     if p.is_file()]
+        tail = target / "heads" / "tail"  # train's resume files (geoindex.adapt; named here to spare rm torch)
+        leftovers = [p for p in (tail / "checkpoint.pt", tail / "trunk_features.npz") if p.is_file()]
         if not staging.exists() and not leftovers:
             raise GeoindexError(f"index {name!r} has nothing unfinished to delete in {home}")
         if not yes:
