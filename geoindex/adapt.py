@@ -33,13 +33,14 @@ from .backbones import TAIL_STAGES, tail_split
 from .errors import GeoindexError
 from .extraction import iter_embeddings, resolve_device
 from .fileio import atomic_path, fault_point, write_json_atomic
-from .heads import _LossStopping, head_folder, load_weights_file, save_curves
+from .heads import _LossStopping, head_folder, load_weights_file, save_curves, save_weights
 
 MODE = "tail"
 DEFAULTS = {"epochs": 6, "lr": 1e-4, "head_lr": 1e-3, "weight_decay": 0.05, "batch_size": 64, "patience": 2,
             "label_smoothing": 0.1}
 MAX_TRAIN_PHOTOS = 20_000  # the trunk cache is ~44-113 KB a photo; past this a random sample of train adapts
 MAX_VAL_PHOTOS = 5_000
+TRUNK_CACHE = "trunk_features.npz"  # beside the checkpoint: a resumed run skips recomputing them (minutes)
 
 
 @dataclass
@@ -75,7 +76,8 @@ def _sample(n: int, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
-def _trunk_outputs(backbone, split, paths, batch_size, num_workers, device, progress, desc) -> tuple[np.ndarray, np.ndarray]:
+def _trunk_outputs(backbone, split, paths, batch_size, num_workers, device, progress, desc,
+                   estimate=None) -> tuple[np.ndarray, np.ndarray]:
     """(N, F) float16 trunk outputs of the photos, and which decoded: computed once, read every epoch."""
     trunk_backbone = dataclasses.replace(backbone, model=split.trunk, embed_dim=split.trunk_dim, _embedders={})
     out = np.zeros((len(paths), split.trunk_dim), dtype=np.float16)
@@ -84,7 +86,44 @@ def _trunk_outputs(backbone, split, paths, batch_size, num_workers, device, prog
                                 progress=progress, desc=desc, normalize=False):
         out[item.positions[item.ok]] = item.embeddings.astype(np.float16)
         ok[item.positions] = item.ok
+        if estimate is not None:
+            estimate.seen(len(item.positions))
     return out, ok
+
+
+def _read_trunk_cache(path: Path, key: str, counts: dict, dim: int):
+    """(features, labels) saved by an interrupted run of the same plan on the same index build, else None.
+    Plain arrays only (allow_pickle=False); anything else, or another key or shape, is ignored and recomputed."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None
+            features = {s: z[f"{s}_features"] for s in counts}
+            labels = {s: z[f"{s}_labels"].astype(np.int64) for s in counts}
+    except (OSError, ValueError, KeyError):
+        return None
+    for s, n in counts.items():
+        if features[s].shape != (n, dim) or features[s].dtype != np.float16 or labels[s].shape != (n,):
+            return None
+    return features, labels
+
+
+def _write_trunk_cache(path: Path, key: str, features: dict, labels: dict, log) -> None:
+    """Best effort: a resumed run is only slower without it, so a disk too small for it skips it with a note."""
+    import shutil
+
+    needed = sum(a.nbytes for a in features.values()) + sum(a.nbytes for a in labels.values()) + (1 << 20)
+    free = shutil.disk_usage(path.parent).free
+    if free < 2 * needed:  # leave room for the checkpoints and the re-embedding
+        log(f"not keeping the trunk features for a resumed run ({needed / 1e6:.0f} MB; {free / 1e6:.0f} MB free)")
+        return
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, key=np.array(key), **{f"{s}_features": a for s, a in features.items()},
+                         **{f"{s}_labels": a for s, a in labels.items()})
+    except OSError as exc:
+        log(f"not keeping the trunk features for a resumed run ({exc.strerror or exc})")
 
 
 def adapt_index(index, epochs: int | None = None, lr: float | None = None, weight_decay: float | None = None,
@@ -92,11 +131,20 @@ def adapt_index(index, epochs: int | None = None, lr: float | None = None, weigh
                 device="auto", num_workers=None, seed: int = 0, progress: bool = True, log=print) -> AdaptResult:
     """Fine-tune the tail of the index's backbone on its train photos (early stop on val loss), re-embed every
     photo of the index with it and swap the index for the re-embedded one. `index` is closed; the result holds
-    the re-embedded index, opened, and where the curves are."""
+    the re-embedded index, opened, and where the curves are. Holds the index's lock throughout (geoindex.locks)."""
+    from .locks import writing_to
+
+    with writing_to(index, "train"):
+        return _adapt_locked(index, epochs, lr, weight_decay, batch_size, patience, tail_stages, device, num_workers,
+                             seed, progress, log)
+
+
+def _adapt_locked(index, epochs, lr, weight_decay, batch_size, patience, tail_stages, device, num_workers, seed,
+                  progress, log) -> AdaptResult:
     from tqdm.auto import tqdm
 
     from .backbones import create_backbone
-    from .build import TUNED_WEIGHTS, reembed_index
+    from .build import TUNED_WEIGHTS, StageEstimate, reembed_index
     from .geo_index import load_index
 
     if is_adapted(index):
@@ -112,12 +160,17 @@ def adapt_index(index, epochs: int | None = None, lr: float | None = None, weigh
     device = resolve_device(device)
     backbone = create_backbone(index.manifest["backbone"], weights=index._weights_argument(),
                                image_size=index.manifest["image_size"], device=device)
+    # The trunk's Embedder turns the whole net channels-last, which changes the tail's float rounding: done here
+    # up front, a run that reads cached trunk features trains bit for bit as one that computed them.
+    backbone.model.to(memory_format=torch.channels_last)
     split = tail_split(backbone, tail_stages)
     folder = head_folder(index, MODE)
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint_path = folder / "checkpoint.pt"
+    # "shuffle" names how epochs draw their order: a checkpoint of another scheme cannot resume bit for bit.
     plan = {"backbone": index.manifest["backbone"], "weights_sha256": index.manifest["weights"]["sha256"],
-            "build_id": index.manifest.get("build_id"), "tail_stages": tail_stages, "seed": seed, **settings}
+            "build_id": index.manifest.get("build_id"), "tail_stages": tail_stages, "seed": seed,
+            "shuffle": "generator(seed, epoch)", **settings}
 
     torch.manual_seed(seed)
     n_classes, dim = len(index.classes), backbone.embed_dim
@@ -138,7 +191,6 @@ def adapt_index(index, epochs: int | None = None, lr: float | None = None, weigh
             history, start_epoch = state["history"], state["epoch"] + 1
             stopper.best_loss, stopper.best_epoch, stopper.bad = state["best"], state["best_epoch"], state["bad"]
             best_state = state["best_model"]
-            torch.set_rng_state(state["rng"])
             log(f"resuming the tail fine-tuning after epoch {state['epoch']}")
         else:
             log("a tail fine-tuning checkpoint of other settings was found; starting over")
@@ -150,18 +202,30 @@ def adapt_index(index, epochs: int | None = None, lr: float | None = None, weigh
     if len(rows["train"]) < len(meta["train"]):
         log(f"adapting on a random {len(rows['train']):,} of the {len(meta['train']):,} train photos")
     features, labels = {}, {}
+    cache_path = folder / TRUNK_CACHE
+    cache_key = json.dumps({"plan": plan, "trunk_weights_sha256": backbone.weights.sha256,
+                            "rows": {s: len(rows[s]) for s in rows}}, sort_keys=True)
     if not done:
         started = time.perf_counter()
-        for s in ("train", "val"):
-            paths = meta[s]["path"].to_numpy()[rows[s]].tolist()
-            features[s], ok = _trunk_outputs(backbone, split, paths, max(32, settings["batch_size"]), num_workers,
-                                             device, progress, f"trunk features ({s})")
-            labels[s] = np.where(ok, meta[s]["label"].to_numpy()[rows[s]], -1).astype(np.int64)
-            if s == "train" and not ok.any():
-                from .heads import _no_readable_photo
-                raise GeoindexError(_no_readable_photo(paths))
-        log(f"trunk features of {len(rows['train']) + len(rows['val']):,} photos in "
-            f"{time.perf_counter() - started:.0f} s; training the last {tail_stages} stages of {index.manifest['backbone']}")
+        cached = _read_trunk_cache(cache_path, cache_key, {s: len(rows[s]) for s in rows}, split.trunk_dim)
+        if cached is not None:
+            features, labels = cached
+            log(f"trunk features of {len(rows['train']) + len(rows['val']):,} photos read from {cache_path.name} "
+                f"(kept from the interrupted run) in {time.perf_counter() - started:.0f} s")
+        else:
+            estimate = StageEstimate(log, "trunk features", len(rows["train"]) + len(rows["val"]))
+            for s in ("train", "val"):
+                paths = meta[s]["path"].to_numpy()[rows[s]].tolist()
+                features[s], ok = _trunk_outputs(backbone, split, paths, max(32, settings["batch_size"]), num_workers,
+                                                 device, progress, f"trunk features ({s})", estimate)
+                labels[s] = np.where(ok, meta[s]["label"].to_numpy()[rows[s]], -1).astype(np.int64)
+                if s == "train" and not ok.any():
+                    from .heads import _no_readable_photo
+                    raise GeoindexError(_no_readable_photo(paths))
+            log(f"trunk features of {len(rows['train']) + len(rows['val']):,} photos in "
+                f"{time.perf_counter() - started:.0f} s")
+            _write_trunk_cache(cache_path, cache_key, features, labels, log)
+        log(f"training the last {tail_stages} stages of {index.manifest['backbone']}")
     # BatchNorm keeps its ImageNet statistics (a few thousand photos would only make them noisy); the
     # EfficientNet-Lite tails have no dropout, so eval mode throughout changes nothing else.
     tail.eval()
@@ -182,11 +246,16 @@ def adapt_index(index, epochs: int | None = None, lr: float | None = None, weigh
                     count += int(valid.sum())
         return total / max(1, count), correct / max(1, count)
 
+    epochs_estimate = None if done else StageEstimate(
+        log, f"tail fine-tuning (at most {settings['epochs'] - start_epoch + 1} epochs)",
+        len(labels["train"]) * (settings["epochs"] - start_epoch + 1))
     for epoch in range(start_epoch, settings["epochs"] + 1):
         if done:
             break
         t0 = time.perf_counter()
-        order = torch.randperm(len(labels["train"])).numpy()
+        # Each epoch's order comes from its own generator, never the global one that DataLoaders draw from:
+        # a resumed run then shuffles exactly as an uninterrupted one, whatever it computed before.
+        order = torch.randperm(len(labels["train"]), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).numpy()
         total, correct, count = 0.0, 0, 0
         with tqdm(range(0, len(order), settings["batch_size"]), desc=f"tail epoch {epoch}", disable=not progress,
                   leave=False, unit="batch") as bar:
@@ -204,17 +273,19 @@ def adapt_index(index, epochs: int | None = None, lr: float | None = None, weigh
                 total += loss.item() * int(valid.sum())
                 correct += int((logits.argmax(1) == y)[valid].sum())
                 count += int(valid.sum())
+                epochs_estimate.seen(len(batch))
         val_loss, val_acc = evaluate("val")
         history.append({"epoch": epoch, "train_loss": total / max(1, count), "train_accuracy": correct / max(1, count),
                         "val_loss": val_loss, "val_accuracy": val_acc, "seconds": time.perf_counter() - t0})
         improved, done = stopper.update(epoch, val_loss)
         if improved:
             best_state = copy.deepcopy(backbone.model.state_dict())
-        with atomic_path(checkpoint_path) as tmp:
-            torch.save({"plan": plan, "model": backbone.model.state_dict(), "head": head.state_dict(),
-                        "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
-                        "best": stopper.best_loss, "best_epoch": stopper.best_epoch, "bad": stopper.bad,
-                        "best_model": best_state, "rng": torch.get_rng_state()}, tmp)
+        save_weights({"plan": plan, "model": backbone.model.state_dict(), "head": head.state_dict(),
+                      "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
+                      "best": stopper.best_loss, "best_epoch": stopper.best_epoch, "bad": stopper.bad,
+                      "best_model": best_state}, checkpoint_path,
+                     f"the tail checkpoint of epoch {epoch}",
+                     f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no epoch is kept")
         fault_point("tail-epoch")
         save_curves(pd.DataFrame(history), folder, f"{index.manifest['backbone']} tail fine-tuned ({index.name})",
                     stopper.best_epoch)
@@ -225,9 +296,10 @@ def adapt_index(index, epochs: int | None = None, lr: float | None = None, weigh
     best_epoch = stopper.best_epoch
     best_val_accuracy = next(h["val_accuracy"] for h in history if h["epoch"] == best_epoch)
     backbone.model.load_state_dict(best_state)
+    cache_path.unlink(missing_ok=True)  # only a resumed fine-tuning reads it; the re-embedding does not
     weights = folder / "backbone.pt"
-    with atomic_path(weights) as tmp:
-        torch.save(backbone.model.state_dict(), tmp)
+    save_weights(backbone.model.state_dict(), weights, "the tuned backbone",
+                 f"the checkpoint of epoch {history[-1]['epoch']} is kept")
     info = {"mode": MODE, "tail_stages": tail_stages, "best_epoch": best_epoch, "epochs_run": len(history),
             "best_val_accuracy": best_val_accuracy, "best_val_loss": stopper.best_loss, "train_photos": int(len(rows["train"])),
             "val_photos": int(len(rows["val"])), "tuned_on": "val", "pretrained_weights": index.manifest["weights"],

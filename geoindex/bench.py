@@ -232,7 +232,20 @@ class Bench:
 
 def run_bench(index, methods=METHODS, split: str = "test", out=None, external=None, log: Callable[[str], None] = print,
               **bench_kwargs) -> dict:
-    """Score the chosen methods on one split (and optionally an external set); merge into `out`/results.json."""
+    """Score the chosen methods on one split (and optionally an external set); merge into `out`/results.json.
+
+    With `out` inside the index (the default <index>/bench/) the index's lock is held from the start
+    (geoindex.locks): a bench is a writer there, refused at once while another writer holds the index."""
+    index_folder = Path(index.path).resolve()
+    target = Path(out).resolve() if out else index_folder / "bench"
+    if index_folder == target or index_folder in target.parents:
+        from .locks import writing_to
+        with writing_to(index, "bench"):
+            return _run_bench(index, methods, split, out, external, log, **bench_kwargs)
+    return _run_bench(index, methods, split, out, external, log, **bench_kwargs)
+
+
+def _run_bench(index, methods, split, out, external, log, **bench_kwargs) -> dict:
     methods = list(methods)
     unknown = set(methods) - set(METHODS)
     if unknown:

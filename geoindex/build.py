@@ -41,7 +41,7 @@ from .fileio import (MARKER, STAGING, atomic_path, check_index_name, fault_point
                      name_from, remove_geoindex_folder, replace_dir, write_json_atomic)
 from .images import DEFAULT_MAX_PIXELS
 from .integrity import IndexCorrupt, describe_files, read_manifest, verify_files
-from .locks import IndexLock
+from .locks import IndexLock, writing_to
 from .search import INDEX_TYPES, TRAINED_TYPES, build_from_blocks, exact_search, recall_at_k, save_index, search
 from .store import EmbeddingStore, create_store, write_metadata
 from .synthetic import SYNTHETIC_MARKER
@@ -51,6 +51,7 @@ EMBEDDINGS = "embeddings.h5"
 FAISS_INDEX = "faiss.index"
 SKIPPED = "skipped.json"
 TUNED_WEIGHTS = "backbone.pt"  # an adapted index's own backbone (geoindex.adapt), kept inside the index
+REEMBED_MARK = "reembed.json"  # in <home>/.staging/<name>/ while `train` re-embeds the index
 INDEX_FILES = (EMBEDDINGS, FAISS_INDEX, SKIPPED)
 
 
@@ -269,6 +270,26 @@ def _is_disk_full(exc: BaseException) -> bool:
     return "No space left" in text or "errno = 28" in text or "Disk quota" in text
 
 
+class StageEstimate:
+    """Says once, after the first batch, about how long a stage of `total` photos will take at that batch's
+    speed (a rough figure: the first batch also pays for warming up)."""
+
+    def __init__(self, log: Callable[[str], None], what: str, total: int):
+        self.log, self.what, self.total = log, what, total
+        self.started, self.done = time.perf_counter(), 0
+        self.said = total == 0
+
+    def seen(self, photos: int) -> None:
+        self.done += photos
+        if self.said:
+            return
+        self.said = True
+        rate = self.done / max(time.perf_counter() - self.started, 1e-6)
+        seconds = self.total / rate
+        took = f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+        self.log(f"{self.what}: {self.total:,} photos, about {took} at {rate:.1f} photos/s (first batch)")
+
+
 def _new_assembly(paths: BuildPaths) -> Path:
     """An empty assembly folder, marked as geoindex's: where the next version of the index is put together."""
     out = paths.assembly
@@ -301,6 +322,19 @@ def _clean_leftovers(paths: BuildPaths) -> None:
         shutil.rmtree(paths.staging)
     with contextlib.suppress(OSError):
         paths.staging.parent.rmdir()  # .staging/ itself, once empty
+
+
+def _trained_parts(folder: Path) -> list[str]:
+    """What `geoindex train` added to an index, which a rebuild cannot keep (it reads the old embeddings)."""
+    parts = []
+    with contextlib.suppress(OSError, ValueError, IndexCorrupt):
+        if read_manifest(folder).get("adapted"):
+            parts.append("the backbone adapted to its cities")
+    names = {"probe": "the probe head", "finetune": "the fine-tuned head", "knn": "the kNN tuning"}
+    for mode, said in names.items():
+        if any((folder / "heads" / mode / f).is_file() for f in ("meta.json", "params.json")):
+            parts.append(said)
+    return parts
 
 
 def _report_from_index(paths: BuildPaths) -> BuildReport:
@@ -371,6 +405,10 @@ def _build_locked(paths: BuildPaths, data, backbone, weights, per_city, image_si
         if not overwrite:
             raise GeoindexError(f"index {name!r} already exists at {target}; pass --overwrite to rebuild it "
                                 "(unchanged photos are not embedded again) or --name to build another")
+        trained = _trained_parts(target)
+        if trained:
+            log(f"note: the rebuilt index {name!r} will not have what `geoindex train` added to this one "
+                f"({', '.join(trained)}): they were made for its old embeddings; run `geoindex train` again afterwards")
 
     dataset = scan_dataset(data, follow_symlinks=follow_symlinks)
     fault_point("scan")
@@ -690,6 +728,20 @@ def _build_faiss(store: EmbeddingStore, out: Path, index_type: str, index_params
 
 
 # ---------------------------------------------------------------------------------------------- re-embedding
+def _check_reembedding_space(index, backbone: Backbone, home: Path) -> None:
+    """Refuse before writing: HDF5 cannot recover from a full disk mid-write (it may even crash the process).
+    The new copy is the size of the old one (same rows, same dtype), plus the tuned weights."""
+    folder = Path(index.path)
+    sizes = [folder / EMBEDDINGS, folder / FAISS_INDEX, folder / SKIPPED, Path(backbone.weights.path)]
+    needed = int(1.1 * sum(p.stat().st_size for p in sizes if p.is_file())) + (1 << 20)
+    free = shutil.disk_usage(home).free
+    if free < needed:
+        raise GeoindexError(f"disk full: re-embedding index {index.name!r} needs about {needed / 1e6:.1f} MB in {home}, "
+                            f"{free / 1e6:.1f} MB are free; nothing was replaced (the index answers as before) and the "
+                            "tail fine-tuning is kept in heads/tail/; free some space and rerun `geoindex train` to "
+                            "finish")
+
+
 def reembed_index(index, backbone: Backbone, adapted: dict, batch_size: int = 64, num_workers: int | None = None,
                   device="auto", progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Embed every photo of a built index again with `backbone` (its weights a file, e.g. a tuned tail), keeping
@@ -710,32 +762,46 @@ def reembed_index(index, backbone: Backbone, adapted: dict, batch_size: int = 64
     classes = index.classes
     old = index.store
     counts = {s: old.count(s) for s in SPLITS}
-    with IndexLock(home, name):
+    with writing_to(index, "train"):
+        _check_reembedding_space(index, backbone, home)
         out = _new_assembly(paths)
+        # Tells `geoindex indexes` (and rm --unfinished) that this staging is train's, not a build's.
+        write_json_atomic(paths.staging / REEMBED_MARK, {"by": "train", "started_by_pid": os.getpid()})
         shutil.copyfile(backbone.weights.path, out / TUNED_WEIGHTS)
         started, embedded = time.perf_counter(), 0
-        with atomic_path(out / EMBEDDINGS) as tmp:
-            with create_store(tmp, counts, backbone.embed_dim, dtype, classes,
-                              {"backbone": backbone.name, "normalization": "l2"}) as f:
-                for split in SPLITS:
-                    meta = old.metadata(split)
-                    keys = old.photo_keys(split)
-                    write_metadata(f[split], meta if keys is None else meta.assign(
-                        size=keys["size"].to_numpy(), mtime_ns=keys["mtime_ns"].to_numpy(),
-                        digest=keys["digest"].to_numpy()), classes)
-                    if not len(meta):
-                        continue
-                    for item in iter_embeddings(backbone, meta["path"].tolist(), batch_size=batch_size,
-                                                num_workers=num_workers, device=device, progress=progress,
-                                                desc=f"re-embedding {split} ({backbone.name}, tuned)"):
-                        if not item.ok.all():
-                            bad = int(item.positions[~item.ok][0])
-                            why = item.errors[int(np.flatnonzero(~item.ok)[0])]
-                            raise GeoindexError(f"{meta['path'].iat[bad]} can no longer be read ({why}); re-embedding "
-                                                f"needs every photo of index {name!r}: nothing was replaced")
-                        rows = slice(int(item.positions[0]), int(item.positions[-1]) + 1)  # batches come in order
-                        f[split]["embeddings"][rows] = item.embeddings.astype(dtype)
-                        embedded += len(item.positions)
+        estimate = StageEstimate(log, "re-embedding", sum(counts.values()))
+        try:
+            with atomic_path(out / EMBEDDINGS) as tmp:
+                with create_store(tmp, counts, backbone.embed_dim, dtype, classes,
+                                  {"backbone": backbone.name, "normalization": "l2"}) as f:
+                    for split in SPLITS:
+                        meta = old.metadata(split)
+                        keys = old.photo_keys(split)
+                        write_metadata(f[split], meta if keys is None else meta.assign(
+                            size=keys["size"].to_numpy(), mtime_ns=keys["mtime_ns"].to_numpy(),
+                            digest=keys["digest"].to_numpy()), classes)
+                        if not len(meta):
+                            continue
+                        for item in iter_embeddings(backbone, meta["path"].tolist(), batch_size=batch_size,
+                                                    num_workers=num_workers, device=device, progress=progress,
+                                                    desc=f"re-embedding {split} ({backbone.name}, tuned)"):
+                            if not item.ok.all():
+                                bad = int(item.positions[~item.ok][0])
+                                why = item.errors[int(np.flatnonzero(~item.ok)[0])]
+                                raise GeoindexError(f"{meta['path'].iat[bad]} can no longer be read ({why}); "
+                                                    f"re-embedding needs every photo of index {name!r}: nothing was "
+                                                    "replaced")
+                            rows = slice(int(item.positions[0]), int(item.positions[-1]) + 1)  # batches come in order
+                            f[split]["embeddings"][rows] = item.embeddings.astype(dtype)
+                            embedded += len(item.positions)
+                            estimate.seen(len(item.positions))
+        except (OSError, RuntimeError) as exc:
+            if not _is_disk_full(exc):
+                raise
+            shutil.rmtree(paths.staging, ignore_errors=True)  # a half-written copy: redone in full by the rerun
+            raise GeoindexError(f"disk full while re-embedding index {name!r} in {home}; nothing was replaced (the "
+                                "index answers as before) and the tail fine-tuning is kept in heads/tail/; free some "
+                                "space and rerun `geoindex train` to finish") from None
         fault_point("reembed-h5")
         with EmbeddingStore(out / EMBEDDINGS) as store:
             index_info = _build_faiss(store, out, index.manifest["index"]["type"], index.manifest["index"].get("params"),
@@ -763,7 +829,15 @@ def reembed_index(index, backbone: Backbone, adapted: dict, batch_size: int = 64
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "files": describe_files(out, INDEX_FILES + (TUNED_WEIGHTS,)),
         })
-        write_json_atomic(out / MANIFEST, manifest)
+        try:
+            write_json_atomic(out / MANIFEST, manifest)
+        except OSError as exc:
+            if not _is_disk_full(exc):
+                raise
+            shutil.rmtree(paths.staging, ignore_errors=True)
+            raise GeoindexError(f"disk full while re-embedding index {name!r} in {home}; nothing was replaced and the "
+                                "tail fine-tuning is kept in heads/tail/; free some space and rerun `geoindex train` "
+                                "to finish") from None
         fault_point("reembed-manifest")
         _commit_assembly(paths)
     log(f"index {name!r} re-embedded: {embedded} photos in {seconds:.0f} s ({embedded / max(seconds, 1e-9):.1f} photos/s)")

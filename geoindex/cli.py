@@ -361,7 +361,7 @@ def indexes_command(index_dir, as_json):
                      str(len(m["classes"])), _trained_summary(Path(e["path"])),
                      str(m["created"])[:16].replace("T", " ") + ("  SYNTHETIC data" if m.get("synthetic") else "")])
         if e.get("unfinished"):
-            notes.append(f"{m['name']}: a rebuild is unfinished: {e['unfinished']}")
+            notes.append(f"{m['name']}: {e['unfinished']}")
     header = ["NAME", "BACKBONE", "WEIGHTS", "ADAPTED", "INDEX", "TRAIN", "VAL", "TEST", "CITIES", "TRAINED", "BUILT"]
     numeric = {"TRAIN", "VAL", "TEST", "CITIES"}
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -382,9 +382,11 @@ def _trained_summary(path: Path) -> str:
 @main.command("rm")
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--unfinished", is_flag=True, help="Delete only what an interrupted build or train left unfinished "
+                                                 "(its staging folder and train's checkpoints); the index stays.")
 @index_dir_option
 @friendly_errors
-def rm_command(name, yes, index_dir):
+def rm_command(name, yes, unfinished, index_dir):
     """Delete an index (and any unfinished build of it). Only folders geoindex made are ever deleted."""
     from .fileio import STAGING, check_index_name, index_home, remove_geoindex_folder
     from .locks import IndexLock
@@ -392,16 +394,42 @@ def rm_command(name, yes, index_dir):
     check_index_name(name)
     home = index_home(index_dir)
     target, staging = home / name, home / STAGING / name
+    if unfinished:
+        tail = target / "heads" / "tail"  # train's resume files (geoindex.adapt; named here to spare rm torch)
+        leftovers = [p for p in (tail / "checkpoint.pt", tail / "trunk_features.npz") if p.is_file()]
+        if not staging.exists() and not leftovers:
+            raise GeoindexError(f"index {name!r} has nothing unfinished to delete in {home}")
+        if not yes:
+            click.confirm(f"delete the unfinished part of {name!r} ({', '.join(map(str, [staging, *leftovers]))}); "
+                          "the index stays?", abort=True)
+        with IndexLock(home, name, "rm"):
+            if staging.exists():
+                remove_geoindex_folder(staging, home)
+                _remove_if_empty(staging.parent)
+            for path in leftovers:
+                path.unlink(missing_ok=True)
+        click.echo(f"removed the unfinished part of {name!r}" + (f"; the index in {target} is kept" if target.exists()
+                                                                   else ""))
+        return
     if not target.exists() and not staging.exists():
         raise GeoindexError(f"no index or unfinished build named {name!r} in {home}")
     if not yes:
-        click.confirm(f"delete index {name!r} ({target})?", abort=True)
+        click.confirm(f"delete index {name!r} ({target})" + (" and its unfinished build" if staging.exists() else "")
+                      + "?", abort=True)
     with IndexLock(home, name, "rm"):
         if target.exists():
             remove_geoindex_folder(target, home)
         if staging.exists():
             remove_geoindex_folder(staging, home)
+            _remove_if_empty(staging.parent)
     click.echo(f"removed {name!r}")
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # .staging/ once no other name has an unfinished build
+    except OSError:
+        pass
 
 
 @main.command()
@@ -433,6 +461,18 @@ def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resu
     with it, and the index is swapped for the re-embedded one. Then a linear probe is trained and kNN
     (space, k, vote, temperature) is tuned on val, on the new embeddings.
     """
+    from .locks import index_lock
+    from .locate import default_index_name, resolve_index_path
+
+    # The lock comes first, and the index is opened under it: a second writer is refused before any work, and
+    # no build can swap the index out while this one trains for it.
+    with index_lock(resolve_index_path(index_name or default_index_name(index_dir), index_dir), "train"):
+        _train_locked(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resume, workers, device,
+                      index_dir)
+
+
+def _train_locked(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resume, workers, device,
+                  index_dir):
     from .adapt import adapt_index, is_adapted, wants_adaptation
     from .geo_index import load_index
     from .heads import train_finetune, train_probe
@@ -508,12 +548,26 @@ def _kept_epoch_summary(result) -> str:
 def bench(index_name, methods, split, out, external, k, vote_method, clip_weights, templates, names, workers, device,
           index_dir):
     """Score kNN, classifier heads, CLIP zero-shot and their fusion on the same images, one metrics function."""
-    from .bench import format_table, run_bench
-    from .geo_index import load_index
-
     if names:
         from .cities import load_names
         load_names(names)
+    if out is None:  # results go into the index: a writer, so the lock comes before any work (geoindex.locks)
+        from .locate import default_index_name, resolve_index_path
+        from .locks import index_lock
+        lock = index_lock(resolve_index_path(index_name or default_index_name(index_dir), index_dir), "bench")
+    else:
+        import contextlib
+        lock = contextlib.nullcontext()
+    with lock:
+        _bench(index_name, methods, split, out, external, k, vote_method, clip_weights, templates, workers, device,
+               index_dir)
+
+
+def _bench(index_name, methods, split, out, external, k, vote_method, clip_weights, templates, workers, device,
+           index_dir):
+    from .bench import format_table, run_bench
+    from .geo_index import load_index
+
     index = load_index(index_name, index_dir, device=device)
     if external and not Path(external).exists():
         raise click.ClickException(f"--external {external}: no such file or folder")

@@ -39,6 +39,29 @@ def load_weights_file(path, what: str, map_location="cpu"):
                             "nothing in it ran. Delete it (or retrain) to go on") from None
 
 
+def save_weights(obj, path: Path, what: str, kept: str) -> None:
+    """torch.save, atomically; a full disk is one line saying what is kept (torch reports it without an errno,
+    as `RuntimeError: [enforce fail at inline_container.cc] unexpected pos` or `basic_ios::clear`)."""
+    import shutil
+
+    from .build import _is_disk_full
+
+    folder = Path(path).parent
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(obj, tmp)
+        except (OSError, RuntimeError) as exc:
+            # Judged while the partial file still holds the space it took: after its removal the disk looks fine.
+            try:
+                full = shutil.disk_usage(folder).free < (4 << 20)
+            except OSError:
+                full = False
+            if not (full or _is_disk_full(exc)):
+                raise
+            raise GeoindexError(f"disk full: {what} could not be written to {folder}; {kept}; free some space and "
+                                "rerun the same command to resume") from None
+
+
 class ProbeHead(nn.Module):
     """Standardise with the train split's statistics, then one linear layer."""
 
@@ -194,7 +217,16 @@ def fit_probe(x_train, y_train, x_val, y_val, n_classes: int, epochs: int = 30, 
 
 def train_probe(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=None, patience=3, device="cpu", seed=0,
                 progress=True, log=print) -> TrainResult:
-    """Train a softmax head on the index's stored train embeddings, early-stopped on validation loss."""
+    """Train a softmax head on the index's stored train embeddings, early-stopped on validation loss.
+    Holds the index's lock (geoindex.locks): the head is saved into the index it was trained for, or not at all."""
+    from .locks import writing_to
+
+    with writing_to(index, "train"):
+        return _train_probe_locked(index, epochs, lr, weight_decay, batch_size, patience, device, seed, progress, log)
+
+
+def _train_probe_locked(index, epochs, lr, weight_decay, batch_size, patience, device, seed, progress,
+                        log) -> TrainResult:
     defaults = DEFAULTS["probe"]
     epochs, lr, batch_size = epochs or defaults["epochs"], lr or defaults["lr"], batch_size or defaults["batch_size"]
     store = index.store
@@ -213,7 +245,8 @@ def train_probe(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=None,
     with atomic_path(folder / "head.pt") as tmp:
         torch.save(head.state_dict(), tmp)
     save_curves(history, folder, f"linear probe on {index.manifest['backbone']} embeddings ({index.name})", best_epoch)
-    write_json_atomic(folder / "meta.json", {"mode": "probe", "classes": index.classes, "embed_dim": x_train.shape[1],
+    write_json_atomic(folder / "meta.json", {"mode": "probe", "build_id": index.manifest.get("build_id"),
+                                             "classes": index.classes, "embed_dim": x_train.shape[1],
                                              "best_epoch": best_epoch, "best_val_accuracy": best_acc,
                                              "validated_on": "val" if has_val else None,
                                              "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size})
@@ -279,8 +312,17 @@ def train_finetune(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=No
                    resume=False, num_workers=None, seed=0, progress=True, log=print) -> TrainResult:
     """Fine-tune the whole backbone with a new linear head (Adam, AMP and channels-last on a GPU).
 
-    A checkpoint is written after every epoch; resume=True continues from it.
+    A checkpoint is written after every epoch; resume=True continues from it. Holds the index's lock.
     """
+    from .locks import writing_to
+
+    with writing_to(index, "train"):
+        return _train_finetune_locked(index, epochs, lr, weight_decay, batch_size, patience, device, resume,
+                                      num_workers, seed, progress, log)
+
+
+def _train_finetune_locked(index, epochs, lr, weight_decay, batch_size, patience, device, resume, num_workers, seed,
+                           progress, log) -> TrainResult:
     from tqdm.auto import tqdm
 
     defaults = DEFAULTS["finetune"]
@@ -380,7 +422,8 @@ def train_finetune(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=No
         if stop:
             log(f"early stop: no val improvement for {patience} epochs")
             break
-    write_json_atomic(folder / "meta.json", {"mode": "finetune", "classes": index.classes, "backbone": index.manifest["backbone"],
+    write_json_atomic(folder / "meta.json", {"mode": "finetune", "build_id": index.manifest.get("build_id"),
+                                             "classes": index.classes, "backbone": index.manifest["backbone"],
                                              "embed_dim": backbone.embed_dim, "best_epoch": stopper.best_epoch,
                                              "best_val_accuracy": stopper.best if has_val else None,
                                              "validated_on": "val" if has_val else None,
@@ -414,6 +457,12 @@ class Classifier:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise GeoindexError(f"the {mode} head in {self.folder} is damaged ({type(exc).__name__} in meta.json); "
                                 "retrain it or delete that folder") from None
+        if self.meta.get("build_id") not in (None, index.manifest.get("build_id")):
+            # Heads are saved with the build they read: one beside another build's embeddings came from a race
+            # or a copy, and would answer with confidence about features it never saw.
+            raise GeoindexError(f"the {mode} head in {self.folder} was trained for another build of index "
+                                f"{index.name!r}; retrain it (`geoindex train --index {index.name}`) or delete that "
+                                "folder")
         if self.meta["classes"] != index.classes:
             raise GeoindexError(f"the {mode} head in {self.folder} was trained for other classes; retrain it")
         self.device = resolve_device(device)

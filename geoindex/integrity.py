@@ -105,6 +105,27 @@ def verify_files(folder, manifest: dict, full: bool = False) -> None:
             pass  # a read-only index is hashed again next time; still correct
 
 
+def _running_writer(home: Path, name: str) -> str | None:
+    """"pid N (`geoindex CMD`)" while a live process holds the index's lock (geoindex.locks), else None.
+
+    The lock file exists only while held or after its holder was killed; a live pid tells the two apart.
+    Nothing is locked here: probing the flock would make a writer starting at that instant refuse."""
+    try:
+        holder = (home / ".locks" / f"{name}.lock").read_text().split()
+        pid = int(holder[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        pass  # alive, another user's
+    except OSError:
+        return None
+    if pid == os.getpid():
+        return None
+    return f"pid {pid}" + (f", `geoindex {holder[1]}`" if len(holder) > 1 else "")
+
+
 def index_entries(home) -> list[dict]:
     """Every index folder in `home`, finished or not: {name, path, status, reason, manifest}.
 
@@ -128,15 +149,35 @@ def index_entries(home) -> list[dict]:
             except IndexCorrupt as exc:
                 entries[folder.name] = {"name": folder.name, "path": str(folder), "status": "broken",
                                         "reason": str(exc), "manifest": None}
+        for name, entry in entries.items():
+            writer = _running_writer(home, name)
+            if writer:
+                entry["unfinished"] = f"being changed now by {writer}"
+            elif entry["status"] == "ok" and (home / name / "heads" / "tail" / "checkpoint.pt").is_file():
+                entry["unfinished"] = (f"`geoindex train` was interrupted during its tail fine-tuning (the index "
+                                       f"answers as before): rerun `geoindex train --index {name}` to resume it, or "
+                                       f"`geoindex rm {name} --unfinished` to discard its checkpoint")
         staging = home / STAGING
         if staging.is_dir():
             for folder in sorted(staging.iterdir()):
                 if not folder.is_dir():
                     continue
                 shards = list((folder / "cache").glob("shard-*.npz"))
-                reason = (f"unfinished build: {len(shards)} checkpoint shard(s) kept in {folder}; rerun the build "
-                          f"command to finish it, or `geoindex rm {folder.name}` to discard it")
                 entry = entries.get(folder.name)
+                writer = _running_writer(home, folder.name)
+                if writer:
+                    reason = f"being built or re-embedded now by {writer}; it stays as it is until that finishes"
+                elif (folder / "reembed.json").is_file():  # geoindex.build.REEMBED_MARK: train's, not a build's
+                    reason = (f"`geoindex train` was interrupted while re-embedding it (the index answers as before, "
+                              f"with its old embeddings): rerun `geoindex train --index {folder.name}` to finish, or "
+                              f"`geoindex rm {folder.name} --unfinished` to discard only the unfinished part")
+                elif entry is not None:
+                    reason = (f"a rebuild is unfinished: {len(shards)} checkpoint shard(s) kept in {folder}; rerun the "
+                              f"build command to finish it, or `geoindex rm {folder.name} --unfinished` to discard only "
+                              "the rebuild (`geoindex rm NAME` deletes the index too)")
+                else:
+                    reason = (f"unfinished build: {len(shards)} checkpoint shard(s) kept in {folder}; rerun the build "
+                              f"command to finish it, or `geoindex rm {folder.name}` to discard it")
                 if entry is None:
                     entries[folder.name] = {"name": folder.name, "path": str(folder), "status": "unfinished",
                                             "reason": reason, "manifest": None}

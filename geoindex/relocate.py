@@ -16,10 +16,17 @@ EMBEDDINGS = "embeddings.h5"
 def relocate_index(name_or_path, new_root, old_root=None, index_dir=None, log=print) -> dict:
     """Rewrite the photo paths recorded in an index from `old_root` (default: the recorded data root) to
     `new_root`. Refuses when the photos are not at the new place, so a typo cannot break a working index."""
+    from .locks import index_lock
+
+    folder = resolve_index_path(name_or_path, index_dir)
+    with index_lock(folder, "relocate"):  # the manifest is read under the lock: it is the one rewritten
+        return _relocate_locked(folder, new_root, old_root, log)
+
+
+def _relocate_locked(folder: Path, new_root, old_root, log) -> dict:
     import h5py
     import numpy as np
 
-    folder = resolve_index_path(name_or_path, index_dir)
     manifest = read_manifest(folder)
     verify_files(folder, manifest)
     old_root = os.path.abspath(old_root or manifest.get("data_root") or "")

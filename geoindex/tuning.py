@@ -24,15 +24,22 @@ SAVED_KEYS = ("k", "vote", "temperature", "unlike_threshold", "tuned_on", "stree
 
 def tune_knn(index, log=print) -> dict:
     """Choose kNN's space (raw or whitened), k, vote and temperature, and the "unlike anything indexed"
-    threshold, on val; save them with the index. Where a head is trained, then also the fusion of the two
-    and which method answers lead with (tune_hybrid)."""
+    threshold, on val; save them with the index (under its lock: geoindex.locks). Where a head is trained, then
+    also the fusion of the two and which method answers lead with (tune_hybrid)."""
+    from .locks import writing_to
+
+    with writing_to(index, "train"):
+        return _tune_knn_locked(index, log)
+
+
+def _tune_knn_locked(index, log) -> dict:
     from .methods import KNNMethod, Photos
     from .search import save_index
 
     if not index.store.count("val"):
         raise GeoindexError(f"index {index.name!r} has no validation split to tune kNN on")
     knn = KNNMethod(index)
-    params = knn.fit(Photos.of_split(index, "val"))
+    params = knn.fit(Photos.of_split(index, "val")) | {"build_id": index.manifest.get("build_id")}
     folder = Path(index.path)
     for stale in (WHITENING, WHITENED_INDEX, STREET_WHITENING, STREET_INDEX):
         (folder / stale).unlink(missing_ok=True)
@@ -74,6 +81,8 @@ def load_knn_tuning(index) -> dict:
         saved = json.loads((folder / KNN_PARAMS).read_text())
     except (OSError, ValueError):
         return {}
+    if not isinstance(saved, dict) or saved.get("build_id") not in (None, index.manifest.get("build_id")):
+        return {}  # tuned on another build's embeddings (a race or a copy): the defaults are the honest answer
     params = {k: saved[k] for k in SAVED_KEYS if k in saved}
     if saved.get("whiten"):
         from .methods.whitening import Whitening

@@ -119,8 +119,9 @@ ADAPT = textwrap.dedent("""
     import sys
     from geoindex.adapt import adapt_index
     from geoindex.geo_index import load_index
+    # batch_size 4: several batches an epoch, so a resumed run that shuffled otherwise would train other weights
     result = adapt_index(load_index(sys.argv[1], sys.argv[2], device="cpu"), epochs=3, patience=5, device="cpu",
-                         num_workers=0, progress=False, log=print)
+                         num_workers=0, progress=False, log=print, batch_size=4)
     assert result.weights.is_file() and result.index.manifest["adapted"]["mode"] == "tail"
 """)
 
@@ -139,9 +140,14 @@ def test_adapting_killed_midway_resumes_to_the_same_index(pretrained_index, tmp_
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     old = json.loads((home / "b" / "manifest.json").read_text())
     assert "adapted" not in old  # the index still answers as it was
+    listed = subprocess.run([sys.executable, "-m", "geoindex.cli", "indexes", "--index-dir", str(home)],
+                            capture_output=True, text=True, env=env).stdout
+    assert "rerun `geoindex train --index b`" in listed and "geoindex rm b --unfinished" in listed, listed
     resumed = subprocess.run([sys.executable, "-c", ADAPT, "b", str(home)], capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming the tail fine-tuning after epoch" in resumed.stdout
+    if fault.startswith("tail-epoch"):  # the trunk features come from the interrupted run, not computed again
+        assert "read from trunk_features.npz" in resumed.stdout and "about" in plain.stdout
     a = torch.load(home / "a" / "backbone.pt", weights_only=True)
     b = torch.load(home / "b" / "backbone.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -149,6 +155,36 @@ def test_adapting_killed_midway_resumes_to_the_same_index(pretrained_index, tmp_
     assert np.array_equal(ia.store.embeddings("train"), ib.store.embeddings("train"))
     assert ia.manifest["adapted"]["best_epoch"] == ib.manifest["adapted"]["best_epoch"]
     assert not (home / ".staging").exists() and not list(home.rglob("*.tmp"))
+
+
+def geoindex_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "geoindex.cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=600)
+
+
+def test_train_killed_while_re_embedding_is_described_right_and_rm_unfinished_keeps_the_index(pretrained_index,
+                                                                                               tmp_path):
+    home = tmp_path / "home"
+    copy_index(pretrained_index, home, "ix")
+    killed = geoindex_cli("train", "--index", "ix", "--index-dir", home, "--epochs", "1", "--workers", "0",
+                          "--device", "cpu", env={"GEOINDEX_FAULT": "reembed-h5:1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    listed = geoindex_cli("indexes", "--index-dir", home)
+    assert listed.returncode == 0, listed.stderr
+    # The advice names what finishes it (train, not a build) and a removal that keeps the working index.
+    assert "geoindex train --index ix" in listed.stdout and "geoindex rm ix --unfinished" in listed.stdout
+    assert "rerun the build" not in listed.stdout
+    removed = geoindex_cli("rm", "ix", "--unfinished", "--yes", "--index-dir", home)
+    assert removed.returncode == 0, removed.stderr
+    assert not (home / ".staging").exists() and not (home / "ix" / "heads" / "tail" / "checkpoint.pt").exists()
+    index = load_index(home / "ix", device="cpu", verify=True)  # the index as it was, whole
+    assert "adapted" not in index.manifest and index.manifest == json.loads((pretrained_index / "manifest.json")
+                                                                            .read_text())
+    index.close()
+    listed = geoindex_cli("indexes", "--index-dir", home)
+    assert "unfinished" not in listed.stdout and "ix" in listed.stdout and "BROKEN" not in listed.stdout
+    nothing = geoindex_cli("rm", "ix", "--unfinished", "--yes", "--index-dir", home)
+    assert nothing.returncode == 1 and "nothing unfinished" in nothing.stderr and (home / "ix").is_dir()
 
 
 def test_demo_adapts_as_train_does_unless_told_not_to(gsv_tree, tmp_path):
@@ -162,3 +198,47 @@ def test_demo_adapts_as_train_does_unless_told_not_to(gsv_tree, tmp_path):
     assert plain.exit_code == 0, plain.output
     assert "adapting" not in plain.output
     assert "adapted" not in json.loads(next((tmp_path / "b").glob("*/manifest.json")).read_text())
+
+
+def test_a_full_disk_during_train_stops_with_one_line_and_the_rerun_finishes(pretrained_index, tmp_path):
+    from conftest import small_tmpfs
+
+    def error_lines(proc):
+        assert "Traceback" not in proc.stderr and proc.returncode == 1, proc.stderr[-3000:]
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+        assert len(lines) == 1, proc.stderr[-3000:]
+        return lines[0]
+
+    train = ("train", "--index", "ix", "--epochs", "1", "--workers", "0", "--device", "cpu")
+    with small_tmpfs(tmp_path / "small", "400m") as mount:
+        copy_index(pretrained_index, mount, "ix")
+        filler = mount / "filler"
+
+        def leave_free(nbytes: int):
+            filler.unlink(missing_ok=True)
+            with open(filler, "wb") as fh:
+                os.posix_fallocate(fh.fileno(), 0, shutil.disk_usage(mount).free - nbytes)
+
+        # Room for the trunk features, not for the tail checkpoint (torch.save fails without an errno).
+        leave_free(8 << 20)
+        line = error_lines(geoindex_cli(*train, "--index-dir", mount))
+        assert "disk full" in line and "tail checkpoint of epoch 1" in line and "rerun" in line
+        assert "adapted" not in load_index(mount / "ix", device="cpu", verify=True).manifest
+        assert not list(mount.rglob("*.tmp"))
+
+        # Fine-tuned in full, then killed while re-embedding; its staging gone, the disk too small to re-embed.
+        filler.unlink()
+        killed = geoindex_cli(*train, "--index-dir", mount, env={"GEOINDEX_FAULT": "reembed-h5:1"})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        shutil.rmtree(mount / ".staging")
+        tuned = (mount / "ix" / "heads" / "tail" / "backbone.pt").stat().st_size
+        leave_free(tuned + (3 << 19))  # room to save the tuned backbone again, not for a second copy of the index
+        line = error_lines(geoindex_cli(*train, "--index-dir", mount))
+        assert "disk full" in line and "re-embedding" in line and "rerun `geoindex train`" in line
+        assert "adapted" not in load_index(mount / "ix", device="cpu", verify=True).manifest
+        assert not (mount / ".staging").exists()
+
+        filler.unlink()
+        done = geoindex_cli(*train, "--index-dir", mount)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert load_index(mount / "ix", device="cpu", verify=True).manifest["adapted"]["mode"] == "tail"

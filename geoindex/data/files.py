@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from ..images import IMAGE_EXTENSIONS
-from .records import absolute
+from .records import absolute, file_problem
 
 OUTSIDE = "symlink points outside the data folder ({target}); pass --follow-symlinks to index it"
 
@@ -68,7 +68,11 @@ def walk_images(folder, root, follow_symlinks: bool = False) -> tuple[list[str],
                     skip(path, "a folder, not an image file")
                 visit(path)
             elif is_image_name:
-                photos.append(absolute(path))
+                problem = file_problem(path)
+                if problem:
+                    skip(path, problem)
+                else:
+                    photos.append(absolute(path))
             elif entry.name not in (".DS_Store", "Thumbs.db", "desktop.ini"):
                 skip(path, "not an image file (extension not one of " + ", ".join(IMAGE_EXTENSIONS) + ")")
 

@@ -17,7 +17,7 @@ import pandas as pd
 
 from ..errors import DatasetError
 from .files import find_by_stem
-from .records import COLUMNS, Dataset, empty_row, make_records, parse_capture_date
+from .records import COLUMNS, Dataset, empty_row, file_problem, make_records, parse_capture_date
 
 LAT_NAMES, LON_NAMES = ("lat", "latitude"), ("lon", "lng", "longitude")
 DATE_NAMES = ("yyyymm", "date")
@@ -29,15 +29,18 @@ def _column(columns, names) -> str | None:
 
 
 def place_id_value(text: str) -> int:
-    """Integer ids are kept; any other non-empty id maps to a stable 63-bit number; empty is -1 (unknown)."""
+    """Integer ids are kept; any other non-empty id maps to a stable 63-bit number; empty is -1 (unknown).
+    A negative integer raises ValueError with the reason."""
     text = text.strip()
     if not text:
         return -1
     try:
         value = int(text)
-        return value if value >= 0 else -1
     except ValueError:
         return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()[:8], "big") >> 1
+    if value < 0:  # refused like a too-large id: read as "unknown", it would quietly move the photo to a per-image split
+        raise ValueError(f"place id {value} is negative (ids are 0 or more; leave the cell empty for no place id)")
+    return value
 
 
 def _float(text: str):
@@ -147,14 +150,19 @@ def scan_manifest(csv_path, use_exif: bool = True) -> Dataset:
         if not path:
             skipped.append({"path": f"{csv_path}:row {i + 2}", "reason": "no path given"})
             continue
-        if not os.path.isfile(path):
-            skipped.append({"path": path, "reason": f"file not found (listed in {csv_path.name}, row {i + 2})"})
+        problem = file_problem(path)
+        if problem:
+            skipped.append({"path": path, "reason": f"{problem} (listed in {csv_path.name}, row {i + 2})"})
             continue
         row = empty_row(path, table[city_col].iat[i].strip())
         if lat_col and lon_col:
             row["lat"], row["lon"] = _float(table[lat_col].iat[i]), _float(table[lon_col].iat[i])
         if place_col:
-            row["place_id"] = place_id_value(table[place_col].iat[i])
+            try:
+                row["place_id"] = place_id_value(table[place_col].iat[i])
+            except ValueError as exc:
+                skipped.append({"path": path, "reason": str(exc)})
+                continue
         if date_col and table[date_col].iat[i].strip():
             date = parse_capture_date(table[date_col].iat[i])
             if date is None:

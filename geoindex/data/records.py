@@ -71,6 +71,24 @@ def utf8_problem(path: str) -> str | None:
     return None
 
 
+def file_problem(path: str) -> str | None:
+    """Why `path` cannot be a photo file, from its stat alone: a FIFO must never be opened (the read would wait for
+    a writer forever) and a device or /proc file is not a photo, whatever its name."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as exc:
+        return f"cannot read file: {exc.strerror or exc}"
+    if stat.S_ISREG(mode) and not os.path.realpath(path).startswith(("/proc/", "/sys/", "/dev/")):
+        return None
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a system file")
+    return f"not a regular file ({kind}); not opened"
+
+
 def coordinate_problem(lat, lon) -> str | None:
     """None when lat/lon are both absent or both valid; else why the pair is refused."""
     lat_missing = lat is None or (isinstance(lat, float) and math.isnan(lat))
