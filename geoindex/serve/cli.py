@@ -10,6 +10,8 @@ import os
 
 import click
 
+from ..runtime_choice import runtime_option
+
 EPILOG = """\b
 Start it:
   geoindex serve --index NAME                 # then open http://127.0.0.1:8000/
@@ -64,6 +66,7 @@ proxy on this host). The page uses relative URLs, so it works under any prefix t
               help="Neighbours that vote [default: as tuned on val by `geoindex train`].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto uses a CUDA GPU when torch sees one.")
+@runtime_option
 @click.option("--root-path", default="", help="Path prefix the reverse proxy publishes this under, e.g. /geoindex.")
 @click.option("--forwarded-allow-ips", default="127.0.0.1", show_default=True,
               help="Proxies whose X-Forwarded-* headers are trusted (comma-separated, or *).")
