@@ -87,7 +87,14 @@ def default_runtime() -> str:
 
 
 def _openvino():
-    """The openvino module, or None when it cannot be imported."""
+    """The openvino module, or None when it cannot be imported.
+
+    Importing openvino (and each convert_model) reports usage to Google Analytics and writes a client id under
+    ~/intel unless the user opted out; geoindex makes no network traffic it was not asked for, so openvino is
+    imported with its telemetry package hidden, and OpenVINO falls back to its own no-op stand-in.
+    """
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]  # import fails -> stub
     try:
         import openvino
         return openvino
@@ -186,20 +193,9 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _silence_telemetry() -> None:
-    """openvino.convert_model reports usage to Google Analytics unless the user opted out; geoindex promises no
-    network traffic it was not asked for, so the conversion tools get OpenVINO's own no-op stand-in."""
-    with contextlib.suppress(ImportError):
-        import openvino.tools.ovc.convert_impl as convert_impl
-        import openvino.tools.ovc.telemetry_stub as stub
-        import openvino.tools.ovc.telemetry_utils as telemetry_utils
-        convert_impl.tm = telemetry_utils.tm = stub
-
-
 def _convert(module: torch.nn.Module, image_size: int):
     """The module as an OpenVINO model with a dynamic batch, traced on the CPU at this input size."""
     ov = _openvino()
-    _silence_telemetry()
     was_training = module.training
     module.eval()
     try:
@@ -297,7 +293,9 @@ def _exported_model(module: torch.nn.Module, image_size: int, label: str, key: s
             say_once(f"the cached OpenVINO export {folder} is damaged ({why}); exporting it again")
             shutil.rmtree(folder, ignore_errors=True)
     started = time.perf_counter()
-    say_once(f"exporting {label} to OpenVINO once (cached in {root})")
+    # Every export is announced (a pause of seconds otherwise unexplained), not only the first of a process.
+    print(f"geoindex: exporting {label} (weights {key[:12]}) to OpenVINO, once: it is cached in {root}",
+          file=sys.stderr, flush=True)
     model = _convert(module, image_size)
     agreement = _agreement(module, model, image_size)
     if not agreement >= TOLERANCE:
