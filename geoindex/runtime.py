@@ -100,6 +100,9 @@ def _openvino():
         return openvino
     except ImportError:
         return None
+    except Exception as exc:  # installed but broken (a missing shared library, say): as good as absent
+        say_once(f"OpenVINO is installed but cannot be loaded ({str(exc).strip()[:200] or type(exc).__name__})")
+        return None
 
 
 def resolve_runtime(requested: str | None, device) -> str:

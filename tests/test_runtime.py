@@ -44,7 +44,7 @@ def real_photos(n_per_city: int) -> list[str]:
     if not (LONDON / "index.csv").is_file():
         pytest.skip(f"no real photos at {LONDON} (see ../shared/README.md)")
     table = pd.read_csv(LONDON / "index.csv")
-    picked = table.groupby("city", group_keys=False).apply(lambda g: g.sample(n_per_city, random_state=0))
+    picked = pd.concat([group.sample(n_per_city, random_state=0) for _, group in table.groupby("city")])
     return [str(LONDON / p) for p in picked["path"]]
 
 
