@@ -42,6 +42,8 @@ OPENVINO_INSTALL = "pip install 'openvino>=2025.1'"
 # Lowest cosine between a photo's embedding from another runtime and from PyTorch fp32 that is accepted.
 # Measured on real photos: 1 - 2e-7 for OpenVINO fp32 (tests/test_runtime.py asserts it per photo).
 TOLERANCE = 0.9999
+STREAMS_ENV = "GEOINDEX_OPENVINO_STREAMS"  # override of the streams below (benchmarks/extract.py compares them)
+MAX_STREAMS = 4           # past a few streams a CNN's batch chunks get too small to keep a core's vector units fed
 CACHE_FORMAT = 1          # bump when what an export holds changes
 CACHE_KEEP = 16           # exports kept in the user cache, most recently used first
 _LOADED_KEEP = 4          # compiled models kept in memory, for the next Embedder of the same module
@@ -319,17 +321,25 @@ def _exported_model(module: torch.nn.Module, image_size: int, label: str, key: s
 
 
 def _compile_config(threads: int | None, streams: int | None) -> dict:
-    """One stream per concurrent caller, each with the threads torch was told to use.
+    """Up to MAX_STREAMS streams sharing the cores (on 2 cores: two streams of one thread), each batch split among
+    them; fp32.
 
-    `geoindex serve` runs two model threads of one torch thread each on a 2-core CPU: two streams of one
-    thread. A build runs one caller with all threads: one stream. fp32 is asked for explicitly: on CPUs
-    with AMX or AVX512-BF16 OpenVINO would otherwise run in bf16, and embeddings must match PyTorch's.
+    On a small CPU a multi-threaded operator waits at every step for its slowest thread, so a DataLoader
+    decoder (or an HTTP thread) taking a core stalls the whole model; one-thread streams each lose only what
+    they lose themselves, as `geoindex serve`'s two model threads do for the same reason. On an idle 2-core
+    CPU one stream of two threads measured the same (effnet-duo end to end, 43 photos/s either way).
+    fp32 is asked for explicitly: on CPUs with AMX or AVX512-BF16 OpenVINO would otherwise run in bf16
+    (twice as fast here, but a cosine of 0.993 to PyTorch's embeddings, unvalidated for accuracy).
     """
     threads = max(1, threads or torch.get_num_threads())
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    streams = max(1, streams or cores // threads)
+    # `geoindex serve` gives each of its model threads a share of the cores as torch threads: together they
+    # use them all, so the compiled model (shared by the model threads) gets all of them too.
+    total = threads * max(1, cores // threads)
+    streams = max(1, streams or int(os.environ.get(STREAMS_ENV) or 0) or min(total, MAX_STREAMS))
+    per_stream = max(1, total // streams)
     return {"PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT", "NUM_STREAMS": str(streams),
-            "INFERENCE_NUM_THREADS": str(streams * threads), "INFERENCE_PRECISION_HINT": "f32"}
+            "INFERENCE_NUM_THREADS": str(streams * per_stream), "INFERENCE_PRECISION_HINT": "f32"}
 
 
 class OpenVinoModel:
@@ -342,6 +352,7 @@ class OpenVinoModel:
                  streams: int | None = None):
         self.module, self.image_size, self.label = module, image_size, label
         self.config = _compile_config(threads, streams)
+        self.streams = int(self.config["NUM_STREAMS"])
         self._local = threading.local()
         self._rebuild = threading.Lock()
         self._load()
@@ -365,12 +376,24 @@ class OpenVinoModel:
             while len(_loaded) > _LOADED_KEEP:
                 _loaded.popitem(last=False)
 
+    def _requests(self) -> list:
+        """This thread's infer requests, one per stream: requests are not thread-safe, the compiled model is."""
+        requests = getattr(self._local, "requests", None)
+        if requests is None:
+            requests = self._local.requests = [self._compiled.create_infer_request() for _ in range(self.streams)]
+        return requests
+
     def _infer(self, x: np.ndarray) -> np.ndarray:
-        request = getattr(self._local, "request", None)
-        if request is None:
-            request = self._local.request = self._compiled.create_infer_request()
-        result = request.infer({0: np.ascontiguousarray(x, dtype=np.float32)}, share_inputs=True, share_outputs=False)
-        return np.asarray(result[0])
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        requests = self._requests()
+        chunks = [c for c in np.array_split(x, min(len(requests), max(1, len(x)))) if len(c)]
+        if len(chunks) == 1:
+            return np.asarray(requests[0].infer({0: chunks[0]}, share_inputs=True, share_outputs=False)[0])
+        for request, chunk in zip(requests, chunks):  # each on its own stream, side by side
+            request.start_async({0: chunk}, share_inputs=True)
+        for request in requests[:len(chunks)]:
+            request.wait()
+        return np.concatenate([np.array(request.get_output_tensor(0).data) for request in requests[:len(chunks)]])
 
     def __call__(self, x) -> torch.Tensor:
         if _versions(self.module) != self._version:  # trained or reloaded in place since the export
