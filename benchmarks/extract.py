@@ -267,6 +267,8 @@ def main():
     parser.add_argument("--build-data", default=None,
                         help="a CSV manifest: also whole `geoindex build --runtime R` runs on it, interleaved")
     parser.add_argument("--build-repeats", type=int, default=2)
+    parser.add_argument("--trunk", action="store_true",
+                        help="also the frozen trunk `geoindex train` computes features with, model alone")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -296,10 +298,24 @@ def main():
                   f"end to end {runs[rt]['pipeline'][-1]:7.1f} photos/s", flush=True)
         if naive_n:
             naive_runs.append(naive(backbone, paths[:naive_n], device))
+    if args.trunk:  # what `geoindex train` computes once before fine-tuning the tail, interleaved the same way
+        import dataclasses
+
+        from geoindex.backbones import tail_split
+        split = tail_split(backbone)
+        trunk = dataclasses.replace(backbone, model=split.trunk, embed_dim=split.trunk_dim, _embedders={})
+        for r in range(args.repeats):
+            for rt in runtimes:
+                runs[rt].setdefault("trunk", []).append(ceiling(trunk, len(paths), args.batch_size, device, runtime=rt))
+                print(f"  round {r + 1}, {rt:9}: trunk features, model alone {runs[rt]['trunk'][-1]:7.1f} photos/s",
+                      flush=True)
     for rt in runtimes:
         results["runtimes"][rt] = {"ceiling_img_s": max(runs[rt]["ceiling"]), "ceiling_runs": runs[rt]["ceiling"],
                                    "pipeline_img_s": max(runs[rt]["pipeline"]), "pipeline_runs": runs[rt]["pipeline"],
                                    "what_ran": what_ran[rt]}
+        if args.trunk:
+            results["runtimes"][rt]["trunk_img_s"] = max(runs[rt]["trunk"])
+            results["runtimes"][rt]["trunk_runs"] = runs[rt]["trunk"]
         results["runtimes"][rt]["pipeline_over_ceiling"] = (results["runtimes"][rt]["pipeline_img_s"]
                                                             / results["runtimes"][rt]["ceiling_img_s"])
     # The headline figures are the default runtime's (what `geoindex build` runs here).
@@ -316,11 +332,12 @@ def main():
     if "torch" in runtimes:
         for rt in runtimes:
             if rt != "torch":
-                for key in ("ceiling", "pipeline"):
+                for key in ("ceiling", "pipeline") + (("trunk",) if args.trunk else ()):
                     ratio = results["runtimes"][rt][f"{key}_img_s"] / results["runtimes"]["torch"][f"{key}_img_s"]
                     results["runtimes"][rt][f"{key}_over_torch"] = ratio
                 print(f"{rt} / torch: model alone {results['runtimes'][rt]['ceiling_over_torch']:.2f}x, "
-                      f"end to end {results['runtimes'][rt]['pipeline_over_torch']:.2f}x")
+                      f"end to end {results['runtimes'][rt]['pipeline_over_torch']:.2f}x"
+                      + (f", trunk features {results['runtimes'][rt]['trunk_over_torch']:.2f}x" if args.trunk else ""))
     if naive_runs:
         results["naive_img_s"], results["naive_runs"] = max(naive_runs), naive_runs
         results["pipeline_over_naive"] = results["pipeline_img_s"] / results["naive_img_s"]

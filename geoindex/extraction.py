@@ -1,8 +1,9 @@
 """Turning image files into embeddings fast: decode in DataLoader workers, infer in batches.
 
 Workers decode and resize to uint8 (a quarter of float32's bytes through shared memory); the
-main process normalises on the target device, runs the model under inference_mode in
-channels-last layout, with fp16 autocast on a GPU, and L2-normalises the pooled features.
+main process normalises and runs the model in the runtime geoindex.runtime chose (OpenVINO on a
+CPU; PyTorch under inference_mode in channels-last layout, with fp16 autocast on a GPU), and
+L2-normalises the pooled features.
 """
 from __future__ import annotations
 
