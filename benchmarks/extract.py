@@ -283,7 +283,7 @@ def main():
           f"({'from ' + args.photos if args.photos else '640x480 JPEGs'}), torch threads {torch.get_num_threads()}, "
           f"runtimes {', '.join(runtimes)}")
     results = {"backbone": args.backbone, "weights": args.weights, "device": str(device), "n": len(paths),
-               "photos": args.photos or "generated 640x480", "batch_size": args.batch_size,
+               "photos": Path(args.photos).name if args.photos else "generated 640x480",  # no machine paths "batch_size": args.batch_size,
                "image_size": backbone.image_size, "amp": device.type == "cuda", "runtimes": {}}
     # Best of --repeats for each, interleaved, so drift in machine load hits every runtime alike.
     runs = {rt: {"ceiling": [], "pipeline": []} for rt in runtimes}
