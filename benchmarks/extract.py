@@ -1,21 +1,25 @@
-"""Extraction speed: geoindex's pipeline against the model's own ceiling and a naive loop, same images, one run.
+"""Extraction speed: each runtime of the model side by side (PyTorch, OpenVINO), geoindex's pipeline against the
+model's own ceiling and a naive loop, same images, one interleaved run.
 
-    python benchmarks/extract.py [--backbone resnet18] [--n 256] [--device cpu|cuda] [--memory-sizes 500,5000]
+    python benchmarks/extract.py [--backbone effnet] [--runtimes torch,openvino] [--n 256] [--photos CSV]
+                                 [--build-data CSV] [--device cpu|cuda] [--memory-sizes 500,5000]
 
-(a) ceiling: forward passes on tensors already in memory (same batch size, inference_mode, channels-last,
-    fp16 autocast on a GPU) -- nothing can beat it;
-(b) pipeline: geoindex.extraction.iter_embeddings on the files (DataLoader workers decode);
-(c) naive: PIL open + torchvision transform + batch of 1, fp32, one image at a time.
-Prints images/s and the ratios (b)/(a), (b)/(c), then the share of CPU time spent in the kernel (and the
-minor page faults) of a build-like extraction in fresh processes, with glibc's allocator defaults (before)
-and geoindex's settings (after), side by side. With --memory-sizes, full `build_index` runs at each
-size in fresh processes report their peak RSS, to show memory stays flat as the data grows.
+For each runtime (interleaved, best of --repeats, so drift in machine load hits them alike):
+(a) ceiling: forward passes on tensors already in memory (same batch size, as geoindex runs them) -- the model alone;
+(b) pipeline: geoindex.extraction.iter_embeddings on the JPEG files (DataLoader workers decode) -- end to end;
+and once per round (c) naive: PIL open + torchvision transform + batch of 1, fp32 eager PyTorch, one image at a time.
+Prints photos/s and the ratios, each runtime over torch, then the share of CPU time spent in the kernel of a
+build-like extraction in a fresh process per runtime (with --malloc-compare, also torch with glibc's allocator
+defaults). With --build-data, whole `geoindex build --runtime R` runs on that CSV, interleaved, report the build
+summary's photos/s (start-up and a one-off export excluded, as the build excludes them) and the wall time.
+With --memory-sizes, full `build_index` runs at each size in fresh processes report their peak RSS.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +34,7 @@ from common import PEAK_RSS_SOURCE, Timer, peak_rss_mb, save  # noqa: E402
 
 from geoindex.backbones import create_backbone  # noqa: E402
 from geoindex.extraction import Embedder, iter_embeddings, resolve_device  # noqa: E402
+from geoindex.runtime import resolve_runtime  # noqa: E402
 
 
 def make_photos(folder: Path, n: int, size=(640, 480), seed=0) -> list[str]:
@@ -50,12 +55,12 @@ def make_photos(folder: Path, n: int, size=(640, 480), seed=0) -> list[str]:
     return paths
 
 
-def ceiling(backbone, n, batch_size, device, repeats=1, streams=1) -> float:
+def ceiling(backbone, n, batch_size, device, repeats=1, streams=1, runtime=None) -> float:
     """Images/s of forward passes on one uint8 batch kept in memory. streams > 1 runs that many such loops side
     by side on threads (each with the torch threads the caller set), as `geoindex serve --model-threads` does."""
     import threading
 
-    embedder = Embedder(backbone, device)
+    embedder = Embedder(backbone, device, runtime=runtime)
     batch = torch.randint(0, 255, (batch_size, 3, backbone.image_size, backbone.image_size), dtype=torch.uint8)
     embedder(batch)  # warm-up: allocator, cudnn autotune, thread pools
     if device.type == "cuda":
@@ -78,13 +83,14 @@ def ceiling(backbone, n, batch_size, device, repeats=1, streams=1) -> float:
     return streams * per_stream * batch_size / t.seconds
 
 
-def pipeline(backbone, paths, batch_size, device, num_workers) -> float:
+def pipeline(backbone, paths, batch_size, device, num_workers, runtime=None) -> float:
     for _ in iter_embeddings(backbone, paths[:batch_size], batch_size=batch_size, device=device, num_workers=0,
-                             progress=False):
-        pass  # warm-up outside the timing
+                             progress=False, runtime=runtime):
+        pass  # warm-up outside the timing (and the one-off export, cached for the timed run)
     with Timer() as t:
         n = sum(len(item.positions) for item in iter_embeddings(backbone, paths, batch_size=batch_size, device=device,
-                                                                num_workers=num_workers, progress=False))
+                                                                num_workers=num_workers, progress=False,
+                                                                runtime=runtime))
     return n / t.seconds
 
 
@@ -138,6 +144,7 @@ import json, os, resource, sys, time
 from geoindex.backbones import create_backbone
 from geoindex.extraction import MALLOC_TUNED, iter_embeddings
 paths_file, backbone, weights, batch_size, workers = sys.argv[1:6]
+weights = None if weights == "pretrained" else weights
 paths = open(paths_file).read().splitlines()
 workers = None if workers == "None" else int(workers)
 bb = create_backbone(backbone, weights=weights)
@@ -154,80 +161,212 @@ n = sum(len(b.positions) for b in iter_embeddings(bb, paths, batch_size=int(batc
 wall = time.perf_counter() - t
 d = [b - a for a, b in zip(before, usage())]  # children: the DataLoader decoders, once reaped
 user, system = d[0] + d[3], d[1] + d[4]
-print(json.dumps({"malloc_tuned": MALLOC_TUNED, "n": n, "wall_s": wall, "img_s": n / wall, "user_s": user,
+print(json.dumps({"malloc_tuned": MALLOC_TUNED, "runtime": bb.extras["runtime"], "n": n, "wall_s": wall, "img_s": n / wall, "user_s": user,
                   "sys_s": system, "kernel_share": system / (user + system), "minor_faults": int(d[2] + d[5]),
                   "minor_faults_per_image": (d[2] + d[5]) / n, "main_user_s": d[0], "main_sys_s": d[1],
                   "decoders_user_s": d[3], "decoders_sys_s": d[4], "peak_rss_mb": peak_rss_mb()}))
 """
 
 
-def kernel_time(paths, backbone: str, weights: str, batch_size: int, workers, workdir: Path) -> dict:
-    """A build-like extraction in fresh processes, with glibc's allocator defaults (before) and geoindex's
-    settings (after): CPU time in the kernel vs in user space, and minor page faults, of it and its decoders."""
+def kernel_child(paths_file: Path, backbone: str, weights: str, batch_size: int, workers, env: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS_SOURCE + KERNEL_CHILD, str(paths_file), backbone,
+                           weights, str(batch_size), str(workers)], capture_output=True, text=True, check=True,
+                          env={**os.environ, "GEOINDEX_MALLOC": "", **env})
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def kernel_time(paths, backbone: str, weights: str, batch_size: int, workers, workdir: Path, runtimes,
+                malloc_compare: bool = False) -> dict:
+    """A build-like extraction in a fresh process per runtime: CPU time in the kernel vs in user space, and minor
+    page faults, of it and its decoders. With malloc_compare, also torch with glibc's allocator defaults."""
     paths_file = workdir / "kernel_paths.txt"
     paths_file.write_text("\n".join(paths))
-    runs = {}
-    for label, env in (("before", {"GEOINDEX_MALLOC": "glibc"}), ("after", {})):
-        proc = subprocess.run([sys.executable, "-c", PEAK_RSS_SOURCE + KERNEL_CHILD, str(paths_file), backbone,
-                               weights, str(batch_size), str(workers)], capture_output=True, text=True, check=True,
-                              env={**os.environ, "GEOINDEX_MALLOC": "", **env})
-        runs[label] = json.loads(proc.stdout.strip().splitlines()[-1])
-    b, a = runs["before"], runs["after"]
-    print(f"kernel time, {len(paths)} images ({b['n']} embedded), batch {batch_size}:   before (glibc defaults)   after")
+    plan = [(f"torch, glibc malloc", {"GEOINDEX_MALLOC": "glibc", "GEOINDEX_RUNTIME": "torch"})] if malloc_compare else []
+    plan += [(runtime, {"GEOINDEX_RUNTIME": runtime}) for runtime in runtimes]
+    runs = {label: kernel_child(paths_file, backbone, weights, batch_size, workers, env) for label, env in plan}
+    print(f"kernel time, {len(paths)} images, batch {batch_size}, a fresh process each:")
+    print(f"  {'':24}" + "".join(f"{label:>22}" for label in runs))
     for key, fmt in (("kernel_share", "{:.1%}"), ("sys_s", "{:.1f} s"), ("user_s", "{:.1f} s"),
                      ("minor_faults_per_image", "{:,.0f}"), ("img_s", "{:.1f}"), ("peak_rss_mb", "{:,.0f} MB")):
-        print(f"  {key:<24} {fmt.format(b[key]):>24}   {fmt.format(a[key]):>10}")
+        print(f"  {key:<24}" + "".join(f"{fmt.format(r[key]):>22}" for r in runs.values()))
     return runs
+
+
+BUILD_CHILD = """
+import json, sys, time
+t = time.perf_counter()
+from geoindex.cli import main
+try:
+    main(sys.argv[1:], prog_name="geoindex", standalone_mode=False)
+finally:
+    print("WALL", time.perf_counter() - t, file=sys.stderr)
+"""
+
+
+def build_runs(data: str, backbone: str, runtimes, repeats: int, workdir: Path, workers) -> dict:
+    """`geoindex build --runtime R` on the same photos, interleaved; each in a fresh process and a fresh index
+    folder (a rebuild would reuse the embeddings). photos/s is the build summary's (embedding time only)."""
+    runs = {runtime: [] for runtime in runtimes}
+    for r in range(repeats):
+        for runtime in runtimes:
+            out = workdir / f"build-{runtime}-{r}"
+            shutil.rmtree(out, ignore_errors=True)
+            args = ["build", "--data", data, "--backbone", backbone, "--name", "bench", "--index-dir", str(out),
+                    "--runtime", runtime] + (["--workers", str(workers)] if workers is not None else [])
+            proc = subprocess.run([sys.executable, "-c", BUILD_CHILD, *args], capture_output=True, text=True,
+                                  env={**os.environ, "TQDM_DISABLE": "1"})
+            if proc.returncode != 0:
+                raise SystemExit(f"geoindex build --runtime {runtime} failed:\n{proc.stderr[-3000:]}")
+            manifest = json.loads((out / "bench" / "manifest.json").read_text())
+            wall = float(proc.stderr.rsplit("WALL", 1)[1].split()[0])
+            extraction = manifest["extraction"]
+            runs[runtime].append({"photos_s": extraction["images_per_second"], "wall_s": wall,
+                                  "embedded": extraction["embedded_rows"], "runtime": extraction.get("runtime")})
+            print(f"  build round {r + 1}, --runtime {runtime:9}: {extraction['images_per_second']:7.1f} photos/s "
+                  f"(build summary), {wall:6.1f} s wall for {extraction['embedded_rows']} photos", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+    return runs
+
+
+def read_photo_list(source: str, n: int) -> list[str]:
+    """Up to n photos from a CSV manifest (`path` column, relative to the CSV) or a folder of JPEGs, sorted, so
+    every runtime reads the same files."""
+    import pandas as pd
+    source_path = Path(source)
+    if source_path.is_dir():
+        paths = sorted(str(p) for p in source_path.rglob("*.jpg"))
+    else:
+        table = pd.read_csv(source_path)
+        paths = [p if os.path.isabs(p) else str(source_path.parent / p) for p in table["path"]]
+    return paths[:n]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--weights", default="none", help="'none' (random; same speed as real ones) or a file")
+    parser.add_argument("--backbone", default="effnet")
+    parser.add_argument("--weights", default="none",
+                        help="'none' (random; same speed as real ones), 'pretrained' or a file")
+    parser.add_argument("--runtimes", default="torch,openvino",
+                        help="comma-separated runtimes to compare; one that cannot run here falls back to torch, "
+                             "as geoindex does, and is reported as what ran")
     parser.add_argument("--n", type=int, default=512, help="images per measurement")
+    parser.add_argument("--photos", default=None,
+                        help="a CSV manifest or folder of real JPEGs to read [default: generated 640x480 JPEGs]")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs of each")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many interleaved runs of each")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--naive-n", type=int, default=None, help="images for the naive loop [default: n]")
+    parser.add_argument("--naive-n", type=int, default=None, help="images for the naive loop [default: n; 0 skips it]")
     parser.add_argument("--memory-sizes", default="", help="e.g. 500,5000: peak RSS of full builds at these sizes")
     parser.add_argument("--workdir", default=None, help="where test photos are written [default: a temp dir]")
     parser.add_argument("--tag", default="", help="suffix of the results file name")
     parser.add_argument("--kernel-n", type=int, default=None,
                         help="images for the kernel-time comparison [default: n; 0 skips it]")
+    parser.add_argument("--malloc-compare", action="store_true",
+                        help="kernel time also with glibc's allocator defaults (torch), before geoindex's settings")
+    parser.add_argument("--build-data", default=None,
+                        help="a CSV manifest: also whole `geoindex build --runtime R` runs on it, interleaved")
+    parser.add_argument("--build-repeats", type=int, default=2)
+    parser.add_argument("--trunk", action="store_true",
+                        help="also the frozen trunk `geoindex train` computes features with, model alone")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
+    weights = None if args.weights == "pretrained" else args.weights
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="geoindex-bench-"))
-    paths = make_photos(workdir / "photos", args.n)
-    backbone = create_backbone(args.backbone, weights=args.weights, device=device)
-    print(f"{args.backbone} at {backbone.image_size}px on {device}, batch {args.batch_size}, {args.n} images "
-          f"of 640x480, torch threads {torch.get_num_threads()}")
-    results = {"backbone": args.backbone, "device": str(device), "n": args.n, "batch_size": args.batch_size,
-               "image_size": backbone.image_size, "amp": device.type == "cuda"}
-    # Best of --repeats for each, interleaved, so drift in machine load hits all three alike.
-    runs = {"ceiling": [], "pipeline": [], "naive": []}
-    for _ in range(args.repeats):
-        runs["ceiling"].append(ceiling(backbone, args.n, args.batch_size, device))
-        runs["pipeline"].append(pipeline(backbone, paths, args.batch_size, device, args.workers))
-        runs["naive"].append(naive(backbone, paths[: args.naive_n or args.n], device))
-    for key in runs:
-        results[f"{key}_img_s"] = max(runs[key])
-        results[f"{key}_runs"] = runs[key]
-    print(f"(a) model-only ceiling : {results['ceiling_img_s']:8.1f} img/s")
-    print(f"(b) geoindex pipeline  : {results['pipeline_img_s']:8.1f} img/s")
-    print(f"(c) naive loop         : {results['naive_img_s']:8.1f} img/s")
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = read_photo_list(args.photos, args.n) if args.photos else make_photos(workdir / "photos", args.n)
+    backbone = create_backbone(args.backbone, weights=weights, device=device)
+    requested = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    runtimes = list(dict.fromkeys(resolve_runtime(r, device) for r in requested))  # what can run here
+    print(f"{args.backbone} at {backbone.image_size}px on {device}, batch {args.batch_size}, {len(paths)} images "
+          f"({'from ' + args.photos if args.photos else '640x480 JPEGs'}), torch threads {torch.get_num_threads()}, "
+          f"runtimes {', '.join(runtimes)}")
+    results = {"backbone": args.backbone, "weights": args.weights, "device": str(device), "n": len(paths),
+               "photos": Path(args.photos).name if args.photos else "generated 640x480",  # no machine paths "batch_size": args.batch_size,
+               "image_size": backbone.image_size, "amp": device.type == "cuda", "runtimes": {}}
+    # Best of --repeats for each, interleaved, so drift in machine load hits every runtime alike.
+    runs = {rt: {"ceiling": [], "pipeline": []} for rt in runtimes}
+    naive_runs, what_ran = [], {}
+    naive_n = len(paths) if args.naive_n is None else args.naive_n
+    for r in range(args.repeats):
+        for rt in runtimes:
+            runs[rt]["ceiling"].append(ceiling(backbone, len(paths), args.batch_size, device, runtime=rt))
+            runs[rt]["pipeline"].append(pipeline(backbone, paths, args.batch_size, device, args.workers, runtime=rt))
+            what_ran[rt] = dict(backbone.extras.get("runtime") or {})
+            print(f"  round {r + 1}, {rt:9}: model alone {runs[rt]['ceiling'][-1]:7.1f} photos/s, "
+                  f"end to end {runs[rt]['pipeline'][-1]:7.1f} photos/s", flush=True)
+        if naive_n:
+            naive_runs.append(naive(backbone, paths[:naive_n], device))
+    if args.trunk:  # what `geoindex train` computes once before fine-tuning the tail, interleaved the same way
+        import dataclasses
+
+        from geoindex.backbones import tail_split
+        split = tail_split(backbone)
+        trunk = dataclasses.replace(backbone, model=split.trunk, embed_dim=split.trunk_dim, _embedders={})
+        for r in range(args.repeats):
+            for rt in runtimes:
+                runs[rt].setdefault("trunk", []).append(ceiling(trunk, len(paths), args.batch_size, device, runtime=rt))
+                print(f"  round {r + 1}, {rt:9}: trunk features, model alone {runs[rt]['trunk'][-1]:7.1f} photos/s",
+                      flush=True)
+    for rt in runtimes:
+        results["runtimes"][rt] = {"ceiling_img_s": max(runs[rt]["ceiling"]), "ceiling_runs": runs[rt]["ceiling"],
+                                   "pipeline_img_s": max(runs[rt]["pipeline"]), "pipeline_runs": runs[rt]["pipeline"],
+                                   "what_ran": what_ran[rt]}
+        if args.trunk:
+            results["runtimes"][rt]["trunk_img_s"] = max(runs[rt]["trunk"])
+            results["runtimes"][rt]["trunk_runs"] = runs[rt]["trunk"]
+        results["runtimes"][rt]["pipeline_over_ceiling"] = (results["runtimes"][rt]["pipeline_img_s"]
+                                                            / results["runtimes"][rt]["ceiling_img_s"])
+    # The headline figures are the default runtime's (what `geoindex build` runs here).
+    default = resolve_runtime("auto", device) if resolve_runtime("auto", device) in runtimes else runtimes[0]
+    results["default_runtime"] = default
+    results["ceiling_img_s"] = results["runtimes"][default]["ceiling_img_s"]
+    results["pipeline_img_s"] = results["runtimes"][default]["pipeline_img_s"]
+    print(f"\n{'':28}" + "".join(f"{rt:>12}" for rt in runtimes))
+    print(f"{'(a) model alone, photos/s':28}" + "".join(f"{results['runtimes'][rt]['ceiling_img_s']:12.1f}"
+                                                        for rt in runtimes))
+    print(f"{'(b) end to end, photos/s':28}" + "".join(f"{results['runtimes'][rt]['pipeline_img_s']:12.1f}"
+                                                       for rt in runtimes))
+    print(f"{'(b)/(a)':28}" + "".join(f"{results['runtimes'][rt]['pipeline_over_ceiling']:12.2f}" for rt in runtimes))
+    if "torch" in runtimes:
+        for rt in runtimes:
+            if rt != "torch":
+                for key in ("ceiling", "pipeline") + (("trunk",) if args.trunk else ()):
+                    ratio = results["runtimes"][rt][f"{key}_img_s"] / results["runtimes"]["torch"][f"{key}_img_s"]
+                    results["runtimes"][rt][f"{key}_over_torch"] = ratio
+                print(f"{rt} / torch: model alone {results['runtimes'][rt]['ceiling_over_torch']:.2f}x, "
+                      f"end to end {results['runtimes'][rt]['pipeline_over_torch']:.2f}x"
+                      + (f", trunk features {results['runtimes'][rt]['trunk_over_torch']:.2f}x" if args.trunk else ""))
+    if naive_runs:
+        results["naive_img_s"], results["naive_runs"] = max(naive_runs), naive_runs
+        results["pipeline_over_naive"] = results["pipeline_img_s"] / results["naive_img_s"]
+        print(f"(c) naive loop (eager fp32, batch 1): {results['naive_img_s']:.1f} photos/s; "
+              f"(b)/(c) with {default} = {results['pipeline_over_naive']:.2f}")
     results["pipeline_over_ceiling"] = results["pipeline_img_s"] / results["ceiling_img_s"]
-    results["pipeline_over_naive"] = results["pipeline_img_s"] / results["naive_img_s"]
-    print(f"(b)/(a) = {results['pipeline_over_ceiling']:.2f}   (b)/(c) = {results['pipeline_over_naive']:.2f}")
+    print(f"(b)/(a) = {results['pipeline_over_ceiling']:.2f} ({default})")
     results["peak_rss_mb_this_process"] = peak_rss_mb()
-    kernel_n = args.n if args.kernel_n is None else args.kernel_n
+    kernel_n = len(paths) if args.kernel_n is None else args.kernel_n
     if kernel_n:
-        paths_k = make_photos(workdir / "photos", kernel_n)
+        paths_k = (read_photo_list(args.photos, kernel_n) if args.photos
+                   else make_photos(workdir / "photos", kernel_n))
         results["kernel_time"] = kernel_time(paths_k, args.backbone, args.weights, args.batch_size, args.workers,
-                                             workdir)
-        results["kernel_share_before"] = results["kernel_time"]["before"]["kernel_share"]
-        results["kernel_share_after"] = results["kernel_time"]["after"]["kernel_share"]
+                                             workdir, runtimes, args.malloc_compare)
+        for label, run in results["kernel_time"].items():
+            if label in results["runtimes"]:
+                results["runtimes"][label]["kernel_share"] = run["kernel_share"]
+    if args.build_data:
+        print(f"\ngeoindex build on {args.build_data}, interleaved:")
+        builds = build_runs(args.build_data, args.backbone, runtimes, args.build_repeats, workdir, args.workers)
+        results["builds"] = builds
+        for rt in runtimes:
+            results["runtimes"][rt]["build_photos_s"] = max(b["photos_s"] for b in builds[rt])
+        if "torch" in runtimes:
+            for rt in runtimes:
+                if rt != "torch":
+                    ratio = results["runtimes"][rt]["build_photos_s"] / results["runtimes"]["torch"]["build_photos_s"]
+                    results["runtimes"][rt]["build_over_torch"] = ratio
+                    print(f"build photos/s, {rt} / torch: {ratio:.2f}x (best of {args.build_repeats} each)")
     if args.memory_sizes:
         runs = [memory_run(workdir, int(s), args.backbone) for s in args.memory_sizes.split(",")]
         for r in runs:

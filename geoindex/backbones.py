@@ -85,9 +85,10 @@ class Backbone:
         tensors = [img if isinstance(img, torch.Tensor) else  # already transformed (the service does it off this thread)
                    self.transform(img if not isinstance(img, (str, os.PathLike)) else
                                   load_image(img, draft_size=self.transform.resize_size)) for img in images]
-        # One Embedder per (model, device, normalisation): making one walks every module and parameter, which
-        # costs a served micro-batch several milliseconds when done per call.
-        key = (self.model, self.device, normalize)
+        # One Embedder per (model, device, normalisation, runtime): making one walks every module and parameter
+        # (and may compile the model for another runtime), too costly for a served micro-batch to pay per call.
+        from .runtime import default_runtime
+        key = (self.model, self.device, normalize, default_runtime())
         embedder = self._embedders.get(key)
         if embedder is None:
             with _EMBEDDER_LOCK:  # making one moves the model (device, memory format): not while another thread runs it
@@ -561,6 +562,9 @@ class _Concatenated(nn.Module):
         self.members = nn.ModuleList(m for m, _ in members)
         self.sizes = [s for _, s in members]
 
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}"
+
     def forward(self, x):
         outputs = []
         for member, size in zip(self.members, self.sizes):
@@ -616,6 +620,9 @@ class _TimmPart(nn.Module):
         super().__init__()
         self.net, self.cut = net, cut
 
+    def extra_repr(self) -> str:  # part of what the module computes: keys its OpenVINO export (geoindex.runtime)
+        return f"cut={self.cut}"
+
 
 class _TimmTrunk(_TimmPart):
     def forward(self, x):
@@ -635,6 +642,9 @@ class _FlatTrunk(nn.Module):
     def __init__(self, trunks, sizes):
         super().__init__()
         self.trunks, self.sizes = nn.ModuleList(trunks), sizes
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}"
 
     def forward(self, x):
         return torch.cat([trunk(_at_size(x, size)).flatten(1) for trunk, size in zip(self.trunks, self.sizes)], dim=1)

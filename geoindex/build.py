@@ -37,6 +37,7 @@ from .backbones import Backbone, create_backbone
 from .data import SPLITS, limit_per_city, order_by_split, scan_dataset, split_records
 from .errors import GeoindexError
 from .extraction import resolve_device
+from .runtime import prepare_runtime
 from .fileio import (MARKER, STAGING, atomic_path, check_index_name, fault_point, index_home, made_by_geoindex,
                      name_from, remove_geoindex_folder, replace_dir, write_json_atomic)
 from .images import DEFAULT_MAX_PIXELS
@@ -588,6 +589,7 @@ def _extract(backbone, records, pending, checkpoints, batch_size, num_workers, d
         report.failed_rows += int((~shard.ok).sum())
 
     paths = records["path"].to_numpy()[pending]
+    prepare_runtime(backbone, device)  # a one-off export (cached) is not embedding time: photos/s leaves it out
     start = time.perf_counter()
     try:
         engine.embed(backbone, pending, paths, persist, batch_size=batch_size, num_workers=num_workers, device=device,
@@ -675,7 +677,7 @@ def _assemble(paths: BuildPaths, ordered: pd.DataFrame, cache: EmbeddingCache, b
         "extraction": {"batch_size": settings["batch_size"], "device": settings["device"],
                        "images_per_second": round(report.images_per_second, 2) if report.extracted_rows else None,
                        "embedded_rows": report.extracted_rows, "unreadable_rows": report.failed_rows,
-                       "resumed_rows": report.resumed_rows},
+                       "resumed_rows": report.resumed_rows, "runtime": backbone.extras.get("runtime")},
         "versions": _library_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "files": describe_files(out, INDEX_FILES),
@@ -768,6 +770,7 @@ def reembed_index(index, backbone: Backbone, adapted: dict, batch_size: int = 64
         # Tells `geoindex indexes` (and rm --unfinished) that this staging is train's, not a build's.
         write_json_atomic(paths.staging / REEMBED_MARK, {"by": "train", "started_by_pid": os.getpid()})
         shutil.copyfile(backbone.weights.path, out / TUNED_WEIGHTS)
+        prepare_runtime(backbone, device)
         started, embedded = time.perf_counter(), 0
         estimate = StageEstimate(log, "re-embedding", sum(counts.values()))
         try:
@@ -825,6 +828,7 @@ def reembed_index(index, backbone: Backbone, adapted: dict, batch_size: int = 64
                 "weights_path": TUNED_WEIGHTS},
             "index": index_info,
             "extraction": dict(index.manifest.get("extraction", {}), reembedded_rows=embedded,
+                               reembedding_runtime=backbone.extras.get("runtime"),
                                reembedding_images_per_second=round(embedded / seconds, 2) if seconds else None),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "files": describe_files(out, INDEX_FILES + (TUNED_WEIGHTS,)),

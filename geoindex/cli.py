@@ -12,6 +12,7 @@ from .catalog import BACKBONES, INDEX_TYPES, weights_status
 from .cities import full_name
 from .jsonio import dumps
 from .errors import GeoindexError
+from .runtime_choice import runtime_option
 from .catalog import DEFAULT_MAX_PIXELS
 
 VOTE_METHODS = ("majority", "weighted", "softmax")  # geoindex.voting.VOTE_METHODS, without importing numpy
@@ -63,7 +64,7 @@ def main():
 
     \b
     Environment: GEOINDEX_HOME (where indexes live, default ./indexes), GEOINDEX_OFFLINE=1 (never download
-    weights; also detected automatically when the network is unreachable).
+    weights; also detected automatically when the network is unreachable), GEOINDEX_RUNTIME (--runtime).
     """
 
 
@@ -90,6 +91,7 @@ def main():
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=None, help="Decoding processes [default: cores - 1].")
 @device_option
+@runtime_option
 @click.option("--index", "index_type", type=click.Choice(INDEX_TYPES), default="flat", show_default=True,
               help="flat: exact search; hnsw: the choice for large indexes (graph + exact re-ranking, "
                    "fast one photo at a time); ivfpq: compressed, the smallest index.")
@@ -162,6 +164,7 @@ def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, per
               help="Photos decoded and embedded together; memory stays flat in the number of photos.")
 @click.option("--verify", is_flag=True, help="Hash every index file in full before answering.")
 @device_option
+@runtime_option
 @index_dir_option
 @friendly_errors
 def query(photos, index_name, k, vote_method, temperature, backbone, as_json, as_csv, batch_size, verify, device,
@@ -451,6 +454,7 @@ def _remove_if_empty(folder: Path) -> None:
                                              "checkpoint (tail fine-tuning resumes by itself).")
 @click.option("--workers", type=click.IntRange(0), default=None, help="Decoding processes (tail, finetune).")
 @device_option
+@runtime_option
 @index_dir_option
 @friendly_errors
 def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resume, workers, device, index_dir):
@@ -543,6 +547,7 @@ def _kept_epoch_summary(result) -> str:
                    "[default: GSV-Cities' names; other folder names are humanised, London_Ontario -> London Ontario].")
 @click.option("--workers", type=click.IntRange(0), default=None)
 @device_option
+@runtime_option
 @index_dir_option
 @friendly_errors
 def bench(index_name, methods, split, out, external, k, vote_method, clip_weights, templates, names, workers, device,
@@ -591,6 +596,7 @@ def _bench(index_name, methods, split, out, external, k, vote_method, clip_weigh
 @click.option("--no-adapt", is_flag=True, help="Skip adapting the backbone (geoindex train's first step; about 16 "
                                                "minutes for the 5,419 London photos on 2 CPU cores with effnet-duo).")
 @device_option
+@runtime_option
 @index_dir_option
 @friendly_errors
 def demo(data, backbone, per_city, rebuild, no_adapt, device, index_dir):

@@ -1,8 +1,9 @@
 """Turning image files into embeddings fast: decode in DataLoader workers, infer in batches.
 
 Workers decode and resize to uint8 (a quarter of float32's bytes through shared memory); the
-main process normalises on the target device, runs the model under inference_mode in
-channels-last layout, with fp16 autocast on a GPU, and L2-normalises the pooled features.
+main process normalises and runs the model in the runtime geoindex.runtime chose (OpenVINO on a
+CPU; PyTorch under inference_mode in channels-last layout, with fp16 autocast on a GPU), and
+L2-normalises the pooled features.
 """
 from __future__ import annotations
 
@@ -148,38 +149,41 @@ class EmbeddedBatch:
 
 
 class Embedder:
-    """Runs a backbone on uint8 batches with the settings that make it fast on the device."""
+    """Runs a backbone on uint8 batches with the settings that make it fast on the device.
+
+    runtime: "auto" (OpenVINO on a CPU when installed, else PyTorch), "torch" or "openvino"; None for the
+    process default (geoindex.runtime.set_default_runtime, the CLI's --runtime, or $GEOINDEX_RUNTIME).
+    """
 
     def __init__(self, backbone: Backbone, device="auto", amp: bool | None = None, channels_last: bool = True,
-                 normalize: bool = True):
+                 normalize: bool = True, runtime: str | None = None):
+        from .runtime import compile_model
+
         self.backbone = backbone
         self.normalize = normalize
         self.device = resolve_device(device)
         backbone.to(self.device).model.eval()
-        self.amp = (self.device.type == "cuda") if amp is None else amp
-        self.channels_last = channels_last
-        if channels_last:
-            backbone.model.to(memory_format=torch.channels_last)
+        self.model = compile_model(backbone.model, backbone.image_size, self.device, runtime, amp=amp,
+                                   channels_last=channels_last, label=f"{backbone.name} ({backbone.image_size} px)")
+        self.runtime = self.model.name
+        backbone.extras["runtime"] = self.model.info()  # what embedded, for the manifest
 
     @torch.inference_mode()
     def __call__(self, batch_uint8: torch.Tensor) -> torch.Tensor:
-        x = self.backbone.normalize(batch_uint8.to(self.device, non_blocking=True))
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp):
-            features = self.backbone.model(x)
-        features = features.float()
+        target = self.device if self.runtime == "torch" else torch.device("cpu")
+        x = self.backbone.normalize(batch_uint8.to(target, non_blocking=True))
+        features = self.model(x).float()
         return torch.nn.functional.normalize(features, dim=1) if self.normalize else features
 
 
 def iter_embeddings(backbone: Backbone, paths: Sequence[str], batch_size: int = 64, num_workers: int | None = None,
                     device="auto", amp: bool | None = None, progress: bool = True, desc: str = "embedding",
-                    normalize: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[EmbeddedBatch]:
+                    normalize: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                    runtime: str | None = None) -> Iterator[EmbeddedBatch]:
     """Yield embeddings batch by batch, in the order of `paths`; memory stays at one batch."""
     from tqdm.auto import tqdm
 
-    embedder = Embedder(backbone, device, amp, normalize=normalize)
+    embedder = Embedder(backbone, device, amp, normalize=normalize, runtime=runtime)
     num_workers = default_num_workers() if num_workers is None else num_workers
     loader = DataLoader(ImageFiles(paths, backbone.transform, max_pixels), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=_collate, pin_memory=embedder.device.type == "cuda",

@@ -14,6 +14,7 @@ from ..catalog import DEFAULT_MAX_PIXELS
 from .batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_MS, DEFAULT_RELOAD_CHECK_S
 from .uploads import (DEFAULT_MAX_FILES, DEFAULT_MAX_INFLIGHT_MB, DEFAULT_MAX_REQUEST_MB, DEFAULT_MAX_UPLOAD_MB,
                       MAX_UNSCALED_PIXELS)
+from ..runtime_choice import runtime_option
 
 EPILOG = """\b
 Start it:
@@ -83,6 +84,7 @@ proxy on this host). The page uses relative URLs, so it works under any prefix t
               help="Neighbours that vote [default: as tuned on val by `geoindex train`].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto uses a CUDA GPU when torch sees one.")
+@runtime_option
 @click.option("--root-path", default="", help="Path prefix the reverse proxy publishes this under, e.g. /geoindex.")
 @click.option("--forwarded-allow-ips", default="127.0.0.1", show_default=True,
               help="Proxies whose X-Forwarded-* headers are trusted (comma-separated, or *).")

@@ -1,0 +1,435 @@
+"""Where the embedding model runs: eager PyTorch, or OpenVINO on a CPU.
+
+On a CPU nearly all of a build, a query or a served request is the backbone's forward pass, and eager
+PyTorch runs EfficientNet-Lite's depthwise convolution, BatchNorm and ReLU6 as separate kernels.
+OpenVINO compiles the same module into fused kernels: on a 2-core CPU it embeds several times the
+photos per second (benchmarks/extract.py), in fp32, with embeddings that match PyTorch's to a cosine of
+1 - 1e-6 per photo. So an index built with one runtime answers queries embedded with another; the
+runtime a build used is recorded in its manifest for information only.
+
+`compile_model(module, image_size, device, runtime)` is the one place where a backbone's module becomes
+a callable, float (N, 3, H, W) -> (N, D) float32, for the runtime chosen: "auto" (OpenVINO on a CPU when
+it is installed, PyTorch on a GPU), "torch" or "openvino". The exported model is cached in the user
+cache ($GEOINDEX_CACHE, else $XDG_CACHE_HOME/geoindex, else ~/.cache/geoindex), keyed by the sha256 of
+the module's weights as loaded (so a tuned backbone, or one trained in place, gets its own export),
+written atomically and checked (sizes and sha256) before it is used; a damaged entry is exported again.
+Every export is compared with PyTorch on a fixed input before it is used, and refused (PyTorch runs
+instead) if any photo's cosine falls below TOLERANCE.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+import uuid
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import GeoindexError
+from .runtime_choice import RUNTIME_ENV, RUNTIMES
+
+CACHE_ENV = "GEOINDEX_CACHE"
+OPENVINO_INSTALL = "pip install 'openvino>=2025.1'"
+# Lowest cosine between a photo's embedding from another runtime and from PyTorch fp32 that is accepted.
+# Measured on real photos: 1 - 2e-7 for OpenVINO fp32 (tests/test_runtime.py asserts it per photo).
+TOLERANCE = 0.9999
+STREAMS_ENV = "GEOINDEX_OPENVINO_STREAMS"  # override of the streams below (benchmarks/extract.py compares them)
+MAX_STREAMS = 4           # past a few streams a CNN's batch chunks get too small to keep a core's vector units fed
+CACHE_FORMAT = 1          # bump when what an export holds changes
+CACHE_KEEP = 16           # exports kept in the user cache, most recently used first
+_LOADED_KEEP = 4          # compiled models kept in memory, for the next Embedder of the same module
+
+_default_runtime: str | None = None
+_said: set[str] = set()
+_lock = threading.RLock()
+_loaded: OrderedDict = OrderedDict()
+
+
+def say_once(message: str) -> None:
+    """Tell the user something about the runtime once per process (stderr, so --json output stays clean)."""
+    with _lock:
+        if message in _said:
+            return
+        _said.add(message)
+    print(f"geoindex: {message}", file=sys.stderr, flush=True)
+
+
+def check_runtime(name: str | None) -> str:
+    value = str(name).strip().lower() if name is not None else ""
+    if value not in RUNTIMES:
+        raise GeoindexError(f"unknown runtime {name!r}; choose one of: {', '.join(RUNTIMES)}")
+    return value
+
+
+def set_default_runtime(name: str | None) -> None:
+    """The runtime every Embedder of this process uses unless told otherwise (the CLI's --runtime)."""
+    global _default_runtime
+    _default_runtime = None if name is None else check_runtime(name)
+
+
+def default_runtime() -> str:
+    if _default_runtime is not None:
+        return _default_runtime
+    env = os.environ.get(RUNTIME_ENV)
+    if env:
+        try:
+            return check_runtime(env)
+        except GeoindexError as exc:
+            raise GeoindexError(f"{RUNTIME_ENV}: {exc}") from None
+    return "auto"
+
+
+def _openvino():
+    """The openvino module, or None when it cannot be imported.
+
+    Importing openvino (and each convert_model) reports usage to Google Analytics and writes a client id under
+    ~/intel unless the user opted out; geoindex makes no network traffic it was not asked for, so openvino is
+    imported with its telemetry package hidden, and OpenVINO falls back to its own no-op stand-in.
+    """
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]  # import fails -> stub
+    try:
+        import openvino
+        return openvino
+    except ImportError:
+        return None
+    except Exception as exc:  # installed but broken (a missing shared library, say): as good as absent
+        say_once(f"OpenVINO is installed but cannot be loaded ({str(exc).strip()[:200] or type(exc).__name__})")
+        return None
+
+
+def resolve_runtime(requested: str | None, device) -> str:
+    """The runtime that will run: 'torch' or 'openvino'. Falls back to torch, saying why once."""
+    requested = check_runtime(requested) if requested is not None else default_runtime()
+    if requested == "torch":
+        return "torch"
+    device = torch.device(device)
+    if device.type != "cpu":
+        if requested == "openvino":
+            say_once(f"--runtime openvino runs on the CPU; on {device.type} the model runs in PyTorch")
+        return "torch"
+    if _openvino() is None:
+        say_once(f"OpenVINO is not installed, so the model runs in eager PyTorch (several times slower on a CPU); "
+                 f"install it with: {OPENVINO_INSTALL}")
+        return "torch"
+    return "openvino"
+
+
+def describe_runtime(name: str, device=None) -> dict:
+    """What the manifest records about the runtime that embedded an index (informational)."""
+    if name == "openvino":
+        ov = _openvino()
+        return {"name": "openvino", "version": ov.get_version().split("-")[0] if ov else None, "precision": "f32"}
+    cuda = device is not None and torch.device(device).type == "cuda"
+    return {"name": "torch", "version": torch.__version__, "precision": "fp16 autocast" if cuda else "f32"}
+
+
+# ------------------------------------------------------------------------------------------- PyTorch
+class TorchModel:
+    """Eager PyTorch: inference_mode, channels-last, fp16 autocast on a GPU."""
+
+    name = "torch"
+
+    def __init__(self, module: torch.nn.Module, device, amp: bool | None = None, channels_last: bool = True):
+        self.module = module
+        self.device = torch.device(device)
+        self.amp = (self.device.type == "cuda") if amp is None else amp
+        self.channels_last = channels_last
+        if channels_last:
+            module.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(x).to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        with torch.autocast(self.device.type, dtype=dtype, enabled=self.amp):
+            return self.module(x).float()
+
+    def info(self) -> dict:
+        return describe_runtime("torch", self.device) | ({"precision": "bf16 autocast"} if self.amp and
+                                                          self.device.type == "cpu" else {})
+
+
+# ------------------------------------------------------------------------------------------- OpenVINO
+def cache_root() -> Path:
+    base = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "geoindex"
+    return Path(base).expanduser() / "openvino"
+
+
+def _versions(module: torch.nn.Module) -> int:
+    """Sum of the in-place version counters of the module's tensors: it changes when any is trained or loaded."""
+    return sum(getattr(t, "_version", 0) for t in (*module.parameters(), *module.buffers()))
+
+
+def _describe_graph(module: torch.nn.Module) -> str:
+    """Everything but the weights that decides what the module computes (its modules and their settings)."""
+    return f"{type(module).__module__}.{type(module).__qualname__}\n{module!r}"
+
+
+def export_key(module: torch.nn.Module, image_size: int) -> str:
+    """sha256 of the module's weights as loaded, its structure, the input size and the OpenVINO version."""
+    ov = _openvino()
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"format": CACHE_FORMAT, "openvino": ov.get_version() if ov else None,
+                              "input": [3, image_size, image_size], "graph": _describe_graph(module)}).encode())
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _convert(module: torch.nn.Module, image_size: int):
+    """The module as an OpenVINO model with a dynamic batch, traced on the CPU at this input size."""
+    ov = _openvino()
+    was_training = module.training
+    module.eval()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # torch.jit.trace's deprecation and tracer warnings: nothing a user can act on
+            return ov.convert_model(module, example_input=torch.zeros(1, 3, image_size, image_size),
+                                    input=[(-1, 3, image_size, image_size)])
+    finally:
+        module.train(was_training)
+
+
+def _read_cached(folder: Path):
+    """The cached model in `folder` if its files are whole (sizes and sha256 as recorded), else raise ValueError."""
+    ov = _openvino()
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        files = meta["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"no readable meta.json ({type(exc).__name__})") from None
+    for name in ("model.xml", "model.bin"):
+        path = folder / name
+        expected = files.get(name) if isinstance(files, dict) else None
+        if not isinstance(expected, dict) or not path.is_file():
+            raise ValueError(f"{name} is missing")
+        if path.stat().st_size != expected.get("size") or _file_digest(path) != expected.get("sha256"):
+            raise ValueError(f"{name} does not match its recorded size and sha256")
+    try:
+        return ov.Core().read_model(str(folder / "model.xml"))
+    except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
+        raise ValueError(f"OpenVINO cannot read it: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}") from None
+
+
+def _write_cache(folder: Path, model, info: dict) -> None:
+    """Save to a private folder, then rename it into place: a reader sees a whole export or none."""
+    ov = _openvino()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)  # fp32 weights: embeddings must match
+        files = {name: {"size": (tmp / name).stat().st_size, "sha256": _file_digest(tmp / name)}
+                 for name in ("model.xml", "model.bin")}
+        (tmp / "meta.json").write_text(json.dumps(info | {"files": files}, indent=1))
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "meta.json").is_file():  # not another process's identical export: something else
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prune_cache(root: Path, keep: int = CACHE_KEEP) -> None:
+    """Keep the most recently used exports; each tuned backbone adds one (20-50 MB for the EfficientNets)."""
+    with contextlib.suppress(OSError):
+        entries = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "meta.json").exists()]
+        entries.sort(key=lambda p: (p / "meta.json").stat().st_mtime, reverse=True)
+        for old in entries[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _fixed_input(image_size: int, n: int = 2) -> torch.Tensor:
+    """A reproducible batch in the normalised input range, to compare a runtime with PyTorch."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(n, 3, image_size, image_size, generator=generator) * 4 - 2
+
+
+def min_cosine(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64).reshape(len(a), -1), np.asarray(b, dtype=np.float64).reshape(len(b), -1)
+    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    return float(cos.min())
+
+
+def _agreement(module: torch.nn.Module, model, image_size: int) -> float:
+    """Lowest cosine between the export's outputs and PyTorch fp32's on a fixed batch: checked once per export
+    (the cache then guards the files by sha256), so a conversion that went wrong is never used."""
+    compiled = _openvino().Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    x = _fixed_input(image_size)
+    with torch.inference_mode():
+        reference = module(x).float().numpy()
+    return min_cosine(compiled.create_infer_request().infer({0: x.numpy()})[0], reference)
+
+
+def _exported_model(module: torch.nn.Module, image_size: int, label: str, key: str):
+    """(OpenVINO model, where it came from), from the user cache or a fresh export cached for next time."""
+    root = cache_root()
+    folder = root / f"{key[:40]}-{image_size}px"
+    if folder.exists():
+        try:
+            model = _read_cached(folder)
+            with contextlib.suppress(OSError):
+                os.utime(folder / "meta.json")  # most recently used: kept by _prune_cache
+            return model, f"cached {folder}"
+        except ValueError as why:
+            say_once(f"the cached OpenVINO export {folder} is damaged ({why}); exporting it again")
+            shutil.rmtree(folder, ignore_errors=True)
+    started = time.perf_counter()
+    # Every export is announced (a pause of seconds otherwise unexplained), not only the first of a process.
+    print(f"geoindex: exporting {label} (weights {key[:12]}) to OpenVINO, once: it is cached in {root}",
+          file=sys.stderr, flush=True)
+    model = _convert(module, image_size)
+    agreement = _agreement(module, model, image_size)
+    if not agreement >= TOLERANCE:
+        raise GeoindexError(f"its OpenVINO export disagrees with PyTorch (cosine {agreement:.6f} < {TOLERANCE})")
+    seconds = time.perf_counter() - started
+    ov = _openvino()
+    info = {"key": key, "label": label, "input": [-1, 3, image_size, image_size], "openvino": ov.get_version(),
+            "torch": torch.__version__, "export_seconds": round(seconds, 2), "min_cosine_vs_torch": agreement,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        _write_cache(folder, model, info)
+        _prune_cache(root)
+        where = f"exported in {seconds:.0f} s to {folder}"
+    except OSError as exc:
+        say_once(f"cannot cache the OpenVINO export in {root} ({exc.strerror or exc}); it is exported again next run")
+        where = f"exported in {seconds:.0f} s (not cached)"
+    return model, where
+
+
+def _compile_config(threads: int | None, streams: int | None) -> dict:
+    """Up to MAX_STREAMS streams sharing the cores (on 2 cores: two streams of one thread), each batch split among
+    them; fp32.
+
+    On a small CPU a multi-threaded operator waits at every step for its slowest thread, so a DataLoader
+    decoder (or an HTTP thread) taking a core stalls the whole model; one-thread streams each lose only what
+    they lose themselves, as `geoindex serve`'s two model threads do for the same reason. On an idle 2-core
+    CPU one stream of two threads measured the same (effnet-duo end to end, 43 photos/s either way).
+    fp32 is asked for explicitly: on CPUs with AMX or AVX512-BF16 OpenVINO would otherwise run in bf16
+    (twice as fast here, but a cosine of 0.993 to PyTorch's embeddings, unvalidated for accuracy).
+    """
+    threads = max(1, threads or torch.get_num_threads())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # `geoindex serve` gives each of its model threads a share of the cores as torch threads: together they
+    # use them all, so the compiled model (shared by the model threads) gets all of them too.
+    total = threads * max(1, cores // threads)
+    streams = max(1, streams or int(os.environ.get(STREAMS_ENV) or 0) or min(total, MAX_STREAMS))
+    per_stream = max(1, total // streams)
+    return {"PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT", "NUM_STREAMS": str(streams),
+            "INFERENCE_NUM_THREADS": str(streams * per_stream), "INFERENCE_PRECISION_HINT": "f32"}
+
+
+class OpenVinoModel:
+    """A module exported to OpenVINO and compiled for the CPU; callable from several threads at once (each thread
+    has its own infer request, and the compiled model one stream per concurrent caller)."""
+
+    name = "openvino"
+
+    def __init__(self, module: torch.nn.Module, image_size: int, label: str = "the model", threads: int | None = None,
+                 streams: int | None = None):
+        self.module, self.image_size, self.label = module, image_size, label
+        self.config = _compile_config(threads, streams)
+        self.streams = int(self.config["NUM_STREAMS"])
+        self._local = threading.local()
+        self._rebuild = threading.Lock()
+        self._load()
+
+    def _load(self) -> None:
+        ov = _openvino()
+        self._version = _versions(self.module)
+        self.key = export_key(self.module, self.image_size)
+        memo = (self.key, tuple(sorted(self.config.items())))
+        with _lock:
+            compiled = _loaded.get(memo)
+        self.source = "compiled earlier in this process"
+        if compiled is None:
+            model, self.source = _exported_model(self.module, self.image_size, self.label, self.key)
+            compiled = ov.Core().compile_model(model, "CPU", self.config)
+        self._compiled = compiled
+        self._local = threading.local()  # requests of the previous compiled model must not be reused
+        with _lock:
+            _loaded[memo] = compiled
+            _loaded.move_to_end(memo)
+            while len(_loaded) > _LOADED_KEEP:
+                _loaded.popitem(last=False)
+
+    def _requests(self) -> list:
+        """This thread's infer requests, one per stream: requests are not thread-safe, the compiled model is."""
+        requests = getattr(self._local, "requests", None)
+        if requests is None:
+            requests = self._local.requests = [self._compiled.create_infer_request() for _ in range(self.streams)]
+        return requests
+
+    def _infer(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        requests = self._requests()
+        chunks = [c for c in np.array_split(x, min(len(requests), max(1, len(x)))) if len(c)]
+        if len(chunks) == 1:
+            return np.asarray(requests[0].infer({0: chunks[0]}, share_inputs=True, share_outputs=False)[0])
+        for request, chunk in zip(requests, chunks):  # each on its own stream, side by side
+            request.start_async({0: chunk}, share_inputs=True)
+        for request in requests[:len(chunks)]:
+            request.wait()
+        return np.concatenate([np.array(request.get_output_tensor(0).data) for request in requests[:len(chunks)]])
+
+    def __call__(self, x) -> torch.Tensor:
+        if _versions(self.module) != self._version:  # trained or reloaded in place since the export
+            with self._rebuild:
+                if _versions(self.module) != self._version:
+                    self._load()
+        x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        if tuple(x.shape[1:]) != (3, self.image_size, self.image_size):
+            raise GeoindexError(f"the OpenVINO export of {self.label} takes {self.image_size} px inputs; "
+                                f"got {tuple(x.shape)}")
+        return torch.from_numpy(self._infer(x))
+
+    def info(self) -> dict:
+        return describe_runtime("openvino") | {"streams": int(self.config["NUM_STREAMS"]),
+                                               "threads": int(self.config["INFERENCE_NUM_THREADS"])}
+
+
+def compile_model(module: torch.nn.Module, image_size: int, device="cpu", runtime: str | None = None,
+                  amp: bool | None = None, channels_last: bool = True, label: str = "the model",
+                  threads: int | None = None, streams: int | None = None):
+    """The module as a callable float (N, 3, H, W) -> (N, D) float32 tensor (on `device` for torch, on the CPU for
+    OpenVINO), for the runtime asked for. An OpenVINO export that fails or disagrees with PyTorch is said once, and
+    PyTorch runs instead."""
+    device = torch.device(device)
+    if resolve_runtime(runtime, device) == "openvino" and not amp:
+        try:
+            return OpenVinoModel(module, image_size, label, threads=threads, streams=streams)
+        except Exception as exc:  # an unconvertible module must never stop a build: PyTorch can still run it
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            say_once(f"{label} cannot run in OpenVINO ({detail[:300]}); it runs in PyTorch")
+    return TorchModel(module, device, amp=amp, channels_last=channels_last)
+
+
+def prepare_runtime(backbone, device="cpu", runtime: str | None = None) -> dict:
+    """Export and compile the backbone's model now (a build calls this before its clock starts), so the
+    Embedder that follows finds it compiled; returns what will run, as the manifest records it."""
+    from .extraction import Embedder
+
+    return Embedder(backbone, device, runtime=runtime).model.info()
