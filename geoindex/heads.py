@@ -493,12 +493,6 @@ class Classifier:
         logits = self.head(torch.as_tensor(np.asarray(features, dtype=np.float32), device=self.device))
         return logits.softmax(1).cpu().numpy().astype(np.float64)
 
-    def predict_split(self, split: str, **embed_kwargs) -> np.ndarray:
-        """(N, C) probabilities for a stored split, computed as query and bench compute them."""
-        from .methods import ClassifierMethod, Photos
-        embed_kwargs = {"device": self.device, **embed_kwargs}
-        return ClassifierMethod(self.index, self, embed_kwargs).predict(Photos.of_split(self.index, split)).probs
-
 
 def available_heads(index) -> list[str]:
     return [m for m in MODES if (head_folder(index, m) / "meta.json").is_file()]

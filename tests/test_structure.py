@@ -1,0 +1,118 @@
+"""The package's structure: no import circles, counting imports inside functions."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "geoindex"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports anywhere in its body (top level, functions, TYPE_CHECKING
+    excepted: those never run). `from .x import name` counts as importing `x.name` when that is a module."""
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text(), filename=str(path))
+        type_checking = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                         and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+        for node in ast.walk(tree):
+            if id(node) in type_checking:
+                continue
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[:len(base) - (node.level - 1)]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                targets = [target] + [f"{target}.{alias.name}" for alias in node.names]
+            for target in targets:
+                if target in files and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), each with one circle through it."""
+    index, low, stack, on_stack, components = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return components
+
+
+def a_circle(graph, component) -> list[str]:
+    """One concrete circle inside a strongly connected component, for the failure message."""
+    members, start = set(component), component[0]
+    path, seen = [start], {start}
+    while True:
+        nxt = next((w for w in sorted(graph[path[-1]]) if w in members and w not in seen), None)
+        back = start in graph[path[-1]]
+        if back and len(path) > 1:
+            return path + [start]
+        if nxt is None:
+            # Dead end: fall back to a breadth-first search for the shortest way back to start.
+            from collections import deque
+            queue, parent = deque([start]), {start: None}
+            while queue:
+                v = queue.popleft()
+                for w in sorted(graph[v]):
+                    if w == start and v != start:
+                        out = [v]
+                        while parent[out[-1]] is not None:
+                            out.append(parent[out[-1]])
+                        return list(reversed(out)) + [start]
+                    if w in members and w not in parent:
+                        parent[w] = v
+                        queue.append(w)
+            return component
+        path.append(nxt)
+        seen.add(nxt)
+
+
+def test_the_cycle_finder_sees_a_function_local_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycles(graph) == [["a", "b", "c"]]
+    assert a_circle(graph, ["a", "b", "c"]) == ["a", "b", "c", "a"]
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert "geoindex.backbones" in graph and graph["geoindex.cli"], "the import graph came out empty"
+    cycles = find_cycles(graph)
+    message = "\n".join(" -> ".join(a_circle(graph, c)) + f"   (all of: {', '.join(c)})" for c in cycles)
+    assert not cycles, "import circles in geoindex/:\n" + message
