@@ -13,15 +13,11 @@ import json
 import os
 from pathlib import Path
 
-from .errors import GeoindexError
+from .errors import IndexCorrupt  # noqa: F401 (re-exported: raised here first)
 from .fileio import MARKER, STAGING, write_json_atomic
 
 MANIFEST = "manifest.json"
 VERIFIED = ".verified.json"
-
-
-class IndexCorrupt(GeoindexError):
-    """An index file is missing, damaged, or not the one its manifest describes."""
 
 
 def sha256_file(path, block: int = 1 << 20) -> str:

@@ -116,3 +116,33 @@ def test_no_import_cycles():
     cycles = find_cycles(graph)
     message = "\n".join(" -> ".join(a_circle(graph, c)) + f"   (all of: {', '.join(c)})" for c in cycles)
     assert not cycles, "import circles in geoindex/:\n" + message
+
+
+def exception_classes() -> dict[str, list[str]]:
+    """Module -> the exception classes it defines (a class whose base's name ends in Error, Exception or one of
+    the package's own exceptions)."""
+    found: dict[str, list[str]] = {}
+    known = {"Exception", "GeoindexError", "RuntimeError", "ValueError"}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef):
+                bases = {ast.unparse(b).rpartition(".")[2] for b in node.bases}
+                if bases & known or any(b.endswith(("Error", "Exception")) for b in bases):
+                    found.setdefault(module_name(path), []).append(node.name)
+    return found
+
+
+def test_every_exception_class_is_in_errors_py():
+    """The library's exceptions are in geoindex.errors; the service keeps its HTTP answers and control-flow
+    signals (status codes, a client gone, a full queue), which never reach a library user."""
+    import geoindex.integrity
+    import geoindex.locks
+    from geoindex import errors
+
+    elsewhere = {module: names for module, names in exception_classes().items()
+                 if module != "geoindex.errors" and not module.startswith("geoindex.serve")}
+    assert not elsewhere, f"exception classes outside geoindex/errors.py: {elsewhere}"
+    assert "NotFittedError" in exception_classes()["geoindex.errors"]
+    # Where they were first raised they can still be imported from.
+    assert geoindex.locks.IndexBusy is errors.IndexBusy and geoindex.integrity.IndexCorrupt is errors.IndexCorrupt
