@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .backbones import TAIL_STAGES, tail_split
+from .catalog import backbone_info
 from .errors import GeoindexError
 from .extraction import iter_embeddings, resolve_device
 from .fileio import atomic_path, fault_point, write_json_atomic
@@ -57,7 +58,7 @@ class AdaptResult:
 
 def supports_tail(index) -> bool:
     """Whether the index's backbone can be cut into a trunk and a tail (the EfficientNet-Lite family)."""
-    return index.manifest["backbone"].startswith("effnet")
+    return backbone_info(index.manifest["backbone"]).tail_adaptable
 
 
 def is_adapted(index) -> bool:

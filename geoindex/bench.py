@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from .catalog import backbone_info
 from .cities import full_name
 from .errors import GeoindexError
 from .data.records import SPLITS
@@ -182,7 +183,7 @@ class Bench:
         from .backbones import create_backbone
 
         try:
-            if self.index.manifest["backbone"] == "clip":
+            if backbone_info(self.index.manifest["backbone"]).zero_shot:
                 clip = self.index.backbone
             else:
                 clip = create_backbone("clip", weights=self.clip_weights, device=self.index.device)

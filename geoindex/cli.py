@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .catalog import BACKBONES, INDEX_TYPES, weights_status
+from .catalog import BACKBONES, INDEX_TYPES, NO_PRETRAINED, weights_status
 from .cities import full_name
 from .jsonio import dumps
 from .errors import GeoindexError
@@ -610,7 +610,7 @@ def backbones_command(check):
         if check:
             from .backbones import create_backbone
             try:
-                info = create_backbone(name, weights="none" if name == "cnn" else None).weights
+                info = create_backbone(name, weights="none" if name in NO_PRETRAINED else None).weights
                 status = f"loaded: {info.description or info.source}"
             except GeoindexError as exc:
                 status = f"not usable: {exc}"

@@ -15,6 +15,7 @@ import numpy as np
 
 from .backbones import Backbone, create_backbone
 from .build import EMBEDDINGS, FAISS_INDEX
+from .catalog import backbone_info
 from .cities import full_name
 from .errors import BackboneMismatch, GeoindexError
 from .extraction import resolve_device
@@ -205,7 +206,7 @@ class GeoIndex:
             raise BackboneMismatch(f"index {self.name!r} was built with {m['backbone']} weights "
                                    f"{m['weights']['description'] or m['weights']['source']} (sha256 {m['weights']['sha256']}); "
                                    f"the weights given now differ ({backbone.weights.description}, sha256 {backbone.weights.sha256})")
-        if backbone.name == "clip" and backbone.weights.description != m["weights"].get("description"):
+        if backbone_info(backbone.name).weights_named_not_hashed and backbone.weights.description != m["weights"].get("description"):
             # The CLIP architecture and pretrained tag live in the description (pretrained weights have no file hash).
             raise BackboneMismatch(f"index {self.name!r} was built with CLIP {m['weights'].get('description')!r}; "
                                    f"this CLIP is {backbone.weights.description!r}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..catalog import backbone_info
 from ..zeroshot import ZeroShotClassifier
 from .base import Answer, Photos
 from .classifier import embed_sources
@@ -19,7 +20,7 @@ class ZeroShotMethod:
         self.notes = f"{len(self.classifier.templates)} template(s), labels '{label_format}'" + weights_note
 
     def clip_features(self, photos: Photos) -> np.ndarray:
-        if self.index.manifest["backbone"] == "clip" and self.clip is self.index.backbone:
+        if backbone_info(self.index.manifest["backbone"]).zero_shot and self.clip is self.index.backbone:
             return photos.embeddings
         return photos.feature("clip", lambda p: embed_sources(self.clip, p, normalize=True, **self.embed_kwargs))
 
