@@ -23,6 +23,7 @@ from .errors import GeoindexError
 from .data.records import SPLITS
 from .fileio import atomic_path, write_json_atomic
 from .jsonio import dumps
+from .layout import BENCH_DIR, RESULTS_JSON, RESULTS_MD
 from .methods import HybridMethod, Photos, ZeroShotMethod, classifier_methods
 from .metrics import evaluate
 from .zeroshot import ENSEMBLE_TEMPLATES, SINGLE_TEMPLATE, read_templates
@@ -238,7 +239,7 @@ def run_bench(index, methods=METHODS, split: str = "test", out=None, external=No
     With `out` inside the index (the default <index>/bench/) the index's lock is held from the start
     (geoindex.locks): a bench is a writer there, refused at once while another writer holds the index."""
     index_folder = Path(index.path).resolve()
-    target = Path(out).resolve() if out else index_folder / "bench"
+    target = Path(out).resolve() if out else index_folder / BENCH_DIR
     if index_folder == target or index_folder in target.parents:
         from .locks import writing_to
         with writing_to(index, "bench"):
@@ -254,7 +255,7 @@ def _run_bench(index, methods, split, out, external, log, **bench_kwargs) -> dic
     if split == "val" and {"hybrid", "knn"} & set(methods):
         log("NOTE: scoring on val, the split that tunes kNN and the fusion: these figures are optimistic")
     bench = Bench(index, methods, log=log, **bench_kwargs)
-    out = Path(out) if out else Path(index.path) / "bench"
+    out = Path(out) if out else Path(index.path) / BENCH_DIR
     sets = [Photos.of_split(index, split)]
     external_report = None
     if external:
@@ -273,10 +274,10 @@ def _run_bench(index, methods, split, out, external, log, **bench_kwargs) -> dic
     if knn is not None:
         from .revisit import revisit_report
         results["revisit"] = revisit_report(index, knn, split)
-    results = merge_previous(out / "results.json", results)
+    results = merge_previous(out / RESULTS_JSON, results)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "results.json", results)
-    with atomic_path(out / "results.md") as tmp:
+    write_json_atomic(out / RESULTS_JSON, results)
+    with atomic_path(out / RESULTS_MD) as tmp:
         tmp.write_text(results_markdown(results))
     keep = set()
     for set_name, block in results["sets"].items():

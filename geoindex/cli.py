@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .catalog import BACKBONES, INDEX_TYPES, NO_PRETRAINED, weights_status
+from .layout import CHECKPOINT, HEAD_META, HEAD_MODES, KNN_PARAMS, TAIL_MODE, TRUNK_CACHE, head_dir
 from .cities import full_name
 from .jsonio import dumps
 from .errors import GeoindexError
@@ -374,8 +375,8 @@ def indexes_command(index_dir, as_json):
 
 def _trained_summary(path: Path) -> str:
     """What `train` left in an index: its heads and whether kNN was tuned on val (from file names only: instant)."""
-    heads = [mode for mode in ("probe", "finetune") if (path / "heads" / mode / "meta.json").is_file()]
-    knn = (path / "heads" / "knn" / "params.json").is_file()
+    heads = [mode for mode in HEAD_MODES if (path / head_dir(mode) / HEAD_META).is_file()]
+    knn = (path / KNN_PARAMS).is_file()
     return ", ".join(heads + (["kNN tuned"] if knn else [])) or "no (run geoindex train)"
 
 
@@ -395,8 +396,8 @@ def rm_command(name, yes, unfinished, index_dir):
     home = index_home(index_dir)
     target, staging = home / name, home / STAGING / name
     if unfinished:
-        tail = target / "heads" / "tail"  # train's resume files (geoindex.adapt; named here to spare rm torch)
-        leftovers = [p for p in (tail / "checkpoint.pt", tail / "trunk_features.npz") if p.is_file()]
+        tail = target / head_dir(TAIL_MODE)  # train's resume files (geoindex.adapt)
+        leftovers = [p for p in (tail / CHECKPOINT, tail / TRUNK_CACHE) if p.is_file()]
         if not staging.exists() and not leftovers:
             raise GeoindexError(f"index {name!r} has nothing unfinished to delete in {home}")
         if not yes:

@@ -13,12 +13,9 @@ from pathlib import Path
 from .errors import GeoindexError
 from .fileio import write_json_atomic
 
-KNN_DIR = Path("heads") / "knn"
-KNN_PARAMS = KNN_DIR / "params.json"
-WHITENING = KNN_DIR / "whitening.npz"
-WHITENED_INDEX = KNN_DIR / "whitened.faiss"
-STREET_WHITENING = KNN_DIR / "street_whitening.npz"
-STREET_INDEX = KNN_DIR / "street.faiss"
+from .layout import (HEAD_META, HYBRID_PARAMS, KNN_DIR, KNN_PARAMS, STREET_INDEX, STREET_WHITENING,  # noqa: F401
+                     WHITENED_INDEX, WHITENING)
+
 SAVED_KEYS = ("k", "vote", "temperature", "unlike_threshold", "tuned_on", "street")
 
 
@@ -112,7 +109,6 @@ def load_knn_tuning(index) -> dict:
     return params
 
 
-HYBRID_PARAMS = Path("heads") / "hybrid" / "params.json"
 # On equal validation accuracy the simpler answer leads: kNN (it also gives the GPS guess and the evidence photos).
 LEAD_PREFERENCE = ("knn", "classifier", "hybrid")
 
@@ -152,7 +148,7 @@ def tune_hybrid(index, log=print) -> dict | None:
     params = {"weights": dict(zip(("knn", "classifier"), hybrid.weights)), "val_accuracy": scores["hybrid"],
               "val_accuracy_by_method": scores, "lead": lead, "tuned_on": fitted["tuned_on"],
               "classifier": classifier.classifier.mode,
-              "classifier_meta_sha256": _sha256(classifier.classifier.folder / "meta.json"),
+              "classifier_meta_sha256": _sha256(classifier.classifier.folder / HEAD_META),
               "knn_params_sha256": _sha256(Path(index.path) / KNN_PARAMS)}
     write_json_atomic(path, params)
     names = {"knn": "kNN", "classifier": f"classifier ({classifier.classifier.mode})", "hybrid": "hybrid"}
@@ -180,7 +176,7 @@ def load_lead_choice(index, classifier) -> dict:
             "kNN and the head were not compared on val yet: rerun `geoindex train`"
         return {"lead": "knn", "weights": None, "scores": {}, "note": f"kNN ({why})"}
     if (saved.get("classifier") != classifier.mode
-            or saved.get("classifier_meta_sha256") != _sha256(classifier.folder / "meta.json")
+            or saved.get("classifier_meta_sha256") != _sha256(classifier.folder / HEAD_META)
             or saved.get("knn_params_sha256") != _sha256(folder / KNN_PARAMS)):
         return {"lead": "knn", "weights": None, "scores": {},
                 "note": "kNN (the head or kNN changed since they were compared on val: rerun `geoindex train`)"}

@@ -146,3 +146,22 @@ def test_every_exception_class_is_in_errors_py():
     assert "NotFittedError" in exception_classes()["geoindex.errors"]
     # Where they were first raised they can still be imported from.
     assert geoindex.locks.IndexBusy is errors.IndexBusy and geoindex.integrity.IndexCorrupt is errors.IndexCorrupt
+
+
+def test_index_file_names_are_written_only_in_layout_py():
+    """Every file name of an index is a constant of geoindex.layout; no other module spells one out."""
+    from geoindex import layout
+
+    names = {value for value in vars(layout).values() if isinstance(value, str) and "." in value}
+    names |= {str(value) for value in vars(layout).values() if hasattr(value, "parts")}
+    names.discard(layout.TUNED_WEIGHTS)  # "backbone.pt" is also the name of weight files outside any index
+    # The training loops' own writes (heads.py, adapt.py) move to layout's names with the one training loop.
+    allowed = {"geoindex.layout", "geoindex.heads", "geoindex.adapt"}
+    spelt = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if module_name(path) in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                spelt.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.value!r}")
+    assert not spelt, "index file names spelt outside geoindex/layout.py:\n" + "\n".join(spelt)
