@@ -24,11 +24,11 @@ from .data.records import SPLITS
 from .fileio import atomic_path, write_json_atomic
 from .jsonio import dumps
 from .layout import BENCH_DIR, RESULTS_JSON, RESULTS_MD
-from .methods import HybridMethod, Photos, ZeroShotMethod, classifier_methods
+from .methods import HybridMethod, Photos, ZeroShotMethod, classifier_methods, registered_methods
 from .metrics import evaluate
 from .zeroshot import ENSEMBLE_TEMPLATES, SINGLE_TEMPLATE, read_templates
 
-METHODS = ("knn", "classifier", "zeroshot", "hybrid")
+METHODS = tuple(registered_methods())  # ("knn", "classifier", "zeroshot", "hybrid")
 # (row name, label format, templates): the seed study prompted with the bare label; the rest add a sentence.
 ZERO_SHOT_VARIANTS = (("zeroshot:bare", "city", ("{place}",)), ("zeroshot:city_country", "city_country", (SINGLE_TEMPLATE,)),
                       ("zeroshot:city", "city", (SINGLE_TEMPLATE,)), ("zeroshot:country", "country", (SINGLE_TEMPLATE,)))
@@ -148,10 +148,10 @@ class Bench:
             knn = index.knn_method(**overrides)
             if knn.tuned_on is None and not any(v is not None for v in overrides.values()):
                 if self.val is not None:
-                    self.tuned["knn"] = knn.fit(self.val)
+                    self.tuned["knn"] = knn.fit(self.val).best_params_
                     from .tuning import street_summary
-                    log(f"knn: k={knn.k}, {knn.vote} vote, T={knn.temperature:g} (tuned on val, accuracy "
-                        f"{self.tuned['knn']['val_accuracy']:.3f}); {street_summary(knn.street)}")
+                    log(f"knn: k={knn.k_}, {knn.vote_} vote, T={knn.temperature_:g} (tuned on val, accuracy "
+                        f"{knn.val_accuracy_:.3f}); {street_summary(knn.street_)}")
                 else:
                     log("knn: no validation split to tune k and temperature on; using the defaults")
             elif knn.tuned_on:
@@ -213,7 +213,7 @@ class Bench:
             self.skipped["hybrid"] = "needs at least two of knn, classifier, zeroshot"
             return
         hybrid = HybridMethod(self.index, parts)
-        self.tuned["hybrid"] = hybrid.fit(self.val)
+        self.tuned["hybrid"] = hybrid.fit(self.val).best_params_
         self.log(f"hybrid weights {self.tuned['hybrid']['weights']} (tuned on val, accuracy "
                  f"{self.tuned['hybrid']['val_accuracy']:.3f})")
         self.methods.append(hybrid)

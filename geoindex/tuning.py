@@ -36,19 +36,19 @@ def _tune_knn_locked(index, log) -> dict:
     if not index.store.count("val"):
         raise GeoindexError(f"index {index.name!r} has no validation split to tune kNN on")
     knn = KNNMethod(index)
-    params = knn.fit(Photos.of_split(index, "val")) | {"build_id": index.manifest.get("build_id")}
+    params = knn.fit(Photos.of_split(index, "val")).best_params_ | {"build_id": index.manifest.get("build_id")}
     folder = Path(index.path)
     for stale in (WHITENING, WHITENED_INDEX, STREET_WHITENING, STREET_INDEX):
         (folder / stale).unlink(missing_ok=True)
-    if knn.whitening is not None:
-        knn.whitening.save(folder / WHITENING)
+    if knn.whitening_ is not None:
+        knn.whitening_.save(folder / WHITENING)
         save_index(knn.whitened_index, folder / WHITENED_INDEX)
-    if knn.street_whitening is not None:
-        knn.street_whitening.save(folder / STREET_WHITENING)
+    if knn.street_whitening_ is not None:
+        knn.street_whitening_.save(folder / STREET_WHITENING)
         save_index(knn.street_index, folder / STREET_INDEX)
     write_json_atomic(folder / KNN_PARAMS, params)
-    space = "raw embeddings" if knn.whitening is None else \
-        f"whitened to {knn.whitening.dims} dims (power {knn.whitening.power:g})"
+    space = "raw embeddings" if knn.whitening_ is None else \
+        f"whitened to {knn.whitening_.dims} dims (power {knn.whitening_.power:g})"
     log(f"kNN tuned on val: {space}, k={params['k']}, {params['vote']} vote"
         + (f", temperature {params['temperature']:g}" if params["vote"] == "softmax" else "")
         + f" (val accuracy {params['val_accuracy']:.3f}); photos whose nearest match is below similarity "
@@ -139,20 +139,20 @@ def tune_hybrid(index, log=print) -> dict | None:
     knn = index.knn_method()
     parts = {"knn": knn.predict(val).probs, "classifier": classifier.predict(val).probs}
     hybrid = HybridMethod(index, [knn, classifier])
-    fitted = hybrid.fit(val)
+    hybrid.fit(val)
     from .methods.hybrid import fuse
-    fused = fuse(list(parts.values()), hybrid.weights)
+    fused = fuse(list(parts.values()), hybrid.weights_)
     scores = {name: evaluate(val.labels, probs, index.classes)["accuracy"]
               for name, probs in {**parts, "hybrid": fused}.items()}
     lead = max(LEAD_PREFERENCE, key=lambda m: (scores[m], -LEAD_PREFERENCE.index(m)))
-    params = {"weights": dict(zip(("knn", "classifier"), hybrid.weights)), "val_accuracy": scores["hybrid"],
-              "val_accuracy_by_method": scores, "lead": lead, "tuned_on": fitted["tuned_on"],
+    params = {"weights": dict(zip(("knn", "classifier"), hybrid.weights_)), "val_accuracy": scores["hybrid"],
+              "val_accuracy_by_method": scores, "lead": lead, "tuned_on": hybrid.tuned_on_,
               "classifier": classifier.classifier.mode,
               "classifier_meta_sha256": _sha256(classifier.classifier.folder / HEAD_META),
               "knn_params_sha256": _sha256(Path(index.path) / KNN_PARAMS)}
     write_json_atomic(path, params)
     names = {"knn": "kNN", "classifier": f"classifier ({classifier.classifier.mode})", "hybrid": "hybrid"}
-    log(f"hybrid tuned on val: weights kNN {hybrid.weights[0]:.1f} x {names['classifier']} {hybrid.weights[1]:.1f}; "
+    log(f"hybrid tuned on val: weights kNN {hybrid.weights_[0]:.1f} x {names['classifier']} {hybrid.weights_[1]:.1f}; "
         "val accuracy " + ", ".join(f"{names[m]} {scores[m]:.3f}" for m in LEAD_PREFERENCE)
         + f": answers lead with {names[lead]}")
     return params

@@ -79,6 +79,39 @@ class Answer:
         return [(self.classes[c], float(self.probs[row, c])) for c in order]
 
 
+_REGISTRY: dict[str, tuple[float, type]] = {}
+
+
+def register_method(family: str, order: float):
+    """Make a method class known by its family name ("knn", "classifier", ...): bench and the CLI offer every
+    registered family, in `order`. A new method is one module of geoindex.methods using this decorator."""
+    def decorator(cls):
+        cls.family = family
+        _REGISTRY[family] = (order, cls)
+        return cls
+    return decorator
+
+
+def registered_methods() -> dict[str, type]:
+    """Family name -> method class, in the order bench scores them."""
+    return {family: cls for family, (_, cls) in sorted(_REGISTRY.items(), key=lambda item: item[1][0])}
+
+
+class Method:
+    """The base of every method: `predict(photos) -> Answer`; `predict_proba` is its (N, C) probabilities.
+
+    A method that tunes anything has `fit(val_photos) -> self`, keeping what it chose in attributes ending in
+    `_`; `name` says which method answered."""
+
+    name: str = "method"
+
+    def predict(self, photos: Photos) -> Answer:
+        raise NotImplementedError
+
+    def predict_proba(self, photos: Photos) -> np.ndarray:
+        return self.predict(photos).probs
+
+
 def city_centres(train_meta, classes: list[str]) -> np.ndarray:
     """(C, 2): the spherical mean of each city's train photos, NaN for a city without coordinates.
 

@@ -5,11 +5,12 @@ import numpy as np
 
 from ..catalog import backbone_info
 from ..zeroshot import ZeroShotClassifier
-from .base import Answer, Photos
+from .base import Answer, Method, Photos, register_method
 from .classifier import embed_sources
 
 
-class ZeroShotMethod:
+@register_method("zeroshot", order=2)
+class ZeroShotMethod(Method):
     def __init__(self, index, clip_backbone, label_format: str, templates, name: str, embed_kwargs=None,
                  weights_note: str = ""):
         self.index, self.name = index, name
@@ -36,6 +37,3 @@ class ZeroShotMethod:
             coords = self.index.city_centres[probs.argmax(1)]
         return Answer(self.name, probs, labels, coords, level=self.level, notes=self.notes,
                       label_map=self.classifier.city_to_label)
-
-    def predict_proba(self, photos: Photos) -> np.ndarray:
-        return self.predict(photos).probs
