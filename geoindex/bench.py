@@ -24,7 +24,7 @@ from .data.records import SPLITS
 from .fileio import atomic_path, write_json_atomic
 from .jsonio import dumps
 from .layout import BENCH_DIR, RESULTS_JSON, RESULTS_MD
-from .methods import HybridMethod, Photos, ZeroShotMethod, classifier_methods, registered_methods
+from .methods import ClassifierMethod, HybridMethod, Photos, ZeroShotMethod, classifier_methods, registered_methods
 from .metrics import evaluate
 from .zeroshot import ENSEMBLE_TEMPLATES, SINGLE_TEMPLATE, read_templates
 
@@ -129,6 +129,35 @@ def _ids_sha256(photos: Photos) -> str:
     return hashlib.sha256("\n".join(map(str, photos.sources)).encode()).hexdigest()
 
 
+class UnsavedProbe:
+    """A linear probe trained on the stored embeddings as `train` trains one, but kept in memory: a bench never
+    writes into the index it measures. It answers as a saved probe (heads.Classifier) would."""
+
+    mode = "probe"
+
+    def __init__(self, head, meta: dict):
+        self.head, self.meta = head, meta
+        self.folder = None
+
+    @classmethod
+    def fit(cls, index) -> "UnsavedProbe":
+        from .heads import DEFAULTS, fit_probe
+
+        store, defaults = index.store, DEFAULTS["probe"]
+        head, _, best_epoch, best_acc = fit_probe(store.embeddings("train"), store.labels("train"),
+                                                  store.embeddings("val"), store.labels("val"), len(index.classes),
+                                                  defaults["epochs"], defaults["lr"], batch_size=defaults["batch_size"])
+        return cls(head, {"mode": "probe", "best_epoch": best_epoch, "best_val_accuracy": best_acc,
+                          "validated_on": "val", "saved": False})
+
+    def predict_features(self, features: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            logits = self.head(torch.as_tensor(np.asarray(features, dtype=np.float32)))
+        return logits.softmax(1).numpy().astype(np.float64)
+
+
 class Bench:
     """Builds the methods once, tunes what is tuned on val, and scores them on any set of photos."""
 
@@ -163,10 +192,9 @@ class Bench:
                 if self.val is None:
                     self.skipped["classifier"] = "no head trained and no validation split to train a probe with"
                 else:
-                    from .heads import train_probe
-                    log("no classifier head yet: training a linear probe on the stored embeddings")
-                    train_probe(index, progress=False, log=log)
-                    heads = classifier_methods(index, self.embed_kwargs)
+                    log("no classifier head yet: training a linear probe on the stored embeddings for this bench "
+                        "only (not saved; `geoindex train` saves one)")
+                    heads = [ClassifierMethod(index, UnsavedProbe.fit(index), self.embed_kwargs)]
             self._heads = heads
             if "classifier" in methods:
                 self.methods.extend(heads)
