@@ -6,7 +6,7 @@ The GPS guess is street level where the index holds the place: the best-supporte
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
