@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 
 from .data.records import SPLITS
-from .methods.base import break_ties
-from .voting import EARTH_RADIUS_KM, estimate_locations, haversine_km, street_clusters, vote, vote_weights
+from .voting import (EARTH_RADIUS_KM, break_ties, estimate_locations, haversine_km, street_clusters, vote,
+                     vote_weights)
 
 SPOT_M = 25.0
 RECALL_AT = (1, 5, 10)
@@ -204,7 +204,7 @@ def street_spaces(index, fitted=None) -> list:
     (`fitted`, a Whitening fit on the train photos with every axis, when the caller has one already)."""
     spaces = [None]
     if 2 * STREET_K < index.store.count("train") <= STREET_WHITEN_MAX_TRAIN:
-        from .methods.whitening import Whitening
+        from .whitening import Whitening
         if fitted is None or len(fitted.singular) < min(index.store.embed_dim, index.store.count("train") - 1):
             fitted = Whitening.fit(index.store.embeddings("train"), max_dims=index.store.embed_dim)
         dims = sorted({min(d, len(fitted.singular)) for d in STREET_DIMS} | {len(fitted.singular)})

@@ -82,7 +82,7 @@ def load_knn_tuning(index) -> dict:
         return {}  # tuned on another build's embeddings (a race or a copy): the defaults are the honest answer
     params = {k: saved[k] for k in SAVED_KEYS if k in saved}
     if saved.get("whiten"):
-        from .methods.whitening import Whitening
+        from .whitening import Whitening
         from .search import load_index_file
         try:
             params["whitening"] = Whitening.load(folder / WHITENING)
@@ -94,7 +94,7 @@ def load_knn_tuning(index) -> dict:
         except (OSError, ValueError, KeyError, RuntimeError):
             return {}  # a damaged tuning file: fall back to the untuned defaults rather than answer wrongly
     if isinstance(params.get("street"), dict) and params["street"].get("space"):
-        from .methods.whitening import Whitening
+        from .whitening import Whitening
         from .search import load_index_file
         try:
             params["street_whitening"] = Whitening.load(folder / STREET_WHITENING)

@@ -16,7 +16,8 @@ def module_name(path: Path) -> str:
 
 def import_graph() -> dict[str, set[str]]:
     """Module -> the package modules it imports anywhere in its body (top level, functions, TYPE_CHECKING
-    excepted: those never run). `from .x import name` counts as importing `x.name` when that is a module."""
+    excepted: those never run). `from .x import name` counts as importing `x.name` when that is a module, and
+    importing a module inside a package counts as importing the package."""
     files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {name: set() for name in files}
     for name, path in files.items():
@@ -39,8 +40,14 @@ def import_graph() -> dict[str, set[str]]:
                     target = node.module or ""
                 targets = [target] + [f"{target}.{alias.name}" for alias in node.names]
             for target in targets:
-                if target in files and target != name:
-                    graph[name].add(target)
+                # Importing a.b.c runs a/__init__ and a/b/__init__ first: those are imports too (the root package
+                # excepted, which imports nothing until a name is first used).
+                # A module's own packages are already running when it is imported: no edge to them for that.
+                parts = target.split(".")
+                implied = [".".join(parts[:depth]) for depth in range(2, len(parts))]
+                for module in [m for m in implied if not name.startswith(m + ".")] + [target]:
+                    if module in files and module != name:
+                        graph[name].add(module)
     return graph
 
 

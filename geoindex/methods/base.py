@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..voting import gps_estimate
+from ..voting import break_ties, gps_estimate  # noqa: F401 (break_ties: importable from here too)
 
 
 @dataclass
@@ -125,18 +125,3 @@ def city_centres(train_meta, classes: list[str]) -> np.ndarray:
         if mine.any():
             centres[c] = gps_estimate(lats[mine], lons[mine])
     return centres
-
-
-def break_ties(probs: np.ndarray, preferred: np.ndarray) -> np.ndarray:
-    """Where several classes share the top probability, give the win to `preferred[q]` if it is among them
-    (kNN: the nearest neighbour's city) by the smallest nudge, so every argmax downstream agrees."""
-    probs = np.array(probs, dtype=np.float64, copy=True)
-    top = probs.max(axis=1, keepdims=True)
-    tied = np.isclose(probs, top, rtol=0, atol=1e-12)
-    rows = np.flatnonzero(tied.sum(axis=1) > 1)
-    for q in rows:
-        p = preferred[q]
-        if p >= 0 and tied[q, p]:
-            probs[q, p] += 1e-9
-            probs[q] /= probs[q].sum()
-    return probs

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..voting import VOTE_METHODS, vote
-from .base import Answer, Method, Photos, break_ties, register_method
+from ..voting import VOTE_METHODS, break_ties, vote
+from .base import Answer, Method, Photos, register_method
 
 K_GRID = (1, 3, 5, 10, 20, 30, 50)
 TEMPERATURE_GRID = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
@@ -86,7 +86,7 @@ class KNNMethod(Method):
         """FAISS over the whitened train embeddings (built from the stored ones the first time it is needed)."""
         space = self.settings.whitening
         if self._whitened_index is None and space is not None:
-            from .whitening import flat_index
+            from ..whitening import flat_index
             self._whitened_index = flat_index(space(self.index.store.embeddings("train")))
         return self._whitened_index
 
@@ -95,7 +95,7 @@ class KNNMethod(Method):
         """FAISS over the train embeddings in the street space, when that space is a whitening (built once)."""
         space = self.settings.street_whitening
         if self._street_index is None and space is not None:
-            from .whitening import flat_index
+            from ..whitening import flat_index
             self._street_index = flat_index(space(self.index.store.embeddings("train")))
         return self._street_index
 
@@ -182,14 +182,14 @@ class KNNMethod(Method):
         spaces, fitted = [None], None
         store = getattr(self.index, "store", None)
         if store is not None and 2 * max(K_GRID) < self.index.ntotal <= WHITEN_MAX_TRAIN:
-            from .whitening import Whitening
+            from ..whitening import Whitening
             # Every axis is kept (the eigendecomposition costs the same): the street space tries them all.
             train = store.embeddings("train")
             fitted = Whitening.fit(train, max_dims=train.shape[1])
             dims = sorted({min(d, fitted.axes.shape[0]) for d in WHITEN_DIMS})
             spaces += [fitted.using(d, p) for d in dims for p in WHITEN_POWERS]
         best_key, best = None, None
-        from .whitening import flat_index
+        from ..whitening import flat_index
         for space in spaces:
             space_index = None if space is None else flat_index(space(train))
             sims, ids, labels = self.neighbours(val, k_max, space, space_index)
