@@ -30,17 +30,19 @@ import torch
 from torch import nn
 
 from .backbones import TAIL_STAGES, tail_split
+from .catalog import backbone_info
 from .errors import GeoindexError
 from .extraction import iter_embeddings, resolve_device
 from .fileio import atomic_path, fault_point, write_json_atomic
 from .heads import _LossStopping, head_folder, load_weights_file, save_curves, save_weights
+from .layout import TAIL_MODE, TRUNK_CACHE
 
-MODE = "tail"
+MODE = TAIL_MODE
 DEFAULTS = {"epochs": 6, "lr": 1e-4, "head_lr": 1e-3, "weight_decay": 0.05, "batch_size": 64, "patience": 2,
             "label_smoothing": 0.1}
 MAX_TRAIN_PHOTOS = 20_000  # the trunk cache is ~44-113 KB a photo; past this a random sample of train adapts
 MAX_VAL_PHOTOS = 5_000
-TRUNK_CACHE = "trunk_features.npz"  # beside the checkpoint: a resumed run skips recomputing them (minutes)
+# TRUNK_CACHE (layout) lies beside the checkpoint: a resumed run skips recomputing the trunk features (minutes).
 
 
 @dataclass
@@ -57,7 +59,7 @@ class AdaptResult:
 
 def supports_tail(index) -> bool:
     """Whether the index's backbone can be cut into a trunk and a tail (the EfficientNet-Lite family)."""
-    return index.manifest["backbone"].startswith("effnet")
+    return backbone_info(index.manifest["backbone"]).tail_adaptable
 
 
 def is_adapted(index) -> bool:

@@ -47,13 +47,8 @@ from .search import INDEX_TYPES, TRAINED_TYPES, build_from_blocks, exact_search,
 from .store import EmbeddingStore, create_store, write_metadata
 from .synthetic import SYNTHETIC_MARKER
 
-MANIFEST = "manifest.json"
-EMBEDDINGS = "embeddings.h5"
-FAISS_INDEX = "faiss.index"
-SKIPPED = "skipped.json"
-TUNED_WEIGHTS = "backbone.pt"  # an adapted index's own backbone (geoindex.adapt), kept inside the index
-REEMBED_MARK = "reembed.json"  # in <home>/.staging/<name>/ while `train` re-embeds the index
-INDEX_FILES = (EMBEDDINGS, FAISS_INDEX, SKIPPED)
+from .layout import (CURVES, EMBEDDINGS, FAISS_INDEX, HEAD_META, HISTORY, INDEX_FILES, KNN_PARAMS,  # noqa: F401
+                     MANIFEST, REEMBED_MARK, SKIPPED, TUNED_WEIGHTS, head_dir)
 
 
 DEFAULT_BACKBONE = "effnet-duo"
@@ -333,7 +328,7 @@ def _trained_parts(folder: Path) -> list[str]:
             parts.append("the backbone adapted to its cities")
     names = {"probe": "the probe head", "finetune": "the fine-tuned head", "knn": "the kNN tuning"}
     for mode, said in names.items():
-        if any((folder / "heads" / mode / f).is_file() for f in ("meta.json", "params.json")):
+        if any((folder / head_dir(mode) / f).is_file() for f in (HEAD_META, KNN_PARAMS.name)):
             parts.append(said)
     return parts
 
@@ -810,10 +805,10 @@ def reembed_index(index, backbone: Backbone, adapted: dict, batch_size: int = 64
             index_info = _build_faiss(store, out, index.manifest["index"]["type"], index.manifest["index"].get("params"),
                                       progress)
         shutil.copyfile(Path(index.path) / SKIPPED, out / SKIPPED)
-        mode_folder = Path("heads") / adapted["mode"]
+        mode_folder = head_dir(adapted["mode"])
         if (Path(index.path) / mode_folder).is_dir():
             (out / mode_folder).mkdir(parents=True)
-            for kept in ("history.csv", "curves.png", "meta.json"):
+            for kept in (HISTORY, CURVES, HEAD_META):
                 if (Path(index.path) / mode_folder / kept).is_file():
                     shutil.copyfile(Path(index.path) / mode_folder / kept, out / mode_folder / kept)
         seconds = time.perf_counter() - started

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from .catalog import BACKBONES, INDEX_TYPES, weights_status
+from .catalog import BACKBONES, INDEX_TYPES, NO_PRETRAINED, weights_status
+from .layout import CHECKPOINT, HEAD_META, HEAD_MODES, KNN_PARAMS, TAIL_MODE, TRUNK_CACHE, head_dir
 from .cities import full_name
 from .jsonio import dumps
 from .errors import GeoindexError
@@ -377,8 +378,8 @@ def indexes_command(index_dir, as_json):
 
 def _trained_summary(path: Path) -> str:
     """What `train` left in an index: its heads and whether kNN was tuned on val (from file names only: instant)."""
-    heads = [mode for mode in ("probe", "finetune") if (path / "heads" / mode / "meta.json").is_file()]
-    knn = (path / "heads" / "knn" / "params.json").is_file()
+    heads = [mode for mode in HEAD_MODES if (path / head_dir(mode) / HEAD_META).is_file()]
+    knn = (path / KNN_PARAMS).is_file()
     return ", ".join(heads + (["kNN tuned"] if knn else [])) or "no (run geoindex train)"
 
 
@@ -398,8 +399,8 @@ def rm_command(name, yes, unfinished, index_dir):
     home = index_home(index_dir)
     target, staging = home / name, home / STAGING / name
     if unfinished:
-        tail = target / "heads" / "tail"  # train's resume files (geoindex.adapt; named here to spare rm torch)
-        leftovers = [p for p in (tail / "checkpoint.pt", tail / "trunk_features.npz") if p.is_file()]
+        tail = target / head_dir(TAIL_MODE)  # train's resume files (geoindex.adapt)
+        leftovers = [p for p in (tail / CHECKPOINT, tail / TRUNK_CACHE) if p.is_file()]
         if not staging.exists() and not leftovers:
             raise GeoindexError(f"index {name!r} has nothing unfinished to delete in {home}")
         if not yes:
@@ -616,7 +617,7 @@ def backbones_command(check):
         if check:
             from .backbones import create_backbone
             try:
-                info = create_backbone(name, weights="none" if name == "cnn" else None).weights
+                info = create_backbone(name, weights="none" if name in NO_PRETRAINED else None).weights
                 status = f"loaded: {info.description or info.source}"
             except GeoindexError as exc:
                 status = f"not usable: {exc}"

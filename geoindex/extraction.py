@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .backbones import Backbone
 from .errors import GeoindexError, ImageError
 from .images import DEFAULT_MAX_PIXELS, ImageTransform
+
+if TYPE_CHECKING:  # annotations only: backbones runs its models through this module (Backbone.embed)
+    from .backbones import Backbone
 
 
 def _libc():

@@ -23,8 +23,9 @@ from .extraction import default_num_workers, resolve_device
 from .fileio import atomic_path, fault_point, write_json_atomic
 from .images import load_image
 
-HEADS = "heads"
-MODES = ("probe", "finetune")
+from .layout import HEAD_BACKBONE, HEAD_META, HEAD_MODES, HEAD_WEIGHTS, HEADS, head_dir  # noqa: F401 (HEADS: imported from here too)
+
+MODES = HEAD_MODES
 DEFAULTS = {"probe": {"epochs": 30, "lr": 1e-3, "batch_size": 256},
             "finetune": {"epochs": 10, "lr": 1e-4, "batch_size": 32}}
 
@@ -85,7 +86,7 @@ class TrainResult:
 
 
 def head_folder(index, mode: str) -> Path:
-    return Path(index.path) / HEADS / mode
+    return Path(index.path) / head_dir(mode)
 
 
 def save_curves(history: pd.DataFrame, folder: Path, title: str, kept_epoch: int | None = None) -> None:
@@ -452,7 +453,7 @@ class Classifier:
         self.index, self.mode = index, mode
         self.folder = head_folder(index, mode)
         try:
-            self.meta = json.loads((self.folder / "meta.json").read_text())
+            self.meta = json.loads((self.folder / HEAD_META).read_text())
             self.meta["classes"], self.meta["embed_dim"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise GeoindexError(f"the {mode} head in {self.folder} is damaged ({type(exc).__name__} in meta.json); "
@@ -467,7 +468,7 @@ class Classifier:
             raise GeoindexError(f"the {mode} head in {self.folder} was trained for other classes; retrain it")
         self.device = resolve_device(device)
         dim, n = self.meta["embed_dim"], len(index.classes)
-        state = load_weights_file(self.folder / "head.pt", f"{mode} head")
+        state = load_weights_file(self.folder / HEAD_WEIGHTS, f"{mode} head")
         self.head = (ProbeHead(dim, n) if mode == "probe" else nn.Linear(dim, n))
         try:
             self.head.load_state_dict(state)
@@ -484,7 +485,7 @@ class Classifier:
             if self.mode == "probe":
                 self._backbone = self.index.backbone
             else:
-                self._backbone = create_backbone(self.index.manifest["backbone"], weights=self.folder / "backbone.pt",
+                self._backbone = create_backbone(self.index.manifest["backbone"], weights=self.folder / HEAD_BACKBONE,
                                                  image_size=self.index.manifest["image_size"], device=self.device)
         return self._backbone
 
@@ -493,15 +494,9 @@ class Classifier:
         logits = self.head(torch.as_tensor(np.asarray(features, dtype=np.float32), device=self.device))
         return logits.softmax(1).cpu().numpy().astype(np.float64)
 
-    def predict_split(self, split: str, **embed_kwargs) -> np.ndarray:
-        """(N, C) probabilities for a stored split, computed as query and bench compute them."""
-        from .methods import ClassifierMethod, Photos
-        embed_kwargs = {"device": self.device, **embed_kwargs}
-        return ClassifierMethod(self.index, self, embed_kwargs).predict(Photos.of_split(self.index, split)).probs
-
 
 def available_heads(index) -> list[str]:
-    return [m for m in MODES if (head_folder(index, m) / "meta.json").is_file()]
+    return [m for m in MODES if (head_folder(index, m) / HEAD_META).is_file()]
 
 
 def load_best_classifier(index, device="cpu") -> Classifier | None:
@@ -515,6 +510,6 @@ def load_classifier(index, mode: str | None = None, device="cpu") -> Classifier 
     """The requested head, else the fine-tuned one, else the probe; None when none is trained."""
     modes = [mode] if mode else ["finetune", "probe"]
     for m in modes:
-        if (head_folder(index, m) / "meta.json").is_file():
+        if (head_folder(index, m) / HEAD_META).is_file():
             return Classifier(index, m, device)
     return None

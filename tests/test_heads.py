@@ -8,6 +8,7 @@ import torch
 from geoindex import build_index
 from geoindex.geo_index import load_index
 from geoindex.heads import fit_probe, load_classifier, train_finetune, train_probe
+from geoindex.methods import ClassifierMethod, Photos
 
 
 def clustered(centres, n_per_class, spread, rng):
@@ -44,7 +45,7 @@ def test_probe_is_saved_with_curves_and_used_by_query(small_index):
     assert len(pd.read_csv(result.folder / "history.csv")) == len(result.history) <= 5
     assert (result.folder / "curves.png").read_bytes()[:4] == b"\x89PNG"
     clf = load_classifier(index)
-    probs = clf.predict_split("test")
+    probs = ClassifierMethod(index, clf).predict_proba(Photos.of_split(index, "test"))
     assert probs.shape == (index.store.count("test"), 4) and np.allclose(probs.sum(1), 1)
     prediction = index.query([index.store.metadata("test")["path"][0]], k=3)[0]
     assert prediction.classifier is not None and len(prediction.classifier) == 4
@@ -60,7 +61,7 @@ def test_finetune_checkpoints_and_resumes(small_index, tmp_path):
     assert list(second.history["epoch"]) == [1, 2]
     assert second.history.iloc[0].to_dict() == pytest.approx(first.history.iloc[0].to_dict())
     clf = load_classifier(index, "finetune")
-    assert clf.predict_split("test").shape == (index.store.count("test"), 4)
+    assert ClassifierMethod(index, clf).predict_proba(Photos.of_split(index, "test")).shape == (index.store.count("test"), 4)
     meta = json.loads((second.folder / "meta.json").read_text())
     assert meta["mode"] == "finetune" and meta["amp"] is False
 

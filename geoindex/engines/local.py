@@ -10,7 +10,7 @@ from ..backbones import Backbone
 from ..extraction import iter_embeddings
 from ..fileio import fault_point
 from ..images import DEFAULT_MAX_PIXELS
-from . import Shard, Sink
+from .base import Shard, Sink
 
 
 class LocalEngine:

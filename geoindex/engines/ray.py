@@ -18,7 +18,7 @@ import numpy as np
 
 from ..backbones import Backbone
 from ..errors import GeoindexError
-from . import BackboneRecipe, Shard, Sink
+from .base import BackboneRecipe, Shard, Sink
 
 
 def require_ray():

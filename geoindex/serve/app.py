@@ -27,6 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..jsonio import jsonable
+from ..layout import MANIFEST
 from .batching import (DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_MAX_WAIT_MS, DEFAULT_RELOAD_CHECK_S, MicroBatcher,
                        QueueFull)
 from .uploads import (DEFAULT_MAX_FILES, DEFAULT_MAX_INFLIGHT_MB, DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_MB,
@@ -44,14 +45,13 @@ def index_generation(path: Path) -> tuple | None:
     """What changes whenever anything a query reads changes on disk, or None once the index is gone: the folder
     (a build and train's re-embedding swap in a new one), its manifest, and the heads and kNN tuning that train
     writes in place beside them."""
-    from ..heads import HEADS
-    from ..tuning import KNN_PARAMS, WHITENED_INDEX, WHITENING
+    from ..layout import HEAD_FILES, HEAD_MODES, KNN_PARAMS, WHITENED_INDEX, WHITENING, head_dir
 
     watched = (KNN_PARAMS, WHITENING, WHITENED_INDEX) + tuple(
-        Path(HEADS) / mode / name for mode in ("probe", "finetune") for name in ("meta.json", "head.pt", "backbone.pt"))
+        head_dir(mode) / name for mode in HEAD_MODES for name in HEAD_FILES)
     try:
         folder = os.stat(path)
-        manifest = os.stat(path / "manifest.json")
+        manifest = os.stat(path / MANIFEST)
     except OSError:
         return None
     parts: list = [folder.st_ino, manifest.st_ino, manifest.st_mtime_ns, manifest.st_size]
@@ -66,7 +66,7 @@ def index_generation(path: Path) -> tuple | None:
 
 def _disk_build_id(path: Path) -> str | None:
     try:
-        return json.loads((path / "manifest.json").read_text()).get("build_id")
+        return json.loads((path / MANIFEST).read_text()).get("build_id")
     except (OSError, ValueError, AttributeError):
         return None
 
