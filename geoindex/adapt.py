@@ -266,8 +266,7 @@ def _adapt_locked(index, epochs, lr, weight_decay, batch_size, patience, tail_st
             "val_photos": int(len(rows["val"])), "tuned_on": "val", "pretrained_weights": index.manifest["weights"],
             **{k: settings[k] for k in ("lr", "head_lr", "weight_decay", "batch_size", "label_smoothing")}}
     write_json_atomic(folder / "meta.json", info)
-    log(f"{result.summary(f'history.csv and curves.png in {folder}')}; re-embedding every photo of the index with "
-        "the tuned backbone")
+    log(f"{result.summary()}; re-embedding every photo of the index with the tuned backbone")
     tuned = create_backbone(index.manifest["backbone"], weights=weights, image_size=index.manifest["image_size"],
                             device=device)
     reembed_index(index, tuned, adapted=info, batch_size=max(32, settings["batch_size"]), num_workers=num_workers,
