@@ -140,7 +140,7 @@ def _write_trunk_cache(path: Path, key: str, features: dict, labels: dict, log) 
         log(f"not keeping the trunk features for a resumed run ({exc.strerror or exc})")
 
 
-def adapt_index(index, epochs: int | None = None, lr: float | None = None, weight_decay: float | None = None,
+def adapt_index(index, *, epochs: int | None = None, lr: float | None = None, weight_decay: float | None = None,
                 batch_size: int | None = None, patience: int | None = None, tail_stages: int = TAIL_STAGES,
                 device="auto", num_workers=None, seed: int = 0, progress: bool = True, log=print) -> AdaptResult:
     """Fine-tune the tail of the index's backbone on its train photos (early stop on val loss), re-embed every
@@ -148,13 +148,15 @@ def adapt_index(index, epochs: int | None = None, lr: float | None = None, weigh
     the re-embedded index, opened, and where the curves are. Holds the index's lock throughout (geoindex.locks)."""
     from .locks import writing_to
 
+    settings = dict(DEFAULTS)
+    settings.update({k: v for k, v in {"epochs": epochs, "lr": lr, "weight_decay": weight_decay,
+                                       "batch_size": batch_size, "patience": patience}.items() if v is not None})
+    settings["head_lr"] = settings["lr"] * DEFAULTS["head_lr"] / DEFAULTS["lr"]
     with writing_to(index, "train"):
-        return _adapt_locked(index, epochs, lr, weight_decay, batch_size, patience, tail_stages, device, num_workers,
-                             seed, progress, log)
+        return _adapt_locked(index, settings, tail_stages, device, num_workers, seed, progress, log)
 
 
-def _adapt_locked(index, epochs, lr, weight_decay, batch_size, patience, tail_stages, device, num_workers, seed,
-                  progress, log) -> AdaptResult:
+def _adapt_locked(index, settings: dict, tail_stages, device, num_workers, seed, progress, log) -> AdaptResult:
     from .backbones import create_backbone
     from .build import TUNED_WEIGHTS, StageEstimate, reembed_index
     from .geo_index import load_index
@@ -165,10 +167,6 @@ def _adapt_locked(index, epochs, lr, weight_decay, batch_size, patience, tail_st
                             "`geoindex build ... --overwrite` to start again from the pretrained weights")
     if not index.store.count("val"):
         raise GeoindexError(f"index {index.name!r} has no validation split: fine-tuning needs one to know when to stop")
-    settings = dict(DEFAULTS)
-    settings.update({k: v for k, v in {"epochs": epochs, "lr": lr, "weight_decay": weight_decay,
-                                       "batch_size": batch_size, "patience": patience}.items() if v is not None})
-    settings["head_lr"] = settings["lr"] * DEFAULTS["head_lr"] / DEFAULTS["lr"]
     device = resolve_device(device)
     backbone = create_backbone(index.manifest["backbone"], weights=index._weights_argument(),
                                image_size=index.manifest["image_size"], device=device)
@@ -262,7 +260,8 @@ def _adapt_locked(index, epochs, lr, weight_decay, batch_size, patience, tail_st
     save_weights(backbone.model.state_dict(), weights, "the tuned backbone",
                  f"the checkpoint of epoch {int(history['epoch'].iloc[-1])} is kept")
     info = {"mode": MODE, "tail_stages": tail_stages, "best_epoch": best_epoch, "epochs_run": len(history),
-            "best_val_accuracy": best_val_accuracy, "best_val_loss": best_val_loss, "train_photos": int(len(rows["train"])),
+            "best_val_accuracy": best_val_accuracy, "best_val_loss": best_val_loss,
+            "train_photos": int(len(rows["train"])),
             "val_photos": int(len(rows["val"])), "tuned_on": "val", "pretrained_weights": index.manifest["weights"],
             **{k: settings[k] for k in ("lr", "head_lr", "weight_decay", "batch_size", "label_smoothing")}}
     write_json_atomic(folder / "meta.json", info)

@@ -115,7 +115,7 @@ def fit_probe(x_train, y_train, x_val, y_val, n_classes: int, *, epochs: int = 3
     return head.cpu().eval(), result.history, result.best_epoch, float("nan") if best_acc is None else best_acc
 
 
-def train_probe(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=None, patience=3, device="cpu", seed=0,
+def train_probe(index, *, epochs=None, lr=None, weight_decay=1e-5, batch_size=None, patience=3, device="cpu", seed=0,
                 progress=True, log=print) -> TrainResult:
     """Train a softmax head on the index's stored train embeddings, early-stopped on validation loss.
     Holds the index's lock (geoindex.locks): the head is saved into the index it was trained for, or not at all."""
@@ -207,7 +207,7 @@ class FineTuneModel(nn.Module):
         return self.head(self.trunk(x))
 
 
-def train_finetune(index, epochs=None, lr=None, weight_decay=1e-5, batch_size=None, patience=3, device="auto",
+def train_finetune(index, *, epochs=None, lr=None, weight_decay=1e-5, batch_size=None, patience=3, device="auto",
                    resume=False, num_workers=None, seed=0, progress=True, log=print) -> TrainResult:
     """Fine-tune the whole backbone with a new linear head (Adam, AMP and channels-last on a GPU), early-stopped
     on validation accuracy.
