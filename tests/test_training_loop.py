@@ -8,14 +8,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 from geoindex.errors import GeoindexError
-from geoindex.training import (Checkpointing, LoopSettings, StopOn, TrainingLoop, VAL_ACCURACY, epoch_generator)
+from geoindex.training import VAL_ACCURACY, Checkpointing, LoopSettings, StopOn, TrainingLoop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,7 +167,7 @@ def test_history_and_curves_are_written_and_training_figures_never_stored_as_val
 
 def test_a_checkpoint_is_refused_unless_resumed_and_one_of_another_plan_starts_over(tmp_path):
     model, optimizer, batches, loss_fn = tiny()
-    run = dict(settings=LoopSettings("tiny", 2, patience=2, progress=False), folder=tmp_path)
+    run = dict(settings=LoopSettings("tiny", 2, patience=2, progress=False))
     TrainingLoop(model, optimizer, run["settings"], folder=tmp_path,
                  checkpoint=Checkpointing("tiny training", "loop-epoch", plan={"lr": 0.1})).run(
         batches, loss_fn, lambda: {"loss": 1.0})
