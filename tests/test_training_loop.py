@@ -187,3 +187,16 @@ def test_a_checkpoint_is_refused_unless_resumed_and_one_of_another_plan_starts_o
     with pytest.raises(GeoindexError, match="refusing tiny training checkpoint"):
         TrainingLoop(model, optimizer, run["settings"], folder=tmp_path,
                      checkpoint=Checkpointing("tiny training", "loop-epoch", resume=True))
+
+
+def test_a_batch_of_only_unreadable_examples_is_skipped_not_learned_as_nan():
+    """Label -1 marks a photo that no longer decodes: a batch of nothing else has no loss (the mean over no
+    example is NaN, and before the shared loop the fine-tuning stepped on it, turning every weight to NaN)."""
+    model, optimizer, _, _ = tiny()
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    seen = []
+    batches = lambda epoch: [(x, y), (x, torch.full((8,), -1)), (x, y)]  # noqa: E731
+    result = TrainingLoop(model, optimizer, LoopSettings("tiny", 2, patience=2, progress=False)).run(
+        batches, nn.CrossEntropyLoss(ignore_index=-1), lambda: {"loss": 1.0}, on_batch=seen.append)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert result.history["train_loss"].notna().all() and seen == [8, 8, 8, 8]
