@@ -499,32 +499,13 @@ def _train_locked(index_name, mode, epochs, lr, weight_decay, batch_size, patien
         result = train_probe(index, **common)
     else:
         result = train_finetune(index, resume=resume, num_workers=workers, **common)
-    click.echo(_kept_epoch_summary(result))
+    click.echo(result.summary())  # which epoch was kept and why (geoindex.training)
     if index.store.count("val"):
         from .tuning import tune_knn
         tune_knn(index, log=click.echo)
     else:
         click.echo("kNN not tuned and no fusion fitted: there is no validation split to choose them on; answers "
                    "use kNN with its default settings")
-
-
-def _kept_epoch_summary(result) -> str:
-    """Which epoch was kept and why, with its validation figures; never a training figure as a validation one."""
-    history, epoch = result.history, result.best_epoch
-    where = f"head, history.csv and curves.png in {result.folder}"
-    if result.best_val_accuracy is None:
-        return (f"no validation split: kept epoch {epoch} of {len(history)}, chosen on the training photos; no "
-                f"validation accuracy exists; {where}")
-    row = history[history["epoch"] == epoch].iloc[0]
-    best = history.loc[history["val_accuracy"].idxmax()]
-    if result.mode == "probe":  # fit_probe keeps the epoch of the lowest validation loss
-        why = f"the lowest validation loss ({row['val_loss']:.4f}); its validation accuracy {result.best_val_accuracy:.3f}"
-        if best["val_accuracy"] > result.best_val_accuracy:
-            why += (f" (epoch {int(best['epoch'])} reached {best['val_accuracy']:.3f}, but loss also weighs how sure "
-                    "each answer is, which ranking, fusion and the unlike-anything threshold use)")
-    else:
-        why = f"the highest validation accuracy ({result.best_val_accuracy:.3f})"
-    return f"kept epoch {epoch} of {len(history)}, the one with {why}; {where}"
 
 
 @main.command()
