@@ -119,8 +119,12 @@ MODE_DEFAULTS = {
 
 @dataclass(frozen=True)
 class QueryConfig(_Config):
-    """`geoindex query`'s options that are not the index's own tuning (k, vote and temperature come from train)."""
+    """`geoindex query`'s options; k, vote and temperature None: as `geoindex train` tuned them on val."""
+    k: int | None = None
+    vote_method: str | None = None
+    temperature: float | None = None
     batch_size: int = 32            # photos decoded and embedded together: memory stays flat in the number of photos
+    verify: bool = False            # hash every index file in full before answering
     device: str = "auto"
 
 
@@ -136,10 +140,11 @@ class ServeConfig(_Config):
     max_inflight_mb: float = 256.0  # every request's body in memory at once; past it, 503 and Retry-After
     max_files: int = 32             # photos in one /v1/locate/batch request
     max_pixels: int = DEFAULT_MAX_PIXELS
-    # PNG, WebP, BMP and TIFF cannot be decoded at reduced scale, so a huge one costs its full size: they are
-    # limited to what a camera gives (a 4000 x 3000 photo), not to max_pixels.
+    # PNG, WebP, BMP and TIFF are decoded whole (JPEG at 1/2 to 1/8 scale, as small as the model allows): a 64 MP
+    # RGBA PNG of 250 KB costs 6 s of CPU and 1.5 GB. The model sees 224-300 px, so the service decodes such
+    # formats up to what a camera gives (a 4000 x 3000 photo), not to max_pixels.
     max_unscaled_pixels: int = 12_000_000
-    # micro-batching
+    # micro-batching: what benchmarks/serve.py measured best on 2 CPU cores
     max_batch: int = 8              # photos embedded in one model call (1 turns micro-batching off)
     max_wait_ms: float = 10.0       # how long a photo may wait for others to share its batch
     max_queue: int = 256            # photos waiting for the model; past it, 503
