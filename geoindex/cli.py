@@ -515,7 +515,7 @@ def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resu
               help="A CSV of city_id,name[,country] giving place names for prompts and reports "
                    "[default: GSV-Cities' names; other folder names are humanised, London_Ontario -> London Ontario].")
 @click.option("--workers", type=click.IntRange(0), default=None)
-@device_option
+@device_option(ExtractionConfig.device)
 @index_dir_option
 @friendly_errors
 def bench(index_name, methods, split, out, external, k, vote_method, clip_weights, templates, names, workers, device,
@@ -562,7 +562,7 @@ def _bench(index_name, index_dir, methods: list[str], options: dict):
 @click.option("--rebuild", is_flag=True, help="Build the demo index again even if it exists.")
 @click.option("--no-adapt", is_flag=True, help="Skip adapting the backbone (geoindex train's first step; about 16 "
                                                "minutes for the 5,419 London photos on 2 CPU cores with effnet-duo).")
-@device_option
+@device_option(ExtractionConfig.device)
 @index_dir_option
 @friendly_errors
 def demo(data, backbone, per_city, rebuild, no_adapt, device, index_dir):

@@ -106,6 +106,7 @@ def _config_default(configs, name):
 def test_cli_defaults_are_the_config_defaults(command, configs):
     from geoindex.cli import main
 
+    assert {"build", "query", "train", "bench", "demo", "serve"} <= set(main.commands)
     params = main.commands[command].params
     compared = 0
     for param in params:
