@@ -764,7 +764,8 @@ def _check_reembedding_space(index, backbone: Backbone, home: Path) -> None:
                             "finish")
 
 
-def reembed_index(index, backbone: Backbone, adapted: dict, batch_size: int = ExtractionConfig.batch_size, num_workers: int | None = None,
+def reembed_index(index, backbone: Backbone, adapted: dict, batch_size: int = ExtractionConfig.batch_size,
+                  num_workers: int | None = None,
                   device="auto", progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Embed every photo of a built index again with `backbone` (its weights a file, e.g. a tuned tail), keeping
     the rows, splits and metadata, and swap the index for the result in one atomic step, as a build does.

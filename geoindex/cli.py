@@ -85,7 +85,8 @@ def main():
                    "it has coordinates, else images (with a warning: photos metres apart can leak into test).")
 @click.option("--cell-km", type=click.FloatRange(min=0.01), default=BuildConfig.cell_km, show_default=True,
               help="Side of the map cells of --split-by cell; each cell lies wholly in one split.")
-@click.option("--follow-symlinks", is_flag=True, default=BuildConfig.follow_symlinks, help="Index symlinks that point outside the data folder "
+@click.option("--follow-symlinks", is_flag=True, default=BuildConfig.follow_symlinks,
+              help="Index symlinks that point outside the data folder "
               "(skipped with their reason by default).")
 @click.option("--backbone", default="auto", show_default=True,
               type=click.Choice(["auto", *list_backbones()]),
@@ -174,7 +175,8 @@ def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, per
 @main.command()
 @click.argument("photos", nargs=-1, required=True, type=click.Path())
 @click.option("--index", "index_name", default=None, help="Index name or path [default: the latest built].")
-@click.option("--k", type=click.IntRange(1), default=QueryConfig.k, help="Neighbours that vote [default: tuned on val].")
+@click.option("--k", type=click.IntRange(1), default=QueryConfig.k,
+              help="Neighbours that vote [default: tuned on val].")
 @click.option("--vote", "vote_method", type=click.Choice(VOTE_METHODS), default=QueryConfig.vote_method,
               help="[default: tuned on val]")
 @click.option("--temperature", type=click.FloatRange(min=1e-4), default=QueryConfig.temperature,
@@ -184,7 +186,8 @@ def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, per
 @click.option("--csv", "as_csv", is_flag=True, help="One CSV row per photo, in the order given (for batch queries).")
 @click.option("--batch-size", type=click.IntRange(1), default=QueryConfig.batch_size, show_default=True,
               help="Photos decoded and embedded together; memory stays flat in the number of photos.")
-@click.option("--verify", is_flag=True, default=QueryConfig.verify, help="Hash every index file in full before answering.")
+@click.option("--verify", is_flag=True, default=QueryConfig.verify,
+              help="Hash every index file in full before answering.")
 @device_option(QueryConfig.device)
 @index_dir_option
 @friendly_errors

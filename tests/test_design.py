@@ -189,3 +189,21 @@ def test_train_api_is_the_cli_policy(tree, tmp_path):
     assert (Path(tmp_path) / "t" / "heads" / "probe" / "meta.json").is_file()
     with pytest.raises(geoindex.GeoindexError, match="unknown training mode"):
         geoindex.train("t", index_dir=tmp_path, mode="tial", log=said.append)
+
+
+def test_training_modules_agree_with_the_mode_defaults():
+    """Until the one training loop reads config.MODE_DEFAULTS itself, the tables it keeps must say the same."""
+    import inspect
+
+    from geoindex import adapt, heads
+
+    tables = {"tail": getattr(adapt, "DEFAULTS", {}), "probe": getattr(heads, "DEFAULTS", {}).get("probe", {}),
+              "finetune": getattr(heads, "DEFAULTS", {}).get("finetune", {})}
+    if hasattr(heads, "fit_probe"):
+        tables["probe"] = dict(tables["probe"], **{name: p.default for name, p in
+                                                   inspect.signature(heads.fit_probe).parameters.items()
+                                                   if p.default is not inspect.Parameter.empty})
+    for mode, table in tables.items():
+        for name, value in table.items():
+            if name in MODE_DEFAULTS[mode]:
+                assert value == MODE_DEFAULTS[mode][name], (mode, name)

@@ -79,7 +79,8 @@ class RayEngine:
 
     def embed(self, backbone: Backbone, rows: np.ndarray, paths: Sequence[str], *, sink: Sink,
               batch_size: int = ExtractionConfig.batch_size,
-              num_workers: int | None = None, device="auto", progress: bool = True, shard_rows: int = BuildConfig.checkpoint_rows,
+              num_workers: int | None = None, device="auto", progress: bool = True,
+              shard_rows: int = BuildConfig.checkpoint_rows,
               shard_seconds: float = BuildConfig.checkpoint_seconds, on_batch: Callable[[int], None] | None = None,
               max_pixels: int | None = None) -> None:
         from tqdm.auto import tqdm

@@ -55,7 +55,8 @@ proxy on this host). The page uses relative URLs, so it works under any prefix t
                    "micro-batching already keeps the cores busy.")
 @click.option("--max-upload-mb", type=click.FloatRange(min=0.001), default=ServeConfig.max_upload_mb, show_default=True,
               help="Largest photo accepted; bigger ones get a 413.")
-@click.option("--max-request-mb", type=click.FloatRange(min=0.001), default=ServeConfig.max_request_mb, show_default=True,
+@click.option("--max-request-mb", type=click.FloatRange(min=0.001), default=ServeConfig.max_request_mb,
+              show_default=True,
               help="Largest request body (a batch of photos); bigger ones get a 413.")
 @click.option("--max-inflight-mb", type=click.FloatRange(min=0.001), default=ServeConfig.max_inflight_mb,
               show_default=True, help="Upload bytes held in memory by all requests together; past it, 503 and "
@@ -85,7 +86,8 @@ proxy on this host). The page uses relative URLs, so it works under any prefix t
               help="Neighbours that vote [default: as tuned on val by `geoindex train`].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=ServeConfig.device, show_default=True,
               help="auto uses a CUDA GPU when torch sees one.")
-@click.option("--root-path", default=ServeConfig.root_path, help="Path prefix the reverse proxy publishes this under, e.g. /geoindex.")
+@click.option("--root-path", default=ServeConfig.root_path,
+              help="Path prefix the reverse proxy publishes this under, e.g. /geoindex.")
 @click.option("--forwarded-allow-ips", default=ServeConfig.forwarded_allow_ips, show_default=True,
               help="Proxies whose X-Forwarded-* headers are trusted (comma-separated, or *).")
 @click.option("--max-connections", type=click.IntRange(1), default=ServeConfig.max_connections,
@@ -95,7 +97,8 @@ proxy on this host). The page uses relative URLs, so it works under any prefix t
               help="Seconds a client has to send a request's headers (and an idle keep-alive connection is kept).")
 @click.option("--body-timeout", type=click.FloatRange(min=0.1), default=ServeConfig.body_timeout, show_default=True,
               help="Seconds a request body may send nothing before the connection is closed.")
-@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default=ServeConfig.log_level,
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+              default=ServeConfig.log_level,
               show_default=True)
 def serve(index_name, index_dir, host, port, workers, max_upload_mb, max_request_mb, max_inflight_mb, max_files,
           max_pixels, reload_check_s, max_batch, max_wait_ms, decode_threads, torch_threads, model_threads, k, device,
