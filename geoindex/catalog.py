@@ -75,9 +75,7 @@ def backbone_info(name: str) -> BackboneInfo:
     return BACKBONE_SPECS[name]
 
 
-INDEX_TYPES = ("flat", "ivfpq", "hnsw")
-# Well under PIL's bomb limit (89 MP): a 40 MP photo is already larger than any street-level camera gives.
-DEFAULT_MAX_PIXELS = 40_000_000
+from .config import DEFAULT_MAX_PIXELS, INDEX_TYPES  # noqa: E402,F401  (defaults are written in geoindex.config)
 
 
 def torch_hub_dir() -> Path:

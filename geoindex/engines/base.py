@@ -9,6 +9,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from ..backbones import Backbone, create_backbone
+from ..config import BuildConfig, ExtractionConfig
 from ..errors import GeoindexError
 
 ENGINES = ("local", "ray")
@@ -66,9 +67,11 @@ class BackboneRecipe:
 class Engine(Protocol):
     name: str
 
-    def embed(self, backbone: Backbone, rows: np.ndarray, paths: Sequence[str], sink: Sink, *, batch_size: int = 64,
-              num_workers: int | None = None, device="auto", progress: bool = True, shard_rows: int = 2048,
-              shard_seconds: float = 30.0, on_batch: Callable[[int], None] | None = None,
+    def embed(self, backbone: Backbone, rows: np.ndarray, paths: Sequence[str], *, sink: Sink,
+              batch_size: int = ExtractionConfig.batch_size,
+              num_workers: int | None = None, device="auto", progress: bool = True,
+              shard_rows: int = BuildConfig.checkpoint_rows,
+              shard_seconds: float = BuildConfig.checkpoint_seconds, on_batch: Callable[[int], None] | None = None,
               max_pixels: int | None = None) -> None:
         """Embed paths[i] for row rows[i]; call sink(shard) for every finished shard (each row exactly once)."""
         ...
