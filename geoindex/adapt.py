@@ -35,7 +35,7 @@ from .extraction import iter_embeddings, resolve_device
 from .fileio import atomic_path, write_json_atomic
 from .heads import _no_readable_photo, head_folder
 from .training import VAL_LOSS, Checkpointing, LoopSettings, TrainingLoop, epoch_generator, save_weights
-from .layout import TAIL_MODE, TRUNK_CACHE
+from .layout import HEAD_META, TAIL_MODE, TRUNK_CACHE
 
 MODE = TAIL_MODE
 DEFAULTS = {"epochs": 6, "lr": 1e-4, "head_lr": 1e-3, "weight_decay": 0.05, "batch_size": 64, "patience": 2,
@@ -266,7 +266,7 @@ def _adapt_locked(index, settings: dict, tail_stages, device, num_workers, seed,
             "train_photos": int(len(rows["train"])),
             "val_photos": int(len(rows["val"])), "tuned_on": "val", "pretrained_weights": index.manifest["weights"],
             **{k: settings[k] for k in ("lr", "head_lr", "weight_decay", "batch_size", "label_smoothing")}}
-    write_json_atomic(folder / "meta.json", info)
+    write_json_atomic(folder / HEAD_META, info)
     log(f"{result.summary()}; re-embedding every photo of the index with the tuned backbone")
     tuned = create_backbone(index.manifest["backbone"], weights=weights, image_size=index.manifest["image_size"],
                             device=device)

@@ -36,8 +36,7 @@ from . import __version__
 from .backbones import Backbone, create_backbone
 from .data import SPLITS, limit_per_city, order_by_split, scan_dataset, split_records
 from .errors import GeoindexError
-from .extraction import resolve_device
-from .runtime import prepare_runtime
+from .extraction import prepare_runtime, resolve_device
 from .fileio import (MARKER, STAGING, atomic_path, check_index_name, fault_point, index_home, made_by_geoindex,
                      name_from, remove_geoindex_folder, replace_dir, write_json_atomic)
 from .config import BuildConfig, ExtractionConfig, split_options
@@ -602,7 +601,7 @@ def _extract(job: _BuildJob, backbone: Backbone, records: pd.DataFrame, pending:
         report.failed_rows += int((~shard.ok).sum())
 
     paths = records["path"].to_numpy()[pending]
-    prepare_runtime(backbone, device)  # a one-off export (cached) is not embedding time: photos/s leaves it out
+    prepare_runtime(backbone, resolve_device(extraction.device))  # a one-off export (cached) is not embedding time: photos/s leaves it out
     start = time.perf_counter()
     try:
         engine.embed(backbone, pending, paths, sink=persist, batch_size=extraction.batch_size,

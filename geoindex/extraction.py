@@ -165,7 +165,7 @@ class Embedder:
         self.normalize = normalize
         self.device = resolve_device(device)
         backbone.to(self.device).model.eval()
-        self.model = compile_model(backbone.model, backbone.image_size, self.device, runtime, amp=amp,
+        self.model = compile_model(backbone.model, backbone.image_size, self.device, runtime=runtime, amp=amp,
                                    channels_last=channels_last, label=f"{backbone.name} ({backbone.image_size} px)")
         self.runtime = self.model.name
         backbone.extras["runtime"] = self.model.info()  # what embedded, for the manifest
@@ -218,3 +218,9 @@ def embed_paths(backbone: Backbone, paths: Sequence[str], **kwargs) -> tuple[np.
         for p, e in zip(item.positions, item.errors):
             errors[p] = e
     return out, ok_all, errors
+
+
+def prepare_runtime(backbone, device="cpu", runtime: str | None = None) -> dict:
+    """Export and compile the backbone's model now (a build calls this before its clock starts), so the
+    Embedder that follows finds it compiled; returns what will run, as the manifest records it."""
+    return Embedder(backbone, device, runtime=runtime).model.info()

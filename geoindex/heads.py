@@ -143,9 +143,9 @@ def _train_probe_locked(index, settings: dict, progress, log) -> TrainResult:
         log=log if progress and has_val else None, folder=folder, validated=has_val,
         title=f"linear probe on {index.manifest['backbone']} embeddings ({index.name})")
     best_acc = best_acc if has_val else None
-    with atomic_path(folder / "head.pt") as tmp:
+    with atomic_path(folder / HEAD_WEIGHTS) as tmp:
         torch.save(head.state_dict(), tmp)
-    write_json_atomic(folder / "meta.json", {"mode": "probe", "build_id": index.manifest.get("build_id"),
+    write_json_atomic(folder / HEAD_META, {"mode": "probe", "build_id": index.manifest.get("build_id"),
                                              "classes": index.classes, "embed_dim": x_train.shape[1],
                                              "best_epoch": best_epoch, "best_val_accuracy": best_acc,
                                              "validated_on": "val" if has_val else None,
@@ -267,9 +267,9 @@ def _train_finetune_locked(index, settings: dict, device, resume, progress, log)
                       nothing_learned=lambda: _no_readable_photo(meta["train"]["path"]))
     last = f"the checkpoint of epoch {int(result.history['epoch'].iloc[-1])} is kept"
     save_weights(model.trunk.state_dict(), folder / "backbone.pt", "the fine-tuned backbone", last)
-    save_weights(model.head.state_dict(), folder / "head.pt", "the fine-tuned head", last)
+    save_weights(model.head.state_dict(), folder / HEAD_WEIGHTS, "the fine-tuned head", last)
     best_acc = result.figure("val_accuracy")
-    write_json_atomic(folder / "meta.json", {"mode": "finetune", "build_id": index.manifest.get("build_id"),
+    write_json_atomic(folder / HEAD_META, {"mode": "finetune", "build_id": index.manifest.get("build_id"),
                                              "classes": index.classes, "backbone": index.manifest["backbone"],
                                              "embed_dim": backbone.embed_dim, "best_epoch": result.best_epoch,
                                              "best_val_accuracy": best_acc,

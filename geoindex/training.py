@@ -30,11 +30,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .layout import CHECKPOINT, CURVES, HISTORY
 from .build import _is_disk_full
 from .errors import GeoindexError
 from .fileio import atomic_path, fault_point
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = CHECKPOINT
 CHECKPOINT_FORMAT = "geoindex-training-loop-1"  # a checkpoint of another layout is never resumed
 
 
@@ -74,7 +75,7 @@ def save_curves(history: pd.DataFrame, folder: Path, title: str, kept_epoch: int
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    with atomic_path(folder / "history.csv") as tmp:
+    with atomic_path(folder / HISTORY) as tmp:
         history.to_csv(tmp, index=False)
     # One panel per figure measured on both splits: loss and accuracy for a classifier, whatever else a
     # criterion adds (a recall) beside them.
@@ -105,7 +106,7 @@ def save_curves(history: pd.DataFrame, folder: Path, title: str, kept_epoch: int
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(folder / "curves.png") as tmp:
+    with atomic_path(folder / CURVES) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
 

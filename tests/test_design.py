@@ -16,13 +16,7 @@ MAX_POSITIONAL = 3  # a long signature is allowed only public and keyword-only p
 # Functions in files that other branches of the same redesign (issue 19) rewrite: the one training loop
 # (heads.py, adapt.py) and methods as estimators / one backbone table (methods/, bench.py, backbones.py,
 # extraction.py). Each entry is checked only while it still exists; remove it once its branch is merged.
-PENDING_ELSEWHERE = {
-    ("adapt.py", "_trunk_outputs"), ("adapt.py", "adapt_index"), ("adapt.py", "_adapt_locked"),
-    ("backbones.py", "_make"), ("bench.py", "Bench.__init__"), ("extraction.py", "iter_embeddings"),
-    ("heads.py", "fit_probe"), ("heads.py", "train_probe"), ("heads.py", "_train_probe_locked"),
-    ("heads.py", "make_loader"), ("heads.py", "train_finetune"), ("heads.py", "_train_finetune_locked"),
-    ("methods/knn.py", "KNNMethod.__init__"),
-}
+PENDING_ELSEWHERE = set()
 
 
 def _is_click_command(func: ast.FunctionDef) -> bool:
@@ -85,11 +79,14 @@ def test_the_signature_check_can_fail(tmp_path):
 
 
 # Options that are not a config's field (what to build from, where, which index), per command.
+# --runtime is not a config field: it sets $GEOINDEX_RUNTIME for every model of the process (and serve's workers),
+# and its one default lives in geoindex.runtime_choice.
 NOT_CONFIG = {
-    "build": {"data", "backbone", "weights", "name", "overwrite", "ray_address", "index_dir", "old_index_type"},
-    "query": {"photos", "index_name", "backbone", "as_json", "as_csv", "index_dir"},
-    "train": {"index_name", "index_dir"},
-    "serve": {"index_name", "index_dir"},
+    "build": {"data", "backbone", "weights", "name", "overwrite", "ray_address", "index_dir", "old_index_type",
+              "runtime"},
+    "query": {"photos", "index_name", "backbone", "as_json", "as_csv", "index_dir", "runtime"},
+    "train": {"index_name", "index_dir", "runtime"},
+    "serve": {"index_name", "index_dir", "runtime"},
 }
 OPTION_TO_FIELD = {"workers": "num_workers"}
 

@@ -162,8 +162,7 @@ def test_index_file_names_are_written_only_in_layout_py():
     names = {value for value in vars(layout).values() if isinstance(value, str) and "." in value}
     names |= {str(value) for value in vars(layout).values() if hasattr(value, "parts")}
     names.discard(layout.TUNED_WEIGHTS)  # "backbone.pt" is also the name of weight files outside any index
-    # The training loops' own writes (heads.py, adapt.py) move to layout's names with the one training loop.
-    allowed = {"geoindex.layout", "geoindex.heads", "geoindex.adapt"}
+    allowed = {"geoindex.layout"}
     spelt = []
     for path in sorted(PACKAGE.rglob("*.py")):
         if module_name(path) in allowed:
