@@ -58,6 +58,19 @@ def _tune_knn_locked(index, log) -> dict:
     return params
 
 
+def _load_space(whitening_file: Path, index_file: Path, ntotal: int):
+    """A saved whitening and, when it is there and fits (same rows, same dimensions), its searchable index."""
+    from .search import load_index_file
+    from .whitening import Whitening
+
+    whitening = Whitening.load(whitening_file)
+    if index_file.is_file():
+        loaded = load_index_file(index_file)
+        if loaded.ntotal == ntotal and loaded.d == whitening.dims:
+            return whitening, loaded
+    return whitening, None
+
+
 def street_summary(street: dict | None) -> str:
     """One line on the street-level GPS answer's calibration, for train's and bench's logs."""
     if not street or street.get("threshold") is None:
@@ -82,27 +95,18 @@ def load_knn_tuning(index) -> dict:
         return {}  # tuned on another build's embeddings (a race or a copy): the defaults are the honest answer
     params = {k: saved[k] for k in SAVED_KEYS if k in saved}
     if saved.get("whiten"):
-        from .whitening import Whitening
-        from .search import load_index_file
         try:
-            params["whitening"] = Whitening.load(folder / WHITENING)
-            whitened = folder / WHITENED_INDEX
-            if whitened.is_file():
-                loaded = load_index_file(whitened)
-                if loaded.ntotal == index.ntotal and loaded.d == params["whitening"].dims:
-                    params["whitened_index"] = loaded
+            params["whitening"], whitened = _load_space(folder / WHITENING, folder / WHITENED_INDEX, index.ntotal)
         except (OSError, ValueError, KeyError, RuntimeError):
             return {}  # a damaged tuning file: fall back to the untuned defaults rather than answer wrongly
+        if whitened is not None:
+            params["whitened_index"] = whitened
     if isinstance(params.get("street"), dict) and params["street"].get("space"):
-        from .whitening import Whitening
-        from .search import load_index_file
         try:
-            params["street_whitening"] = Whitening.load(folder / STREET_WHITENING)
-            street_index = folder / STREET_INDEX
-            if street_index.is_file():
-                loaded = load_index_file(street_index)
-                if loaded.ntotal == index.ntotal and loaded.d == params["street_whitening"].dims:
-                    params["street_index"] = loaded
+            params["street_whitening"], street = _load_space(folder / STREET_WHITENING, folder / STREET_INDEX,
+                                                             index.ntotal)
+            if street is not None:
+                params["street_index"] = street
         except (OSError, ValueError, KeyError, RuntimeError):
             params.pop("street_whitening", None)
             params["street"] = None  # its space is unreadable: city-level answers rather than wrong street ones

@@ -1,4 +1,5 @@
 import os
+import sys
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -6,6 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+# No test process may start OpenVINO's usage telemetry (it posts to Google Analytics from a forked process, which
+# can hang the run at exit); geoindex.runtime imports openvino the same way.
+sys.modules.setdefault("openvino_telemetry", None)
 
 # Tests never reach the network: a missing weights file must fail fast with its message.
 os.environ["GEOINDEX_OFFLINE"] = "1"

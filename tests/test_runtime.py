@@ -16,9 +16,13 @@ from PIL import Image
 
 from conftest import SHARED
 
-openvino = pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install openvino")
-
 from geoindex import runtime  # noqa: E402
+
+# Through geoindex's own import: a bare `import openvino` would switch on its usage telemetry in this process,
+# whose forked sender then hangs the test run at exit.
+openvino = runtime._openvino()
+if openvino is None:
+    pytest.skip("OpenVINO is not installed: pip install openvino", allow_module_level=True)
 from geoindex.backbones import create_backbone, tail_split  # noqa: E402
 from geoindex.extraction import Embedder, embed_paths  # noqa: E402
 
