@@ -30,6 +30,7 @@ from torch import nn
 
 from .backbones import TAIL_STAGES, tail_split
 from .catalog import backbone_info
+from .config import ExtractionConfig
 from .errors import GeoindexError
 from .extraction import iter_embeddings, resolve_device
 from .fileio import atomic_path, write_json_atomic
@@ -92,13 +93,14 @@ def _sample(n: int, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
-def _trunk_outputs(backbone, split, paths, batch_size, num_workers, device, progress, desc,
+def _trunk_outputs(backbone, split, paths, extraction: ExtractionConfig, progress, desc,
                    estimate=None) -> tuple[np.ndarray, np.ndarray]:
     """(N, F) float16 trunk outputs of the photos, and which decoded: computed once, read every epoch."""
     trunk_backbone = dataclasses.replace(backbone, model=split.trunk, embed_dim=split.trunk_dim, _embedders={})
     out = np.zeros((len(paths), split.trunk_dim), dtype=np.float16)
     ok = np.zeros(len(paths), dtype=bool)
-    for item in iter_embeddings(trunk_backbone, paths, batch_size=batch_size, num_workers=num_workers, device=device,
+    for item in iter_embeddings(trunk_backbone, paths, batch_size=extraction.batch_size,
+                                num_workers=extraction.num_workers, device=extraction.device,
                                 progress=progress, desc=desc, normalize=False):
         out[item.positions[item.ok]] = item.embeddings.astype(np.float16)
         ok[item.positions] = item.ok
@@ -218,10 +220,12 @@ def _adapt_locked(index, settings: dict, tail_stages, device, num_workers, seed,
                 f"(kept from the interrupted run) in {time.perf_counter() - started:.0f} s")
         else:
             estimate = StageEstimate(log, "trunk features", len(rows["train"]) + len(rows["val"]))
+            extraction = ExtractionConfig(batch_size=max(32, settings["batch_size"]), num_workers=num_workers,
+                                          device=device)
             for s in ("train", "val"):
                 paths = meta[s]["path"].to_numpy()[rows[s]].tolist()
-                features[s], ok = _trunk_outputs(backbone, split, paths, max(32, settings["batch_size"]), num_workers,
-                                                 device, progress, f"trunk features ({s})", estimate)
+                features[s], ok = _trunk_outputs(backbone, split, paths, extraction, progress, f"trunk features ({s})",
+                                                 estimate)
                 labels[s] = np.where(ok, meta[s]["label"].to_numpy()[rows[s]], -1).astype(np.int64)
                 if s == "train" and not ok.any():
                     raise GeoindexError(_no_readable_photo(paths))

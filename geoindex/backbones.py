@@ -297,12 +297,17 @@ def _torchvision_backbone(name, arch, tv_weights, label, embed_dim, weights, ima
             if info is None:  # a geoindex fine-tuned checkpoint holds the wrapped (pooled) model
                 model = wrap(full)
                 _load_strict(model, state, weights)
-                return _make(name, model, embed_dim, image_size, IMAGENET_MEAN, IMAGENET_STD, _file_weights(weights))
-    return _make(name, wrap(full), embed_dim, image_size, IMAGENET_MEAN, IMAGENET_STD, info)
+                return _make(name, model, embed_dim, _crop(image_size), IMAGENET_MEAN, IMAGENET_STD,
+                             _file_weights(weights))
+    return _make(name, wrap(full), embed_dim, _crop(image_size), IMAGENET_MEAN, IMAGENET_STD, info)
 
 
-def _make(name, model, embed_dim, image_size, mean, std, info, interpolation="bilinear", resize_size=None, extras=None):
-    transform = ImageTransform(image_size, resize_size or round(image_size / 0.875), interpolation)
+def _crop(image_size, resize_size=None, interpolation="bilinear") -> ImageTransform:
+    """The centre image_size square of the photo resized to resize_size (ImageNet's 0.875 crop unless given)."""
+    return ImageTransform(image_size, resize_size or round(image_size / 0.875), interpolation)
+
+
+def _make(name, model, embed_dim, transform: ImageTransform, mean, std, info, extras=None):
     return Backbone(name, model, embed_dim, transform, mean, std, info, extras or {})
 
 
@@ -353,7 +358,7 @@ def _cnn(weights, image_size):
     else:
         _load_strict(model, _read_state_dict(weights), weights)
         info = _file_weights(weights)
-    return _make("cnn", model, 512, image_size, IMAGENET_MEAN, IMAGENET_STD, info)
+    return _make("cnn", model, 512, _crop(image_size), IMAGENET_MEAN, IMAGENET_STD, info)
 
 
 class _ClipImageTower(nn.Module):
@@ -437,8 +442,8 @@ def _clip(weights, image_size):
     mean = tuple(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))
     std = tuple(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
     embed_dim = model.visual.output_dim
-    return _make("clip", _ClipImageTower(model), embed_dim, 224, mean, std, info, interpolation="bicubic",
-                 resize_size=224, extras={"clip_model": model, "tokenizer": tokenizer, "arch": arch})
+    return _make("clip", _ClipImageTower(model), embed_dim, _crop(224, resize_size=224, interpolation="bicubic"),
+                 mean, std, info, extras={"clip_model": model, "tokenizer": tokenizer, "arch": arch})
 
 
 EFFNET_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
@@ -552,8 +557,8 @@ def _efficientnet_lite(name, weights, image_size):
         info = (WeightsInfo("pretrained", str(path), file_sha256(path),
                             f"{lite.label} ImageNet, from {lite.package} 0.1.0")
                 if weights is None else _file_weights(path))
-    return _make(name, wrapped, 1280, image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), info,
-                 interpolation="bicubic", resize_size=round(image_size / lite.crop_pct))
+    transform = _crop(image_size, resize_size=round(image_size / lite.crop_pct), interpolation="bicubic")
+    return _make(name, wrapped, 1280, transform, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), info)
 
 
 @register_backbone("effnet")
@@ -608,8 +613,8 @@ def _effnet_duo(weights, image_size):
         digest = hashlib.sha256("".join(p.weights.sha256 for p in parts).encode()).hexdigest()
         info = WeightsInfo("pretrained", None, digest, " + ".join(p.weights.description for p in parts))
     lite2 = EFFNET_LITE["effnet-lite2"]
-    return _make("effnet-duo", model, 2560, image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), info,
-                 interpolation="bicubic", resize_size=round(image_size / lite2.crop_pct))
+    transform = _crop(image_size, resize_size=round(image_size / lite2.crop_pct), interpolation="bicubic")
+    return _make("effnet-duo", model, 2560, transform, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), info)
 
 
 # ---------------------------------------------------------------------------- trunk and tail

@@ -145,8 +145,9 @@ class UnsavedProbe:
 
         store, defaults = index.store, DEFAULTS["probe"]
         head, _, best_epoch, best_acc = fit_probe(store.embeddings("train"), store.labels("train"),
-                                                  store.embeddings("val"), store.labels("val"), len(index.classes),
-                                                  defaults["epochs"], defaults["lr"], batch_size=defaults["batch_size"])
+                                                  store.embeddings("val"), y_val=store.labels("val"),
+                                                  n_classes=len(index.classes), epochs=defaults["epochs"],
+                                                  lr=defaults["lr"], batch_size=defaults["batch_size"])
         return cls(head, {"mode": "probe", "best_epoch": best_epoch, "best_val_accuracy": best_acc,
                           "validated_on": "val", "saved": False})
 
@@ -161,7 +162,7 @@ class UnsavedProbe:
 class Bench:
     """Builds the methods once, tunes what is tuned on val, and scores them on any set of photos."""
 
-    def __init__(self, index, methods=METHODS, k=None, vote_method=None, temperature=None, clip_weights=None,
+    def __init__(self, index, methods=METHODS, k=None, *, vote_method=None, temperature=None, clip_weights=None,
                  templates_file=None, device="auto", batch_size: int = 64, num_workers=None, progress: bool = True,
                  log: Callable[[str], None] = print):
         self.index, self.log = index, log

@@ -178,9 +178,9 @@ class Embedder:
         return torch.nn.functional.normalize(features, dim=1) if self.normalize else features
 
 
-def iter_embeddings(backbone: Backbone, paths: Sequence[str], batch_size: int = 64, num_workers: int | None = None,
-                    device="auto", amp: bool | None = None, progress: bool = True, desc: str = "embedding",
-                    normalize: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+def iter_embeddings(backbone: Backbone, paths: Sequence[str], batch_size: int = 64, *,
+                    num_workers: int | None = None, device="auto", amp: bool | None = None, progress: bool = True,
+                    desc: str = "embedding", normalize: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                     runtime: str | None = None) -> Iterator[EmbeddedBatch]:
     """Yield embeddings batch by batch, in the order of `paths`; memory stays at one batch."""
     from tqdm.auto import tqdm

@@ -308,7 +308,8 @@ class GeoIndex:
         """City probabilities (Q, C) and GPS estimates (Q, 2) for embeddings, with the raw neighbours."""
         from .methods import KNNMethod, Photos
 
-        answer = KNNMethod(self, k, vote_method, temperature, gps_method).predict(Photos(embeddings, [None] * len(embeddings)))
+        knn = KNNMethod(self, k, vote_method, temperature=temperature, gps=gps_method)
+        answer = knn.predict(Photos(embeddings, [None] * len(embeddings)))
         return {"probs": answer.probs, "coords": answer.coords, "similarities": answer.extra["similarities"],
                 "ids": answer.extra["ids"]}
 

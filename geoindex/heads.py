@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .backbones import create_backbone
+from .config import ExtractionConfig
 from .errors import GeoindexError, ImageError
 from .extraction import default_num_workers, resolve_device
 from .fileio import atomic_path, write_json_atomic
@@ -77,7 +78,7 @@ def robust_scale(x: torch.Tensor, floor_fraction: float = 0.1) -> torch.Tensor:
     return std.clamp_min(floor)
 
 
-def fit_probe(x_train, y_train, x_val, y_val, n_classes: int, *, epochs: int = 30, lr: float = 1e-3,
+def fit_probe(x_train, y_train, x_val, *, y_val, n_classes: int, epochs: int = 30, lr: float = 1e-3,
               weight_decay: float = 1e-5, batch_size: int = 256, patience: int = 3, device="cpu", seed: int = 0,
               log=None, folder: Path | None = None, title: str = "", validated: bool = True,
               ) -> tuple[ProbeHead, pd.DataFrame, int, float]:
@@ -139,7 +140,7 @@ def _train_probe_locked(index, settings: dict, progress, log) -> TrainResult:
     folder = head_folder(index, "probe")
     folder.mkdir(parents=True, exist_ok=True)
     head, history, best_epoch, best_acc = fit_probe(
-        x_train, y_train, store.embeddings(split), store.labels(split), len(index.classes), **settings,
+        x_train, y_train, store.embeddings(split), y_val=store.labels(split), n_classes=len(index.classes), **settings,
         log=log if progress and has_val else None, folder=folder, validated=has_val,
         title=f"linear probe on {index.manifest['backbone']} embeddings ({index.name})")
     best_acc = best_acc if has_val else None
@@ -189,13 +190,14 @@ class _LabelledImages(Dataset):
         return self.transform(img), int(self.labels[i])
 
 
-def make_loader(paths, labels, transform, augment: bool, batch_size: int, num_workers: int, seed: int, epoch: int,
+def make_loader(paths, labels, transform, augment: bool, decoding: ExtractionConfig, seed: int, epoch: int,
                 pin_memory: bool = False) -> DataLoader:
     """Seeded by epoch: reproducible, yet each epoch sees other flips and jitter (and another order); workers
     draw their random state from this generator, so one fixed seed would repeat the same augmentations."""
     ds = _LabelledImages(paths, labels, transform, augment)
-    return DataLoader(ds, batch_size=batch_size, shuffle=augment, num_workers=num_workers, pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    num_workers = default_num_workers() if decoding.num_workers is None else decoding.num_workers
+    return DataLoader(ds, batch_size=decoding.batch_size, shuffle=augment, num_workers=num_workers,
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 class FineTuneModel(nn.Module):
@@ -252,10 +254,11 @@ def _train_finetune_locked(index, settings: dict, device, resume, progress, log)
     if not any(os.path.isfile(p) for p in meta["train"]["path"]):
         raise GeoindexError(_no_readable_photo(meta["train"]["path"]))
 
+    decoding = ExtractionConfig(batch_size=settings["batch_size"], num_workers=settings["num_workers"], device=device)
+
     def loader(split, augment, epoch):
-        return make_loader(meta[split]["path"], meta[split]["label"], backbone.transform, augment,
-                           settings["batch_size"], settings["num_workers"], settings["seed"], epoch,
-                           pin_memory=use_amp)
+        return make_loader(meta[split]["path"], meta[split]["label"], backbone.transform, augment, decoding,
+                           settings["seed"], epoch, pin_memory=use_amp)
 
     def forward(images):
         x = backbone.normalize(images)
@@ -319,7 +322,7 @@ class Classifier:
         try:
             self.head.load_state_dict(state)
         except (RuntimeError, TypeError, AttributeError) as exc:
-            raise GeoindexError(f"the {mode} head {self.folder / 'head.pt'} does not fit this index "
+            raise GeoindexError(f"the {mode} head {self.folder / HEAD_WEIGHTS} does not fit this index "
                                 f"({str(exc).splitlines()[0][:120]}); retrain it") from None
         self.head.to(self.device).eval()
         self._backbone = None

@@ -22,10 +22,10 @@ def test_probe_learns_clusters_and_falls_to_chance_on_shuffled_labels():
     centres = rng.normal(size=(6, 64))
     x, y = clustered(centres, 60, 0.6, rng)
     xv, yv = clustered(centres, 30, 0.6, rng)
-    head, history, _, best = fit_probe(x, y, xv, yv, 6, epochs=40, patience=40)
+    head, history, _, best = fit_probe(x, y, xv, y_val=yv, n_classes=6, epochs=40, patience=40)
     assert best >= 0.95
     assert list(history.columns) == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
-    _, _, _, best_shuffled = fit_probe(x, rng.permutation(y), xv, yv, 6, epochs=40, patience=40)
+    _, _, _, best_shuffled = fit_probe(x, rng.permutation(y), xv, y_val=yv, n_classes=6, epochs=40, patience=40)
     assert best_shuffled < 1 / 6 + 0.15
 
 
@@ -68,6 +68,7 @@ def test_finetune_checkpoints_and_resumes(small_index, tmp_path):
 
 def test_finetune_augmentations_differ_between_epochs(gsv_tree):
     from geoindex.data import scan_dataset
+    from geoindex.config import ExtractionConfig
     from geoindex.heads import make_loader
     from geoindex.images import ImageTransform
 
@@ -75,7 +76,8 @@ def test_finetune_augmentations_differ_between_epochs(gsv_tree):
     transform = ImageTransform(32, 36)
 
     def first_batch(epoch):
-        loader = make_loader(paths, [0] * len(paths), transform, True, 8, 1, seed=0, epoch=epoch)
+        loader = make_loader(paths, [0] * len(paths), transform, True, ExtractionConfig(batch_size=8, num_workers=1),
+                             seed=0, epoch=epoch)
         return next(iter(loader))[0]
 
     assert torch.equal(first_batch(1), first_batch(1)), "the same epoch must be reproducible"

@@ -50,7 +50,7 @@ class KNNMethod(Method):
 
     name = "knn"
 
-    def __init__(self, index, k: int = 20, vote: str = "softmax", temperature: float = 0.05, gps: str = "mean",
+    def __init__(self, index, k: int = 20, vote: str = "softmax", *, temperature: float = 0.05, gps: str = "mean",
                  unlike_threshold: float | None = None, tuned_on: str | None = None, whitening=None,
                  whitened_index=None, street: dict | None = None, street_whitening=None, street_index=None):
         if vote not in VOTE_METHODS:
