@@ -222,7 +222,7 @@ def _read_cached(folder: Path):
         meta = json.loads((folder / EXPORT_META).read_text())
         files = meta["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"no readable meta.json ({type(exc).__name__})") from None
+        raise ValueError(f"no readable {EXPORT_META} ({type(exc).__name__})") from None
     for name in ("model.xml", "model.bin"):
         path = folder / name
         expected = files.get(name) if isinstance(files, dict) else None
