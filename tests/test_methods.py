@@ -28,6 +28,22 @@ def test_majority_ties_go_to_the_nearest_neighbours_city():
     assert answer.probs[0, 2] == pytest.approx(0.5, abs=1e-6) and answer.probs.sum() == pytest.approx(1)
 
 
+def test_geoindex_knn_predict_passes_its_settings_to_the_method():
+    # knn_predict names temperature and gps (KNNMethod is keyword-only past vote): each must reach the method.
+    from geoindex.geo_index import GeoIndex
+    index = FixedNeighbours([[0.9, 0.8, 0.7, 0.6]], [[0, 1, 2, 3]], [2, 0, 1, 0], ["a", "b", "c"],
+                            lats=[10.0, 0.0, 0.0, 0.0], lons=[20.0, 0.0, 0.0, 0.0])
+    photos = Photos(np.zeros((1, 2)), [None])
+    for temperature in (0.05, 1.0):
+        got = GeoIndex.knn_predict(index, photos.embeddings, k=4, vote_method="softmax", temperature=temperature,
+                                   gps_method="mean")
+        expected = KNNMethod(index, k=4, vote="softmax", temperature=temperature, gps="mean").predict(photos)
+        assert np.allclose(got["probs"], expected.probs) and np.allclose(got["coords"], expected.coords)
+    sharp = GeoIndex.knn_predict(index, photos.embeddings, k=4, temperature=0.05)["probs"]
+    flat = GeoIndex.knn_predict(index, photos.embeddings, k=4, temperature=1.0)["probs"]
+    assert sharp.max() > flat.max(), "the temperature given did not reach the vote"
+
+
 def test_break_ties_leaves_clear_winners_alone():
     probs = np.array([[0.2, 0.8], [0.5, 0.5]])
     out = break_ties(probs, np.array([0, 1]))
