@@ -238,7 +238,7 @@ def evaluate_view(task: Task, x: np.ndarray, log, with_probe=True) -> dict:
     if with_probe:
         import torch
         with Timer() as t:
-            head, history, best_epoch, _ = fit_probe(xt, task.train.y, xv, task.val.y, n_classes)
+            head, history, best_epoch, _ = fit_probe(xt, task.train.y, xv, y_val=task.val.y, n_classes=n_classes)
         with torch.no_grad():
             pv, ps = (head(torch.as_tensor(a)).softmax(1).double().numpy() for a in (xv, xs))
         classifiers["probe"] = (pv, ps, {"epochs_run": len(history), "best_epoch": best_epoch,

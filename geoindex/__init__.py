@@ -2,6 +2,7 @@
 
     import geoindex
     report = geoindex.build_index("/data/london.csv", backbone="effnet")
+    geoindex.train(report.name)                     # adapt the backbone, a probe head, kNN tuned on val
     index = geoindex.load_index(report.name)
     index.query(["photo.jpg"])
     geoindex.run_bench(index)
@@ -15,6 +16,8 @@ _EXPORTS = {
     "GeoindexError": "errors", "build_index": "build", "GeoIndex": "geo_index", "load_index": "geo_index",
     "list_indexes": "geo_index", "evaluate": "metrics", "run_bench": "bench", "train_probe": "heads",
     "train_finetune": "heads", "tune_knn": "tuning", "scan_dataset": "data", "adapt_index": "adapt",
+    "train": "pipeline", "BuildConfig": "config", "ExtractionConfig": "config", "TrainConfig": "config",
+    "ServeConfig": "config",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -16,7 +16,6 @@ a checkpoint is written after every epoch and an interrupted run resumes from it
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -30,17 +29,21 @@ import torch
 from torch import nn
 
 from .backbones import TAIL_STAGES, tail_split
+from .catalog import backbone_info
+from .config import ExtractionConfig
 from .errors import GeoindexError
 from .extraction import iter_embeddings, resolve_device
-from .fileio import atomic_path, fault_point, write_json_atomic
-from .heads import _LossStopping, head_folder, load_weights_file, save_curves, save_weights
+from .fileio import atomic_path, write_json_atomic
+from .heads import _no_readable_photo, head_folder
+from .training import VAL_LOSS, Checkpointing, LoopSettings, TrainingLoop, epoch_generator, save_weights
+from .layout import HEAD_META, TAIL_MODE, TRUNK_CACHE
 
-MODE = "tail"
+MODE = TAIL_MODE
 DEFAULTS = {"epochs": 6, "lr": 1e-4, "head_lr": 1e-3, "weight_decay": 0.05, "batch_size": 64, "patience": 2,
             "label_smoothing": 0.1}
 MAX_TRAIN_PHOTOS = 20_000  # the trunk cache is ~44-113 KB a photo; past this a random sample of train adapts
 MAX_VAL_PHOTOS = 5_000
-TRUNK_CACHE = "trunk_features.npz"  # beside the checkpoint: a resumed run skips recomputing them (minutes)
+# TRUNK_CACHE (layout) lies beside the checkpoint: a resumed run skips recomputing the trunk features (minutes).
 
 
 @dataclass
@@ -55,9 +58,23 @@ class AdaptResult:
     index: object        # the re-embedded index, opened again (the one passed in reads the replaced files)
 
 
+class _TailClassifier(nn.Module):
+    """The tail's L2-normalised output through a linear softmax over the cities: kNN searches that space.
+    Its state is the whole backbone's (trunk included, untrained) and the head's."""
+
+    def __init__(self, backbone_model: nn.Module, tail: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.backbone, self.head = backbone_model, head
+        self._tail = [tail]  # part of the backbone: kept out of the state dict, which holds it once
+        self.scale = math.sqrt(head.in_features)  # unit-norm features, coordinates of order 1 for the linear layer
+
+    def forward(self, trunk_features):
+        return self.head(nn.functional.normalize(self._tail[0](trunk_features.float()), dim=1) * self.scale)
+
+
 def supports_tail(index) -> bool:
     """Whether the index's backbone can be cut into a trunk and a tail (the EfficientNet-Lite family)."""
-    return index.manifest["backbone"].startswith("effnet")
+    return backbone_info(index.manifest["backbone"]).tail_adaptable
 
 
 def is_adapted(index) -> bool:
@@ -76,13 +93,14 @@ def _sample(n: int, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
-def _trunk_outputs(backbone, split, paths, batch_size, num_workers, device, progress, desc,
+def _trunk_outputs(backbone, split, paths, extraction: ExtractionConfig, progress, desc,
                    estimate=None) -> tuple[np.ndarray, np.ndarray]:
     """(N, F) float16 trunk outputs of the photos, and which decoded: computed once, read every epoch."""
     trunk_backbone = dataclasses.replace(backbone, model=split.trunk, embed_dim=split.trunk_dim, _embedders={})
     out = np.zeros((len(paths), split.trunk_dim), dtype=np.float16)
     ok = np.zeros(len(paths), dtype=bool)
-    for item in iter_embeddings(trunk_backbone, paths, batch_size=batch_size, num_workers=num_workers, device=device,
+    for item in iter_embeddings(trunk_backbone, paths, batch_size=extraction.batch_size,
+                                num_workers=extraction.num_workers, device=extraction.device,
                                 progress=progress, desc=desc, normalize=False):
         out[item.positions[item.ok]] = item.embeddings.astype(np.float16)
         ok[item.positions] = item.ok
@@ -126,7 +144,7 @@ def _write_trunk_cache(path: Path, key: str, features: dict, labels: dict, log) 
         log(f"not keeping the trunk features for a resumed run ({exc.strerror or exc})")
 
 
-def adapt_index(index, epochs: int | None = None, lr: float | None = None, weight_decay: float | None = None,
+def adapt_index(index, *, epochs: int | None = None, lr: float | None = None, weight_decay: float | None = None,
                 batch_size: int | None = None, patience: int | None = None, tail_stages: int = TAIL_STAGES,
                 device="auto", num_workers=None, seed: int = 0, progress: bool = True, log=print) -> AdaptResult:
     """Fine-tune the tail of the index's backbone on its train photos (early stop on val loss), re-embed every
@@ -134,15 +152,15 @@ def adapt_index(index, epochs: int | None = None, lr: float | None = None, weigh
     the re-embedded index, opened, and where the curves are. Holds the index's lock throughout (geoindex.locks)."""
     from .locks import writing_to
 
+    settings = dict(DEFAULTS)
+    settings.update({k: v for k, v in {"epochs": epochs, "lr": lr, "weight_decay": weight_decay,
+                                       "batch_size": batch_size, "patience": patience}.items() if v is not None})
+    settings["head_lr"] = settings["lr"] * DEFAULTS["head_lr"] / DEFAULTS["lr"]
     with writing_to(index, "train"):
-        return _adapt_locked(index, epochs, lr, weight_decay, batch_size, patience, tail_stages, device, num_workers,
-                             seed, progress, log)
+        return _adapt_locked(index, settings, tail_stages, device, num_workers, seed, progress, log)
 
 
-def _adapt_locked(index, epochs, lr, weight_decay, batch_size, patience, tail_stages, device, num_workers, seed,
-                  progress, log) -> AdaptResult:
-    from tqdm.auto import tqdm
-
+def _adapt_locked(index, settings: dict, tail_stages, device, num_workers, seed, progress, log) -> AdaptResult:
     from .backbones import create_backbone
     from .build import TUNED_WEIGHTS, StageEstimate, reembed_index
     from .geo_index import load_index
@@ -153,10 +171,6 @@ def _adapt_locked(index, epochs, lr, weight_decay, batch_size, patience, tail_st
                             "`geoindex build ... --overwrite` to start again from the pretrained weights")
     if not index.store.count("val"):
         raise GeoindexError(f"index {index.name!r} has no validation split: fine-tuning needs one to know when to stop")
-    settings = dict(DEFAULTS)
-    settings.update({k: v for k, v in {"epochs": epochs, "lr": lr, "weight_decay": weight_decay,
-                                       "batch_size": batch_size, "patience": patience}.items() if v is not None})
-    settings["head_lr"] = settings["lr"] * DEFAULTS["head_lr"] / DEFAULTS["lr"]
     device = resolve_device(device)
     backbone = create_backbone(index.manifest["backbone"], weights=index._weights_argument(),
                                image_size=index.manifest["image_size"], device=device)
@@ -166,7 +180,6 @@ def _adapt_locked(index, epochs, lr, weight_decay, batch_size, patience, tail_st
     split = tail_split(backbone, tail_stages)
     folder = head_folder(index, MODE)
     folder.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = folder / "checkpoint.pt"
     # "shuffle" names how epochs draw their order: a checkpoint of another scheme cannot resume bit for bit.
     plan = {"backbone": index.manifest["backbone"], "weights_sha256": index.manifest["weights"]["sha256"],
             "build_id": index.manifest.get("build_id"), "tail_stages": tail_stages, "seed": seed,
@@ -175,26 +188,19 @@ def _adapt_locked(index, epochs, lr, weight_decay, batch_size, patience, tail_st
     torch.manual_seed(seed)
     n_classes, dim = len(index.classes), backbone.embed_dim
     head = nn.Linear(dim, n_classes).to(device)
-    scale = math.sqrt(dim)  # unit-norm features, coordinates of order 1 for the linear layer
-    tail = split.tail
+    model = _TailClassifier(backbone.model, split.tail, head)
     optimizer = torch.optim.AdamW([{"params": split.parameters, "lr": settings["lr"]},
                                    {"params": head.parameters(), "lr": settings["head_lr"]}],
                                   weight_decay=settings["weight_decay"])
     loss_fn = nn.CrossEntropyLoss(ignore_index=-1, label_smoothing=settings["label_smoothing"])
-    stopper, history, start_epoch, best_state = _LossStopping(settings["patience"]), [], 1, None
-    if checkpoint_path.exists():
-        state = load_weights_file(checkpoint_path, "tail fine-tuning checkpoint", map_location=device)
-        if isinstance(state, dict) and state.get("plan") == json.loads(json.dumps(plan)):
-            backbone.model.load_state_dict(state["model"])
-            head.load_state_dict(state["head"])
-            optimizer.load_state_dict(state["optimizer"])
-            history, start_epoch = state["history"], state["epoch"] + 1
-            stopper.best_loss, stopper.best_epoch, stopper.bad = state["best"], state["best_epoch"], state["bad"]
-            best_state = state["best_model"]
-            log(f"resuming the tail fine-tuning after epoch {state['epoch']}")
-        else:
-            log("a tail fine-tuning checkpoint of other settings was found; starting over")
-    done = start_epoch > settings["epochs"] or stopper.bad >= settings["patience"]
+    # BatchNorm keeps its ImageNet statistics (a few thousand photos would only make them noisy); the
+    # EfficientNet-Lite tails have no dropout, so eval mode throughout changes nothing else.
+    loop_settings = LoopSettings(MODE, settings["epochs"], settings["patience"], stop_on=VAL_LOSS, train_mode=False,
+                                 progress=progress)
+    loop = TrainingLoop(model, optimizer, loop_settings, device=device, folder=folder, log=log,
+                        title=f"{index.manifest['backbone']} tail fine-tuned ({index.name})",
+                        checkpoint=Checkpointing("tail fine-tuning", "tail-epoch", plan=plan))
+    done = loop.finished
 
     meta = {s: index.store.metadata(s) for s in ("train", "val")}
     rows = {"train": _sample(len(meta["train"]), MAX_TRAIN_PHOTOS, seed),
@@ -214,103 +220,62 @@ def _adapt_locked(index, epochs, lr, weight_decay, batch_size, patience, tail_st
                 f"(kept from the interrupted run) in {time.perf_counter() - started:.0f} s")
         else:
             estimate = StageEstimate(log, "trunk features", len(rows["train"]) + len(rows["val"]))
+            extraction = ExtractionConfig(batch_size=max(32, settings["batch_size"]), num_workers=num_workers,
+                                          device=device)
             for s in ("train", "val"):
                 paths = meta[s]["path"].to_numpy()[rows[s]].tolist()
-                features[s], ok = _trunk_outputs(backbone, split, paths, max(32, settings["batch_size"]), num_workers,
-                                                 device, progress, f"trunk features ({s})", estimate)
+                features[s], ok = _trunk_outputs(backbone, split, paths, extraction, progress, f"trunk features ({s})",
+                                                 estimate)
                 labels[s] = np.where(ok, meta[s]["label"].to_numpy()[rows[s]], -1).astype(np.int64)
                 if s == "train" and not ok.any():
-                    from .heads import _no_readable_photo
                     raise GeoindexError(_no_readable_photo(paths))
             log(f"trunk features of {len(rows['train']) + len(rows['val']):,} photos in "
                 f"{time.perf_counter() - started:.0f} s")
             _write_trunk_cache(cache_path, cache_key, features, labels, log)
         log(f"training the last {tail_stages} stages of {index.manifest['backbone']}")
-    # BatchNorm keeps its ImageNet statistics (a few thousand photos would only make them noisy); the
-    # EfficientNet-Lite tails have no dropout, so eval mode throughout changes nothing else.
-    tail.eval()
 
-    def forward(x):
-        return head(nn.functional.normalize(tail(x.to(device).float()), dim=1) * scale)
-
-    def evaluate(s) -> tuple[float, float]:
-        total, correct, count = 0.0, 0, 0
-        with torch.no_grad():
-            for start in range(0, len(labels[s]), 256):
-                y = torch.as_tensor(labels[s][start:start + 256], device=device)
-                logits = forward(torch.from_numpy(features[s][start:start + 256]))
-                valid = y >= 0
-                if valid.any():
-                    total += nn.functional.cross_entropy(logits[valid], y[valid], reduction="sum").item()
-                    correct += int((logits.argmax(1) == y)[valid].sum())
-                    count += int(valid.sum())
-        return total / max(1, count), correct / max(1, count)
-
-    epochs_estimate = None if done else StageEstimate(
-        log, f"tail fine-tuning (at most {settings['epochs'] - start_epoch + 1} epochs)",
-        len(labels["train"]) * (settings["epochs"] - start_epoch + 1))
-    for epoch in range(start_epoch, settings["epochs"] + 1):
-        if done:
-            break
-        t0 = time.perf_counter()
+    def batches(epoch):
         # Each epoch's order comes from its own generator, never the global one that DataLoaders draw from:
         # a resumed run then shuffles exactly as an uninterrupted one, whatever it computed before.
-        order = torch.randperm(len(labels["train"]), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).numpy()
+        order = torch.randperm(len(labels["train"]), generator=epoch_generator(seed, epoch)).numpy()
+        for start in range(0, len(order), settings["batch_size"]):
+            batch = np.sort(order[start:start + settings["batch_size"]])
+            yield torch.from_numpy(features["train"][batch]), torch.as_tensor(labels["train"][batch])
+
+    def validate() -> dict:
+        # Unsmoothed, summed over chunks: the loss the kept epoch is chosen on (and its recorded figures).
         total, correct, count = 0.0, 0, 0
-        with tqdm(range(0, len(order), settings["batch_size"]), desc=f"tail epoch {epoch}", disable=not progress,
-                  leave=False, unit="batch") as bar:
-            for start in bar:
-                batch = np.sort(order[start:start + settings["batch_size"]])
-                y = torch.as_tensor(labels["train"][batch], device=device)
-                valid = y >= 0
-                if not valid.any():
-                    continue
-                logits = forward(torch.from_numpy(features["train"][batch]))
-                loss = loss_fn(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * int(valid.sum())
+        for start in range(0, len(labels["val"]), 256):
+            y = torch.as_tensor(labels["val"][start:start + 256], device=device)
+            logits = model(torch.from_numpy(features["val"][start:start + 256]).to(device))
+            valid = y >= 0
+            if valid.any():
+                total += nn.functional.cross_entropy(logits[valid], y[valid], reduction="sum").item()
                 correct += int((logits.argmax(1) == y)[valid].sum())
                 count += int(valid.sum())
-                epochs_estimate.seen(len(batch))
-        val_loss, val_acc = evaluate("val")
-        history.append({"epoch": epoch, "train_loss": total / max(1, count), "train_accuracy": correct / max(1, count),
-                        "val_loss": val_loss, "val_accuracy": val_acc, "seconds": time.perf_counter() - t0})
-        improved, done = stopper.update(epoch, val_loss)
-        if improved:
-            best_state = copy.deepcopy(backbone.model.state_dict())
-        save_weights({"plan": plan, "model": backbone.model.state_dict(), "head": head.state_dict(),
-                      "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
-                      "best": stopper.best_loss, "best_epoch": stopper.best_epoch, "bad": stopper.bad,
-                      "best_model": best_state}, checkpoint_path,
-                     f"the tail checkpoint of epoch {epoch}",
-                     f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no epoch is kept")
-        fault_point("tail-epoch")
-        save_curves(pd.DataFrame(history), folder, f"{index.manifest['backbone']} tail fine-tuned ({index.name})",
-                    stopper.best_epoch)
-        log(f"tail epoch {epoch:2d}: train loss {history[-1]['train_loss']:.4f} acc {history[-1]['train_accuracy']:.3f}  "
-            f"val loss {val_loss:.4f} acc {val_acc:.3f}  ({history[-1]['seconds']:.0f} s)")
-        if done:
-            log(f"early stop: no lower val loss for {settings['patience']} epochs")
-    best_epoch = stopper.best_epoch
-    best_val_accuracy = next(h["val_accuracy"] for h in history if h["epoch"] == best_epoch)
-    backbone.model.load_state_dict(best_state)
+        return {"loss": total / max(1, count), "accuracy": correct / max(1, count)}
+
+    epochs_estimate = None if done else StageEstimate(
+        log, f"tail fine-tuning (at most {settings['epochs'] - loop.start_epoch + 1} epochs)",
+        len(labels["train"]) * (settings["epochs"] - loop.start_epoch + 1))
+    result = loop.run(batches, loss_fn, validate, on_batch=epochs_estimate.seen if epochs_estimate else None)
+    history, best_epoch = result.history, result.best_epoch
+    best_val_accuracy, best_val_loss = result.figure("val_accuracy"), result.best_value
     cache_path.unlink(missing_ok=True)  # only a resumed fine-tuning reads it; the re-embedding does not
     weights = folder / "backbone.pt"
     save_weights(backbone.model.state_dict(), weights, "the tuned backbone",
-                 f"the checkpoint of epoch {history[-1]['epoch']} is kept")
+                 f"the checkpoint of epoch {int(history['epoch'].iloc[-1])} is kept")
     info = {"mode": MODE, "tail_stages": tail_stages, "best_epoch": best_epoch, "epochs_run": len(history),
-            "best_val_accuracy": best_val_accuracy, "best_val_loss": stopper.best_loss, "train_photos": int(len(rows["train"])),
+            "best_val_accuracy": best_val_accuracy, "best_val_loss": best_val_loss,
+            "train_photos": int(len(rows["train"])),
             "val_photos": int(len(rows["val"])), "tuned_on": "val", "pretrained_weights": index.manifest["weights"],
             **{k: settings[k] for k in ("lr", "head_lr", "weight_decay", "batch_size", "label_smoothing")}}
-    write_json_atomic(folder / "meta.json", info)
-    log(f"kept epoch {best_epoch} (val loss {stopper.best_loss:.4f}, val accuracy {best_val_accuracy:.3f}); "
-        "re-embedding every photo of the index with the tuned backbone")
+    write_json_atomic(folder / HEAD_META, info)
+    log(f"{result.summary()}; re-embedding every photo of the index with the tuned backbone")
     tuned = create_backbone(index.manifest["backbone"], weights=weights, image_size=index.manifest["image_size"],
                             device=device)
     reembed_index(index, tuned, adapted=info, batch_size=max(32, settings["batch_size"]), num_workers=num_workers,
                   device=device, progress=progress, log=log)
     index.close()
-    return AdaptResult(folder, pd.DataFrame(history), best_epoch, best_val_accuracy, stopper.best_loss,
+    return AdaptResult(folder, history, best_epoch, best_val_accuracy, best_val_loss,
                        Path(index.path) / TUNED_WEIGHTS, int(len(rows["train"])), load_index(index.path, device=device))

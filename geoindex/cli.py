@@ -8,12 +8,14 @@ from pathlib import Path
 
 import click
 
-from .catalog import BACKBONES, INDEX_TYPES, weights_status
+from .catalog import BACKBONES, NO_PRETRAINED, weights_status
+from .layout import CHECKPOINT, HEAD_META, HEAD_MODES, KNN_PARAMS, TAIL_MODE, TRUNK_CACHE, head_dir
 from .cities import full_name
+from .config import (DTYPES, INDEX_TYPES, MODE_DEFAULTS, SPLIT_UNITS, TRAIN_MODES, BuildConfig, ExtractionConfig,
+                     QueryConfig, TrainConfig)
 from .jsonio import dumps
 from .errors import GeoindexError
 from .runtime_choice import runtime_option
-from .catalog import DEFAULT_MAX_PIXELS
 
 VOTE_METHODS = ("majority", "weighted", "softmax")  # geoindex.voting.VOTE_METHODS, without importing numpy
 
@@ -23,8 +25,16 @@ def list_backbones():
 
 index_dir_option = click.option("--index-dir", type=click.Path(file_okay=False), default=None,
                                 help="Where indexes live [default: $GEOINDEX_HOME or ./indexes].")
-device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-                             help="auto uses a CUDA GPU when torch sees one.")
+
+
+def device_option(default: str):
+    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=default, show_default=True,
+                        help="auto uses a CUDA GPU when torch sees one.")
+
+
+def _mode_defaults(setting: str) -> str:
+    """'[default: tail 6, probe 30, finetune 10]' from config.MODE_DEFAULTS, for train's help."""
+    return "[default: " + ", ".join(f"{mode} {values[setting]:g}" for mode, values in MODE_DEFAULTS.items()) + "]"
 
 
 def friendly_errors(func):
@@ -72,12 +82,13 @@ def main():
 @click.option("--data", "data", required=True, type=click.Path(exists=True),
               help="A GSV-Cities root (Images/<City>/...), a folder of <city>/*.jpg, or a CSV manifest "
                    "(path, city[, lat, lon, place_id]; OSV-5M's metadata CSV works too).")
-@click.option("--split-by", type=click.Choice(["auto", "place", "cell", "image"]), default="auto", show_default=True,
+@click.option("--split-by", type=click.Choice(SPLIT_UNITS), default=BuildConfig.split_by, show_default=True,
               help="Unit of the train/val/test split. auto: place ids where the data has them, else map cells where "
                    "it has coordinates, else images (with a warning: photos metres apart can leak into test).")
-@click.option("--cell-km", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+@click.option("--cell-km", type=click.FloatRange(min=0.01), default=BuildConfig.cell_km, show_default=True,
               help="Side of the map cells of --split-by cell; each cell lies wholly in one split.")
-@click.option("--follow-symlinks", is_flag=True, help="Index symlinks that point outside the data folder "
+@click.option("--follow-symlinks", is_flag=True, default=BuildConfig.follow_symlinks,
+              help="Index symlinks that point outside the data folder "
               "(skipped with their reason by default).")
 @click.option("--backbone", default="auto", show_default=True,
               type=click.Choice(["auto", *list_backbones()]),
@@ -86,32 +97,37 @@ def main():
 @click.option("--weights", default=None, help="A state-dict file, or 'none' for seeded random weights "
               "[default: the library's pretrained weights from its cache].")
 @click.option("--name", default=None, help="Index name [default: <data folder>-<backbone>].")
-@click.option("--per-city", type=click.IntRange(1), default=None, help="Use about N images per city (whole places).")
-@click.option("--image-size", type=click.IntRange(16), default=None, help="Model input size [default: the backbone's].")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(0), default=None, help="Decoding processes [default: cores - 1].")
-@device_option
+@click.option("--per-city", type=click.IntRange(1), default=BuildConfig.per_city,
+              help="Use about N images per city (whole places).")
+@click.option("--image-size", type=click.IntRange(16), default=ExtractionConfig.image_size,
+              help="Model input size [default: the backbone's].")
+@click.option("--batch-size", type=click.IntRange(1), default=ExtractionConfig.batch_size, show_default=True)
+@click.option("--workers", type=click.IntRange(0), default=ExtractionConfig.num_workers,
+              help="Decoding processes [default: cores - 1].")
+@device_option(ExtractionConfig.device)
 @runtime_option
-@click.option("--index", "index_type", type=click.Choice(INDEX_TYPES), default="flat", show_default=True,
-              help="flat: exact search; hnsw: the choice for large indexes (graph + exact re-ranking, "
-                   "fast one photo at a time); ivfpq: compressed, the smallest index.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the place-disjoint split.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+@click.option("--index-type", "index_type", type=click.Choice(INDEX_TYPES), default=BuildConfig.index_type,
+              show_default=True, help="flat: exact search; hnsw: the choice for large indexes (graph + exact "
+                                      "re-ranking, fast one photo at a time); ivfpq: compressed, the smallest index.")
+# Deprecated: --index names an index in every other command. Kept for one release, with a note.
+@click.option("--index", "old_index_type", type=click.Choice(INDEX_TYPES), default=None, hidden=True)
+@click.option("--seed", type=int, default=BuildConfig.seed, show_default=True, help="Seed of the place-disjoint split.")
+@click.option("--dtype", type=click.Choice(DTYPES), default=BuildConfig.dtype, show_default=True,
               help="How embeddings are stored in embeddings.h5.")
 @click.option("--overwrite", is_flag=True, help="Rebuild an existing index of this name (it keeps answering until the "
               "new one replaces it; unchanged photos are not embedded again), or discard an unfinished build "
               "with other settings.")
-@click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
+@click.option("--max-pixels", type=click.IntRange(1), default=BuildConfig.max_pixels, show_default=True,
               help="Refuse images with more pixels than this (JPEGs counted at their draft-decoded size), before "
                    "decoding them.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+@click.option("--engine", type=click.Choice(["local", "ray"]), default=BuildConfig.engine, show_default=True,
               help="Who embeds: this process, or shards as tasks on a Ray cluster (pip install 'geoindex[ray]').")
 @click.option("--ray-address", default=None, help="A running Ray cluster ('auto' or HOST:PORT) "
               "[default: a private Ray instance on this machine].")
 @index_dir_option
 @friendly_errors
 def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, per_city, image_size, batch_size, workers,
-          device, index_type, seed, dtype, overwrite, max_pixels, engine, ray_address, index_dir):
+          device, index_type, old_index_type, seed, dtype, overwrite, max_pixels, engine, ray_address, index_dir):
     """Embed every image, split by place or map cell (80/10/10), and index the train split.
 
     An interrupted build resumes when the same command is run again.
@@ -119,11 +135,21 @@ def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, per
     from .build import build_index
     from .engines import get_engine
 
-    report = build_index(data, name=name, backbone=backbone, weights=weights, index_dir=index_dir, per_city=per_city,
-                         image_size=image_size, batch_size=batch_size, num_workers=workers, device=device,
-                         index_type=index_type, seed=seed, dtype=dtype, overwrite=overwrite, split_by=split_by,
-                         cell_km=cell_km, follow_symlinks=follow_symlinks, max_pixels=max_pixels, log=click.echo,
-                         engine=get_engine(engine, address=ray_address))
+    if old_index_type is not None:
+        source = click.get_current_context().get_parameter_source("index_type")
+        if source is not None and source.name != "DEFAULT" and index_type != old_index_type:
+            raise click.UsageError(f"--index {old_index_type} and --index-type {index_type} disagree; "
+                                   "give --index-type only")
+        click.echo(f"note: `build --index {old_index_type}` is deprecated and will be removed in the next release; "
+                   f"write `--index-type {old_index_type}` (--index names an index in every other command)", err=True)
+        index_type = old_index_type
+    config = BuildConfig(per_city=per_city, follow_symlinks=follow_symlinks, max_pixels=max_pixels, split_by=split_by,
+                         cell_km=cell_km, seed=seed, dtype=dtype, index_type=index_type,
+                         engine=get_engine(engine, address=ray_address),
+                         extraction=ExtractionConfig(batch_size=batch_size, num_workers=workers, device=device,
+                                                     image_size=image_size))
+    report = build_index(data, name=name, backbone=backbone, config=config, weights=weights, index_dir=index_dir,
+                         overwrite=overwrite, log=click.echo)
     m = report.manifest
     click.echo(f"\nindex {report.name!r} written to {report.path}")
     click.echo(f"  backbone   {m['backbone']} ({m['weights']['source']} weights), {m['embed_dim']}-d")
@@ -152,18 +178,20 @@ def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, per
 @main.command()
 @click.argument("photos", nargs=-1, required=True, type=click.Path())
 @click.option("--index", "index_name", default=None, help="Index name or path [default: the latest built].")
-@click.option("--k", type=click.IntRange(1), default=None, help="Neighbours that vote [default: tuned on val].")
-@click.option("--vote", "vote_method", type=click.Choice(VOTE_METHODS), default=None,
+@click.option("--k", type=click.IntRange(1), default=QueryConfig.k,
+              help="Neighbours that vote [default: tuned on val].")
+@click.option("--vote", "vote_method", type=click.Choice(VOTE_METHODS), default=QueryConfig.vote_method,
               help="[default: tuned on val]")
-@click.option("--temperature", type=click.FloatRange(min=1e-4), default=None,
+@click.option("--temperature", type=click.FloatRange(min=1e-4), default=QueryConfig.temperature,
               help="Softmax vote temperature on cosine similarity.")
 @click.option("--backbone", default=None, help="Refuse to run unless the index was built with this backbone.")
 @click.option("--json", "as_json", is_flag=True, help="Strict JSON: {index, results, errors}.")
 @click.option("--csv", "as_csv", is_flag=True, help="One CSV row per photo, in the order given (for batch queries).")
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1), default=QueryConfig.batch_size, show_default=True,
               help="Photos decoded and embedded together; memory stays flat in the number of photos.")
-@click.option("--verify", is_flag=True, help="Hash every index file in full before answering.")
-@device_option
+@click.option("--verify", is_flag=True, default=QueryConfig.verify,
+              help="Hash every index file in full before answering.")
+@device_option(QueryConfig.device)
 @runtime_option
 @index_dir_option
 @friendly_errors
@@ -377,8 +405,8 @@ def indexes_command(index_dir, as_json):
 
 def _trained_summary(path: Path) -> str:
     """What `train` left in an index: its heads and whether kNN was tuned on val (from file names only: instant)."""
-    heads = [mode for mode in ("probe", "finetune") if (path / "heads" / mode / "meta.json").is_file()]
-    knn = (path / "heads" / "knn" / "params.json").is_file()
+    heads = [mode for mode in HEAD_MODES if (path / head_dir(mode) / HEAD_META).is_file()]
+    knn = (path / KNN_PARAMS).is_file()
     return ", ".join(heads + (["kNN tuned"] if knn else [])) or "no (run geoindex train)"
 
 
@@ -398,8 +426,8 @@ def rm_command(name, yes, unfinished, index_dir):
     home = index_home(index_dir)
     target, staging = home / name, home / STAGING / name
     if unfinished:
-        tail = target / "heads" / "tail"  # train's resume files (geoindex.adapt; named here to spare rm torch)
-        leftovers = [p for p in (tail / "checkpoint.pt", tail / "trunk_features.npz") if p.is_file()]
+        tail = target / head_dir(TAIL_MODE)  # train's resume files (geoindex.adapt)
+        leftovers = [p for p in (tail / CHECKPOINT, tail / TRUNK_CACHE) if p.is_file()]
         if not staging.exists() and not leftovers:
             raise GeoindexError(f"index {name!r} has nothing unfinished to delete in {home}")
         if not yes:
@@ -437,23 +465,26 @@ def _remove_if_empty(folder: Path) -> None:
 
 @main.command()
 @click.option("--index", "index_name", default=None, help="Index name or path [default: the latest built].")
-@click.option("--mode", type=click.Choice(["auto", "tail", "probe", "finetune"]), default="auto", show_default=True,
+@click.option("--mode", type=click.Choice(TRAIN_MODES), default=TrainConfig.mode, show_default=True,
               help="auto: tail where the backbone allows it (the EfficientNet-Lite family) and the index is not adapted "
                    "yet, else probe. tail: fine-tune the backbone's last stages on cached trunk features (minutes on a "
                    "CPU), re-embed the index with it, then a probe. probe: softmax head on the stored embeddings. "
                    "finetune: the whole backbone on images with augmentation (wants a GPU).")
-@click.option("--epochs", type=click.IntRange(1), default=None, help="[default: tail 6, probe 30, finetune 10]")
-@click.option("--lr", type=float, default=None, help="Learning rate [default: tail 1e-4 (head 1e-3), probe 1e-3, "
-                                                      "finetune 1e-4].")
-@click.option("--weight-decay", type=float, default=None, help="[default: tail 0.05 (AdamW), else 1e-5]")
-@click.option("--batch-size", type=click.IntRange(1), default=None, help="[default: tail 64, probe 256, finetune 32]")
-@click.option("--patience", type=click.IntRange(1), default=None,
-              help="Stop after this many epochs without a better validation figure [default: tail 2 (val loss), "
-                   "else 3].")
-@click.option("--resume", is_flag=True, help="Continue an interrupted whole-backbone fine-tuning from its last "
-                                             "checkpoint (tail fine-tuning resumes by itself).")
-@click.option("--workers", type=click.IntRange(0), default=None, help="Decoding processes (tail, finetune).")
-@device_option
+@click.option("--epochs", type=click.IntRange(1), default=TrainConfig.epochs, help=_mode_defaults("epochs"))
+@click.option("--lr", type=float, default=TrainConfig.lr,
+              help="Learning rate (the tail's new head learns 10x faster) " + _mode_defaults("lr") + ".")
+@click.option("--weight-decay", type=float, default=TrainConfig.weight_decay,
+              help="(AdamW for the tail) " + _mode_defaults("weight_decay"))
+@click.option("--batch-size", type=click.IntRange(1), default=TrainConfig.batch_size, help=_mode_defaults("batch_size"))
+@click.option("--patience", type=click.IntRange(1), default=TrainConfig.patience,
+              help="Stop after this many epochs without a better validation figure (the tail: val loss) "
+                   + _mode_defaults("patience") + ".")
+@click.option("--resume", is_flag=True, default=TrainConfig.resume,
+              help="Continue an interrupted whole-backbone fine-tuning from its last checkpoint (tail fine-tuning "
+                   "resumes by itself).")
+@click.option("--workers", type=click.IntRange(0), default=TrainConfig.num_workers,
+              help="Decoding processes (tail, finetune).")
+@device_option(TrainConfig.device)
 @runtime_option
 @index_dir_option
 @friendly_errors
@@ -465,65 +496,11 @@ def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resu
     with it, and the index is swapped for the re-embedded one. Then a linear probe is trained and kNN
     (space, k, vote, temperature) is tuned on val, on the new embeddings.
     """
-    from .locks import index_lock
-    from .locate import default_index_name, resolve_index_path
+    from .pipeline import train as train_index
 
-    # The lock comes first, and the index is opened under it: a second writer is refused before any work, and
-    # no build can swap the index out while this one trains for it.
-    with index_lock(resolve_index_path(index_name or default_index_name(index_dir), index_dir), "train"):
-        _train_locked(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resume, workers, device,
-                      index_dir)
-
-
-def _train_locked(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resume, workers, device,
-                  index_dir):
-    from .adapt import adapt_index, is_adapted, wants_adaptation
-    from .geo_index import load_index
-    from .heads import train_finetune, train_probe
-
-    index = load_index(index_name, index_dir, device=device)
-    click.echo(f"training index {index.name!r} ({index.path})"
-               + ("" if index_name else ": the most recently built; --index NAME picks another"))
-    if mode == "auto":
-        mode = "tail" if wants_adaptation(index) else "probe"
-        if is_adapted(index):
-            click.echo(f"index {index.name!r} is already adapted to its cities; training the probe and tuning kNN")
-    if mode == "tail":
-        index = adapt_index(index, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                            patience=patience, device=device, num_workers=workers, log=click.echo).index
-        mode, epochs, lr, weight_decay, batch_size, patience = "probe", None, None, None, None, None  # probe defaults
-    common = dict(epochs=epochs, lr=lr, weight_decay=1e-5 if weight_decay is None else weight_decay,
-                  batch_size=batch_size, patience=patience or 3, device=device, log=click.echo)
-    if mode == "probe":
-        result = train_probe(index, **common)
-    else:
-        result = train_finetune(index, resume=resume, num_workers=workers, **common)
-    click.echo(_kept_epoch_summary(result))
-    if index.store.count("val"):
-        from .tuning import tune_knn
-        tune_knn(index, log=click.echo)
-    else:
-        click.echo("kNN not tuned and no fusion fitted: there is no validation split to choose them on; answers "
-                   "use kNN with its default settings")
-
-
-def _kept_epoch_summary(result) -> str:
-    """Which epoch was kept and why, with its validation figures; never a training figure as a validation one."""
-    history, epoch = result.history, result.best_epoch
-    where = f"head, history.csv and curves.png in {result.folder}"
-    if result.best_val_accuracy is None:
-        return (f"no validation split: kept epoch {epoch} of {len(history)}, chosen on the training photos; no "
-                f"validation accuracy exists; {where}")
-    row = history[history["epoch"] == epoch].iloc[0]
-    best = history.loc[history["val_accuracy"].idxmax()]
-    if result.mode == "probe":  # fit_probe keeps the epoch of the lowest validation loss
-        why = f"the lowest validation loss ({row['val_loss']:.4f}); its validation accuracy {result.best_val_accuracy:.3f}"
-        if best["val_accuracy"] > result.best_val_accuracy:
-            why += (f" (epoch {int(best['epoch'])} reached {best['val_accuracy']:.3f}, but loss also weighs how sure "
-                    "each answer is, which ranking, fusion and the unlike-anything threshold use)")
-    else:
-        why = f"the highest validation accuracy ({result.best_val_accuracy:.3f})"
-    return f"kept epoch {epoch} of {len(history)}, the one with {why}; {where}"
+    config = TrainConfig(mode=mode, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                         patience=patience, resume=resume, num_workers=workers, device=device)
+    train_index(index_name, config=config, index_dir=index_dir, log=click.echo)
 
 
 @main.command()
@@ -546,7 +523,7 @@ def _kept_epoch_summary(result) -> str:
               help="A CSV of city_id,name[,country] giving place names for prompts and reports "
                    "[default: GSV-Cities' names; other folder names are humanised, London_Ontario -> London Ontario].")
 @click.option("--workers", type=click.IntRange(0), default=None)
-@device_option
+@device_option(ExtractionConfig.device)
 @runtime_option
 @index_dir_option
 @friendly_errors
@@ -564,21 +541,20 @@ def bench(index_name, methods, split, out, external, k, vote_method, clip_weight
         import contextlib
         lock = contextlib.nullcontext()
     with lock:
-        _bench(index_name, methods, split, out, external, k, vote_method, clip_weights, templates, workers, device,
-               index_dir)
+        _bench(index_name, index_dir, [m.strip() for m in methods.split(",") if m.strip()],
+               dict(split=split, out=out, external=external, k=k, vote_method=vote_method, clip_weights=clip_weights,
+                    templates_file=templates, device=device, num_workers=workers))
 
 
-def _bench(index_name, methods, split, out, external, k, vote_method, clip_weights, templates, workers, device,
-           index_dir):
+def _bench(index_name, index_dir, methods: list[str], options: dict):
+    """options: run_bench's keyword arguments."""
     from .bench import format_table, run_bench
     from .geo_index import load_index
 
-    index = load_index(index_name, index_dir, device=device)
-    if external and not Path(external).exists():
-        raise click.ClickException(f"--external {external}: no such file or folder")
-    results = run_bench(index, [m.strip() for m in methods.split(",") if m.strip()], split=split, out=out,
-                        external=external, log=click.echo, k=k, vote_method=vote_method, clip_weights=clip_weights,
-                        templates_file=templates, device=device, num_workers=workers)
+    index = load_index(index_name, index_dir, device=options["device"])
+    if options["external"] and not Path(options["external"]).exists():
+        raise click.ClickException(f"--external {options['external']}: no such file or folder")
+    results = run_bench(index, methods, log=click.echo, **options)
     click.echo("")
     click.echo(format_table(results))
     if results["synthetic"]:
@@ -595,7 +571,7 @@ def _bench(index_name, methods, split, out, external, k, vote_method, clip_weigh
 @click.option("--rebuild", is_flag=True, help="Build the demo index again even if it exists.")
 @click.option("--no-adapt", is_flag=True, help="Skip adapting the backbone (geoindex train's first step; about 16 "
                                                "minutes for the 5,419 London photos on 2 CPU cores with effnet-duo).")
-@device_option
+@device_option(ExtractionConfig.device)
 @runtime_option
 @index_dir_option
 @friendly_errors
@@ -616,7 +592,7 @@ def backbones_command(check):
         if check:
             from .backbones import create_backbone
             try:
-                info = create_backbone(name, weights="none" if name == "cnn" else None).weights
+                info = create_backbone(name, weights="none" if name in NO_PRETRAINED else None).weights
                 status = f"loaded: {info.description or info.source}"
             except GeoindexError as exc:
                 status = f"not usable: {exc}"

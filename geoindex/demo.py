@@ -32,19 +32,18 @@ def find_demo_data(data=None, index_dir=None, log: Callable[[str], None] = print
     return root, True
 
 
-def run_demo(data=None, backbone: str = "auto", per_city=None, rebuild: bool = False, device="auto", index_dir=None,
+def run_demo(data=None, *, backbone: str = "auto", per_city=None, rebuild: bool = False, device="auto", index_dir=None,
              adapt: bool = True, log: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> dict:
     """build -> train (as `geoindex train` does: adapt the backbone where it can, then probe + kNN tuning on val)
     -> query three test photos -> bench; returns the bench results."""
-    from .adapt import adapt_index, wants_adaptation
+    from .adapt import wants_adaptation
     from .bench import format_table, run_bench
     from .build import build_index, choose_default_backbone
     from .cities import full_name
     from .errors import IndexNotFound
     from .geo_index import load_index
-    from .heads import train_probe
     from .locate import resolve_index_path
-    from .tuning import tune_knn
+    from .pipeline import train
 
     source, synthetic = find_demo_data(data, index_dir, log)
     if backbone == "auto":
@@ -67,11 +66,10 @@ def run_demo(data=None, backbone: str = "auto", per_city=None, rebuild: bool = F
         path = report.path
     index = load_index(path, device=device)
     if index.store.count("val"):
-        if adapt and wants_adaptation(index):
+        adapting = adapt and wants_adaptation(index)
+        if adapting:
             log("adapting the backbone to the index's cities (geoindex train's first step; --no-adapt skips it)")
-            index = adapt_index(index, device=device, log=log).index
-        train_probe(index, progress=False, log=lambda m: None)
-        tune_knn(index, log=log)
+        index = train(index, mode="auto" if adapt else "probe", device=device, log=log).index
     test = index.store.metadata("test")
     sample = test.groupby("city").head(1).head(3)
     for prediction, truth in zip(index.query(list(sample["path"])), sample["city"]):

@@ -1,4 +1,9 @@
-"""Errors a user can act on. The CLI prints their message on one line and exits non-zero."""
+"""Errors a user can act on. The CLI prints their message on one line and exits non-zero.
+
+Every exception class of the library lives here, so one import names them all; the modules that raised
+them first re-export theirs. The service's own signals (an HTTP answer to give, a client gone, a full
+queue) stay in geoindex.serve: they carry a status code or steer control flow, and never reach a user
+of the library."""
 
 
 class GeoindexError(Exception):
@@ -31,3 +36,21 @@ class DatasetError(GeoindexError):
 
 class IndexNotFound(GeoindexError):
     pass
+
+
+class IndexCorrupt(GeoindexError):
+    """An index file is missing, damaged, or not the one its manifest describes."""
+
+
+class IndexBusy(GeoindexError):
+    """Another process holds the index's lock (a writer, or readers while a writer waits)."""
+
+
+class IndexReplaced(GeoindexError):
+    """The index was replaced or removed on disk while this process held it open."""
+
+
+class NotFittedError(GeoindexError, RuntimeError):
+    """A method used before `fit` chose what it needs from validation photos (scikit-learn's name).
+
+    A RuntimeError too, which an unfitted hybrid raised before."""

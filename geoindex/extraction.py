@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .backbones import Backbone
 from .errors import GeoindexError, ImageError
 from .images import DEFAULT_MAX_PIXELS, ImageTransform
+
+if TYPE_CHECKING:  # annotations only: backbones runs its models through this module (Backbone.embed)
+    from .backbones import Backbone
 
 
 def _libc():
@@ -163,7 +165,7 @@ class Embedder:
         self.normalize = normalize
         self.device = resolve_device(device)
         backbone.to(self.device).model.eval()
-        self.model = compile_model(backbone.model, backbone.image_size, self.device, runtime, amp=amp,
+        self.model = compile_model(backbone.model, backbone.image_size, self.device, runtime=runtime, amp=amp,
                                    channels_last=channels_last, label=f"{backbone.name} ({backbone.image_size} px)")
         self.runtime = self.model.name
         backbone.extras["runtime"] = self.model.info()  # what embedded, for the manifest
@@ -176,9 +178,9 @@ class Embedder:
         return torch.nn.functional.normalize(features, dim=1) if self.normalize else features
 
 
-def iter_embeddings(backbone: Backbone, paths: Sequence[str], batch_size: int = 64, num_workers: int | None = None,
-                    device="auto", amp: bool | None = None, progress: bool = True, desc: str = "embedding",
-                    normalize: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+def iter_embeddings(backbone: Backbone, paths: Sequence[str], batch_size: int = 64, *,
+                    num_workers: int | None = None, device="auto", amp: bool | None = None, progress: bool = True,
+                    desc: str = "embedding", normalize: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                     runtime: str | None = None) -> Iterator[EmbeddedBatch]:
     """Yield embeddings batch by batch, in the order of `paths`; memory stays at one batch."""
     from tqdm.auto import tqdm
@@ -216,3 +218,9 @@ def embed_paths(backbone: Backbone, paths: Sequence[str], **kwargs) -> tuple[np.
         for p, e in zip(item.positions, item.errors):
             errors[p] = e
     return out, ok_all, errors
+
+
+def prepare_runtime(backbone, device="cpu", runtime: str | None = None) -> dict:
+    """Export and compile the backbone's model now (a build calls this before its clock starts), so the
+    Embedder that follows finds it compiled; returns what will run, as the manifest records it."""
+    return Embedder(backbone, device, runtime=runtime).model.info()

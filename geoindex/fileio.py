@@ -13,9 +13,7 @@ from pathlib import Path
 from .jsonio import dumps
 from .errors import GeoindexError
 
-# Every folder geoindex creates for an index holds this file; nothing without it is ever deleted.
-MARKER = ".geoindex"
-STAGING = ".staging"   # <home>/.staging/<name>/: an unfinished build (embedding cache + the index being assembled)
+from .layout import EMBEDDINGS, MANIFEST, MARKER, STAGING  # noqa: F401 (MARKER, STAGING: imported from here too)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+@=-]{0,127}$")
 
 
@@ -124,9 +122,9 @@ def made_by_geoindex(folder) -> bool:
     if (folder / MARKER).is_file():
         return True
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest = json.loads((folder / MANIFEST).read_text())
         return isinstance(manifest, dict) and manifest.get("format") == 1 and "backbone" in manifest \
-            and (folder / "embeddings.h5").is_file()
+            and (folder / EMBEDDINGS).is_file()
     except (OSError, ValueError):
         return False
 

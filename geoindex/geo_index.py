@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .backbones import Backbone, create_backbone
-from .build import EMBEDDINGS, FAISS_INDEX
+from .layout import EMBEDDINGS, FAISS_INDEX
+from .catalog import backbone_info
 from .cities import full_name
 from .errors import BackboneMismatch, GeoindexError
 from .extraction import resolve_device
@@ -205,8 +206,9 @@ class GeoIndex:
             raise BackboneMismatch(f"index {self.name!r} was built with {m['backbone']} weights "
                                    f"{m['weights']['description'] or m['weights']['source']} (sha256 {m['weights']['sha256']}); "
                                    f"the weights given now differ ({backbone.weights.description}, sha256 {backbone.weights.sha256})")
-        if backbone.name == "clip" and backbone.weights.description != m["weights"].get("description"):
-            # The CLIP architecture and pretrained tag live in the description (pretrained weights have no file hash).
+        named = backbone_info(backbone.name).weights_named_not_hashed
+        if named and backbone.weights.description != m["weights"].get("description"):
+            # Hub weights (CLIP) are named by architecture and pretrained tag in the description: no file hash.
             raise BackboneMismatch(f"index {self.name!r} was built with CLIP {m['weights'].get('description')!r}; "
                                    f"this CLIP is {backbone.weights.description!r}")
         if backbone.image_size != m["image_size"] or backbone.embed_dim != m["embed_dim"]:
@@ -306,7 +308,8 @@ class GeoIndex:
         """City probabilities (Q, C) and GPS estimates (Q, 2) for embeddings, with the raw neighbours."""
         from .methods import KNNMethod, Photos
 
-        answer = KNNMethod(self, k, vote_method, temperature, gps_method).predict(Photos(embeddings, [None] * len(embeddings)))
+        knn = KNNMethod(self, k, vote_method, temperature=temperature, gps=gps_method)
+        answer = knn.predict(Photos(embeddings, [None] * len(embeddings)))
         return {"probs": answer.probs, "coords": answer.coords, "similarities": answer.extra["similarities"],
                 "ids": answer.extra["ids"]}
 

@@ -13,15 +13,10 @@ import json
 import os
 from pathlib import Path
 
-from .errors import GeoindexError
+from .errors import IndexCorrupt  # noqa: F401 (re-exported: raised here first)
 from .fileio import MARKER, STAGING, write_json_atomic
 
-MANIFEST = "manifest.json"
-VERIFIED = ".verified.json"
-
-
-class IndexCorrupt(GeoindexError):
-    """An index file is missing, damaged, or not the one its manifest describes."""
+from .layout import CHECKPOINT, MANIFEST, REEMBED_MARK, TAIL_MODE, VERIFIED, head_dir
 
 
 def sha256_file(path, block: int = 1 << 20) -> str:
@@ -153,7 +148,7 @@ def index_entries(home) -> list[dict]:
             writer = _running_writer(home, name)
             if writer:
                 entry["unfinished"] = f"being changed now by {writer}"
-            elif entry["status"] == "ok" and (home / name / "heads" / "tail" / "checkpoint.pt").is_file():
+            elif entry["status"] == "ok" and (home / name / head_dir(TAIL_MODE) / CHECKPOINT).is_file():
                 entry["unfinished"] = (f"`geoindex train` was interrupted during its tail fine-tuning (the index "
                                        f"answers as before): rerun `geoindex train --index {name}` to resume it, or "
                                        f"`geoindex rm {name} --unfinished` to discard its checkpoint")
@@ -167,7 +162,7 @@ def index_entries(home) -> list[dict]:
                 writer = _running_writer(home, folder.name)
                 if writer:
                     reason = f"being built or re-embedded now by {writer}; it stays as it is until that finishes"
-                elif (folder / "reembed.json").is_file():  # geoindex.build.REEMBED_MARK: train's, not a build's
+                elif (folder / REEMBED_MARK).is_file():  # train's re-embedding, not a build
                     reason = (f"`geoindex train` was interrupted while re-embedding it (the index answers as before, "
                               f"with its old embeddings): rerun `geoindex train --index {folder.name}` to finish, or "
                               f"`geoindex rm {folder.name} --unfinished` to discard only the unfinished part")

@@ -5,8 +5,7 @@ from pathlib import Path
 
 from .errors import IndexNotFound
 from .fileio import MARKER, STAGING, index_home
-
-MANIFEST = "manifest.json"
+from .layout import MANIFEST
 
 
 def resolve_index_path(name_or_path, index_dir=None) -> Path:

@@ -13,16 +13,8 @@ import os
 import threading
 from pathlib import Path
 
-from .errors import GeoindexError
+from .errors import GeoindexError, IndexBusy, IndexReplaced  # noqa: F401 (re-exported: raised here first)
 from .fileio import fault_point
-
-
-class IndexBusy(GeoindexError):
-    pass
-
-
-class IndexReplaced(GeoindexError):
-    pass
 
 
 # Lock file path -> [fd, depth]: flock on a second fd of the same process would refuse its own holder.

@@ -8,9 +8,8 @@ from pathlib import Path
 from .errors import GeoindexError
 from .fileio import atomic_path, write_json_atomic
 from .integrity import describe_files, read_manifest, verify_files
-from .locate import MANIFEST, resolve_index_path
-
-EMBEDDINGS = "embeddings.h5"
+from .layout import EMBEDDINGS, MANIFEST
+from .locate import resolve_index_path
 
 
 def relocate_index(name_or_path, new_root, old_root=None, index_dir=None, log=print) -> dict:

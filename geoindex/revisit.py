@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 
 from .data.records import SPLITS
-from .methods.base import break_ties
-from .voting import EARTH_RADIUS_KM, estimate_locations, haversine_km, street_clusters, vote, vote_weights
+from .voting import (EARTH_RADIUS_KM, break_ties, estimate_locations, haversine_km, street_clusters, vote,
+                     vote_weights)
 
 SPOT_M = 25.0
 RECALL_AT = (1, 5, 10)
@@ -163,14 +163,15 @@ def _at(ids, values, fill):
 def city_answers(knn, sims, ids, lats, lons, labels, probs=None, with_winners: bool = False):
     """kNN's city-level GPS guess from its neighbours (ids into lats/lons/labels, -1 for none): the weighted
     mean over the winning city's neighbours (and, with_winners, the winning city ids)."""
-    k = knn.k
+    s = knn.settings
+    k = s.k
     n_labels = _at(ids, labels, -1)
     if probs is None:
-        probs = break_ties(vote(n_labels[:, :k], sims[:, :k], len(knn.classes), knn.vote, knn.temperature),
+        probs = break_ties(vote(n_labels[:, :k], sims[:, :k], len(knn.classes), s.vote, s.temperature),
                            n_labels[:, 0])
     winners = probs.argmax(1)
     coords = estimate_locations(n_labels[:, :k], sims[:, :k], _at(ids, lats, np.nan)[:, :k],
-                                _at(ids, lons, np.nan)[:, :k], winners, knn.vote, knn.temperature, knn.gps)
+                                _at(ids, lons, np.nan)[:, :k], winners, s.vote, s.temperature, s.gps)
     return (coords, winners) if with_winners else coords
 
 
@@ -203,7 +204,7 @@ def street_spaces(index, fitted=None) -> list:
     (`fitted`, a Whitening fit on the train photos with every axis, when the caller has one already)."""
     spaces = [None]
     if 2 * STREET_K < index.store.count("train") <= STREET_WHITEN_MAX_TRAIN:
-        from .methods.whitening import Whitening
+        from .whitening import Whitening
         if fitted is None or len(fitted.singular) < min(index.store.embed_dim, index.store.count("train") - 1):
             fitted = Whitening.fit(index.store.embeddings("train"), max_dims=index.store.embed_dim)
         dims = sorted({min(d, len(fitted.singular)) for d in STREET_DIMS} | {len(fitted.singular)})
@@ -251,8 +252,8 @@ def val_winners(data: RevisitSet, rows, knn):
     """kNN's city answers and winning cities for val rows against both GALLERIES, concatenated."""
     city, winners = [], []
     for _, gallery in GALLERIES:
-        coords, won = city_answers(knn, *data.neighbours(rows, knn.k, knn.whitening, gallery), data.lat, data.lon,
-                                   data.labels, with_winners=True)
+        sims, ids = data.neighbours(rows, knn.settings.k, knn.settings.whitening, gallery)
+        coords, won = city_answers(knn, sims, ids, data.lat, data.lon, data.labels, with_winners=True)
         city.append(coords)
         winners.append(won)
     return np.concatenate(city), np.concatenate(winners)
@@ -321,11 +322,11 @@ def revisit_report(index, knn, split: str = "test") -> dict:
         hit = (ids >= 0) & (metres <= SPOT_M)
         return {f"r@{n}_25m": float(hit[:, :n].any(axis=1).mean()) for n in RECALL_AT}, sims, ids
 
-    street = getattr(knn, "street", None) or {}
-    street_space = getattr(knn, "street_whitening", None)
-    city_sims, city_ids = data.neighbours(rows, knn.k, knn.whitening)
+    street = knn.settings.street or {}
+    street_space = knn.settings.street_whitening
+    city_sims, city_ids = data.neighbours(rows, knn.settings.k, knn.settings.whitening)
     city, winners = city_answers(knn, city_sims, city_ids, data.lat, data.lon, data.labels, with_winners=True)
-    knn_recall = recall(knn.whitening)[0]
+    knn_recall = recall(knn.settings.whitening)[0]
     street_recall, sims, ids = recall(street_space)
     cluster = street_answers(sims, ids, data.lat, data.lon, street.get("threshold"), data.labels, winners)
     final = np.where(cluster["street"][:, None], cluster["centre"], city)

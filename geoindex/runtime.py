@@ -37,6 +37,9 @@ import torch
 from .errors import GeoindexError
 from .runtime_choice import RUNTIME_ENV, RUNTIMES
 
+# Beside each cached export: what it was exported from and the sizes and sha256 of its files.
+EXPORT_META = "export.json"
+
 CACHE_ENV = "GEOINDEX_CACHE"
 OPENVINO_INSTALL = "pip install 'openvino>=2025.1'"
 # Lowest cosine between a photo's embedding from another runtime and from PyTorch fp32 that is accepted.
@@ -216,10 +219,10 @@ def _read_cached(folder: Path):
     """The cached model in `folder` if its files are whole (sizes and sha256 as recorded), else raise ValueError."""
     ov = _openvino()
     try:
-        meta = json.loads((folder / "meta.json").read_text())
+        meta = json.loads((folder / EXPORT_META).read_text())
         files = meta["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"no readable meta.json ({type(exc).__name__})") from None
+        raise ValueError(f"no readable {EXPORT_META} ({type(exc).__name__})") from None
     for name in ("model.xml", "model.bin"):
         path = folder / name
         expected = files.get(name) if isinstance(files, dict) else None
@@ -243,11 +246,11 @@ def _write_cache(folder: Path, model, info: dict) -> None:
         ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)  # fp32 weights: embeddings must match
         files = {name: {"size": (tmp / name).stat().st_size, "sha256": _file_digest(tmp / name)}
                  for name in ("model.xml", "model.bin")}
-        (tmp / "meta.json").write_text(json.dumps(info | {"files": files}, indent=1))
+        (tmp / EXPORT_META).write_text(json.dumps(info | {"files": files}, indent=1))
         try:
             os.rename(tmp, folder)
         except OSError:
-            if not (folder / "meta.json").is_file():  # not another process's identical export: something else
+            if not (folder / EXPORT_META).is_file():  # not another process's identical export: something else
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -256,8 +259,8 @@ def _write_cache(folder: Path, model, info: dict) -> None:
 def _prune_cache(root: Path, keep: int = CACHE_KEEP) -> None:
     """Keep the most recently used exports; each tuned backbone adds one (20-50 MB for the EfficientNets)."""
     with contextlib.suppress(OSError):
-        entries = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "meta.json").exists()]
-        entries.sort(key=lambda p: (p / "meta.json").stat().st_mtime, reverse=True)
+        entries = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / EXPORT_META).exists()]
+        entries.sort(key=lambda p: (p / EXPORT_META).stat().st_mtime, reverse=True)
         for old in entries[keep:]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -292,7 +295,7 @@ def _exported_model(module: torch.nn.Module, image_size: int, label: str, key: s
         try:
             model = _read_cached(folder)
             with contextlib.suppress(OSError):
-                os.utime(folder / "meta.json")  # most recently used: kept by _prune_cache
+                os.utime(folder / EXPORT_META)  # most recently used: kept by _prune_cache
             return model, f"cached {folder}"
         except ValueError as why:
             say_once(f"the cached OpenVINO export {folder} is damaged ({why}); exporting it again")
@@ -411,7 +414,7 @@ class OpenVinoModel:
                                                "threads": int(self.config["INFERENCE_NUM_THREADS"])}
 
 
-def compile_model(module: torch.nn.Module, image_size: int, device="cpu", runtime: str | None = None,
+def compile_model(module: torch.nn.Module, image_size: int, device="cpu", *, runtime: str | None = None,
                   amp: bool | None = None, channels_last: bool = True, label: str = "the model",
                   threads: int | None = None, streams: int | None = None):
     """The module as a callable float (N, 3, H, W) -> (N, D) float32 tensor (on `device` for torch, on the CPU for
@@ -425,11 +428,3 @@ def compile_model(module: torch.nn.Module, image_size: int, device="cpu", runtim
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             say_once(f"{label} cannot run in OpenVINO ({detail[:300]}); it runs in PyTorch")
     return TorchModel(module, device, amp=amp, channels_last=channels_last)
-
-
-def prepare_runtime(backbone, device="cpu", runtime: str | None = None) -> dict:
-    """Export and compile the backbone's model now (a build calls this before its clock starts), so the
-    Embedder that follows finds it compiled; returns what will run, as the manifest records it."""
-    from .extraction import Embedder
-
-    return Embedder(backbone, device, runtime=runtime).model.info()

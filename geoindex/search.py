@@ -21,10 +21,10 @@ import math
 import faiss
 import numpy as np
 
+from .config import INDEX_TYPES  # noqa: F401  (build and the CLI name them from here too)
 from .errors import GeoindexError
 from .fileio import atomic_path
 
-INDEX_TYPES = ("flat", "ivfpq", "hnsw")
 LARGE_INDEX_DEFAULT = "hnsw"
 TRAINED_TYPES = ("ivfpq", "hnsw")  # need a training sample (k-means, PCA)
 

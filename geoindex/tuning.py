@@ -13,12 +13,9 @@ from pathlib import Path
 from .errors import GeoindexError
 from .fileio import write_json_atomic
 
-KNN_DIR = Path("heads") / "knn"
-KNN_PARAMS = KNN_DIR / "params.json"
-WHITENING = KNN_DIR / "whitening.npz"
-WHITENED_INDEX = KNN_DIR / "whitened.faiss"
-STREET_WHITENING = KNN_DIR / "street_whitening.npz"
-STREET_INDEX = KNN_DIR / "street.faiss"
+from .layout import (HEAD_META, HYBRID_PARAMS, KNN_DIR, KNN_PARAMS, STREET_INDEX, STREET_WHITENING,  # noqa: F401
+                     WHITENED_INDEX, WHITENING)
+
 SAVED_KEYS = ("k", "vote", "temperature", "unlike_threshold", "tuned_on", "street")
 
 
@@ -39,19 +36,19 @@ def _tune_knn_locked(index, log) -> dict:
     if not index.store.count("val"):
         raise GeoindexError(f"index {index.name!r} has no validation split to tune kNN on")
     knn = KNNMethod(index)
-    params = knn.fit(Photos.of_split(index, "val")) | {"build_id": index.manifest.get("build_id")}
+    params = knn.fit(Photos.of_split(index, "val")).best_params_ | {"build_id": index.manifest.get("build_id")}
     folder = Path(index.path)
     for stale in (WHITENING, WHITENED_INDEX, STREET_WHITENING, STREET_INDEX):
         (folder / stale).unlink(missing_ok=True)
-    if knn.whitening is not None:
-        knn.whitening.save(folder / WHITENING)
+    if knn.whitening_ is not None:
+        knn.whitening_.save(folder / WHITENING)
         save_index(knn.whitened_index, folder / WHITENED_INDEX)
-    if knn.street_whitening is not None:
-        knn.street_whitening.save(folder / STREET_WHITENING)
+    if knn.street_whitening_ is not None:
+        knn.street_whitening_.save(folder / STREET_WHITENING)
         save_index(knn.street_index, folder / STREET_INDEX)
     write_json_atomic(folder / KNN_PARAMS, params)
-    space = "raw embeddings" if knn.whitening is None else \
-        f"whitened to {knn.whitening.dims} dims (power {knn.whitening.power:g})"
+    space = "raw embeddings" if knn.whitening_ is None else \
+        f"whitened to {knn.whitening_.dims} dims (power {knn.whitening_.power:g})"
     log(f"kNN tuned on val: {space}, k={params['k']}, {params['vote']} vote"
         + (f", temperature {params['temperature']:g}" if params["vote"] == "softmax" else "")
         + f" (val accuracy {params['val_accuracy']:.3f}); photos whose nearest match is below similarity "
@@ -59,6 +56,19 @@ def _tune_knn_locked(index, log) -> dict:
     log(street_summary(params.get("street")))
     tune_hybrid(index, log=log)
     return params
+
+
+def _load_space(whitening_file: Path, index_file: Path, ntotal: int):
+    """A saved whitening and, when it is there and fits (same rows, same dimensions), its searchable index."""
+    from .search import load_index_file
+    from .whitening import Whitening
+
+    whitening = Whitening.load(whitening_file)
+    if index_file.is_file():
+        loaded = load_index_file(index_file)
+        if loaded.ntotal == ntotal and loaded.d == whitening.dims:
+            return whitening, loaded
+    return whitening, None
 
 
 def street_summary(street: dict | None) -> str:
@@ -85,34 +95,24 @@ def load_knn_tuning(index) -> dict:
         return {}  # tuned on another build's embeddings (a race or a copy): the defaults are the honest answer
     params = {k: saved[k] for k in SAVED_KEYS if k in saved}
     if saved.get("whiten"):
-        from .methods.whitening import Whitening
-        from .search import load_index_file
         try:
-            params["whitening"] = Whitening.load(folder / WHITENING)
-            whitened = folder / WHITENED_INDEX
-            if whitened.is_file():
-                loaded = load_index_file(whitened)
-                if loaded.ntotal == index.ntotal and loaded.d == params["whitening"].dims:
-                    params["whitened_index"] = loaded
+            params["whitening"], whitened = _load_space(folder / WHITENING, folder / WHITENED_INDEX, index.ntotal)
         except (OSError, ValueError, KeyError, RuntimeError):
             return {}  # a damaged tuning file: fall back to the untuned defaults rather than answer wrongly
+        if whitened is not None:
+            params["whitened_index"] = whitened
     if isinstance(params.get("street"), dict) and params["street"].get("space"):
-        from .methods.whitening import Whitening
-        from .search import load_index_file
         try:
-            params["street_whitening"] = Whitening.load(folder / STREET_WHITENING)
-            street_index = folder / STREET_INDEX
-            if street_index.is_file():
-                loaded = load_index_file(street_index)
-                if loaded.ntotal == index.ntotal and loaded.d == params["street_whitening"].dims:
-                    params["street_index"] = loaded
+            params["street_whitening"], street = _load_space(folder / STREET_WHITENING, folder / STREET_INDEX,
+                                                             index.ntotal)
+            if street is not None:
+                params["street_index"] = street
         except (OSError, ValueError, KeyError, RuntimeError):
             params.pop("street_whitening", None)
             params["street"] = None  # its space is unreadable: city-level answers rather than wrong street ones
     return params
 
 
-HYBRID_PARAMS = Path("heads") / "hybrid" / "params.json"
 # On equal validation accuracy the simpler answer leads: kNN (it also gives the GPS guess and the evidence photos).
 LEAD_PREFERENCE = ("knn", "classifier", "hybrid")
 
@@ -143,20 +143,20 @@ def tune_hybrid(index, log=print) -> dict | None:
     knn = index.knn_method()
     parts = {"knn": knn.predict(val).probs, "classifier": classifier.predict(val).probs}
     hybrid = HybridMethod(index, [knn, classifier])
-    fitted = hybrid.fit(val)
+    hybrid.fit(val)
     from .methods.hybrid import fuse
-    fused = fuse(list(parts.values()), hybrid.weights)
+    fused = fuse(list(parts.values()), hybrid.weights_)
     scores = {name: evaluate(val.labels, probs, index.classes)["accuracy"]
               for name, probs in {**parts, "hybrid": fused}.items()}
     lead = max(LEAD_PREFERENCE, key=lambda m: (scores[m], -LEAD_PREFERENCE.index(m)))
-    params = {"weights": dict(zip(("knn", "classifier"), hybrid.weights)), "val_accuracy": scores["hybrid"],
-              "val_accuracy_by_method": scores, "lead": lead, "tuned_on": fitted["tuned_on"],
+    params = {"weights": dict(zip(("knn", "classifier"), hybrid.weights_)), "val_accuracy": scores["hybrid"],
+              "val_accuracy_by_method": scores, "lead": lead, "tuned_on": hybrid.tuned_on_,
               "classifier": classifier.classifier.mode,
-              "classifier_meta_sha256": _sha256(classifier.classifier.folder / "meta.json"),
+              "classifier_meta_sha256": _sha256(classifier.classifier.folder / HEAD_META),
               "knn_params_sha256": _sha256(Path(index.path) / KNN_PARAMS)}
     write_json_atomic(path, params)
     names = {"knn": "kNN", "classifier": f"classifier ({classifier.classifier.mode})", "hybrid": "hybrid"}
-    log(f"hybrid tuned on val: weights kNN {hybrid.weights[0]:.1f} x {names['classifier']} {hybrid.weights[1]:.1f}; "
+    log(f"hybrid tuned on val: weights kNN {hybrid.weights_[0]:.1f} x {names['classifier']} {hybrid.weights_[1]:.1f}; "
         "val accuracy " + ", ".join(f"{names[m]} {scores[m]:.3f}" for m in LEAD_PREFERENCE)
         + f": answers lead with {names[lead]}")
     return params
@@ -180,7 +180,7 @@ def load_lead_choice(index, classifier) -> dict:
             "kNN and the head were not compared on val yet: rerun `geoindex train`"
         return {"lead": "knn", "weights": None, "scores": {}, "note": f"kNN ({why})"}
     if (saved.get("classifier") != classifier.mode
-            or saved.get("classifier_meta_sha256") != _sha256(classifier.folder / "meta.json")
+            or saved.get("classifier_meta_sha256") != _sha256(classifier.folder / HEAD_META)
             or saved.get("knn_params_sha256") != _sha256(folder / KNN_PARAMS)):
         return {"lead": "knn", "weights": None, "scores": {},
                 "note": "kNN (the head or kNN changed since they were compared on val: rerun `geoindex train`)"}

@@ -113,3 +113,18 @@ def street_clusters(lats, lons, weights, radius_m: float = STREET_RADIUS_M):
         support[q] = held[best] / w.sum()
         centres[q] = gps_estimate(la[mine], lo[mine], w[mine], "medoid")
     return members, support, centres
+
+
+def break_ties(probs: np.ndarray, preferred: np.ndarray) -> np.ndarray:
+    """Where several classes share the top probability, give the win to `preferred[q]` if it is among them
+    (kNN: the nearest neighbour's city) by the smallest nudge, so every argmax downstream agrees."""
+    probs = np.array(probs, dtype=np.float64, copy=True)
+    top = probs.max(axis=1, keepdims=True)
+    tied = np.isclose(probs, top, rtol=0, atol=1e-12)
+    rows = np.flatnonzero(tied.sum(axis=1) > 1)
+    for q in rows:
+        p = preferred[q]
+        if p >= 0 and tied[q, p]:
+            probs[q, p] += 1e-9
+            probs[q] /= probs[q].sum()
+    return probs

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .backbones import Backbone
+from .catalog import backbone_info
 from .cities import city_info, full_name
 from .errors import GeoindexError
 
@@ -55,7 +56,7 @@ class ZeroShotClassifier:
 
     def __init__(self, clip_backbone: Backbone, cities: list[str], label_format: str = "city_country",
                  templates=(SINGLE_TEMPLATE,)):
-        if clip_backbone.name != "clip":
+        if not backbone_info(clip_backbone.name).zero_shot:
             raise GeoindexError(f"zero-shot needs the clip backbone, not {clip_backbone.name!r}")
         self.backbone = clip_backbone
         self.cities = list(cities)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -57,13 +59,40 @@ def test_weights_file_round_trip(tmp_path):
         create_backbone("resnet18", weights=wrong)
 
 
-def test_catalog_lists_exactly_the_registry():
-    # The CLI lists backbones from a torch-free table; it must never drift from the registry that builds them.
-    from geoindex.backbones import list_backbones
-    from geoindex.catalog import BACKBONES
-    from geoindex.backbones import backbone_spec
-    assert sorted(BACKBONES) == list_backbones()
-    assert all(BACKBONES[n] == backbone_spec(n).description for n in BACKBONES)
+def test_one_backbone_table_feeds_the_registry_and_the_listing():
+    # One table: every entry has a builder, the registry's spec is the table's entry, and the CLI's torch-free
+    # listing reads the same entries.
+    from geoindex.backbones import backbone_spec, list_backbones
+    from geoindex.catalog import BACKBONE_SPECS, BACKBONES
+    assert list_backbones() == sorted(BACKBONE_SPECS) == sorted(BACKBONES)
+    for name in BACKBONE_SPECS:
+        assert backbone_spec(name).info is BACKBONE_SPECS[name]
+        assert BACKBONES[name] == backbone_spec(name).description
+
+
+def test_capabilities_are_declared_on_the_spec_not_read_from_the_name():
+    from geoindex.catalog import BACKBONE_SPECS
+    assert {n for n, s in BACKBONE_SPECS.items() if s.zero_shot} == {"clip"}
+    assert {n for n, s in BACKBONE_SPECS.items() if s.tail_adaptable} == {"effnet", "effnet-lite1", "effnet-lite2",
+                                                                         "effnet-duo"}
+    assert {n for n, s in BACKBONE_SPECS.items() if s.offline_weights} >= {"effnet", "cnn"}
+    assert not BACKBONE_SPECS["densenet"].offline_weights
+    import geoindex
+    source = "\n".join(p.read_text() for p in Path(geoindex.__file__).parent.rglob("*.py"))
+    for by_name in ('== "clip"', '!= "clip"', 'startswith("effnet")', "startswith('effnet')", '== "cnn"'):
+        assert by_name not in source, f"a capability tested by name: {by_name}"
+
+
+def test_a_new_backbone_is_one_entry(monkeypatch):
+    # Registering a backbone defined outside the table adds its one entry, which the listing then shows.
+    import geoindex.backbones as backbones
+    from geoindex import catalog
+    monkeypatch.setattr(catalog, "BACKBONE_SPECS", dict(catalog.BACKBONE_SPECS))
+    monkeypatch.setattr(backbones, "BACKBONE_SPECS", catalog.BACKBONE_SPECS)
+    monkeypatch.setattr(backbones, "_BUILDERS", dict(backbones._BUILDERS))
+    backbones.register_backbone("tiny", "a tiny test backbone", 64, tail_adaptable=True)(lambda weights, image_size: None)
+    assert "tiny" in backbones.list_backbones() and backbones.backbone_spec("tiny").default_image_size == 64
+    assert catalog.BACKBONE_SPECS["tiny"].tail_adaptable and not catalog.BACKBONE_SPECS["tiny"].zero_shot
 
 
 def test_listing_commands_do_not_import_torch(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from geoindex.cli import main
+from geoindex.methods.knn import KNNSettings
 from geoindex.metrics import evaluate
 from geoindex.revisit import city_answers, street_answers
 from geoindex.voting import estimate_locations, haversine_km, street_clusters
@@ -57,7 +58,7 @@ def test_the_clustered_answer_lands_on_the_spot_not_the_mean_across_the_city():
 
 
 def knn_like(k=10):
-    return SimpleNamespace(k=k, vote="weighted", temperature=1.0, gps="mean", classes=["London", "Paris"])
+    return SimpleNamespace(settings=KNNSettings(k, "weighted", 1.0, "mean"), classes=["London", "Paris"])
 
 
 def test_strong_support_answers_street_level_and_weak_support_falls_back_to_the_city_estimate():

@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from geoindex.methods import KNNMethod, Photos, break_ties, city_centres
+from geoindex.methods import Answer, KNNMethod, Method, Photos, break_ties, city_centres
 
 
 class FixedNeighbours:
@@ -28,6 +28,22 @@ def test_majority_ties_go_to_the_nearest_neighbours_city():
     assert answer.probs[0, 2] == pytest.approx(0.5, abs=1e-6) and answer.probs.sum() == pytest.approx(1)
 
 
+def test_geoindex_knn_predict_passes_its_settings_to_the_method():
+    # knn_predict names temperature and gps (KNNMethod is keyword-only past vote): each must reach the method.
+    from geoindex.geo_index import GeoIndex
+    index = FixedNeighbours([[0.9, 0.8, 0.7, 0.6]], [[0, 1, 2, 3]], [2, 0, 1, 0], ["a", "b", "c"],
+                            lats=[10.0, 0.0, 0.0, 0.0], lons=[20.0, 0.0, 0.0, 0.0])
+    photos = Photos(np.zeros((1, 2)), [None])
+    for temperature in (0.05, 1.0):
+        got = GeoIndex.knn_predict(index, photos.embeddings, k=4, vote_method="softmax", temperature=temperature,
+                                   gps_method="mean")
+        expected = KNNMethod(index, k=4, vote="softmax", temperature=temperature, gps="mean").predict(photos)
+        assert np.allclose(got["probs"], expected.probs) and np.allclose(got["coords"], expected.coords)
+    sharp = GeoIndex.knn_predict(index, photos.embeddings, k=4, temperature=0.05)["probs"]
+    flat = GeoIndex.knn_predict(index, photos.embeddings, k=4, temperature=1.0)["probs"]
+    assert sharp.max() > flat.max(), "the temperature given did not reach the vote"
+
+
 def test_break_ties_leaves_clear_winners_alone():
     probs = np.array([[0.2, 0.8], [0.5, 0.5]])
     out = break_ties(probs, np.array([0, 1]))
@@ -50,7 +66,9 @@ def test_knn_fit_tunes_on_the_validation_photos_and_records_it():
     index = FixedNeighbours(sims, ids, train_labels, ["a", "b"])
     knn = KNNMethod(index)
     val = Photos(np.zeros((n_val, 2)), [None] * n_val, truth, name="val")
-    params = knn.fit(val)
+    assert knn.fit(val) is knn  # an estimator: fit returns self
+    params = knn.best_params_
+    assert knn.k == 20 and knn.k_ == 1, "fit keeps the given hyperparameter and stores its choice in k_"
     assert params["k"] == 1 and params["tuned_on"] == "val" and params["val_accuracy"] == 1.0
     assert params["unlike_threshold"] == pytest.approx(0.9)
 
@@ -95,7 +113,7 @@ def test_knn_fit_whitens_when_a_shared_direction_swamps_the_city_signal():
     raw = KNNMethod(index, k=10, vote="majority").predict(Photos(val, [None] * 200))
     raw_accuracy = (raw.probs.argmax(1) == y_val).mean()
     knn = KNNMethod(index)
-    params = knn.fit(Photos(val, [None] * 200, y_val, name="val"))
+    params = knn.fit(Photos(val, [None] * 200, y_val, name="val")).best_params_
     assert params["whiten"] is not None and params["tuned_on"] == "val"
     test, y_test = photos(200)
     tuned_accuracy = (knn.predict(Photos(test, [None] * 200)).probs.argmax(1) == y_test).mean()
@@ -110,3 +128,48 @@ def test_whitening_round_trips_as_plain_arrays(tmp_path):
     back = Whitening.load(tmp_path / "w.npz")
     np.testing.assert_allclose(back(x), w(x), atol=1e-6)
     assert back(x).shape == (300, 6) and np.allclose(np.linalg.norm(back(x), axis=1), 1, atol=1e-5)
+
+
+def test_an_unfitted_hybrid_raises_not_fitted_and_fit_returns_self():
+    from geoindex.errors import NotFittedError
+    from geoindex.methods import HybridMethod
+
+    rng = np.random.default_rng(0)
+    n, labels = 30, rng.integers(0, 2, 30)
+
+    class Fixed(Method):
+        def __init__(self, name, probs):
+            self.name, self.probs = name, probs
+
+        def predict(self, photos):
+            return Answer(self.name, self.probs[:len(photos)], ["a", "b"], np.zeros((len(photos), 2)))
+
+    right = np.eye(2)[labels] * 0.8 + 0.1
+    index = type("Index", (), {"classes": ["a", "b"], "city_centres": np.zeros((2, 2))})()
+    hybrid = HybridMethod(index, [Fixed("knn", right), Fixed("other", np.full((n, 2), 0.5))])
+    photos = Photos(np.zeros((n, 2)), [None] * n, labels, name="val")
+    with pytest.raises(NotFittedError, match="fit"):
+        hybrid.predict(photos)
+    with pytest.raises(RuntimeError):  # what it raised before, still caught by the same handlers
+        hybrid.predict_proba(photos)
+    assert hybrid.fit(photos) is hybrid
+    assert hybrid.weights_[0] > 0 and hybrid.best_params_["tuned_on"] == "val" and hybrid.val_accuracy_ == 1.0
+    assert hybrid.predict_proba(photos).shape == (n, 2)
+
+
+def test_methods_are_found_through_one_registry_and_share_one_predict_proba():
+    import ast
+    from pathlib import Path
+
+    import geoindex.methods as methods
+    from geoindex.bench import METHODS
+    from geoindex.methods import registered_methods
+
+    found = registered_methods()
+    assert tuple(found) == METHODS == ("knn", "classifier", "zeroshot", "hybrid")
+    assert all(issubclass(cls, Method) and cls.family == family for family, cls in found.items())
+    folder = Path(methods.__file__).parent
+    defining = [p.name for p in folder.glob("*.py")
+                for node in ast.walk(ast.parse(p.read_text()))
+                if isinstance(node, ast.FunctionDef) and node.name == "predict_proba"]
+    assert defining == ["base.py"], defining

@@ -16,7 +16,7 @@ def test_probe_keeps_training_while_val_loss_falls_after_accuracy_plateaus():
     rng = np.random.default_rng(0)
     x, y = separated(100, 16, 2.0, rng)
     xv, yv = separated(50, 16, 2.0, rng)
-    head, history, best_epoch, best_acc = fit_probe(x, y, xv, yv, 2, epochs=40, lr=1e-3, patience=3)
+    head, history, best_epoch, best_acc = fit_probe(x, y, xv, y_val=yv, n_classes=2, epochs=40, lr=1e-3, patience=3)
     acc, loss = history["val_accuracy"].to_numpy(), history["val_loss"].to_numpy()
     # Accuracy saturates within the first epochs, so stopping on it (patience 3) would end by epoch ~5.
     assert acc[:2].max() == 1.0
@@ -33,7 +33,7 @@ def test_probe_stops_when_val_loss_rises():
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(60, 32)).astype(np.float32), rng.integers(0, 3, 60)
     xv, yv = rng.normal(size=(30, 32)).astype(np.float32), rng.integers(0, 3, 30)
-    _, history, best_epoch, _ = fit_probe(x, y, xv, yv, 3, epochs=200, lr=1e-2, patience=3)
+    _, history, best_epoch, _ = fit_probe(x, y, xv, y_val=yv, n_classes=3, epochs=200, lr=1e-2, patience=3)
     assert len(history) == best_epoch + 3 < 200  # noise labels: val loss turns up and training ends
 
 
@@ -45,7 +45,7 @@ def test_near_constant_dimension_is_not_blown_up():
     xv[:, 0] = 0.05         # ...and slightly different on new photos
     scale = robust_scale(torch.as_tensor(x))
     assert float(scale[0]) >= 0.09 * float(scale[1:].min())
-    head, _, _, best_acc = fit_probe(x, y, xv, yv, 2, epochs=30, lr=1e-2, patience=30)
+    head, _, _, best_acc = fit_probe(x, y, xv, y_val=yv, n_classes=2, epochs=30, lr=1e-2, patience=30)
     assert best_acc == 1.0  # dividing by std + 1e-6 made dimension 0 worth 5e4 and val accuracy ~chance
     with torch.no_grad():
         assert float(((torch.as_tensor(xv) - head.mean) / head.std).abs().max()) < 50

@@ -136,7 +136,7 @@ def test_export_follows_the_weights_and_a_damaged_cache_is_rebuilt(tmp_path, mon
     embedder = Embedder(backbone, "cpu", runtime="openvino")
     first = set(exports()) - before
     assert embedder.runtime == "openvino" and len(first) == 1
-    meta = json.loads((private_cache / next(iter(first)) / "meta.json").read_text())
+    meta = json.loads((private_cache / next(iter(first)) / runtime.EXPORT_META).read_text())
     assert meta["min_cosine_vs_torch"] >= runtime.TOLERANCE
     assert {"model.xml", "model.bin"} <= set(meta["files"])
 
@@ -167,7 +167,7 @@ def test_export_follows_the_weights_and_a_damaged_cache_is_rebuilt(tmp_path, mon
     assert again.runtime == "openvino"
     assert "damaged" in capsys.readouterr().err
     assert per_photo_cosine(again(batch).numpy(), reference).min() >= runtime.TOLERANCE
-    assert json.loads((folder / "meta.json").read_text())["files"]["model.bin"]["size"] == len(data)
+    assert json.loads((folder / runtime.EXPORT_META).read_text())["files"]["model.bin"]["size"] == len(data)
 
 
 def test_model_threads_share_one_compiled_model():

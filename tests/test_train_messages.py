@@ -44,6 +44,29 @@ def test_training_without_a_validation_split_says_so_and_reports_no_validation_f
     assert json.loads(query.stdout)["results"][0]["method"] == "knn"
 
 
+def test_fine_tuning_without_a_validation_split_stores_no_training_figure_as_a_validation_one(tmp_path):
+    root = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for c, city in enumerate(["Lisbon", "Madrid", "Rome"]):  # two photos a city: too few for a val split
+        (root / city).mkdir(parents=True)
+        for i in range(2):
+            img = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+            img[..., c] = 230
+            Image.fromarray(img).save(root / city / f"{i}.png")
+    built = run("build", "--data", root, "--backbone", "cnn", "--weights", "none", "--image-size", "32",
+                "--workers", "0", "--name", "novals", "--index-dir", tmp_path / "indexes", "--device", "cpu")
+    assert built.exit_code == 0, built.output
+    out = run("train", "--mode", "finetune", "--epochs", "2", "--workers", "0", "--index-dir", tmp_path / "indexes",
+              "--device", "cpu")
+    assert out.exit_code == 0, out.output
+    assert "train (no val split) loss" in out.output and "no validation split: kept epoch" in out.output
+    folder = tmp_path / "indexes" / "novals" / "heads" / "finetune"
+    assert json.loads((folder / "meta.json").read_text())["best_val_accuracy"] is None
+    history = pd.read_csv(folder / "history.csv")
+    # Before the shared loop the fine-tuning stored its checks on the training photos under val_loss/val_accuracy.
+    assert len(history) >= 1 and history["val_accuracy"].isna().all() and history["val_loss"].isna().all()
+
+
 def test_the_kept_epoch_is_explained_by_validation_loss(gsv_tree, tmp_path):
     built = run("build", "--data", gsv_tree, "--backbone", "cnn", "--weights", "none", "--image-size", "64",
                 "--workers", "0", "--name", "t", "--index-dir", tmp_path, "--device", "cpu")

@@ -174,3 +174,28 @@ def test_names_file_and_humanised_folder_names_feed_the_prompts(tmp_path, monkey
     load_names(names)
     assert place_name("London_Ontario", "city_country") == "London, Ontario, Canada"
     assert display_name("London_Ontario") == "London, Ontario"
+
+
+def test_bench_never_writes_into_the_index_it_measures(gsv_tree, tmp_path):
+    # No head yet: bench trains a probe for its own run, in memory; only its outputs (bench/) are written.
+    runner = CliRunner()
+    build = runner.invoke(main, ["build", "--data", str(gsv_tree), "--backbone", "resnet18", "--weights", "none",
+                                 "--image-size", "64", "--workers", "0", "--name", "w", "--index-dir", str(tmp_path)])
+    assert build.exit_code == 0, build.output
+    folder = tmp_path / "w"
+
+    def contents():
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+                if p.is_file() and p.relative_to(folder).parts[0] != "bench"}
+
+    before = contents()
+    result = runner.invoke(main, ["bench", "--index", "w", "--index-dir", str(tmp_path), "--methods", "knn,classifier",
+                                  "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "not saved" in result.output
+    results = json.loads((folder / "bench" / "results.json").read_text())
+    assert "classifier:probe" in results["sets"]["test"]["methods"]
+    after = contents()
+    assert sorted(after) == sorted(before), f"bench added or removed index files: {set(after) ^ set(before)}"
+    assert [name for name in after if after[name] != before[name]] == [], "bench changed index files"
+    assert not (folder / "heads" / "probe").exists()

@@ -7,18 +7,21 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..backbones import Backbone
+from ..config import BuildConfig, ExtractionConfig
 from ..extraction import iter_embeddings
 from ..fileio import fault_point
 from ..images import DEFAULT_MAX_PIXELS
-from . import Shard, Sink
+from .base import Shard, Sink
 
 
 class LocalEngine:
     name = "local"
 
-    def embed(self, backbone: Backbone, rows: np.ndarray, paths: Sequence[str], sink: Sink, *, batch_size: int = 64,
-              num_workers: int | None = None, device="auto", progress: bool = True, shard_rows: int = 2048,
-              shard_seconds: float = 30.0, on_batch: Callable[[int], None] | None = None,
+    def embed(self, backbone: Backbone, rows: np.ndarray, paths: Sequence[str], *, sink: Sink,
+              batch_size: int = ExtractionConfig.batch_size,
+              num_workers: int | None = None, device="auto", progress: bool = True,
+              shard_rows: int = BuildConfig.checkpoint_rows,
+              shard_seconds: float = BuildConfig.checkpoint_seconds, on_batch: Callable[[int], None] | None = None,
               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         rows = np.asarray(rows, dtype=np.int64)
         buffer: list[Shard] = []

@@ -17,8 +17,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..backbones import Backbone
+from ..config import BuildConfig, ExtractionConfig
 from ..errors import GeoindexError
-from . import BackboneRecipe, Shard, Sink
+from .base import BackboneRecipe, Shard, Sink
 
 
 def require_ray():
@@ -76,9 +77,11 @@ class RayEngine:
         self.max_shard_rows = max_shard_rows
         self.on_shard_start = on_shard_start
 
-    def embed(self, backbone: Backbone, rows: np.ndarray, paths: Sequence[str], sink: Sink, *, batch_size: int = 64,
-              num_workers: int | None = None, device="auto", progress: bool = True, shard_rows: int = 2048,
-              shard_seconds: float = 30.0, on_batch: Callable[[int], None] | None = None,
+    def embed(self, backbone: Backbone, rows: np.ndarray, paths: Sequence[str], *, sink: Sink,
+              batch_size: int = ExtractionConfig.batch_size,
+              num_workers: int | None = None, device="auto", progress: bool = True,
+              shard_rows: int = BuildConfig.checkpoint_rows,
+              shard_seconds: float = BuildConfig.checkpoint_seconds, on_batch: Callable[[int], None] | None = None,
               max_pixels: int | None = None) -> None:
         from tqdm.auto import tqdm
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..voting import gps_estimate
+from ..voting import break_ties, gps_estimate  # noqa: F401 (break_ties: importable from here too)
 
 
 @dataclass
@@ -79,6 +79,39 @@ class Answer:
         return [(self.classes[c], float(self.probs[row, c])) for c in order]
 
 
+_REGISTRY: dict[str, tuple[float, type]] = {}
+
+
+def register_method(family: str, order: float):
+    """Make a method class known by its family name ("knn", "classifier", ...): bench and the CLI offer every
+    registered family, in `order`. A new method is one module of geoindex.methods using this decorator."""
+    def decorator(cls):
+        cls.family = family
+        _REGISTRY[family] = (order, cls)
+        return cls
+    return decorator
+
+
+def registered_methods() -> dict[str, type]:
+    """Family name -> method class, in the order bench scores them."""
+    return {family: cls for family, (_, cls) in sorted(_REGISTRY.items(), key=lambda item: item[1][0])}
+
+
+class Method:
+    """The base of every method: `predict(photos) -> Answer`; `predict_proba` is its (N, C) probabilities.
+
+    A method that tunes anything has `fit(val_photos) -> self`, keeping what it chose in attributes ending in
+    `_`; `name` says which method answered."""
+
+    name: str = "method"
+
+    def predict(self, photos: Photos) -> Answer:
+        raise NotImplementedError
+
+    def predict_proba(self, photos: Photos) -> np.ndarray:
+        return self.predict(photos).probs
+
+
 def city_centres(train_meta, classes: list[str]) -> np.ndarray:
     """(C, 2): the spherical mean of each city's train photos, NaN for a city without coordinates.
 
@@ -92,18 +125,3 @@ def city_centres(train_meta, classes: list[str]) -> np.ndarray:
         if mine.any():
             centres[c] = gps_estimate(lats[mine], lons[mine])
     return centres
-
-
-def break_ties(probs: np.ndarray, preferred: np.ndarray) -> np.ndarray:
-    """Where several classes share the top probability, give the win to `preferred[q]` if it is among them
-    (kNN: the nearest neighbour's city) by the smallest nudge, so every argmax downstream agrees."""
-    probs = np.array(probs, dtype=np.float64, copy=True)
-    top = probs.max(axis=1, keepdims=True)
-    tied = np.isclose(probs, top, rtol=0, atol=1e-12)
-    rows = np.flatnonzero(tied.sum(axis=1) > 1)
-    for q in rows:
-        p = preferred[q]
-        if p >= 0 and tied[q, p]:
-            probs[q, p] += 1e-9
-            probs[q] /= probs[q].sum()
-    return probs

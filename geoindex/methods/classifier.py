@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Answer, Photos
+from .base import Answer, Method, Photos, register_method
 
 
 def embed_sources(backbone, photos: Photos, normalize: bool, **embed_kwargs) -> np.ndarray:
@@ -18,7 +18,8 @@ def embed_sources(backbone, photos: Photos, normalize: bool, **embed_kwargs) -> 
     return backbone.embed(photos.sources, normalize=normalize)
 
 
-class ClassifierMethod:
+@register_method("classifier", order=1)
+class ClassifierMethod(Method):
     """A trained softmax head of the index (`probe` or `finetune`); its GPS guess is the predicted city's centre."""
 
     def __init__(self, index, classifier, embed_kwargs: dict | None = None):
@@ -48,9 +49,6 @@ class ClassifierMethod:
                  if meta.get("best_val_accuracy") is not None else
                  f"epoch {meta['best_epoch']} kept without a validation split")
         return Answer(self.name, probs, self.classes, self.index.city_centres[probs.argmax(1)], notes=notes)
-
-    def predict_proba(self, photos: Photos) -> np.ndarray:
-        return self.predict(photos).probs
 
 
 def classifier_methods(index, embed_kwargs=None) -> list[ClassifierMethod]:

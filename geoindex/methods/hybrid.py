@@ -5,7 +5,8 @@ import itertools
 
 import numpy as np
 
-from .base import Answer, Photos
+from ..errors import NotFittedError
+from .base import Answer, Method, Photos, register_method
 
 
 def fuse(parts: list[np.ndarray], weights) -> np.ndarray:
@@ -31,33 +32,35 @@ def choose_weights(parts_val: list[np.ndarray], y_val: np.ndarray, step: float =
     return best, best_key[0]
 
 
-class HybridMethod:
-    """Fuses city-level methods; `fit` on the validation split is required before `predict`."""
+@register_method("hybrid", order=3)
+class HybridMethod(Method):
+    """Fuses city-level methods; `fit` on the validation split is required before `predict`.
+
+    fit(val) returns self with `weights_` (one per part), `tuned_on_`, `val_accuracy_` and `best_params_` (the
+    summary bench reports)."""
 
     name = "hybrid"
 
     def __init__(self, index, parts: list):
         self.index, self.parts = index, parts
         self.classes = index.classes
-        self.weights, self.tuned_on = None, None
 
-    def fit(self, val: Photos) -> dict:
+    def fit(self, val: Photos) -> "HybridMethod":
         weights, acc = choose_weights([p.predict(val).probs for p in self.parts], val.labels)
-        self.weights, self.tuned_on = weights, val.name
-        return {"weights": dict(zip([p.name for p in self.parts], weights)), "val_accuracy": acc, "tuned_on": val.name}
+        self.weights_, self.tuned_on_, self.val_accuracy_ = weights, val.name, acc
+        self.best_params_ = {"weights": dict(zip([p.name for p in self.parts], weights)), "val_accuracy": acc,
+                             "tuned_on": val.name}
+        return self
 
     def predict(self, photos: Photos) -> Answer:
-        if self.weights is None:
-            raise RuntimeError("HybridMethod.fit(val) must run first: fusion weights are chosen on validation photos")
+        if not hasattr(self, "weights_"):
+            raise NotFittedError("HybridMethod.fit(val) must run first: fusion weights are chosen on validation photos")
         answers = [p.predict(photos) for p in self.parts]
-        probs = fuse([a.probs for a in answers], self.weights)
+        probs = fuse([a.probs for a in answers], self.weights_)
         knn = next((a for a in answers if a.method == "knn"), None)
         coords = self.index.city_centres[probs.argmax(1)]
         if knn is not None:  # where the fused city agrees with kNN, kNN's finer GPS guess stands
             agree = knn.probs.argmax(1) == probs.argmax(1)
             coords = np.where(agree[:, None], knn.coords, coords)
-        notes = "log-prob fusion " + ", ".join(f"{p.name}={w:.1f}" for p, w in zip(self.parts, self.weights))
-        return Answer(self.name, probs, self.classes, coords, notes=notes + f" (weights tuned on {self.tuned_on})")
-
-    def predict_proba(self, photos: Photos) -> np.ndarray:
-        return self.predict(photos).probs
+        notes = "log-prob fusion " + ", ".join(f"{p.name}={w:.1f}" for p, w in zip(self.parts, self.weights_))
+        return Answer(self.name, probs, self.classes, coords, notes=notes + f" (weights tuned on {self.tuned_on_})")

@@ -6,10 +6,12 @@ The GPS guess is street level where the index holds the place: the best-supporte
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from ..voting import VOTE_METHODS, vote
-from .base import Answer, Photos, break_ties
+from ..voting import VOTE_METHODS, break_ties, vote
+from .base import Answer, Method, Photos, register_method
 
 K_GRID = (1, 3, 5, 10, 20, 30, 50)
 TEMPERATURE_GRID = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
@@ -18,14 +20,37 @@ WHITEN_POWERS = (0.0, 0.5, 1.0)
 WHITEN_MAX_TRAIN = 200_000  # above this, choosing the whitening on CPU costs more than it is worth here
 VAL_SAMPLE = 5000
 UNLIKE_QUANTILE = 0.01
+IN_USE = object()  # neighbours() in the space answers use now
 
 
-class KNNMethod:
-    """Votes of the k nearest train photos; ties go to the city of the nearest neighbour."""
+@dataclass(frozen=True)
+class KNNSettings:
+    """What kNN answers with: the values given to the constructor, or those `fit` chose."""
+
+    k: int
+    vote: str
+    temperature: float
+    gps: str
+    whitening: object = None          # a whitening.Whitening; None: raw cosine
+    unlike_threshold: float | None = None
+    street: dict | None = None        # calibrate_street's threshold and radii; None: every GPS answer is city level
+    street_whitening: object = None   # the street space; None: raw cosine
+    tuned_on: str | None = None
+
+
+@register_method("knn", order=0)
+class KNNMethod(Method):
+    """Votes of the k nearest train photos; ties go to the city of the nearest neighbour.
+
+    An estimator in scikit-learn's sense: the constructor's arguments are kept as given (values loaded from a
+    saved tuning are given this way); `fit(val)` returns self and stores what it chose in attributes ending in
+    `_` (`k_`, `vote_`, `temperature_`, `whitening_`, `unlike_threshold_`, `street_`, `street_whitening_`,
+    `tuned_on_`), with `best_params_` the saved summary. `settings` is what answers use: fitted, else given.
+    """
 
     name = "knn"
 
-    def __init__(self, index, k: int = 20, vote: str = "softmax", temperature: float = 0.05, gps: str = "mean",
+    def __init__(self, index, k: int = 20, vote: str = "softmax", *, temperature: float = 0.05, gps: str = "mean",
                  unlike_threshold: float | None = None, tuned_on: str | None = None, whitening=None,
                  whitened_index=None, street: dict | None = None, street_whitening=None, street_index=None):
         if vote not in VOTE_METHODS:
@@ -33,35 +58,50 @@ class KNNMethod:
         self.index, self.k, self.vote, self.temperature, self.gps = index, k, vote, temperature, gps
         self.unlike_threshold, self.tuned_on = unlike_threshold, tuned_on
         self.whitening, self._whitened_index = whitening, whitened_index
-        self.street = street  # calibrate_street's threshold and radii; None: every GPS answer is city level
-        self.street_whitening, self._street_index = street_whitening, street_index  # its space; None: raw cosine
+        self.street = street
+        self.street_whitening, self._street_index = street_whitening, street_index
         self.classes = index.classes
 
     @property
+    def fitted(self) -> bool:
+        return hasattr(self, "best_params_")
+
+    @property
+    def settings(self) -> KNNSettings:
+        if self.fitted:
+            return KNNSettings(self.k_, self.vote_, self.temperature_, self.gps, self.whitening_,
+                               self.unlike_threshold_, self.street_, self.street_whitening_, self.tuned_on_)
+        return KNNSettings(self.k, self.vote, self.temperature, self.gps, self.whitening, self.unlike_threshold,
+                           self.street, self.street_whitening, self.tuned_on)
+
+    @property
     def params(self) -> dict:
-        whiten = None if self.whitening is None else {"dims": self.whitening.dims, "power": self.whitening.power}
-        return {"k": self.k, "vote": self.vote, "temperature": self.temperature, "gps": self.gps, "whiten": whiten,
-                "unlike_threshold": self.unlike_threshold, "tuned_on": self.tuned_on, "street": self.street}
+        s = self.settings
+        whiten = None if s.whitening is None else {"dims": s.whitening.dims, "power": s.whitening.power}
+        return {"k": s.k, "vote": s.vote, "temperature": s.temperature, "gps": s.gps, "whiten": whiten,
+                "unlike_threshold": s.unlike_threshold, "tuned_on": s.tuned_on, "street": s.street}
 
     @property
     def whitened_index(self):
         """FAISS over the whitened train embeddings (built from the stored ones the first time it is needed)."""
-        if self._whitened_index is None and self.whitening is not None:
-            from .whitening import flat_index
-            self._whitened_index = flat_index(self.whitening(self.index.store.embeddings("train")))
+        space = self.settings.whitening
+        if self._whitened_index is None and space is not None:
+            from ..whitening import flat_index
+            self._whitened_index = flat_index(space(self.index.store.embeddings("train")))
         return self._whitened_index
 
     @property
     def street_index(self):
         """FAISS over the train embeddings in the street space, when that space is a whitening (built once)."""
-        if self._street_index is None and self.street_whitening is not None:
-            from .whitening import flat_index
-            self._street_index = flat_index(self.street_whitening(self.index.store.embeddings("train")))
+        space = self.settings.street_whitening
+        if self._street_index is None and space is not None:
+            from ..whitening import flat_index
+            self._street_index = flat_index(space(self.index.store.embeddings("train")))
         return self._street_index
 
     def street_neighbours(self, photos: Photos, k: int):
         """(similarities, train row ids) of the k nearest train photos in the street space, cached per set."""
-        space = self.street_whitening
+        space = self.settings.street_whitening
         key = ("street-neighbours", None if space is None else (space.dims, space.power))
         cached = photos.cache.get(key)
         if cached is None or cached[0].shape[1] < k:
@@ -72,20 +112,23 @@ class KNNMethod:
             photos.cache[key] = cached
         return cached[0][:, :k], cached[1][:, :k]
 
-    def _search(self, embeddings: np.ndarray, k: int):
-        if self.whitening is None:
+    def _search(self, embeddings: np.ndarray, k: int, space, space_index):
+        if space is None:
             return self.index.search(embeddings, k)
-        k = min(k, self.whitened_index.ntotal)
-        sims, ids = self.whitened_index.search(self.whitening(embeddings), k)
+        k = min(k, space_index.ntotal)
+        sims, ids = space_index.search(space(embeddings), k)
         return sims, ids
 
-    def neighbours(self, photos: Photos, k: int | None = None):
-        """(similarities, train row ids, labels) of the k nearest train photos, cached per set and space."""
-        k = k or self.k
-        key = ("knn-neighbours", None if self.whitening is None else (self.whitening.dims, self.whitening.power))
+    def neighbours(self, photos: Photos, k: int | None = None, space=IN_USE, space_index=None):
+        """(similarities, train row ids, labels) of the k nearest train photos, cached per set and space: the
+        space in use, or (fit trying them) `space` (None: raw cosine, else a whitening with its FAISS index)."""
+        if space is IN_USE:
+            space, space_index = self.settings.whitening, self.whitened_index
+        k = k or self.settings.k
+        key = ("knn-neighbours", None if space is None else (space.dims, space.power))
         cached = photos.cache.get(key)
         if cached is None or cached[0].shape[1] < k:
-            cached = self._search(photos.embeddings, k)
+            cached = self._search(photos.embeddings, k, space, space_index)
             photos.cache[key] = cached
         sims, ids = cached[0][:, :k], cached[1][:, :k]
         return sims, ids, self._labels(ids)
@@ -101,13 +144,14 @@ class KNNMethod:
     def predict(self, photos: Photos) -> Answer:
         from ..revisit import STREET_K, city_answers, street_answers
 
+        s = self.settings
         sims, ids, labels = self.neighbours(photos)
-        probs = self._probs(sims, labels, self.k, self.vote, self.temperature)
+        probs = self._probs(sims, labels, s.k, s.vote, s.temperature)
         meta = self.index.train_meta
         lats, lons = meta["lat"].to_numpy(dtype=np.float64), meta["lon"].to_numpy(dtype=np.float64)
         train_labels = meta["label"].to_numpy()
         coords = city_answers(self, sims, ids, lats, lons, train_labels, probs)
-        street = self.street or {}
+        street = s.street or {}
         extra = {}
         at_street = np.zeros(len(sims), dtype=bool)
         if street.get("threshold") is not None and len(sims):
@@ -118,21 +162,18 @@ class KNNMethod:
             extra = {"gps_support": found["support"], "street_members": found["members"], "street_ids": found["ids"],
                      "street_similarities": found["similarities"]}
         radius = np.where(at_street, street.get("radius_m") or np.nan, street.get("city_radius_m") or np.nan)
-        unlike = (sims[:, 0] < self.unlike_threshold) if self.unlike_threshold is not None else np.zeros(len(sims), bool)
-        notes = f"k={self.k}, {self.vote} vote" + (f", T={self.temperature:g}" if self.vote == "softmax" else "")
-        if self.tuned_on:
-            notes += f" (tuned on {self.tuned_on})"
+        unlike = (sims[:, 0] < s.unlike_threshold) if s.unlike_threshold is not None else np.zeros(len(sims), bool)
+        notes = f"k={s.k}, {s.vote} vote" + (f", T={s.temperature:g}" if s.vote == "softmax" else "")
+        if s.tuned_on:
+            notes += f" (tuned on {s.tuned_on})"
         return Answer(self.name, probs, self.classes, coords, notes=notes,
                       extra={"similarities": sims, "ids": ids, "unlike": unlike,
                              "gps_level": np.where(at_street, "street", "city"), "gps_radius_m": radius, **extra})
 
-    def predict_proba(self, photos: Photos) -> np.ndarray:
-        return self.predict(photos).probs
-
-    def fit(self, val: Photos) -> dict:
+    def fit(self, val: Photos) -> "KNNMethod":
         """Choose, on validation photos, the space (raw, or whitened with a dimension and power), k, the vote and
         its temperature (accuracy, then log-loss; the simpler choice on ties), and the "unlike anything
-        indexed" threshold: the top-1 similarity that 99% of validation photos exceed."""
+        indexed" threshold: the top-1 similarity that 99% of validation photos exceed. Returns self."""
         if val.labels is None or len(val) == 0:
             raise ValueError("fitting kNN needs labelled validation photos")
         if len(val) > VAL_SAMPLE:
@@ -141,16 +182,17 @@ class KNNMethod:
         spaces, fitted = [None], None
         store = getattr(self.index, "store", None)
         if store is not None and 2 * max(K_GRID) < self.index.ntotal <= WHITEN_MAX_TRAIN:
-            from .whitening import Whitening
+            from ..whitening import Whitening
             # Every axis is kept (the eigendecomposition costs the same): the street space tries them all.
             train = store.embeddings("train")
             fitted = Whitening.fit(train, max_dims=train.shape[1])
             dims = sorted({min(d, fitted.axes.shape[0]) for d in WHITEN_DIMS})
             spaces += [fitted.using(d, p) for d in dims for p in WHITEN_POWERS]
         best_key, best = None, None
+        from ..whitening import flat_index
         for space in spaces:
-            self.whitening, self._whitened_index = space, None
-            sims, ids, labels = self.neighbours(val, k_max)
+            space_index = None if space is None else flat_index(space(train))
+            sims, ids, labels = self.neighbours(val, k_max, space, space_index)
             for k in [k for k in K_GRID if k <= k_max]:
                 for vote_method, temps in (("majority", (1.0,)), ("weighted", (1.0,)), ("softmax", TEMPERATURE_GRID)):
                     for t in temps:
@@ -160,12 +202,16 @@ class KNNMethod:
                         key = (round(acc, 6), round(-nll, 6))
                         if best_key is None or key > best_key:
                             best_key, best = key, (space, k, vote_method, t, sims[:, 0].copy())
-        space, self.k, self.vote, self.temperature, top1 = best
-        self.whitening, self._whitened_index = space, None
-        self.unlike_threshold = float(np.quantile(top1, UNLIKE_QUANTILE))
-        self.tuned_on = val.name
+        self.whitening_, self.k_, self.vote_, self.temperature_, top1 = best
+        self._whitened_index = None
+        self.unlike_threshold_ = float(np.quantile(top1, UNLIKE_QUANTILE))
+        self.tuned_on_ = val.name
+        self.street_, self.street_whitening_ = self.street, self.street_whitening
+        self.val_accuracy_ = best_key[0]
+        self.best_params_ = {}  # fitted from here on: calibrate_street reads the choices above through `settings`
         if val.name == "val" and hasattr(store, "metadata"):  # a stored index (not a bare vector set) has dates to use
             from ..revisit import calibrate_street
-            self.street, self.street_whitening = calibrate_street(self.index, self, fitted)
+            self.street_, self.street_whitening_ = calibrate_street(self.index, self, fitted)
             self._street_index = None
-        return self.params | {"val_accuracy": best_key[0]}
+        self.best_params_ = self.params | {"val_accuracy": self.val_accuracy_}
+        return self

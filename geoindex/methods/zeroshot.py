@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..catalog import backbone_info
 from ..zeroshot import ZeroShotClassifier
-from .base import Answer, Photos
+from .base import Answer, Method, Photos, register_method
 from .classifier import embed_sources
 
 
-class ZeroShotMethod:
+@register_method("zeroshot", order=2)
+class ZeroShotMethod(Method):
     def __init__(self, index, clip_backbone, label_format: str, templates, name: str, embed_kwargs=None,
                  weights_note: str = ""):
         self.index, self.name = index, name
@@ -19,7 +21,7 @@ class ZeroShotMethod:
         self.notes = f"{len(self.classifier.templates)} template(s), labels '{label_format}'" + weights_note
 
     def clip_features(self, photos: Photos) -> np.ndarray:
-        if self.index.manifest["backbone"] == "clip" and self.clip is self.index.backbone:
+        if backbone_info(self.index.manifest["backbone"]).zero_shot and self.clip is self.index.backbone:
             return photos.embeddings
         return photos.feature("clip", lambda p: embed_sources(self.clip, p, normalize=True, **self.embed_kwargs))
 
@@ -35,6 +37,3 @@ class ZeroShotMethod:
             coords = self.index.city_centres[probs.argmax(1)]
         return Answer(self.name, probs, labels, coords, level=self.level, notes=self.notes,
                       label_map=self.classifier.city_to_label)
-
-    def predict_proba(self, photos: Photos) -> np.ndarray:
-        return self.predict(photos).probs

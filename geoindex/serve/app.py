@@ -26,12 +26,12 @@ from contextlib import asynccontextmanager
 from functools import lru_cache
 from pathlib import Path
 
+from ..config import ServeConfig
 from ..jsonio import jsonable
-from .batching import (DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_MAX_WAIT_MS, DEFAULT_RELOAD_CHECK_S, MicroBatcher,
-                       QueueFull)
-from .uploads import (DEFAULT_MAX_FILES, DEFAULT_MAX_INFLIGHT_MB, DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_MB,
-                      DEFAULT_MAX_UPLOAD_MB, MAX_UNSCALED_PIXELS, MULTIPART_OVERHEAD, ByteBudget, ClientGone, Costly,
-                      UploadError, decode_image, read_body, split_uploads)
+from ..layout import MANIFEST
+from .batching import MicroBatcher, QueueFull
+from .uploads import (MULTIPART_OVERHEAD, ByteBudget, ClientGone, Costly, UploadError, decode_image, read_body,
+                      split_uploads)
 
 STATIC = Path(__file__).resolve().parent / "static"
 THUMBNAIL_PX = 320
@@ -44,14 +44,13 @@ def index_generation(path: Path) -> tuple | None:
     """What changes whenever anything a query reads changes on disk, or None once the index is gone: the folder
     (a build and train's re-embedding swap in a new one), its manifest, and the heads and kNN tuning that train
     writes in place beside them."""
-    from ..heads import HEADS
-    from ..tuning import KNN_PARAMS, WHITENED_INDEX, WHITENING
+    from ..layout import HEAD_FILES, HEAD_MODES, KNN_PARAMS, WHITENED_INDEX, WHITENING, head_dir
 
     watched = (KNN_PARAMS, WHITENING, WHITENED_INDEX) + tuple(
-        Path(HEADS) / mode / name for mode in ("probe", "finetune") for name in ("meta.json", "head.pt", "backbone.pt"))
+        head_dir(mode) / name for mode in HEAD_MODES for name in HEAD_FILES)
     try:
         folder = os.stat(path)
-        manifest = os.stat(path / "manifest.json")
+        manifest = os.stat(path / MANIFEST)
     except OSError:
         return None
     parts: list = [folder.st_ino, manifest.st_ino, manifest.st_mtime_ns, manifest.st_size]
@@ -66,7 +65,7 @@ def index_generation(path: Path) -> tuple | None:
 
 def _disk_build_id(path: Path) -> str | None:
     try:
-        return json.loads((path / "manifest.json").read_text()).get("build_id")
+        return json.loads((path / MANIFEST).read_text()).get("build_id")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -147,29 +146,26 @@ class Locator:
     the disk did not change again while it loaded. Until then answers come from the snapshot already loaded, each
     naming its build_id. An index removed from disk, or one that cannot be loaded, is not answered from (503)."""
 
-    def __init__(self, index, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_batch: int = DEFAULT_MAX_BATCH,
-                 max_wait_ms: float = DEFAULT_MAX_WAIT_MS, decode_threads: int | None = None, k: int | None = None,
-                 max_files: int = DEFAULT_MAX_FILES, max_queue: int = DEFAULT_MAX_QUEUE,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, warmup: bool = True, model_threads: int = 1,
-                 max_request_mb: float = DEFAULT_MAX_REQUEST_MB, max_inflight_mb: float = DEFAULT_MAX_INFLIGHT_MB,
-                 max_unscaled_pixels: int = MAX_UNSCALED_PIXELS, reload_check_s: float = DEFAULT_RELOAD_CHECK_S):
+    def __init__(self, index, config: ServeConfig = ServeConfig(), *, warmup: bool = True):
         self.path, self.device = Path(index.path), index.device
-        self.k = k
-        self.max_upload_bytes = int(max_upload_mb * 2**20)
-        self.max_request_bytes = int(max_request_mb * 2**20)
-        self.budget = ByteBudget(int(max_inflight_mb * 2**20))
-        self.max_files = max_files
-        self.max_pixels = max_pixels
-        self.max_unscaled_pixels = max_unscaled_pixels
+        self.k = config.k
+        self.max_upload_bytes = int(config.max_upload_mb * 2**20)
+        self.max_request_bytes = int(config.max_request_mb * 2**20)
+        self.budget = ByteBudget(int(config.max_inflight_mb * 2**20))
+        self.max_files = config.max_files
+        self.max_pixels = config.max_pixels
+        self.max_unscaled_pixels = config.max_unscaled_pixels
         self.warmup = warmup
-        self.decode_pool = ThreadPoolExecutor(decode_threads or default_decode_threads(), thread_name_prefix="decode")
+        self.decode_pool = ThreadPoolExecutor(config.decode_threads or default_decode_threads(),
+                                              thread_name_prefix="decode")
         self.costly_pool = ThreadPoolExecutor(1, thread_name_prefix="decode-costly")
         self.costly_waiting = 0
         # Requests whose body is still arriving, and photos being decoded: the batcher waits for them, only for them.
         self.reading = 0
         self.decoding = 0
-        self.batcher = MicroBatcher(self._run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                                    expecting=lambda: self.reading + self.decoding, workers=model_threads)
+        self.batcher = MicroBatcher(self._run_batch, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
+                                    max_queue=config.max_queue, expecting=lambda: self.reading + self.decoding,
+                                    workers=config.model_threads or 1)
         generation = index_generation(self.path)
         if _disk_build_id(self.path) != index.manifest.get("build_id"):
             generation = ("replaced since it was opened",)  # the watcher's first look loads what the disk has now
@@ -180,8 +176,8 @@ class Locator:
         self.reloads = 0
         self._stop = threading.Event()
         self._watcher = None
-        if reload_check_s > 0:
-            self._watcher = threading.Thread(target=self._watch, args=(reload_check_s,), name="index-watch",
+        if config.reload_check_s > 0:
+            self._watcher = threading.Thread(target=self._watch, args=(config.reload_check_s,), name="index-watch",
                                              daemon=True)
             self._watcher.start()
 
@@ -403,17 +399,21 @@ def _version() -> str:
     return __version__
 
 
-def create_app(index, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_batch: int = DEFAULT_MAX_BATCH,
-               max_wait_ms: float = DEFAULT_MAX_WAIT_MS, decode_threads: int | None = None, k: int | None = None,
-               max_files: int = DEFAULT_MAX_FILES, max_queue: int = DEFAULT_MAX_QUEUE,
-               max_pixels: int = DEFAULT_MAX_PIXELS, warmup: bool = True, root_path: str = "", model_threads: int = 1,
-               max_request_mb: float = DEFAULT_MAX_REQUEST_MB, max_inflight_mb: float = DEFAULT_MAX_INFLIGHT_MB,
-               max_unscaled_pixels: int = MAX_UNSCALED_PIXELS, reload_check_s: float = DEFAULT_RELOAD_CHECK_S):
+def create_app(index, *, config: ServeConfig | None = None, warmup: bool = True,
+               max_upload_mb: float = ServeConfig.max_upload_mb, max_batch: int = ServeConfig.max_batch,
+               max_wait_ms: float = ServeConfig.max_wait_ms, decode_threads: int | None = ServeConfig.decode_threads,
+               k: int | None = ServeConfig.k, max_files: int = ServeConfig.max_files,
+               max_queue: int = ServeConfig.max_queue, max_pixels: int = ServeConfig.max_pixels,
+               root_path: str = ServeConfig.root_path, model_threads: int | None = ServeConfig.model_threads,
+               max_request_mb: float = ServeConfig.max_request_mb, max_inflight_mb: float = ServeConfig.max_inflight_mb,
+               max_unscaled_pixels: int = ServeConfig.max_unscaled_pixels,
+               reload_check_s: float = ServeConfig.reload_check_s):
     """A FastAPI app answering for `index` (a loaded GeoIndex; reloaded from its folder when that changes, every
     reload_check_s, 0 for never). Run it with uvicorn.
 
-    model_threads batches run at once (see MicroBatcher); the torch threads each uses are the caller's
-    to set (`geoindex serve` divides its --torch-threads among them)."""
+    config: a ServeConfig (its host, port, workers and connection limits are the server's, not the app's); without
+    one, the keywords make it. model_threads batches run at once (see MicroBatcher; None: 1); the torch threads
+    each uses are the caller's to set (`geoindex serve` divides its --torch-threads among them)."""
     from fastapi import FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.middleware.gzip import GZipMiddleware
@@ -423,11 +423,16 @@ def create_app(index, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_batch
 
     from ..errors import GeoindexError
 
-    locator = Locator(index, max_upload_mb=max_upload_mb, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                      decode_threads=decode_threads, k=k, max_files=max_files, max_queue=max_queue,
-                      max_pixels=max_pixels, warmup=warmup, model_threads=model_threads,
-                      max_request_mb=max_request_mb, max_inflight_mb=max_inflight_mb,
-                      max_unscaled_pixels=max_unscaled_pixels, reload_check_s=reload_check_s)
+    if config is None:
+        config = ServeConfig(max_upload_mb=max_upload_mb, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                             decode_threads=decode_threads, k=k, max_files=max_files, max_queue=max_queue,
+                             max_pixels=max_pixels, root_path=root_path, model_threads=model_threads,
+                             max_request_mb=max_request_mb, max_inflight_mb=max_inflight_mb,
+                             max_unscaled_pixels=max_unscaled_pixels, reload_check_s=reload_check_s)
+    locator = Locator(index, config, warmup=warmup)
+    max_upload_mb, max_request_mb, max_inflight_mb = config.max_upload_mb, config.max_request_mb, config.max_inflight_mb
+    max_files, max_pixels, max_unscaled_pixels = config.max_files, config.max_pixels, config.max_unscaled_pixels
+    root_path = config.root_path
 
     @asynccontextmanager
     async def lifespan(_app):

@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
 
-# The service's defaults, defined once (`geoindex serve` and create_app both use them): what benchmarks/serve.py
-# measured on 2 CPU cores.
-DEFAULT_MAX_BATCH = 8
-DEFAULT_MAX_WAIT_MS = 10.0
-DEFAULT_MAX_QUEUE = 256
-DEFAULT_RELOAD_CHECK_S = 2.0  # how often the service looks whether the index on disk changed
+from ..config import ServeConfig
+
+# The service's defaults are written once, in ServeConfig; these names are kept for importers.
+DEFAULT_MAX_BATCH = ServeConfig.max_batch
+DEFAULT_MAX_WAIT_MS = ServeConfig.max_wait_ms
+DEFAULT_MAX_QUEUE = ServeConfig.max_queue
+DEFAULT_RELOAD_CHECK_S = ServeConfig.reload_check_s
 
 
 class QueueFull(Exception):

@@ -27,8 +27,10 @@ import time
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-DEFAULT_HEADER_TIMEOUT_S = 10.0
-DEFAULT_BODY_TIMEOUT_S = 30.0
+from ..config import ServeConfig
+
+DEFAULT_HEADER_TIMEOUT_S = ServeConfig.header_timeout  # written once, in geoindex.config
+DEFAULT_BODY_TIMEOUT_S = ServeConfig.body_timeout
 SWEEP_S = 0.5
 MIN_BODY_BYTES_PER_S = 16 * 1024  # a 20 MB photo in 21 minutes: slower than any real uplink
 

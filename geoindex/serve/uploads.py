@@ -5,7 +5,7 @@ memory together), parsed (multipart or a raw image body) without spooling to dis
 pixel caps checked from the header before any pixel is decoded, so a decompression bomb costs a few
 bytes of parsing, not gigabytes of memory.
 
-Each limit's default is defined here once; `geoindex serve` options and `create_app` both use it.
+Each limit's default is written once, in geoindex.config.ServeConfig; `geoindex serve` and `create_app` use it.
 """
 from __future__ import annotations
 
@@ -13,16 +13,14 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from ..catalog import DEFAULT_MAX_PIXELS  # the one pixel limit of build, query and the service
+from ..config import DEFAULT_MAX_PIXELS, ServeConfig  # the one pixel limit of build, query and the service
 
-DEFAULT_MAX_UPLOAD_MB = 20.0     # one photo
-DEFAULT_MAX_FILES = 32           # photos in one /v1/locate/batch request
-DEFAULT_MAX_REQUEST_MB = 100.0   # one request's whole body: a batch of 32 ordinary photos fits
-DEFAULT_MAX_INFLIGHT_MB = 256.0  # every request's body in memory at once; past it, 503 and Retry-After
-# PNG, WebP, BMP and TIFF are decoded whole (JPEG is decoded at 1/2 to 1/8 scale, as small as the model allows):
-# a 64 MP RGBA PNG of 250 KB costs 6 s of CPU and 1.5 GB. The model sees 224-300 px, so the service decodes such
-# formats up to what a camera gives (a 4000 x 3000 photo), not to DEFAULT_MAX_PIXELS.
-MAX_UNSCALED_PIXELS = 12_000_000
+# The names this module had before ServeConfig, kept for importers.
+DEFAULT_MAX_UPLOAD_MB = ServeConfig.max_upload_mb
+DEFAULT_MAX_FILES = ServeConfig.max_files
+DEFAULT_MAX_REQUEST_MB = ServeConfig.max_request_mb
+DEFAULT_MAX_INFLIGHT_MB = ServeConfig.max_inflight_mb
+MAX_UNSCALED_PIXELS = ServeConfig.max_unscaled_pixels
 MULTIPART_OVERHEAD = 64 * 1024   # headers and boundaries around the photo itself
 FIELD_NAMES = ("image", "images", "file", "files", "photo")
 RAW_TYPES = ("image/", "application/octet-stream")
