@@ -1,6 +1,7 @@
 """What `geoindex train` says: which index, which epoch was kept and why, and nothing called a validation figure
 that was measured on training photos."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,8 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-def test_training_without_a_validation_split_says_so_and_reports_no_validation_figure(tmp_path):
+def index_without_val(tmp_path) -> Path:
+    """An index 'novals' of three cities with two photos each (too few for a val split); returns the photos' folder."""
     root = tmp_path / "photos"
     rng = np.random.default_rng(0)
     for c, city in enumerate(["Lisbon", "Madrid", "Rome"]):  # two photos a city: too few for a val split
@@ -27,6 +29,11 @@ def test_training_without_a_validation_split_says_so_and_reports_no_validation_f
     built = run("build", "--data", root, "--backbone", "cnn", "--weights", "none", "--image-size", "32",
                 "--workers", "0", "--name", "novals", "--index-dir", tmp_path / "indexes", "--device", "cpu")
     assert built.exit_code == 0, built.output
+    return root
+
+
+def test_training_without_a_validation_split_says_so_and_reports_no_validation_figure(tmp_path):
+    root = index_without_val(tmp_path)
     manifest = json.loads((tmp_path / "indexes" / "novals" / "manifest.json").read_text())
     assert manifest["counts"]["val"] == 0  # the premise
     out = run("train", "--mode", "probe", "--epochs", "3", "--index-dir", tmp_path / "indexes", "--device", "cpu")
@@ -45,17 +52,7 @@ def test_training_without_a_validation_split_says_so_and_reports_no_validation_f
 
 
 def test_fine_tuning_without_a_validation_split_stores_no_training_figure_as_a_validation_one(tmp_path):
-    root = tmp_path / "photos"
-    rng = np.random.default_rng(0)
-    for c, city in enumerate(["Lisbon", "Madrid", "Rome"]):  # two photos a city: too few for a val split
-        (root / city).mkdir(parents=True)
-        for i in range(2):
-            img = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
-            img[..., c] = 230
-            Image.fromarray(img).save(root / city / f"{i}.png")
-    built = run("build", "--data", root, "--backbone", "cnn", "--weights", "none", "--image-size", "32",
-                "--workers", "0", "--name", "novals", "--index-dir", tmp_path / "indexes", "--device", "cpu")
-    assert built.exit_code == 0, built.output
+    root = index_without_val(tmp_path)
     out = run("train", "--mode", "finetune", "--epochs", "2", "--workers", "0", "--index-dir", tmp_path / "indexes",
               "--device", "cpu")
     assert out.exit_code == 0, out.output
