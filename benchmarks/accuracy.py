@@ -1,7 +1,7 @@
 """Accuracy levers on held-out places: backbone, kNN voting, probe, logistic regression, test-time flip, fusion.
 
     PYTHONPATH=$PWD python benchmarks/accuracy.py --data ../shared/data/real/london-or-london \
-        --cache /work/notes/emb [--backbones effnet,effnet-lite1,effnet-lite2] [--flip effnet] [--cell-km 1,5]
+        --cache EMB_CACHE [--backbones effnet,effnet-lite1,effnet-lite2] [--flip effnet] [--cell-km 1,5]
 
 Every photo is embedded once per backbone with geoindex's own pipeline and cached (benchmarks/embed_cache.py;
 computed when the cache is absent). The split is geoindex's cell split (prepare_records, seed 0): no
