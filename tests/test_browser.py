@@ -98,6 +98,8 @@ def check_answer_on_page(driver, expected: dict):
     assert len(markers) == len(located)
     assert [m.get_attribute("data-city") for m in markers] == [n["city"] for n in located]
     assert len(driver.find_elements(By.CSS_SELECTOR, "#markers .marker.estimate")) == (expected["gps"]["lat"] is not None)
+    if expected["gps"]["lat"] is not None:  # the page says at which level the GPS answer is, as query does
+        assert f"({expected['gps']['level']} level" in driver.find_element(By.ID, "gps").text
     assert len(driver.find_elements(By.CSS_SELECTOR, "#land path")) >= 1  # the coast around the points was drawn
     cards = driver.find_elements(By.CSS_SELECTOR, "#neighbours li")
     assert [c.get_attribute("data-city") for c in cards] == [n["city"] for n in expected["neighbours"]]

@@ -163,7 +163,7 @@ function renderAnswer(result, timings) {
   }
   const gps = result.gps || {};
   $("gps").textContent = gps.lat == null ? "no GPS estimate (the index holds no coordinates)"
-    : `GPS estimate ${gps.lat.toFixed(4)}, ${gps.lon.toFixed(4)}`;
+    : `GPS estimate ${gps.lat.toFixed(4)}, ${gps.lon.toFixed(4)}` + gpsLevel(gps);
   const methods = $("methods");
   methods.replaceChildren();
   const boxes = [];
@@ -286,3 +286,15 @@ async function init() {
 }
 
 init();
+
+// Street level when a cluster of indexed photos within 25 m of each other carries the vote, else a city-level guess.
+function gpsLevel(gps) {
+  const radius = gps.radius_m == null ? ""
+    : gps.radius_m >= 1000 ? `, 80% of val answers within ${(gps.radius_m / 1000).toFixed(1)} km`
+    : `, 80% of val answers within ${Math.round(gps.radius_m)} m`;
+  if (gps.level === "street") {
+    const n = (gps.cluster || []).length;
+    return ` (street level: ${n} indexed photo${n === 1 ? "" : "s"} of this spot${radius})`;
+  }
+  return gps.level ? ` (city level${radius})` : "";
+}
