@@ -35,6 +35,18 @@ def tree(tmp_path_factory):
                               places_per_city=5, images_per_place=2, image_size=(40, 32))
 
 
+def build_cnn_index(root, index_dir, name: str, *options) -> None:
+    """`geoindex build` of a small tree with the seeded-random plain CNN at 32 px: seconds, and every phase runs."""
+    from click.testing import CliRunner
+
+    from geoindex.cli import main
+
+    result = CliRunner().invoke(main, ["build", "--data", str(root), "--backbone", "cnn", "--weights", "none",
+                                       "--image-size", "32", "--workers", "0", "--name", name,
+                                       "--index-dir", str(index_dir), *map(str, options)])
+    assert result.exit_code == 0, result.output
+
+
 @pytest.fixture
 def index_dir(tmp_path):
     return tmp_path / "indexes"

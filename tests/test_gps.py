@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import build_cnn_index
+
 from geoindex.cli import main
 from geoindex.methods.knn import KNNSettings
 from geoindex.metrics import evaluate
@@ -85,9 +87,7 @@ def tiny_index(tmp_path_factory):
     root = make_synthetic_gsv(tmp_path_factory.mktemp("gps") / "GSV", cities=("Barcelona", "London", "Osaka"),
                               places_per_city=6, images_per_place=3, image_size=(40, 32))
     index_dir = tmp_path_factory.mktemp("gps-idx")
-    result = run("build", "--data", root, "--backbone", "cnn", "--weights", "none", "--image-size", "32",
-                 "--workers", "0", "--name", "gps", "--index-dir", index_dir)
-    assert result.exit_code == 0, result.output
+    build_cnn_index(root, index_dir, "gps")
     return index_dir
 
 

@@ -10,6 +10,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import build_cnn_index
+
 from geoindex.cli import main
 from geoindex.data import scan_dataset
 from geoindex.data.gsv import parse_gsv_filename
@@ -126,9 +128,7 @@ def dated_index(tmp_path_factory):
     root = make_synthetic_gsv(tmp_path_factory.mktemp("dated") / "GSV", cities=("Barcelona", "London", "Osaka"),
                               places_per_city=10, images_per_place=3, image_size=(40, 32))
     index_dir = tmp_path_factory.mktemp("dated-idx")
-    result = run("build", "--data", root, "--backbone", "cnn", "--weights", "none", "--image-size", "32",
-                 "--workers", "0", "--name", "dated", "--index-dir", index_dir)
-    assert result.exit_code == 0, result.output
+    build_cnn_index(root, index_dir, "dated")
     return root, index_dir
 
 

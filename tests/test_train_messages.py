@@ -9,6 +9,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import build_cnn_index
+
 from geoindex.cli import main
 
 
@@ -26,9 +28,7 @@ def index_without_val(tmp_path) -> Path:
             img = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
             img[..., c] = 230
             Image.fromarray(img).save(root / city / f"{i}.png")
-    built = run("build", "--data", root, "--backbone", "cnn", "--weights", "none", "--image-size", "32",
-                "--workers", "0", "--name", "novals", "--index-dir", tmp_path / "indexes", "--device", "cpu")
-    assert built.exit_code == 0, built.output
+    build_cnn_index(root, tmp_path / "indexes", "novals", "--device", "cpu")
     return root
 
 
