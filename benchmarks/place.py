@@ -42,7 +42,7 @@ def learned_whitening(index, regulariser: float = 0.3):
     projection that costs two eigendecompositions and no backbone training."""
     from sklearn.neighbors import BallTree
 
-    from geoindex.methods.whitening import Whitening
+    from geoindex.whitening import Whitening
     from geoindex.voting import EARTH_RADIUS_KM
 
     meta, x = index.store.metadata("train"), index.store.embeddings("train")

@@ -129,7 +129,7 @@ def test_a_whitened_street_space_is_saved_loaded_and_a_damaged_one_falls_back_to
     import shutil
 
     from geoindex.geo_index import load_index
-    from geoindex.methods.whitening import Whitening
+    from geoindex.whitening import Whitening
     from geoindex.tuning import STREET_WHITENING
     shutil.copytree(tiny_index, tmp_path / "idx")
     index_dir = tmp_path / "idx"

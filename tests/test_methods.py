@@ -84,7 +84,7 @@ class ExactIndex:
     """A tiny index over given train vectors: exact cosine search, and a store that hands them back."""
 
     def __init__(self, train, labels, classes):
-        from geoindex.methods.whitening import flat_index
+        from geoindex.whitening import flat_index
         train = train / np.linalg.norm(train, axis=1, keepdims=True)
         self.faiss, self.classes, self.ntotal = flat_index(train), classes, len(train)
         self.train_meta = pd.DataFrame({"label": labels, "lat": np.zeros(len(train)), "lon": np.zeros(len(train))})
@@ -121,7 +121,7 @@ def test_knn_fit_whitens_when_a_shared_direction_swamps_the_city_signal():
 
 
 def test_whitening_round_trips_as_plain_arrays(tmp_path):
-    from geoindex.methods.whitening import Whitening
+    from geoindex.whitening import Whitening
     x = np.random.default_rng(1).normal(size=(300, 12)).astype(np.float32)
     w = Whitening.fit(x, max_dims=8).using(6, 1.0)
     w.save(tmp_path / "w.npz")

@@ -22,14 +22,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
-
-from ..config import ServeConfig
-
-# The service's defaults are written once, in ServeConfig; these names are kept for importers.
-DEFAULT_MAX_BATCH = ServeConfig.max_batch
-DEFAULT_MAX_WAIT_MS = ServeConfig.max_wait_ms
-DEFAULT_MAX_QUEUE = ServeConfig.max_queue
-DEFAULT_RELOAD_CHECK_S = ServeConfig.reload_check_s
+from ..config import ServeConfig  # the service's defaults are written once, there
 
 
 class QueueFull(Exception):
@@ -64,8 +57,9 @@ class MicroBatcher:
     item fails only its own request.
     """
 
-    def __init__(self, run_batch: Callable[[Sequence[Any], Hashable], Sequence[Any]], max_batch: int = DEFAULT_MAX_BATCH,
-                 max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_queue: int = DEFAULT_MAX_QUEUE, expecting: Callable[[], int] | None = None,
+    def __init__(self, run_batch: Callable[[Sequence[Any], Hashable], Sequence[Any]],
+                 max_batch: int = ServeConfig.max_batch, max_wait_ms: float = ServeConfig.max_wait_ms,
+                 max_queue: int = ServeConfig.max_queue, expecting: Callable[[], int] | None = None,
                  workers: int = 1, name: str = "geoindex-batcher"):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")

@@ -29,8 +29,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..config import ServeConfig
 
-DEFAULT_HEADER_TIMEOUT_S = ServeConfig.header_timeout  # written once, in geoindex.config
-DEFAULT_BODY_TIMEOUT_S = ServeConfig.body_timeout
 SWEEP_S = 0.5
 MIN_BODY_BYTES_PER_S = 16 * 1024  # a 20 MB photo in 21 minutes: slower than any real uplink
 
@@ -54,13 +52,13 @@ def listen_backlog() -> int:
 
 class GuardedH11Protocol(H11Protocol):
     max_connections: int | None = None  # None: default_max_connections(), read when the first connection comes
-    header_timeout: float = DEFAULT_HEADER_TIMEOUT_S
-    body_timeout: float = DEFAULT_BODY_TIMEOUT_S
+    header_timeout: float = ServeConfig.header_timeout
+    body_timeout: float = ServeConfig.body_timeout
     _sweeping: set = set()  # event loops with a sweep scheduled
 
     @classmethod
-    def configure(cls, max_connections: int | None = None, header_timeout: float = DEFAULT_HEADER_TIMEOUT_S,
-                  body_timeout: float = DEFAULT_BODY_TIMEOUT_S) -> None:
+    def configure(cls, max_connections: int | None = None, header_timeout: float = ServeConfig.header_timeout,
+                  body_timeout: float = ServeConfig.body_timeout) -> None:
         cls.max_connections, cls.header_timeout, cls.body_timeout = max_connections, header_timeout, body_timeout
 
     @classmethod

@@ -15,12 +15,6 @@ from PIL import Image
 
 from ..config import DEFAULT_MAX_PIXELS, ServeConfig  # the one pixel limit of build, query and the service
 
-# The names this module had before ServeConfig, kept for importers.
-DEFAULT_MAX_UPLOAD_MB = ServeConfig.max_upload_mb
-DEFAULT_MAX_FILES = ServeConfig.max_files
-DEFAULT_MAX_REQUEST_MB = ServeConfig.max_request_mb
-DEFAULT_MAX_INFLIGHT_MB = ServeConfig.max_inflight_mb
-MAX_UNSCALED_PIXELS = ServeConfig.max_unscaled_pixels
 MULTIPART_OVERHEAD = 64 * 1024   # headers and boundaries around the photo itself
 FIELD_NAMES = ("image", "images", "file", "files", "photo")
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -204,7 +198,8 @@ class Costly(Exception):
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None,
-                 max_unscaled_pixels: int | None = MAX_UNSCALED_PIXELS, costly_ok: bool = True) -> Image.Image:
+                 max_unscaled_pixels: int | None = ServeConfig.max_unscaled_pixels,
+                 costly_ok: bool = True) -> Image.Image:
     """Bytes -> RGB PIL image, or UploadError saying why not (Costly, before decoding, unless costly_ok).
 
     The very decoder `geoindex query` and a build use for files (geoindex.images.decode_image: pixel limit
