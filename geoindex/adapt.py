@@ -30,17 +30,22 @@ from torch import nn
 
 from .backbones import TAIL_STAGES, tail_split
 from .catalog import backbone_info
-from .config import ExtractionConfig
+from .config import MODE_DEFAULTS, ExtractionConfig
 from .errors import GeoindexError
 from .extraction import iter_embeddings, resolve_device
 from .fileio import atomic_path, write_json_atomic
 from .heads import _no_readable_photo, head_folder
-from .training import VAL_LOSS, Checkpointing, LoopSettings, TrainingLoop, epoch_generator, save_weights
+from .training import VAL_LOSS, Checkpointing, StopOn, LoopSettings, TrainingLoop, epoch_generator, save_weights
 from .layout import HEAD_META, TAIL_MODE, TRUNK_CACHE
 
 MODE = TAIL_MODE
-DEFAULTS = {"epochs": 6, "lr": 1e-4, "head_lr": 1e-3, "weight_decay": 0.05, "batch_size": 64, "patience": 2,
-            "label_smoothing": 0.1}
+# The tail's epochs, lr, weight decay, batch size and patience are config.MODE_DEFAULTS["tail"]; its new head
+# learns 10x faster than the backbone. With places, a batch is places_per_batch x photos_per_place photos and the
+# multi-similarity loss weighs place_weight beside the city's cross-entropy (benchmarks/place.md).
+DEFAULTS = {**MODE_DEFAULTS[TAIL_MODE], "head_lr": 10 * MODE_DEFAULTS[TAIL_MODE]["lr"], "label_smoothing": 0.1,
+            "places_per_batch": 16, "photos_per_place": 4, "place_weight": 1.0}
+MIN_PLACES = 8            # fewer places of two or more train photos than this: the city objective alone
+MIN_REVISIT_QUERIES = 10  # fewer val revisit queries than this: stop on the val loss, not on recall
 MAX_TRAIN_PHOTOS = 20_000  # the trunk cache is ~44-113 KB a photo; past this a random sample of train adapts
 MAX_VAL_PHOTOS = 5_000
 # TRUNK_CACHE (layout) lies beside the checkpoint: a resumed run skips recomputing the trunk features (minutes).
@@ -60,16 +65,97 @@ class AdaptResult:
 
 class _TailClassifier(nn.Module):
     """The tail's L2-normalised output through a linear softmax over the cities: kNN searches that space.
-    Its state is the whole backbone's (trunk included, untrained) and the head's."""
+    Its state is the whole backbone's (trunk included, untrained) and the head's. With `with_embeddings`, the
+    forward pass gives (logits, embeddings), for a loss over pairs of photos besides the city's."""
 
-    def __init__(self, backbone_model: nn.Module, tail: nn.Module, head: nn.Linear):
+    def __init__(self, backbone_model: nn.Module, tail: nn.Module, head: nn.Linear, with_embeddings: bool = False):
         super().__init__()
-        self.backbone, self.head = backbone_model, head
+        self.backbone, self.head, self.with_embeddings = backbone_model, head, with_embeddings
         self._tail = [tail]  # part of the backbone: kept out of the state dict, which holds it once
         self.scale = math.sqrt(head.in_features)  # unit-norm features, coordinates of order 1 for the linear layer
 
+    def embed(self, trunk_features):
+        return nn.functional.normalize(self._tail[0](trunk_features.float()), dim=1)
+
     def forward(self, trunk_features):
-        return self.head(nn.functional.normalize(self._tail[0](trunk_features.float()), dim=1) * self.scale)
+        embeddings = self.embed(trunk_features)
+        logits = self.head(embeddings * self.scale)
+        return (logits, embeddings) if self.with_embeddings else logits
+
+
+class _Places:
+    """What the place objective reads: the train photos' places and coordinates (as tensors, indexed by a batch's
+    photo numbers), and the val photos that are revisit queries against the train and val photos."""
+
+    def __init__(self, meta: dict, rows: dict, device):
+        from .places import group_places
+
+        def column(split, name, fill, dtype):
+            table = meta[split]
+            values = table[name].to_numpy()[rows[split]] if name in table else np.full(len(rows[split]), fill)
+            return values.astype(dtype)
+
+        self.n_train, self.device = len(rows["train"]), device
+        self.lat, self.lon, self.dates = (np.concatenate([column(s, name, fill, dtype) for s in ("train", "val")])
+                                          for name, fill, dtype in (("lat", np.nan, np.float64),
+                                                                    ("lon", np.nan, np.float64),
+                                                                    ("yyyymm", -1, np.int64)))
+        self.places = group_places(self.lat[:self.n_train], self.lon[:self.n_train],
+                                   column("train", "place_id", -1, np.int64))
+        self.count = int(self.places.max() + 1) if len(self.places) else 0
+        self._index()
+
+    def _index(self):
+        from .revisit import revisit_queries
+
+        n = self.n_train
+        self.tensors = tuple(torch.as_tensor(a, device=self.device)
+                             for a in (self.places, self.lat[:n], self.lon[:n]))
+        # Val's revisit queries, asked against every train and val photo (the bench rule, on what training sees)
+        self.query_rows = n + np.flatnonzero(revisit_queries(self.lat, self.lon, self.dates)[n:])
+
+    def drop_unreadable(self, labels: dict) -> None:
+        """A photo that did not decode (label -1) is nobody's place and no revisit's query or match."""
+        unreadable = np.concatenate([labels["train"], labels["val"]]) < 0
+        if unreadable.any():
+            self.lat[unreadable], self.dates[unreadable] = np.nan, -1
+            self.places[unreadable[:self.n_train]] = -1
+            self._index()
+
+    @property
+    def stops_on_recall(self) -> bool:
+        return len(self.query_rows) >= MIN_REVISIT_QUERIES
+
+    def loss(self, city_loss, weight: float):
+        """City cross-entropy plus `weight` x the multi-similarity loss over the batch's places."""
+        from .places import multi_similarity_loss, pair_masks
+
+        def objective(out, y):
+            logits, embeddings = out
+            labels, photos = y[:, 0], y[:, 1]
+            keep = labels >= 0
+            same, apart = pair_masks(photos[keep], *self.tensors)
+            return city_loss(logits, labels) + weight * multi_similarity_loss(embeddings[keep], same, apart)
+        return objective
+
+    def recall(self, vectors: np.ndarray) -> dict:
+        """recall@1/5/10 within 25 m of val's revisit queries, `vectors` being the train then the val photos'."""
+        from .revisit import RECALL_AT, masked_top_k, recall_within
+
+        _, ids = masked_top_k(vectors[self.query_rows], vectors, self.query_rows, self.dates[self.query_rows],
+                              self.dates, max(RECALL_AT))
+        return {name.replace("@", ""): value  # r1_25m: a history column name without punctuation
+                for name, value in recall_within(ids, self.lat, self.lon, self.query_rows).items()}
+
+
+def _mean_recall(row: dict) -> float:
+    return float(np.mean([row[f"val_r{n}_25m"] for n in (1, 5, 10)]))
+
+
+# Val's revisit queries are few (about a hundred in the 5,419 London photos): the mean of recall@1, @5 and @10
+# within 25 m moves less from one query than recall@1 alone.
+VAL_REVISIT = StopOn(_mean_recall, higher_is_better=True, min_delta=1e-4,
+                     label="validation revisit recall (mean of recall@1, @5 and @10 within 25 m)")
 
 
 def supports_tail(index) -> bool:
@@ -145,19 +231,122 @@ def _write_trunk_cache(path: Path, key: str, features: dict, labels: dict, log) 
 
 
 def adapt_index(index, *, epochs: int | None = None, lr: float | None = None, weight_decay: float | None = None,
-                batch_size: int | None = None, patience: int | None = None, tail_stages: int = TAIL_STAGES,
-                device="auto", num_workers=None, seed: int = 0, progress: bool = True, log=print) -> AdaptResult:
-    """Fine-tune the tail of the index's backbone on its train photos (early stop on val loss), re-embed every
-    photo of the index with it and swap the index for the re-embedded one. `index` is closed; the result holds
-    the re-embedded index, opened, and where the curves are. Holds the index's lock throughout (geoindex.locks)."""
+                batch_size: int | None = None, patience: int | None = None, places: bool | None = None,
+                tail_stages: int = TAIL_STAGES, device="auto", num_workers=None, seed: int = 0, progress: bool = True,
+                log=print) -> AdaptResult:
+    """Fine-tune the tail of the index's backbone on its train photos, re-embed every photo of the index with it
+    and swap the index for the re-embedded one. `index` is closed; the result holds the re-embedded index, opened,
+    and where the curves are. Holds the index's lock throughout (geoindex.locks).
+
+    The tail learns the cities (cross-entropy) and, where the train photos hold places (GSV-Cities place ids, or
+    photos within 25 m of each other) and `places` is not False, the places too: batches of P places x K photos
+    and a multi-similarity loss (geoindex.places), the epoch kept being the one with the best revisit recall on
+    val's own revisits (else the lowest val loss)."""
     from .locks import writing_to
 
     settings = dict(DEFAULTS)
     settings.update({k: v for k, v in {"epochs": epochs, "lr": lr, "weight_decay": weight_decay,
                                        "batch_size": batch_size, "patience": patience}.items() if v is not None})
     settings["head_lr"] = settings["lr"] * DEFAULTS["head_lr"] / DEFAULTS["lr"]
+    settings["places"] = places
     with writing_to(index, "train"):
         return _adapt_locked(index, settings, tail_stages, device, num_workers, seed, progress, log)
+
+
+class TailTraining:
+    """The tail's training on cached trunk features, for the cities and, given places, for the places: its model
+    and optimiser, each epoch's batches and the validation that chooses the kept epoch. `geoindex train` runs it
+    with a checkpoint in the index; benchmarks/place.py runs it on the same features with other settings."""
+
+    def __init__(self, backbone, split, n_classes: int, settings: dict, places: "_Places | None" = None, *,
+                 seed: int = 0, device="cpu"):
+        self.settings, self.places, self.seed, self.device = settings, places, seed, torch.device(device)
+        torch.manual_seed(seed)
+        head = nn.Linear(backbone.embed_dim, n_classes).to(device)
+        self.model = _TailClassifier(backbone.model, split.tail, head, with_embeddings=places is not None)
+        self.optimizer = torch.optim.AdamW([{"params": split.parameters, "lr": settings["lr"]},
+                                            {"params": head.parameters(), "lr": settings["head_lr"]}],
+                                           weight_decay=settings["weight_decay"])
+        city_loss = nn.CrossEntropyLoss(ignore_index=-1, label_smoothing=settings["label_smoothing"])
+        self.loss_fn = city_loss if places is None else places.loss(city_loss, settings["place_weight"])
+        self.stop_on = VAL_REVISIT if places is not None and places.stops_on_recall else VAL_LOSS
+
+    def loop(self, *, folder=None, log=None, progress: bool = True, plan: dict | None = None,
+             title: str = "") -> TrainingLoop:
+        # BatchNorm keeps its ImageNet statistics (a few thousand photos would only make them noisy); the
+        # EfficientNet-Lite tails have no dropout, so eval mode throughout changes nothing else.
+        s = self.settings
+        loop_settings = LoopSettings(MODE, s["epochs"], s["patience"], stop_on=self.stop_on, train_mode=False,
+                                     progress=progress)
+        checkpoint = Checkpointing("tail fine-tuning", "tail-epoch", plan=plan) if folder is not None else None
+        return TrainingLoop(self.model, self.optimizer, loop_settings, device=self.device, folder=folder, log=log,
+                            title=title, checkpoint=checkpoint)
+
+    def photos_per_epoch(self, labels: dict) -> int:
+        if self.places is None:
+            return len(labels["train"])
+        sizes = np.bincount(self.places.places[self.places.places >= 0])
+        return int(np.minimum(sizes[sizes >= 2], self.settings["photos_per_place"]).sum()
+                   + ((self.places.places < 0) & (labels["train"] >= 0)).sum())
+
+    def fit(self, loop: TrainingLoop, features: dict, labels: dict, on_batch=None):
+        """Train until the loop stops; the model then holds the kept epoch's weights. Returns the LoopResult."""
+        if self.places is not None:
+            self.places.drop_unreadable(labels)
+        return loop.run(lambda epoch: self.batches(epoch, features["train"], labels["train"]), self.loss_fn,
+                        lambda: self.validate(features, labels), on_batch=on_batch)
+
+    def batches(self, epoch: int, features: np.ndarray, labels: np.ndarray):
+        # Each epoch's order comes from its own generator, never the global one that DataLoaders draw from:
+        # a resumed run then shuffles exactly as an uninterrupted one, whatever it computed before.
+        generator = epoch_generator(self.seed, epoch)
+        if self.places is not None:
+            yield from self._place_batches(generator, features, labels)
+            return
+        size = self.settings["batch_size"]
+        order = torch.randperm(len(labels), generator=generator).numpy()
+        for start in range(0, len(order), size):
+            batch = np.sort(order[start:start + size])
+            yield torch.from_numpy(features[batch]), torch.as_tensor(labels[batch])
+
+    def _place_batches(self, generator, features, labels):
+        """P places x K photos a batch; the photos that are no place's spread over the batches (the city's
+        examples, and negatives for every place). Targets: (label, photo number)."""
+        from .places import place_batches
+
+        places, s = self.places.places, self.settings
+        chosen = list(place_batches(places, s["places_per_batch"], s["photos_per_place"], generator))
+        alone = np.flatnonzero((places < 0) & (labels >= 0))
+        alone = alone[torch.randperm(len(alone), generator=generator).numpy()]
+        for batch, extra in zip(chosen, np.array_split(alone, max(1, len(chosen)))):
+            batch = np.sort(np.concatenate([batch, extra]))
+            yield torch.from_numpy(features[batch]), torch.from_numpy(np.column_stack([labels[batch], batch]))
+
+    def embed(self, features: np.ndarray) -> np.ndarray:
+        """The tuned tail's L2-normalised embeddings of trunk features (what the index will hold)."""
+        with torch.no_grad():
+            return torch.cat([self.model.embed(torch.from_numpy(features[start:start + 256]).to(self.device))
+                              for start in range(0, len(features), 256)]).cpu().numpy()
+
+    def validate(self, features: dict, labels: dict) -> dict:
+        # Unsmoothed, summed over chunks: the loss the kept epoch is chosen on (and its recorded figures).
+        total, correct, count = 0.0, 0, 0
+        for start in range(0, len(labels["val"]), 256):
+            y = torch.as_tensor(labels["val"][start:start + 256], device=self.device)
+            out = self.model(torch.from_numpy(features["val"][start:start + 256]).to(self.device))
+            logits = out[0] if isinstance(out, tuple) else out
+            valid = y >= 0
+            if valid.any():
+                total += nn.functional.cross_entropy(logits[valid], y[valid], reduction="sum").item()
+                correct += int((logits.argmax(1) == y)[valid].sum())
+                count += int(valid.sum())
+        figures = {"loss": total / max(1, count), "accuracy": correct / max(1, count)}
+        if self.stop_on is VAL_REVISIT:
+            figures |= self.places.recall(np.concatenate([self.embed(features["train"]), self.embed(features["val"])]))
+        return figures
+
+
+PLACE_SETTINGS = ("places_per_batch", "photos_per_place", "place_weight")
 
 
 def _adapt_locked(index, settings: dict, tail_stages, device, num_workers, seed, progress, log) -> AdaptResult:
@@ -180,31 +369,29 @@ def _adapt_locked(index, settings: dict, tail_stages, device, num_workers, seed,
     split = tail_split(backbone, tail_stages)
     folder = head_folder(index, MODE)
     folder.mkdir(parents=True, exist_ok=True)
-    # "shuffle" names how epochs draw their order: a checkpoint of another scheme cannot resume bit for bit.
-    plan = {"backbone": index.manifest["backbone"], "weights_sha256": index.manifest["weights"]["sha256"],
-            "build_id": index.manifest.get("build_id"), "tail_stages": tail_stages, "seed": seed,
-            "shuffle": "generator(seed, epoch)", **settings}
-
-    torch.manual_seed(seed)
-    n_classes, dim = len(index.classes), backbone.embed_dim
-    head = nn.Linear(dim, n_classes).to(device)
-    model = _TailClassifier(backbone.model, split.tail, head)
-    optimizer = torch.optim.AdamW([{"params": split.parameters, "lr": settings["lr"]},
-                                   {"params": head.parameters(), "lr": settings["head_lr"]}],
-                                  weight_decay=settings["weight_decay"])
-    loss_fn = nn.CrossEntropyLoss(ignore_index=-1, label_smoothing=settings["label_smoothing"])
-    # BatchNorm keeps its ImageNet statistics (a few thousand photos would only make them noisy); the
-    # EfficientNet-Lite tails have no dropout, so eval mode throughout changes nothing else.
-    loop_settings = LoopSettings(MODE, settings["epochs"], settings["patience"], stop_on=VAL_LOSS, train_mode=False,
-                                 progress=progress)
-    loop = TrainingLoop(model, optimizer, loop_settings, device=device, folder=folder, log=log,
-                        title=f"{index.manifest['backbone']} tail fine-tuned ({index.name})",
-                        checkpoint=Checkpointing("tail fine-tuning", "tail-epoch", plan=plan))
-    done = loop.finished
 
     meta = {s: index.store.metadata(s) for s in ("train", "val")}
     rows = {"train": _sample(len(meta["train"]), MAX_TRAIN_PHOTOS, seed),
             "val": _sample(len(meta["val"]), MAX_VAL_PHOTOS, seed)}
+    wanted = settings.pop("places")
+    places = _Places(meta, rows, device) if wanted is not False else None
+    if places is not None and places.count < MIN_PLACES:
+        if wanted:
+            raise GeoindexError(f"the train photos of index {index.name!r} hold {places.count} places (photos within "
+                                f"25 m of each other, or sharing a place id); training for places needs "
+                                f"{MIN_PLACES} or more")
+        places = None
+    if places is None:
+        settings = {k: v for k, v in settings.items() if k not in PLACE_SETTINGS}
+    # "shuffle" names how epochs draw their order: a checkpoint of another scheme cannot resume bit for bit.
+    plan = {"backbone": index.manifest["backbone"], "weights_sha256": index.manifest["weights"]["sha256"],
+            "build_id": index.manifest.get("build_id"), "tail_stages": tail_stages, "seed": seed,
+            "shuffle": "generator(seed, epoch)", "objective": "city+places" if places else "city", **settings}
+
+    training = TailTraining(backbone, split, len(index.classes), settings, places, seed=seed, device=device)
+    loop = training.loop(folder=folder, log=log, progress=progress, plan=plan,
+                         title=f"{index.manifest['backbone']} tail fine-tuned ({index.name})")
+    done = loop.finished
     if len(rows["train"]) < len(meta["train"]):
         log(f"adapting on a random {len(rows['train']):,} of the {len(meta['train']):,} train photos")
     features, labels = {}, {}
@@ -232,33 +419,19 @@ def _adapt_locked(index, settings: dict, tail_stages, device, num_workers, seed,
             log(f"trunk features of {len(rows['train']) + len(rows['val']):,} photos in "
                 f"{time.perf_counter() - started:.0f} s")
             _write_trunk_cache(cache_path, cache_key, features, labels, log)
-        log(f"training the last {tail_stages} stages of {index.manifest['backbone']}")
-
-    def batches(epoch):
-        # Each epoch's order comes from its own generator, never the global one that DataLoaders draw from:
-        # a resumed run then shuffles exactly as an uninterrupted one, whatever it computed before.
-        order = torch.randperm(len(labels["train"]), generator=epoch_generator(seed, epoch)).numpy()
-        for start in range(0, len(order), settings["batch_size"]):
-            batch = np.sort(order[start:start + settings["batch_size"]])
-            yield torch.from_numpy(features["train"][batch]), torch.as_tensor(labels["train"][batch])
-
-    def validate() -> dict:
-        # Unsmoothed, summed over chunks: the loss the kept epoch is chosen on (and its recorded figures).
-        total, correct, count = 0.0, 0, 0
-        for start in range(0, len(labels["val"]), 256):
-            y = torch.as_tensor(labels["val"][start:start + 256], device=device)
-            logits = model(torch.from_numpy(features["val"][start:start + 256]).to(device))
-            valid = y >= 0
-            if valid.any():
-                total += nn.functional.cross_entropy(logits[valid], y[valid], reduction="sum").item()
-                correct += int((logits.argmax(1) == y)[valid].sum())
-                count += int(valid.sum())
-        return {"loss": total / max(1, count), "accuracy": correct / max(1, count)}
+        if places is not None:
+            log(f"training the last {tail_stages} stages of {index.manifest['backbone']} for the cities and for "
+                f"{places.count:,} places of the train photos ({settings['places_per_batch']} places x "
+                f"{settings['photos_per_place']} photos a batch), keeping the epoch with the best "
+                + ("revisit recall on val's own revisits" if training.stop_on is VAL_REVISIT else
+                   "val loss (val has too few revisits to stop on their recall)"))
+        else:
+            log(f"training the last {tail_stages} stages of {index.manifest['backbone']}")
 
     epochs_estimate = None if done else StageEstimate(
         log, f"tail fine-tuning (at most {settings['epochs'] - loop.start_epoch + 1} epochs)",
-        len(labels["train"]) * (settings["epochs"] - loop.start_epoch + 1))
-    result = loop.run(batches, loss_fn, validate, on_batch=epochs_estimate.seen if epochs_estimate else None)
+        training.photos_per_epoch(labels) * (settings["epochs"] - loop.start_epoch + 1))
+    result = training.fit(loop, features, labels, on_batch=epochs_estimate.seen if epochs_estimate else None)
     history, best_epoch = result.history, result.best_epoch
     best_val_accuracy, best_val_loss = result.figure("val_accuracy"), result.best_value
     cache_path.unlink(missing_ok=True)  # only a resumed fine-tuning reads it; the re-embedding does not
@@ -269,7 +442,12 @@ def _adapt_locked(index, settings: dict, tail_stages, device, num_workers, seed,
             "best_val_accuracy": best_val_accuracy, "best_val_loss": best_val_loss,
             "train_photos": int(len(rows["train"])),
             "val_photos": int(len(rows["val"])), "tuned_on": "val", "pretrained_weights": index.manifest["weights"],
-            **{k: settings[k] for k in ("lr", "head_lr", "weight_decay", "batch_size", "label_smoothing")}}
+            **{k: settings[k] for k in ("lr", "head_lr", "weight_decay", "batch_size", "label_smoothing")},
+            "objective": plan["objective"], "stopped_on": training.stop_on.label}
+    if places is not None:
+        info |= {"places": places.count, "val_revisit_queries": int(len(places.query_rows)),
+                 **{k: settings[k] for k in PLACE_SETTINGS},
+                 **{f"best_val_{k}": result.figure(f"val_{k}") for k in ("r1_25m", "r5_25m", "r10_25m")}}
     write_json_atomic(folder / HEAD_META, info)
     log(f"{result.summary()}; re-embedding every photo of the index with the tuned backbone")
     tuned = create_backbone(index.manifest["backbone"], weights=weights, image_size=index.manifest["image_size"],

@@ -482,24 +482,31 @@ def _remove_if_empty(folder: Path) -> None:
 @click.option("--resume", is_flag=True, default=TrainConfig.resume,
               help="Continue an interrupted whole-backbone fine-tuning from its last checkpoint (tail fine-tuning "
                    "resumes by itself).")
+@click.option("--places/--no-places", default=TrainConfig.places,
+              help="The tail also learns places: photos of one spot (a GSV-Cities place id, or within 25 m of each "
+                   "other) pulled together, other places pushed apart (multi-similarity loss over batches of places "
+                   "x photos), keeping the epoch with the best revisit recall on val. [default: wherever the train "
+                   "photos hold places]")
 @click.option("--workers", type=click.IntRange(0), default=TrainConfig.num_workers,
               help="Decoding processes (tail, finetune).")
 @device_option(TrainConfig.device)
 @runtime_option
 @index_dir_option
 @friendly_errors
-def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resume, workers, device, index_dir):
-    """Train for the index's cities; heads and curves are saved under <index>/heads/<mode>/.
+def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resume, places, workers, device,
+          index_dir):
+    """Train for the index's cities and places; heads and curves are saved under <index>/heads/<mode>/.
 
     By default (EfficientNet-Lite backbones) this first adapts the backbone to the index: its last two
-    stages are fine-tuned on the train photos (early-stopped on val loss), every photo is embedded again
-    with it, and the index is swapped for the re-embedded one. Then a linear probe is trained and kNN
-    (space, k, vote, temperature) is tuned on val, on the new embeddings.
+    stages are fine-tuned on the train photos for the cities and, where photos share a spot, for the places
+    (early-stopped on val's revisit recall, else val loss), every photo is embedded again with it, and the
+    index is swapped for the re-embedded one. Then a linear probe is trained and kNN (space, k, vote,
+    temperature) and the street-level GPS answer are tuned on val, on the new embeddings.
     """
     from .pipeline import train as train_index
 
     config = TrainConfig(mode=mode, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                         patience=patience, resume=resume, num_workers=workers, device=device)
+                         patience=patience, resume=resume, places=places, num_workers=workers, device=device)
     train_index(index_name, config=config, index_dir=index_dir, log=click.echo)
 
 

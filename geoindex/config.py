@@ -99,6 +99,7 @@ class TrainConfig(_Config):
     batch_size: int | None = None
     patience: int | None = None
     resume: bool = False            # whole-backbone fine-tuning only; the tail resumes by itself
+    places: bool | None = None      # the tail also learns places (None: where the train photos hold them)
     num_workers: int | None = None
     device: str = "auto"
 

@@ -63,7 +63,8 @@ def _train_locked(index, config: TrainConfig, tune: bool, progress: bool, log) -
     if mode == "tail":
         tail = config.for_mode("tail")
         adapted = adapt_index(index, epochs=tail["epochs"], lr=tail["lr"], weight_decay=tail["weight_decay"],
-                              batch_size=tail["batch_size"], patience=tail["patience"], device=config.device,
+                              batch_size=tail["batch_size"], patience=tail["patience"], places=config.places,
+                              device=config.device,
                               num_workers=config.num_workers, progress=progress, log=log)
         index = adapted.index
         # The head after adaptation is the probe, with the probe's own defaults: the options named the tail's.

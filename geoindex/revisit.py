@@ -97,6 +97,15 @@ def masked_top_k(queries: np.ndarray, gallery: np.ndarray, query_rows: np.ndarra
     return sims, ids
 
 
+def recall_within(neighbour_ids: np.ndarray, lat, lon, rows: np.ndarray) -> dict:
+    """recall@1/5/10 within SPOT_M: the share of query rows with a neighbour (ids into lat/lon, -1 for none)
+    that close among the first n."""
+    metres = haversine_km(lat[rows][:, None], lon[rows][:, None], lat[np.clip(neighbour_ids, 0, None)],
+                          lon[np.clip(neighbour_ids, 0, None)]) * 1000
+    hit = (neighbour_ids >= 0) & (metres <= SPOT_M)
+    return {f"r@{n}_25m": float(hit[:, :n].any(axis=1).mean()) if len(rows) else float("nan") for n in RECALL_AT}
+
+
 class RevisitSet:
     """The dated, located photos of chosen splits of an index (their stored embeddings): the protocol's table."""
 
@@ -317,10 +326,7 @@ def revisit_report(index, knn, split: str = "test") -> dict:
 
     def recall(space):
         sims, ids = data.neighbours(rows, k, space)
-        metres = haversine_km(true_lat[:, None], true_lon[:, None], data.lat[np.clip(ids, 0, None)],
-                              data.lon[np.clip(ids, 0, None)]) * 1000
-        hit = (ids >= 0) & (metres <= SPOT_M)
-        return {f"r@{n}_25m": float(hit[:, :n].any(axis=1).mean()) for n in RECALL_AT}, sims, ids
+        return recall_within(ids, data.lat, data.lon, rows), sims, ids
 
     street = knn.settings.street or {}
     street_space = knn.settings.street_whitening

@@ -81,17 +81,25 @@ def save_curves(history: pd.DataFrame, folder: Path, title: str, kept_epoch: int
     # criterion adds (a recall) beside them.
     figures = [c[len("train_"):] for c in history.columns if c.startswith("train_") and f"val_{c[6:]}" in history]
     figures = figures or ["loss"]
+    # Figures only validation measures (a revisit recall) share one panel
+    val_only = [c for c in history.columns if c.startswith("val_") and f"train_{c[4:]}" not in history]
+    if val_only and history[val_only].notna().any().any():
+        figures.append(None)
     fig, axes = plt.subplots(1, len(figures), figsize=(5 * len(figures), 4), squeeze=False)
     epochs = history["epoch"].tolist()
     for ax, figure in zip(axes[0], figures):
-        for split in ("train", "val"):
+        if figure is None:
+            for column in val_only:
+                ax.plot(history["epoch"], history[column], marker="o", label=_figure_name(column[len("val_"):]))
+            ax.set(xlabel="epoch", ylabel="share of val queries", title="val revisits", ylim=(0, 1))
+        for split in ("train", "val") if figure is not None else ():
             if f"{split}_{figure}" in history:
                 ax.plot(history["epoch"], history[f"{split}_{figure}"], marker="o", label=split)
         if figure == "loss":
             ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
         elif figure == "accuracy":
             ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
-        else:
+        elif figure is not None:
             ax.set(xlabel="epoch", ylabel=figure, title=figure)
         # Epochs are whole numbers: a tick at each when they are few (MaxNLocator(integer=True) still draws 0.96,
         # 0.98, ... around a single epoch), whole-number ticks when they are many.
@@ -109,6 +117,14 @@ def save_curves(history: pd.DataFrame, folder: Path, title: str, kept_epoch: int
     with atomic_path(folder / CURVES) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def _figure_name(column: str) -> str:
+    """"r5_25m" -> "recall@5 within 25 m"; other names as they are."""
+    import re
+
+    found = re.fullmatch(r"r(\d+)_(\d+)m", column)
+    return f"recall@{found[1]} within {found[2]} m" if found else column.replace("_", " ")
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -305,7 +321,11 @@ class TrainingLoop:
 
     # -------------------------------------------------------------- epochs
     def _batches(self, batches: Iterable, loss_fn, forward, train: bool, desc: str, on_batch=None) -> dict:
-        """One pass; returns {"loss", "accuracy"} averaged over the examples whose label is not -1, and "count"."""
+        """One pass; returns {"loss", "accuracy"} averaged over the examples whose label is not -1, and "count".
+
+        Targets are a label per example, or a (B, C) table whose column 0 is the label and whose other columns are
+        what the loss needs besides (a photo's row, for a loss over pairs); outputs are logits, or a tuple whose
+        first item is the logits (and the rest what the loss reads, such as the embeddings)."""
         from tqdm.auto import tqdm
 
         forward = forward or self.model
@@ -315,12 +335,15 @@ class TrainingLoop:
                                                  leave=False, unit="batch") as bar:
             for x, y in bar:
                 y = y.to(self.device, non_blocking=True)
-                valid = y >= 0
+                labels = y if y.dim() == 1 else y[:, 0]
+                valid = labels >= 0
                 if not bool(valid.any()):  # every photo of the batch unreadable: nothing to learn, no NaN loss
                     continue
                 with torch.autocast(self.device.type, dtype=torch.float16, enabled=amp):
                     out = forward(x.to(self.device, non_blocking=True))
-                    loss = loss_fn(out.float(), y)
+                    out = tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+                    loss = loss_fn(out, y)
+                logits = out[0] if isinstance(out, tuple) else out
                 if train:
                     self.optimizer.zero_grad(set_to_none=True)
                     self.scaler.scale(loss).backward()
@@ -329,7 +352,7 @@ class TrainingLoop:
                 n = int(valid.sum())
                 total += loss.item() * n
                 if self.settings.track_accuracy:
-                    correct += int((out.argmax(1) == y)[valid].sum())
+                    correct += int((logits.argmax(1) == labels)[valid].sum())
                 count += n
                 if on_batch is not None:
                     on_batch(len(y))

@@ -1,0 +1,109 @@
+"""Places for metric learning (geoindex.places): grouping photos into places, P x K batches, pair masks and the
+multi-similarity loss with its miner."""
+import math
+
+import numpy as np
+import torch
+
+from geoindex.places import group_places, multi_similarity_loss, pair_masks, place_batches
+from geoindex.training import epoch_generator
+
+# Metres to degrees of latitude
+M = 1 / 111_195
+
+
+def test_photos_within_25_m_form_a_place_and_a_lone_photo_none():
+    lat = np.array([51.5, 51.5 + 10 * M, 51.5 + 20 * M, 51.6, 51.6 + 5 * M, 51.7, np.nan])
+    lon = np.full(len(lat), -0.1)
+    places = group_places(lat, lon)
+    assert places[0] == places[1] == places[2] >= 0
+    assert places[3] == places[4] >= 0 and places[3] != places[0]
+    assert places[5] == -1 and places[6] == -1  # alone at its spot; no coordinates
+    assert sorted(set(places[places >= 0])) == [0, 1]
+
+
+def test_a_place_is_centred_on_the_busiest_spot_not_chained_along_a_street():
+    # Photos every 20 m along a street: a chain of "within 25 m" would make one place of all of them
+    lat = 51.5 + np.arange(10) * 20 * M
+    places = group_places(lat, np.zeros(10))
+    for p in set(places[places >= 0]):
+        members = lat[places == p]
+        assert (members.max() - members.min()) / M <= 2 * 25 + 1e-6
+
+
+def test_place_ids_win_over_coordinates():
+    lat = np.array([51.5, 51.5, 51.5, 51.5])
+    places = group_places(lat, np.zeros(4), place_id=np.array([7, 7, 9, -1]))
+    assert places[0] == places[1] and places[2] == -1 and places[3] == -1  # place 9 has one photo
+
+
+def test_place_batches_hold_p_places_of_k_photos_and_repeat_per_epoch():
+    places = np.repeat(np.arange(10), 6)  # 10 places of 6 photos
+    places = np.concatenate([places, [-1, -1]])
+    batches = list(place_batches(places, 4, 3, epoch_generator(0, 1)))
+    again = list(place_batches(places, 4, 3, epoch_generator(0, 1)))
+    other = list(place_batches(places, 4, 3, epoch_generator(0, 2)))
+    assert [b.tolist() for b in batches] == [b.tolist() for b in again]
+    assert [b.tolist() for b in batches] != [b.tolist() for b in other]
+    seen = np.concatenate(batches)
+    assert len(set(places[seen])) == 10 and -1 not in places[seen]  # every place once, lone photos never
+    for batch in batches:
+        counts = np.bincount(places[batch])
+        assert set(counts[counts > 0]) == {3}
+    assert [len(set(places[b])) for b in batches] == [4, 4, 2]
+
+
+def test_pair_masks_use_place_ids_and_distance():
+    rows = torch.arange(4)
+    places = torch.tensor([0, 0, -1, -1])
+    lat = torch.tensor([51.5, 51.5 + 60 * M, 51.5 + 10 * M, 51.5 + 1000 * M], dtype=torch.float64)
+    lon = torch.zeros(4, dtype=torch.float64)
+    same, apart = pair_masks(rows, places, lat, lon)
+    assert same[0, 1] and same[1, 0]          # one place id, 60 m apart
+    assert same[0, 2] and not apart[0, 2]     # 10 m apart
+    assert not same[1, 2] and not apart[1, 2]  # 50 m: neither pulled nor pushed
+    assert apart[0, 3] and apart[2, 3]        # 1 km
+    assert not same.diagonal().any() and not apart.diagonal().any()
+
+
+def test_multi_similarity_loss_matches_the_formula_and_mines():
+    e = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]), dim=1)
+    same = torch.tensor([[0, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    apart = torch.tensor([[0, 0, 1], [0, 0, 1], [1, 1, 0]], dtype=torch.bool)
+    loss = multi_similarity_loss(e, same, apart, alpha=2.0, beta=40.0, base=0.5, epsilon=0.1)
+    s = e @ e.T
+    # anchor 0: positive 1 (s=0.8) kept as 0.8-0.1 < max neg (0.0)? no: not kept; negative 2 (0.0) kept as
+    # 0.0+0.1 > min pos 0.8? no: not kept -> anchor 0 has nothing mined
+    # anchor 1: positive 0 (0.8) vs hardest negative 2 (0.6): 0.7 < 0.6? no; negative 2: 0.7 > 0.8? no
+    assert float(loss) == 0.0
+    # Make anchor 1's negative hard: both pairs are mined, the loss is the formula's
+    e2 = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.7, 0.71]]), dim=1)
+    loss = multi_similarity_loss(e2, same, apart, alpha=2.0, beta=40.0, base=0.5, epsilon=0.1)
+    s = e2 @ e2.T
+    expected = []
+    for anchor, pos, neg in ((0, 1, 2), (1, 0, 2)):
+        if s[anchor, pos] - 0.1 < s[anchor, neg] and s[anchor, neg] + 0.1 > s[anchor, pos]:
+            expected.append(math.log1p(math.exp(-2 * (s[anchor, pos] - 0.5))) / 2
+                            + math.log1p(math.exp(40 * (s[anchor, neg] - 0.5))) / 40)
+    assert expected  # the example does mine something
+    assert abs(float(loss) - sum(expected) / len(expected)) < 1e-5
+
+
+def test_multi_similarity_loss_pulls_places_together():
+    torch.manual_seed(0)
+    e = torch.randn(8, 16, requires_grad=True)
+    places = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    same = (places[:, None] == places[None, :]) & ~torch.eye(8, dtype=torch.bool)
+    apart = places[:, None] != places[None, :]
+    optimizer = torch.optim.SGD([e], lr=0.5)
+    first = None
+    for _ in range(50):
+        loss = multi_similarity_loss(torch.nn.functional.normalize(e, dim=1), same, apart)
+        first = loss.item() if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    x = torch.nn.functional.normalize(e.detach(), dim=1)
+    s = x @ x.T
+    assert float(loss) < first / 2
+    assert bool((s[same].min() > s[apart].max()))  # every place's photos nearer each other than to any other place
