@@ -97,6 +97,10 @@ def main():
 @click.option("--weights", default=None, help="A state-dict file, or 'none' for seeded random weights "
               "[default: the library's pretrained weights from its cache].")
 @click.option("--name", default=None, help="Index name [default: <data folder>-<backbone>].")
+@click.option("--features-from", "features_from", default=BuildConfig.features_from, metavar="NAME",
+              help="Embed with index NAME's backbone and tuned weights and copy its kNN settings (street-level GPS "
+                   "calibration included); no split: every photo is searchable, NAME did the training and tuning. "
+                   "Run `geoindex train --index NAME` first.")
 @click.option("--per-city", type=click.IntRange(1), default=BuildConfig.per_city,
               help="Use about N images per city (whole places).")
 @click.option("--image-size", type=click.IntRange(16), default=ExtractionConfig.image_size,
@@ -126,8 +130,9 @@ def main():
               "[default: a private Ray instance on this machine].")
 @index_dir_option
 @friendly_errors
-def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, per_city, image_size, batch_size, workers,
-          device, index_type, old_index_type, seed, dtype, overwrite, max_pixels, engine, ray_address, index_dir):
+def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, features_from, per_city, image_size,
+          batch_size, workers, device, index_type, old_index_type, seed, dtype, overwrite, max_pixels, engine,
+          ray_address, index_dir):
     """Embed every image, split by place or map cell (80/10/10), and index the train split.
 
     An interrupted build resumes when the same command is run again.
@@ -145,7 +150,7 @@ def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, per
         index_type = old_index_type
     config = BuildConfig(per_city=per_city, follow_symlinks=follow_symlinks, max_pixels=max_pixels, split_by=split_by,
                          cell_km=cell_km, seed=seed, dtype=dtype, index_type=index_type,
-                         engine=get_engine(engine, address=ray_address),
+                         engine=get_engine(engine, address=ray_address), features_from=features_from,
                          extraction=ExtractionConfig(batch_size=batch_size, num_workers=workers, device=device,
                                                      image_size=image_size))
     report = build_index(data, name=name, backbone=backbone, config=config, weights=weights, index_dir=index_dir,
@@ -153,8 +158,19 @@ def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, per
     m = report.manifest
     click.echo(f"\nindex {report.name!r} written to {report.path}")
     click.echo(f"  backbone   {m['backbone']} ({m['weights']['source']} weights), {m['embed_dim']}-d")
-    click.echo("  images     " + ", ".join(f"{s} {m['counts'][s]}" for s in ("train", "val", "test"))
-               + f" across {len(m['classes'])} cities")
+    source = m.get("features_from")
+    if source:
+        click.echo(f"  features   from index {source['name']!r} ({'adapted' if source.get('adapted') else 'not adapted'}"
+                   f", build {source['build_id']})")
+        for part in source["copied"] or ["nothing but its backbone: it has no tuned weights or kNN tuning"]:
+            click.echo(f"  copied     {part}")
+        for part in source["not_copied"]:
+            click.echo(f"  not copied {part}")
+        click.echo(f"  images     {m['counts']['train']} searchable across {len(m['classes'])} cities (no split: "
+                   f"{source['name']!r} did the training and tuning)")
+    else:
+        click.echo("  images     " + ", ".join(f"{s} {m['counts'][s]}" for s in ("train", "val", "test"))
+                   + f" across {len(m['classes'])} cities")
     click.echo(f"  embedded   {report.extracted_rows} photo(s) this run, {report.failed_rows} unreadable"
                + (f", {report.resumed_rows} reused from checkpoints or the replaced index" if report.resumed_rows else "")
                + (f"; {report.images_per_second:.1f} photos/s" if report.extracted_rows else ""))
