@@ -215,7 +215,8 @@ def query(photos, index_name, k, vote_method, temperature, backbone, as_json, as
           index_dir):
     """Which city? Top-5 cities, a GPS estimate and the nearest indexed photos, per photo.
 
-    PHOTOS are image files or folders (a folder stands for its images, sorted by name). The answer leads with
+    PHOTOS are image files, folders (a folder stands for its images, sorted by name) or CSV manifests (the photos
+    of their path column, relative to the CSV's folder, in the CSV's order). The answer leads with
     the method most accurate on the index's validation split (kNN, the classifier, or their fusion) and shows
     the others beside it. Every photo that can be read is answered; each one that cannot is reported, in
     order (exit status 1).
@@ -268,18 +269,30 @@ def query(photos, index_name, k, vote_method, temperature, backbone, as_json, as
 
 
 def _expand_photo_arguments(arguments) -> list[str]:
-    """Files as given; a folder becomes its image files (by extension, not recursive), sorted by name."""
+    """Files as given; a CSV manifest becomes the photos it lists, in its order (its path column, relative to the
+    CSV's folder); a folder becomes its image files (by extension), sorted by name. A folder with none at its top
+    level is a dataset: read through its one CSV manifest when it has one, else its image files at any depth."""
     import os
 
+    from .data.manifest import find_manifest_in, listed_photos
     from .images import IMAGE_EXTENSIONS
+
+    def is_image(name):
+        return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
     photos = []
     for argument in arguments:
         if os.path.isdir(argument):
-            found = sorted(e.path for e in os.scandir(argument)
-                           if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and e.is_file())
+            found = sorted(e.path for e in os.scandir(argument) if is_image(e.name) and e.is_file())
+            if not found:
+                manifest = find_manifest_in(Path(argument))
+                found = listed_photos(manifest) if manifest is not None else sorted(
+                    os.path.join(top, name) for top, _, names in os.walk(argument) for name in names if is_image(name))
             if not found:
                 raise click.UsageError(f"{argument}: a folder with no image files ({', '.join(IMAGE_EXTENSIONS)})")
             photos.extend(found)
+        elif argument.lower().endswith(".csv") and os.path.isfile(argument):
+            photos.extend(listed_photos(argument))
         else:
             photos.append(argument)  # a missing or unreadable file is reported in its place, not fatal
     return photos
@@ -400,12 +413,16 @@ def indexes_command(index_dir, as_json):
             rows.append([e["name"], e["status"].upper()] + [""] * 9)
             notes.append(f"{e['name']}: {e['reason']}")
             continue
-        counts, adapted = m["counts"], m.get("adapted") or {}
-        rows.append([m["name"], m["backbone"], "adapted" if adapted else m["weights"]["source"],
+        counts, adapted, source = m["counts"], m.get("adapted") or {}, m.get("features_from")
+        if source:  # its weights and kNN settings are another index's: say whose
+            adapted = source.get("adapted") or {}
+        rows.append([m["name"], m["backbone"],
+                     f"from {source['name']}" if source else "adapted" if adapted else m["weights"]["source"],
                      f"{adapted.get('mode', 'yes')}, epoch {adapted['best_epoch']}" if adapted.get("best_epoch")
                      else "yes" if adapted else "no",
                      m["index"]["type"], str(counts["train"]), str(counts["val"]), str(counts["test"]),
-                     str(len(m["classes"])), _trained_summary(Path(e["path"])),
+                     str(len(m["classes"])),
+                     f"features from {source['name']}" if source else _trained_summary(Path(e["path"])),
                      str(m["created"])[:16].replace("T", " ") + ("  SYNTHETIC data" if m.get("synthetic") else "")])
         if e.get("unfinished"):
             notes.append(f"{m['name']}: {e['unfinished']}")
@@ -512,8 +529,13 @@ def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resu
     with it, and the index is swapped for the re-embedded one. Then a linear probe is trained and kNN
     (space, k, vote, temperature) is tuned on val, on the new embeddings.
     """
+    from .features_from import refuse_training
+    from .integrity import read_manifest
+    from .locate import default_index_name, resolve_index_path
     from .pipeline import train as train_index
 
+    # Refused before anything loads: an index built with --features-from has nothing to train on.
+    refuse_training(read_manifest(resolve_index_path(index_name or default_index_name(index_dir), index_dir)))
     config = TrainConfig(mode=mode, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                          patience=patience, resume=resume, num_workers=workers, device=device)
     train_index(index_name, config=config, index_dir=index_dir, log=click.echo)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BackboneMismatch, GeoindexError
-from .layout import KNN_PARAMS, MANIFEST, STREET_INDEX, STREET_WHITENING, TUNED_WEIGHTS, WHITENED_INDEX, WHITENING
+from .layout import KNN_PARAMS, STREET_INDEX, STREET_WHITENING, TUNED_WEIGHTS, WHITENED_INDEX, WHITENING
 
 NOT_COPIED = ("heads (probe, fine-tuned) and the hybrid fusion: chosen on its validation photos for its cities; "
               "answers lead with kNN")
@@ -206,14 +206,7 @@ def refuse_training(index_or_manifest) -> None:
     if source:
         name, origin = manifest.get("name"), source.get("name")
         raise GeoindexError(f"index {name!r} was built with --features-from {origin}: it has no split to train on "
-                            f"(every photo is searchable) and {origin!r}'s tuning applies; train {origin!r} instead "
+                            f"(every photo is searchable) and the tuning of {origin!r} applies; train {origin!r} instead "
                             f"(`geoindex train --index {origin}`), then rebuild {name!r} with the same `geoindex build "
                             f"--features-from {origin} ... --overwrite`")
 
-
-def manifest_of(folder) -> dict | None:
-    """The manifest at `folder`, or None (the caller's own checks say why)."""
-    try:
-        return json.loads((Path(folder) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
