@@ -283,9 +283,15 @@ def _run_bench(index, methods, split, out, external, log, **bench_kwargs) -> dic
         raise GeoindexError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
     if split == "val" and {"hybrid", "knn"} & set(methods):
         log("NOTE: scoring on val, the split that tunes kNN and the fusion: these figures are optimistic")
+    source = index.manifest.get("features_from")
+    no_split = bool(source) and not index.store.count(split)
+    if no_split and not external:
+        raise GeoindexError(f"index {index.name!r} has no {split} split to score: it was built with --features-from "
+                            f"{source['name']} (every photo is searchable); score it on other photos with `geoindex "
+                            f"bench --index {index.name} --external CSV`, or bench {source['name']!r}")
     bench = Bench(index, methods, log=log, **bench_kwargs)
     out = Path(out) if out else Path(index.path) / BENCH_DIR
-    sets = [Photos.of_split(index, split)]
+    sets = [] if no_split else [Photos.of_split(index, split)]
     external_report = None
     if external:
         photos, external_report = external_photos(index, external, log, bench.embed_kwargs)

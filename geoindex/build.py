@@ -34,7 +34,7 @@ import pandas as pd
 
 from . import __version__
 from .backbones import Backbone, create_backbone
-from .data import SPLITS, limit_per_city, order_by_split, scan_dataset, split_records
+from .data import SPLITS, SplitInfo, limit_per_city, order_by_split, scan_dataset, split_records
 from .errors import GeoindexError
 from .extraction import prepare_runtime, resolve_device
 from .fileio import (MARKER, STAGING, atomic_path, check_index_name, fault_point, index_home, made_by_geoindex,
@@ -354,6 +354,8 @@ def build_index(data, *, name: str | None = None, backbone: str | Backbone = "au
     index is rebuilt (it keeps answering queries until the new one replaces it), reusing the embeddings of
     photos that did not change: this is how photos are added to an index.
     engine: "local", "ray" or a geoindex.engines engine (e.g. get_engine("ray", address=...)).
+    features_from: an index (name, path or GeoIndex) that did the training and tuning: embed with its backbone and
+    tuned weights, copy its kNN settings, and make every photo searchable (no split; geoindex.features_from).
     """
     config = _with_options(config or BuildConfig(), options)
     if config.index_type not in INDEX_TYPES:
@@ -362,17 +364,27 @@ def build_index(data, *, name: str | None = None, backbone: str | Backbone = "au
         raise GeoindexError("dtype must be float16 or float32")
     if config.max_pixels is not None and config.max_pixels < 1:
         raise GeoindexError("max_pixels must be positive")
-    if isinstance(backbone, str) and backbone == "auto":
-        backbone, reason = choose_default_backbone()
-        log(f"backbone: {backbone} ({reason})")
-    backbone_name = backbone if isinstance(backbone, str) else backbone.name
+    source = config.features_from
+    if source is not None:
+        from .features_from import check_options
+        check_options(config, backbone=backbone, weights=weights)
+        backbone_name = f"from-{Path(str(getattr(source, 'name', source))).name}"
+    else:
+        if isinstance(backbone, str) and backbone == "auto":
+            backbone, reason = choose_default_backbone()
+            log(f"backbone: {backbone} ({reason})")
+        backbone_name = backbone if isinstance(backbone, str) else backbone.name
     name = check_index_name(name) if name is not None else \
-        f"{name_from(Path(data).expanduser().resolve().stem)}-{backbone_name}"
+        check_index_name(name_from(f"{Path(data).expanduser().resolve().stem}-{backbone_name}"))
     home = index_home(index_dir)
     home.mkdir(parents=True, exist_ok=True)
     job = _BuildJob(BuildPaths(home, name), config, weights, overwrite, progress, on_batch, log)
     with IndexLock(home, name), _sigterm_as_interrupt(job.state):
-        return _build_locked(job, data, backbone)
+        if source is None:
+            return _build_locked(job, data, backbone)
+        from .features_from import feature_source
+        with feature_source(source, index_dir=home, building=job.paths.target, log=log) as job.source:
+            return _build_locked(job, data, backbone)
 
 
 def _with_options(config: BuildConfig, options: dict) -> BuildConfig:
@@ -396,6 +408,7 @@ class _BuildJob:
     on_batch: Callable[[int], None] | None = None
     log: Callable[[str], None] = print
     state: dict = field(default_factory=lambda: {"terminated": False})
+    source: object = None  # features_from.FeatureSource: the index whose features and kNN settings are borrowed
 
 
 def _build_locked(job: _BuildJob, data, backbone) -> BuildReport:
@@ -416,7 +429,7 @@ def _build_locked(job: _BuildJob, data, backbone) -> BuildReport:
         if not overwrite:
             raise GeoindexError(f"index {name!r} already exists at {target}; pass --overwrite to rebuild it "
                                 "(unchanged photos are not embedded again) or --name to build another")
-        trained = _trained_parts(target)
+        trained = _trained_parts(target) if job.source is None else []
         if trained:
             log(f"note: the rebuilt index {name!r} will not have what `geoindex train` added to this one "
                 f"({', '.join(trained)}): they were made for its old embeddings; run `geoindex train` again afterwards")
@@ -432,7 +445,17 @@ def _build_locked(job: _BuildJob, data, backbone) -> BuildReport:
     records = records.sort_values("path", kind="stable").reset_index(drop=True)
     synthetic = (Path(dataset.root) / SYNTHETIC_MARKER).exists()
     device = resolve_device(extraction.device)
-    if isinstance(backbone, str):
+    if job.source is not None:
+        from .features_from import check_backbone
+        source = job.source
+        backbone = create_backbone(source.manifest["backbone"], weights=source.weights_argument(),
+                                   image_size=source.manifest["image_size"], device=device)
+        check_backbone(source, backbone)
+        if config.max_pixels == BuildConfig.max_pixels and source.max_pixels != config.max_pixels:
+            config = job.config = config.replace(max_pixels=source.max_pixels)  # decoded as NAME's photos were
+        log(f"features from index {source.name!r}: {backbone.name} at {backbone.image_size} px, "
+            f"{'tuned ' if source.manifest.get('adapted') else ''}{backbone.weights.source} weights")
+    elif isinstance(backbone, str):
         backbone = create_backbone(backbone, weights=job.weights, image_size=extraction.image_size, device=device)
     embedding_plan = _embedding_plan(backbone, config.max_pixels)
 
@@ -548,10 +571,15 @@ def _run(job: _BuildJob, cache: EmbeddingCache, records: pd.DataFrame, dataset, 
                                    mtime_ns=[keys[i][2] for i in np.flatnonzero(ok)],
                                    digest=[digests[i] for i in np.flatnonzero(ok)],
                                    _source=source[ok], _row=row_in_source[ok])
-    split, split_info = split_records(decodable, config.seed, config.fractions, config.split_by, config.cell_km)
+    if job.source is not None:  # the source index did the training and tuning: everything is searchable
+        split = pd.Series("train", index=decodable.index, dtype=object)
+        split_info = SplitInfo("none", config.seed, (1.0, 0.0, 0.0))
+        log(f"split: none, every photo is searchable (index {job.source.name!r} did the training and tuning)")
+    else:
+        split, split_info = split_records(decodable, config.seed, config.fractions, config.split_by, config.cell_km)
+        log(f"split: by {split_info.by}" + (f" ({config.cell_km:g} km cells)" if split_info.by == "cell" else ""))
     settings.split_info = split_info
     decodable = decodable.assign(split=split)
-    log(f"split: by {split_info.by}" + (f" ({config.cell_km:g} km cells)" if split_info.by == "cell" else ""))
     if split_info.warning:
         log(f"WARNING: {split_info.warning}")
     if split_info.small_cities:
@@ -652,8 +680,12 @@ def _assemble(job: _BuildJob, ordered: pd.DataFrame, cache: EmbeddingCache, back
                             f[split]["embeddings"][pos[order]] = vectors[sel][order].astype(dtype)
     fault_point("h5")
 
+    features_from = None
     with EmbeddingStore(out / EMBEDDINGS) as store:
         index_info = _build_faiss(store, out, index_type, config.index_params, job.progress)
+        if job.source is not None:
+            from .features_from import copy_into
+            features_from = copy_into(job.source, out, store, settings.build_id)
     fault_point("index")
 
     write_json_atomic(out / SKIPPED, {"skipped": skipped, "duplicates": duplicates})
@@ -698,6 +730,12 @@ def _assemble(job: _BuildJob, ordered: pd.DataFrame, cache: EmbeddingCache, back
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "files": describe_files(out, INDEX_FILES),
     }
+    if features_from is not None:
+        copied = tuple(features_from.pop("files"))
+        manifest["features_from"] = features_from
+        if TUNED_WEIGHTS in copied:  # the copy in this index, named relative to it and checked like its other files
+            manifest["weights"] = dict(job.source.manifest["weights"], path=TUNED_WEIGHTS)
+        manifest["files"] = describe_files(out, INDEX_FILES + copied)
     write_json_atomic(out / MANIFEST, manifest)
     fault_point("manifest")
     return manifest

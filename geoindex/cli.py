@@ -97,6 +97,10 @@ def main():
 @click.option("--weights", default=None, help="A state-dict file, or 'none' for seeded random weights "
               "[default: the library's pretrained weights from its cache].")
 @click.option("--name", default=None, help="Index name [default: <data folder>-<backbone>].")
+@click.option("--features-from", "features_from", default=BuildConfig.features_from, metavar="NAME",
+              help="Embed with index NAME's backbone and tuned weights and copy its kNN settings (street-level GPS "
+                   "calibration included); no split: every photo is searchable, NAME did the training and tuning. "
+                   "Run `geoindex train --index NAME` first.")
 @click.option("--per-city", type=click.IntRange(1), default=BuildConfig.per_city,
               help="Use about N images per city (whole places).")
 @click.option("--image-size", type=click.IntRange(16), default=ExtractionConfig.image_size,
@@ -126,8 +130,9 @@ def main():
               "[default: a private Ray instance on this machine].")
 @index_dir_option
 @friendly_errors
-def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, per_city, image_size, batch_size, workers,
-          device, index_type, old_index_type, seed, dtype, overwrite, max_pixels, engine, ray_address, index_dir):
+def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, features_from, per_city, image_size,
+          batch_size, workers, device, index_type, old_index_type, seed, dtype, overwrite, max_pixels, engine,
+          ray_address, index_dir):
     """Embed every image, split by place or map cell (80/10/10), and index the train split.
 
     An interrupted build resumes when the same command is run again.
@@ -145,7 +150,7 @@ def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, per
         index_type = old_index_type
     config = BuildConfig(per_city=per_city, follow_symlinks=follow_symlinks, max_pixels=max_pixels, split_by=split_by,
                          cell_km=cell_km, seed=seed, dtype=dtype, index_type=index_type,
-                         engine=get_engine(engine, address=ray_address),
+                         engine=get_engine(engine, address=ray_address), features_from=features_from,
                          extraction=ExtractionConfig(batch_size=batch_size, num_workers=workers, device=device,
                                                      image_size=image_size))
     report = build_index(data, name=name, backbone=backbone, config=config, weights=weights, index_dir=index_dir,
@@ -153,8 +158,19 @@ def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, per
     m = report.manifest
     click.echo(f"\nindex {report.name!r} written to {report.path}")
     click.echo(f"  backbone   {m['backbone']} ({m['weights']['source']} weights), {m['embed_dim']}-d")
-    click.echo("  images     " + ", ".join(f"{s} {m['counts'][s]}" for s in ("train", "val", "test"))
-               + f" across {len(m['classes'])} cities")
+    source = m.get("features_from")
+    if source:
+        click.echo(f"  features   from index {source['name']!r} ({'adapted' if source.get('adapted') else 'not adapted'}"
+                   f", build {source['build_id']})")
+        for part in source["copied"] or ["nothing but its backbone: it has no tuned weights or kNN tuning"]:
+            click.echo(f"  copied     {part}")
+        for part in source["not_copied"]:
+            click.echo(f"  not copied {part}")
+        click.echo(f"  images     {m['counts']['train']} searchable across {len(m['classes'])} cities (no split: "
+                   f"{source['name']!r} did the training and tuning)")
+    else:
+        click.echo("  images     " + ", ".join(f"{s} {m['counts'][s]}" for s in ("train", "val", "test"))
+                   + f" across {len(m['classes'])} cities")
     click.echo(f"  embedded   {report.extracted_rows} photo(s) this run, {report.failed_rows} unreadable"
                + (f", {report.resumed_rows} reused from checkpoints or the replaced index" if report.resumed_rows else "")
                + (f"; {report.images_per_second:.1f} photos/s" if report.extracted_rows else ""))
@@ -199,7 +215,8 @@ def query(photos, index_name, k, vote_method, temperature, backbone, as_json, as
           index_dir):
     """Which city? Top-5 cities, a GPS estimate and the nearest indexed photos, per photo.
 
-    PHOTOS are image files or folders (a folder stands for its images, sorted by name). The answer leads with
+    PHOTOS are image files, folders (a folder stands for its images, sorted by name) or CSV manifests (the photos
+    of their path column, relative to the CSV's folder, in the CSV's order). The answer leads with
     the method most accurate on the index's validation split (kNN, the classifier, or their fusion) and shows
     the others beside it. Every photo that can be read is answered; each one that cannot is reported, in
     order (exit status 1).
@@ -252,18 +269,30 @@ def query(photos, index_name, k, vote_method, temperature, backbone, as_json, as
 
 
 def _expand_photo_arguments(arguments) -> list[str]:
-    """Files as given; a folder becomes its image files (by extension, not recursive), sorted by name."""
+    """Files as given; a CSV manifest becomes the photos it lists, in its order (its path column, relative to the
+    CSV's folder); a folder becomes its image files (by extension), sorted by name. A folder with none at its top
+    level is a dataset: read through its one CSV manifest when it has one, else its image files at any depth."""
     import os
 
+    from .data.manifest import find_manifest_in, listed_photos
     from .images import IMAGE_EXTENSIONS
+
+    def is_image(name):
+        return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
     photos = []
     for argument in arguments:
         if os.path.isdir(argument):
-            found = sorted(e.path for e in os.scandir(argument)
-                           if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and e.is_file())
+            found = sorted(e.path for e in os.scandir(argument) if is_image(e.name) and e.is_file())
+            if not found:
+                manifest = find_manifest_in(Path(argument))
+                found = listed_photos(manifest) if manifest is not None else sorted(
+                    os.path.join(top, name) for top, _, names in os.walk(argument) for name in names if is_image(name))
             if not found:
                 raise click.UsageError(f"{argument}: a folder with no image files ({', '.join(IMAGE_EXTENSIONS)})")
             photos.extend(found)
+        elif argument.lower().endswith(".csv") and os.path.isfile(argument):
+            photos.extend(listed_photos(argument))
         else:
             photos.append(argument)  # a missing or unreadable file is reported in its place, not fatal
     return photos
@@ -384,12 +413,16 @@ def indexes_command(index_dir, as_json):
             rows.append([e["name"], e["status"].upper()] + [""] * 9)
             notes.append(f"{e['name']}: {e['reason']}")
             continue
-        counts, adapted = m["counts"], m.get("adapted") or {}
-        rows.append([m["name"], m["backbone"], "adapted" if adapted else m["weights"]["source"],
+        counts, adapted, source = m["counts"], m.get("adapted") or {}, m.get("features_from")
+        if source:  # its weights and kNN settings are another index's: say whose
+            adapted = source.get("adapted") or {}
+        rows.append([m["name"], m["backbone"],
+                     f"from {source['name']}" if source else "adapted" if adapted else m["weights"]["source"],
                      f"{adapted.get('mode', 'yes')}, epoch {adapted['best_epoch']}" if adapted.get("best_epoch")
                      else "yes" if adapted else "no",
                      m["index"]["type"], str(counts["train"]), str(counts["val"]), str(counts["test"]),
-                     str(len(m["classes"])), _trained_summary(Path(e["path"])),
+                     str(len(m["classes"])),
+                     f"features from {source['name']}" if source else _trained_summary(Path(e["path"])),
                      str(m["created"])[:16].replace("T", " ") + ("  SYNTHETIC data" if m.get("synthetic") else "")])
         if e.get("unfinished"):
             notes.append(f"{m['name']}: {e['unfinished']}")
@@ -503,8 +536,13 @@ def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resu
     index is swapped for the re-embedded one. Then a linear probe is trained and kNN (space, k, vote,
     temperature) and the street-level GPS answer are tuned on val, on the new embeddings.
     """
+    from .features_from import refuse_training
+    from .integrity import read_manifest
+    from .locate import default_index_name, resolve_index_path
     from .pipeline import train as train_index
 
+    # Refused before anything loads: an index built with --features-from has nothing to train on.
+    refuse_training(read_manifest(resolve_index_path(index_name or default_index_name(index_dir), index_dir)))
     config = TrainConfig(mode=mode, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                          patience=patience, resume=resume, places=places, num_workers=workers, device=device)
     train_index(index_name, config=config, index_dir=index_dir, log=click.echo)

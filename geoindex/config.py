@@ -83,6 +83,9 @@ class BuildConfig(_Config):
     checkpoint_rows: int = 2048
     checkpoint_seconds: float = 30.0
     engine: Any = "local"           # "local", "ray" or a geoindex.engines engine
+    # an index (name, path or GeoIndex) whose backbone, tuned weights and kNN settings the build borrows: no split,
+    # every photo searchable (geoindex.features_from)
+    features_from: Any = None
     extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
 
     def __post_init__(self):

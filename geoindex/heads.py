@@ -121,8 +121,10 @@ def train_probe(index, *, epochs=None, lr=None, weight_decay=1e-5, batch_size=No
                 progress=True, log=print) -> TrainResult:
     """Train a softmax head on the index's stored train embeddings, early-stopped on validation loss.
     Holds the index's lock (geoindex.locks): the head is saved into the index it was trained for, or not at all."""
+    from .features_from import refuse_training
     from .locks import writing_to
 
+    refuse_training(index)
     defaults = DEFAULTS["probe"]
     settings = dict(epochs=epochs or defaults["epochs"], lr=lr or defaults["lr"], weight_decay=weight_decay,
                     batch_size=batch_size or defaults["batch_size"], patience=patience, device=device, seed=seed)
@@ -217,8 +219,10 @@ def train_finetune(index, *, epochs=None, lr=None, weight_decay=1e-5, batch_size
 
     A checkpoint is written after every epoch; resume=True continues from it. Holds the index's lock.
     """
+    from .features_from import refuse_training
     from .locks import writing_to
 
+    refuse_training(index)
     defaults = DEFAULTS["finetune"]
     settings = dict(epochs=epochs or defaults["epochs"], lr=lr or defaults["lr"], weight_decay=weight_decay,
                     batch_size=batch_size or defaults["batch_size"], patience=patience, seed=seed,

@@ -10,7 +10,8 @@ geoindex, so listing, locking, serving and training code can all read it without
       embeddings.h5          EMBEDDINGS: per split, the embeddings and the photos' metadata
       faiss.index            FAISS_INDEX: the train embeddings' search index
       skipped.json           SKIPPED: the photos left out, with their reasons
-      backbone.pt            TUNED_WEIGHTS: an adapted index's own backbone (`train` adapts it)
+      backbone.pt            TUNED_WEIGHTS: an adapted index's own backbone (`train` adapts it), or the copy of
+                             the one `build --features-from NAME` embeds with
       heads/<mode>/          head_dir(mode): a head ("probe", "finetune") or a tuning ("knn", "hybrid", "tail")
         meta.json head.pt backbone.pt history.csv curves.png checkpoint.pt trunk_features.npz
       heads/knn/params.json whitening.npz whitened.faiss street_whitening.npz street.faiss

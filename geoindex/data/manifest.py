@@ -114,22 +114,41 @@ def read_csv_strings(path) -> pd.DataFrame:
         raise DatasetError(f"cannot read CSV {path}: {exc}") from None
 
 
+def osv5m_paths(root: Path, ids) -> list[str]:
+    """Where OSV-5M's photos of `ids` are: `<id>.jpg` beside the CSV, under images/, or anywhere below."""
+    found = {}
+    for candidate in (root, root / "images"):
+        found.update({i: str(Path(candidate) / f"{i}.jpg") for i in ids if (Path(candidate) / f"{i}.jpg").is_file()
+                      and i not in found})
+    missing = set(ids) - set(found)
+    if missing:
+        found.update(find_by_stem(root, missing))
+    return [found.get(i, os.path.abspath(root / f"{i}.jpg")) for i in ids]
+
+
+def listed_photos(csv_path) -> list[str]:
+    """The photos a CSV lists, in its order, for querying: its `path` column (relative to the CSV's folder, or
+    absolute), or OSV-5M's `id` column. No label is needed; a row without a path is kept as "" (reported in place)."""
+    csv_path = Path(csv_path).expanduser()
+    table = read_csv_strings(csv_path)
+    root = csv_path.parent
+    path_col = _column(table.columns, ("path",))
+    if path_col is not None:
+        return [os.path.normpath(p if os.path.isabs(p) else os.path.join(root, p)) if p.strip() else ""
+                for p in table[path_col]]
+    if is_osv5m(table.columns):
+        return osv5m_paths(root, table[_column(table.columns, ("id",))].str.strip())
+    raise DatasetError(f"{csv_path}: a CSV of photos to query needs a path column (relative to the CSV's folder, or "
+                       f"absolute), or OSV-5M's id column; found {', '.join(table.columns)}")
+
+
 def scan_manifest(csv_path, use_exif: bool = True) -> Dataset:
     csv_path = Path(csv_path).expanduser()
     table = read_csv_strings(csv_path)
     root = csv_path.parent
     if is_osv5m(table.columns):
         layout = "osv5m"
-        id_col = _column(table.columns, ("id",))
-        ids = table[id_col].str.strip()
-        found = {}
-        for candidate in (root, root / "images"):
-            found.update({i: str(Path(candidate) / f"{i}.jpg") for i in ids if (Path(candidate) / f"{i}.jpg").is_file()
-                          and i not in found})
-        missing = set(ids) - set(found)
-        if missing:
-            found.update(find_by_stem(root, missing))
-        paths = [found.get(i, os.path.abspath(root / f"{i}.jpg")) for i in ids]
+        paths = osv5m_paths(root, table[_column(table.columns, ("id",))].str.strip())
         city_col = _column(table.columns, ("city",))
         if city_col is None:
             raise DatasetError(f"{csv_path}: an OSV-5M CSV needs a city column to label photos")
