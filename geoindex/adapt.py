@@ -83,9 +83,11 @@ class _TailClassifier(nn.Module):
         return (logits, embeddings) if self.with_embeddings else logits
 
 
-class _Places:
+class TrainPlaces:
     """What the place objective reads: the train photos' places and coordinates (as tensors, indexed by a batch's
-    photo numbers), and the val photos that are revisit queries against the train and val photos."""
+    photo numbers), and val's revisit queries, asked against the val photos: a split by place or map cell keeps a
+    val spot's older captures in val, and leaving out the train photos makes the check a forward pass over val
+    alone, a few seconds an epoch."""
 
     def __init__(self, meta: dict, rows: dict, device):
         from .places import group_places
@@ -111,8 +113,7 @@ class _Places:
         n = self.n_train
         self.tensors = tuple(torch.as_tensor(a, device=self.device)
                              for a in (self.places, self.lat[:n], self.lon[:n]))
-        # Val's revisit queries, asked against every train and val photo (the bench rule, on what training sees)
-        self.query_rows = n + np.flatnonzero(revisit_queries(self.lat, self.lon, self.dates)[n:])
+        self.query_rows = np.flatnonzero(revisit_queries(self.lat[n:], self.lon[n:], self.dates[n:]))
 
     def drop_unreadable(self, labels: dict) -> None:
         """A photo that did not decode (label -1) is nobody's place and no revisit's query or match."""
@@ -139,13 +140,15 @@ class _Places:
         return objective
 
     def recall(self, vectors: np.ndarray) -> dict:
-        """recall@1/5/10 within 25 m of val's revisit queries, `vectors` being the train then the val photos'."""
+        """recall@1/5/10 within 25 m of val's revisit queries among the val photos (`vectors`, val's embeddings),
+        under the protocol's exclusions (the query itself, photos of its capture month)."""
         from .revisit import RECALL_AT, masked_top_k, recall_within
 
-        _, ids = masked_top_k(vectors[self.query_rows], vectors, self.query_rows, self.dates[self.query_rows],
-                              self.dates, max(RECALL_AT))
+        lat, lon, dates, rows = self.lat[self.n_train:], self.lon[self.n_train:], self.dates[self.n_train:], \
+            self.query_rows
+        _, ids = masked_top_k(vectors[rows], vectors, rows, dates[rows], dates, max(RECALL_AT))
         return {name.replace("@", ""): value  # r1_25m: a history column name without punctuation
-                for name, value in recall_within(ids, self.lat, self.lon, self.query_rows).items()}
+                for name, value in recall_within(ids, lat, lon, rows).items()}
 
 
 def _mean_recall(row: dict) -> float:
@@ -258,7 +261,7 @@ class TailTraining:
     and optimiser, each epoch's batches and the validation that chooses the kept epoch. `geoindex train` runs it
     with a checkpoint in the index; benchmarks/place.py runs it on the same features with other settings."""
 
-    def __init__(self, backbone, split, n_classes: int, settings: dict, places: "_Places | None" = None, *,
+    def __init__(self, backbone, split, n_classes: int, settings: dict, places: "TrainPlaces | None" = None, *,
                  seed: int = 0, device="cpu"):
         self.settings, self.places, self.seed, self.device = settings, places, seed, torch.device(device)
         torch.manual_seed(seed)
@@ -330,11 +333,13 @@ class TailTraining:
 
     def validate(self, features: dict, labels: dict) -> dict:
         # Unsmoothed, summed over chunks: the loss the kept epoch is chosen on (and its recorded figures).
-        total, correct, count = 0.0, 0, 0
+        total, correct, count, embedded = 0.0, 0, 0, []
         for start in range(0, len(labels["val"]), 256):
             y = torch.as_tensor(labels["val"][start:start + 256], device=self.device)
             out = self.model(torch.from_numpy(features["val"][start:start + 256]).to(self.device))
             logits = out[0] if isinstance(out, tuple) else out
+            if isinstance(out, tuple):
+                embedded.append(out[1].cpu().numpy())
             valid = y >= 0
             if valid.any():
                 total += nn.functional.cross_entropy(logits[valid], y[valid], reduction="sum").item()
@@ -342,7 +347,7 @@ class TailTraining:
                 count += int(valid.sum())
         figures = {"loss": total / max(1, count), "accuracy": correct / max(1, count)}
         if self.stop_on is VAL_REVISIT:
-            figures |= self.places.recall(np.concatenate([self.embed(features["train"]), self.embed(features["val"])]))
+            figures |= self.places.recall(np.concatenate(embedded))
         return figures
 
 
@@ -374,7 +379,7 @@ def _adapt_locked(index, settings: dict, tail_stages, device, num_workers, seed,
     rows = {"train": _sample(len(meta["train"]), MAX_TRAIN_PHOTOS, seed),
             "val": _sample(len(meta["val"]), MAX_VAL_PHOTOS, seed)}
     wanted = settings.pop("places")
-    places = _Places(meta, rows, device) if wanted is not False else None
+    places = TrainPlaces(meta, rows, device) if wanted is not False else None
     if places is not None and places.count < MIN_PLACES:
         if wanted:
             raise GeoindexError(f"the train photos of index {index.name!r} hold {places.count} places (photos within "

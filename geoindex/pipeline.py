@@ -53,13 +53,22 @@ def train(index=None, *, mode: str | None = None, config: TrainConfig | None = N
 
 def _train_locked(index, config: TrainConfig, tune: bool, progress: bool, log) -> TrainOutcome:
     from .adapt import adapt_index, is_adapted, wants_adaptation
+    from .features_from import refuse_training
     from .heads import train_finetune, train_probe
 
+    refuse_training(index)  # an index of another's features has nothing to train on
     mode, adapted = config.mode, None
     if mode == "auto":
         mode = "tail" if wants_adaptation(index) else "probe"
         if is_adapted(index):
             log(f"index {index.name!r} is already adapted to its cities; training the probe and tuning kNN")
+    if config.places and mode != "tail":
+        why = ("it is adapted already" if is_adapted(index) else
+               "it has no validation split" if not index.store.count("val") else
+               f"--mode {config.mode} trains no backbone" if config.mode != "auto" else
+               f"its backbone {index.manifest['backbone']!r} has no tail to train")
+        raise GeoindexError(f"--places trains the backbone's tail for places, which index {index.name!r} cannot "
+                            f"have: {why}; drop --places")
     if mode == "tail":
         tail = config.for_mode("tail")
         adapted = adapt_index(index, epochs=tail["epochs"], lr=tail["lr"], weight_decay=tail["weight_decay"],

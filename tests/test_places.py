@@ -1,8 +1,10 @@
 """Places for metric learning (geoindex.places): grouping photos into places, P x K batches, pair masks and the
 multi-similarity loss with its miner."""
+import json
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from geoindex.places import group_places, multi_similarity_loss, pair_masks, place_batches
@@ -105,5 +107,98 @@ def test_multi_similarity_loss_pulls_places_together():
         optimizer.step()
     x = torch.nn.functional.normalize(e.detach(), dim=1)
     s = x @ x.T
-    assert float(loss) < first / 2
+    assert loss.item() < first / 2
     assert bool((s[same].min() > s[apart].max()))  # every place's photos nearer each other than to any other place
+
+
+# ---------------------------------------------------------------------------- in `geoindex train`
+def _revisited_csv(root, places_per_city=70):
+    """Two cities of places 2 km apart, each photographed twice (2016, 2022): the later capture is a revisit query."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for c, (city, lat0, lon0) in enumerate((("London", 51.3, -0.3), ("Ottawa", 45.3, -75.8))):
+        (root / city).mkdir(parents=True)
+        for p in range(places_per_city):
+            pattern = rng.integers(0, 255, (6, 6, 3)).astype(np.float32)
+            lat, lon = lat0 + (p // 10) * 2000 * M, lon0 + (p % 10) * 0.03
+            for shot, yyyymm in enumerate((201605, 202208)):
+                noisy = np.clip(pattern * (0.8 + 0.4 * shot) + rng.normal(0, 20, pattern.shape), 0, 255)
+                image = Image.fromarray(noisy.astype(np.uint8)).resize((48, 48), Image.NEAREST)
+                path = root / city / f"{p:03d}_{shot}.jpg"
+                image.save(path, quality=90)
+                rows.append((f"{city}/{path.name}", city, lat + shot * 5 * M, lon, yyyymm))
+    import pandas as pd
+    pd.DataFrame(rows, columns=["path", "city", "lat", "lon", "yyyymm"]).to_csv(root / "index.csv", index=False)
+    return root / "index.csv"
+
+
+def test_train_learns_places_and_keeps_the_epoch_with_the_best_val_revisit_recall(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from geoindex import build_index
+    from geoindex.cli import main
+
+    csv = _revisited_csv(tmp_path / "data")
+    home = tmp_path / "home"
+    for name in ("places", "cities"):
+        build_index(csv, name=name, index_dir=home, backbone="effnet", weights="none", image_size=64, batch_size=32,
+                    num_workers=0, progress=False, log=lambda m: None)
+    result = CliRunner().invoke(main, ["train", "--index", "places", "--index-dir", str(home), "--epochs", "2",
+                                       "--workers", "0", "--device", "cpu"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "places of the train photos" in result.output and "revisit recall on val" in result.output
+    folder = home / "places" / "heads" / "tail"
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["objective"] == "city+places" and meta["places"] >= 100 and meta["val_revisit_queries"] >= 10
+    assert "revisit recall" in meta["stopped_on"]
+    history = pd_read(folder / "history.csv")
+    recall = history[["val_r1_25m", "val_r5_25m", "val_r10_25m"]].mean(axis=1)
+    assert meta["best_epoch"] == int(history["epoch"][recall.idxmax()])  # ties: the first such epoch
+    assert meta["best_val_r1_25m"] == history.loc[recall.idxmax(), "val_r1_25m"]
+    assert (folder / "curves.png").stat().st_size > 0
+    manifest = json.loads((home / "places" / "manifest.json").read_text())
+    assert manifest["adapted"]["objective"] == "city+places"
+
+    result = CliRunner().invoke(main, ["train", "--index", "cities", "--index-dir", str(home), "--epochs", "1",
+                                       "--no-places", "--workers", "0", "--device", "cpu"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((home / "cities" / "heads" / "tail" / "meta.json").read_text())
+    assert meta["objective"] == "city" and "places" not in meta and meta["stopped_on"] == "validation loss"
+    assert "val_r1_25m" not in pd_read(home / "cities" / "heads" / "tail" / "history.csv")
+
+
+def test_places_asked_for_where_they_cannot_be_learnt_is_one_line(tree, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from geoindex import adapt, build_index
+    from geoindex.cli import main
+    from geoindex.errors import GeoindexError
+    from geoindex.geo_index import load_index
+
+    options = dict(index_dir=tmp_path, backbone="effnet", weights="none", image_size=64, batch_size=8, num_workers=0,
+                   progress=False, log=lambda m: None)
+    build_index(tree, name="few", per_city=3, **options)  # no validation split: no tail training at all
+    result = CliRunner().invoke(main, ["train", "--index", "few", "--index-dir", str(tmp_path), "--places",
+                                       "--workers", "0", "--device", "cpu"])
+    assert result.exit_code == 1 and "--places trains the backbone's tail" in result.output
+    assert "no validation split" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "few" / "heads").exists()  # refused before any training
+
+    build_index(tree, name="ix", **options)
+    monkeypatch.setattr(adapt, "MIN_PLACES", 1000)
+    with pytest.raises(GeoindexError, match="training for places needs 1000 or more"):
+        adapt.adapt_index(load_index(tmp_path / "ix", device="cpu"), places=True, epochs=1, device="cpu",
+                          num_workers=0, progress=False, log=lambda m: None)
+    # Not asked for: the cities alone, said in the tail's meta
+    result = adapt.adapt_index(load_index(tmp_path / "ix", device="cpu"), epochs=1, device="cpu", num_workers=0,
+                               progress=False, log=lambda m: None)
+    assert json.loads((result.folder / "meta.json").read_text())["objective"] == "city"
+
+
+def pd_read(path):
+    import pandas as pd
+    return pd.read_csv(path)
