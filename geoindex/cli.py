@@ -536,13 +536,8 @@ def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resu
     index is swapped for the re-embedded one. Then a linear probe is trained and kNN (space, k, vote,
     temperature) and the street-level GPS answer are tuned on val, on the new embeddings.
     """
-    from .features_from import refuse_training
-    from .integrity import read_manifest
-    from .locate import default_index_name, resolve_index_path
     from .pipeline import train as train_index
 
-    # Refused before anything loads: an index built with --features-from has nothing to train on.
-    refuse_training(read_manifest(resolve_index_path(index_name or default_index_name(index_dir), index_dir)))
     config = TrainConfig(mode=mode, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                          patience=patience, resume=resume, places=places, num_workers=workers, device=device)
     train_index(index_name, config=config, index_dir=index_dir, log=click.echo)

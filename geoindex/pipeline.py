@@ -43,20 +43,20 @@ def train(index=None, *, mode: str | None = None, config: TrainConfig | None = N
         with index_lock(path, "train"):
             from .geo_index import load_index
             index = load_index(path, device=config.device)
-            log(f"training index {index.name!r} ({index.path})"
-                + ("" if named else ": the most recently built; --index NAME picks another"))
-            return _train_locked(index, config, tune, progress, log)
+            return _train_locked(index, config, tune, progress, log,
+                                 "" if named else ": the most recently built; --index NAME picks another")
     with index_lock(index.path, "train"):
-        log(f"training index {index.name!r} ({index.path})")
         return _train_locked(index, config, tune, progress, log)
 
 
-def _train_locked(index, config: TrainConfig, tune: bool, progress: bool, log) -> TrainOutcome:
-    from .adapt import adapt_index, is_adapted, wants_adaptation
+def _train_locked(index, config: TrainConfig, tune: bool, progress: bool, log, which: str = "") -> TrainOutcome:
     from .features_from import refuse_training
+
+    refuse_training(index)  # an index of another's features has nothing to train on: one line, nothing run
+    log(f"training index {index.name!r} ({index.path}){which}")
+    from .adapt import adapt_index, is_adapted, wants_adaptation
     from .heads import train_finetune, train_probe
 
-    refuse_training(index)  # an index of another's features has nothing to train on
     mode, adapted = config.mode, None
     if mode == "auto":
         mode = "tail" if wants_adaptation(index) else "probe"
