@@ -128,7 +128,11 @@ def _fast_jpeg(data: bytes, img: Image.Image) -> Image.Image | None:
                                        min_height=h, min_width=w, strict=True)
     except ValueError as exc:
         raise ImageError(f"corrupt or truncated image data ({str(exc).strip() or type(exc).__name__})") from None
-    return Image.fromarray(array, "RGB") if array.shape == (h, w, 3) else None
+    if array.shape != (h, w, 3):
+        return None
+    if (array[h - max(1, h // 64):] == 128).all():  # as _jpeg_padded, on the array
+        raise _padded_error(w, h)
+    return Image.frombytes("RGB", (w, h), array)  # PIL's one copy, into its own layout
 
 
 def _upright(img: Image.Image, exif_from: Image.Image) -> Image.Image:
@@ -159,8 +163,6 @@ def decode_image(data: bytes, draft_size: int | None = None, max_pixels: int | N
             if img.format in JPEG_FORMATS and jpeg_decoder() == "simplejpeg":
                 fast = _fast_jpeg(data, img)
                 if fast is not None:
-                    if _jpeg_padded(fast):
-                        raise _padded_error(w, h)
                     return _upright(fast, img)
             img.load()  # force the full decode now, so truncation is caught here
             if img.format in JPEG_FORMATS and _jpeg_padded(img):
