@@ -16,7 +16,8 @@ With --memory-sizes, full `build_index` runs at each size in fresh processes rep
 A runtime named `openvino-int8` is OpenVINO with the model quantized to int8 (`geoindex build --precision int8`),
 calibrated on --calibration photos that follow the measured ones in the list; it also reports each measured photo's
 cosine between its int8 and its fp32 embedding. With --stages, where one photo's CPU time goes on one thread: reading,
-decoding (simplejpeg and PIL), resizing and cropping to the uint8 tensor, normalising, and the model (each runtime).
+decoding (and simplejpeg's bare decode to an array, when installed), resizing and cropping to the uint8 tensor,
+normalising, and the model (each runtime).
 """
 from __future__ import annotations
 
@@ -65,24 +66,21 @@ def stages(backbone, paths, labels, calibration, device, batch_size, repeats=3) 
     transform, n = backbone.transform, len(paths)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    old = os.environ.get(images.DECODER_ENV)
     try:
         data = [images.read_image_bytes(p) for p in paths]
-        out = {"read": cpu_ms(lambda: [images.read_image_bytes(p) for p in paths], n)}
-        for decoder in ("simplejpeg", "pil"):
-            os.environ[images.DECODER_ENV] = decoder
-            out[f"decode ({decoder})"] = cpu_ms(
-                lambda: [images.decode_image(d, draft_size=transform.resize_size) for d in data], n)
+        out = {"read": cpu_ms(lambda: [images.read_image_bytes(p) for p in paths], n),
+               "decode": cpu_ms(lambda: [images.decode_image(d, draft_size=transform.resize_size) for d in data], n)}
+        try:  # another libjpeg-turbo binding, to an array only: what a faster decoder could save at most
+            import simplejpeg
+            out["(simplejpeg, to an array only)"] = cpu_ms(lambda: [simplejpeg.decode_jpeg(d) for d in data], n)
+        except ImportError:
+            pass
         decoded = [images.decode_image(d, draft_size=transform.resize_size) for d in data]
         out["resize + crop + uint8 tensor"] = cpu_ms(lambda: [transform(img) for img in decoded], n)
         batch = torch.stack([transform(img) for img in decoded[:batch_size]])
         out["normalise"] = cpu_ms(lambda: [backbone.normalize(batch) for _ in range(4)], 4 * len(batch))
     finally:
         torch.set_num_threads(threads)
-        if old is None:
-            os.environ.pop(images.DECODER_ENV, None)
-        else:
-            os.environ[images.DECODER_ENV] = old
     for label in labels:  # the model on all its threads: CPU time of every thread, per photo
         runtime, precision = runtime_and_precision(label)
         set_precision(backbone, precision, calibration)
@@ -93,12 +91,11 @@ def stages(backbone, paths, labels, calibration, device, batch_size, repeats=3) 
     print(f"CPU time per photo, ms ({n} photos; decoding to normalising on one thread):")
     for key, value in out.items():
         print(f"  {key:34}{value:8.2f}")
+    pre = out["read"] + out["decode"] + out["resize + crop + uint8 tensor"] + out["normalise"]
     for label in labels:
-        pre = out["read"] + out["decode (simplejpeg)"] + out["resize + crop + uint8 tensor"] + out["normalise"]
         model = out[f"model ({label}, all threads)"]
-        print(f"  {label}: the model is {model / (model + pre):.0%} of a photo's CPU time, decoding to normalising "
-              f"{pre / (model + pre):.0%} (with PIL's decoder: "
-              f"{(pre - out['decode (simplejpeg)'] + out['decode (pil)']) / (model + pre - out['decode (simplejpeg)'] + out['decode (pil)']):.0%})")
+        print(f"  {label}: the model is {model / (model + pre):.0%} of a photo's CPU time, decoding "
+              f"{out['decode'] / (model + pre):.0%}, the rest of decoding to normalising {(pre - out['decode']) / (model + pre):.0%}")
     return out
 
 

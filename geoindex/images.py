@@ -6,11 +6,6 @@ in this module must be cheap to pickle.
 Nothing here trusts a file's header: the pixel count is checked before any pixel is decoded
 (`max_pixels`, after JPEG draft scaling), and a JPEG whose data ends before its declared size
 (libjpeg silently pads that with flat grey) is refused as truncated.
-
-PIL opens every file (its format allow-list, header, draft scale and EXIF orientation decide what is
-decoded); the pixels of a colour or grey JPEG are then decoded by simplejpeg when it is installed: the
-same libjpeg-turbo with the same IDCT and upsampling (the same pixels on the real photos, tests/test_images.py)
-at under half PIL's CPU time per photo, which on a 2-core CPU is taken from the model's cores.
 """
 from __future__ import annotations
 
@@ -22,14 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
-
-try:
-    import simplejpeg
-except ImportError:  # an optional speed-up: PIL decodes JPEGs just the same
-    simplejpeg = None
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # The only formats PIL may even try to open. Without this list PIL identifies anything it knows by its bytes,
@@ -44,11 +34,6 @@ from .catalog import DEFAULT_MAX_PIXELS  # noqa: E402,F401  (one definition, imp
 # A real file bigger than this is not a street-level photo; reading it whole into memory would be the attack.
 MAX_FILE_BYTES = 200 * 1024 * 1024
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # never pad a short file: refuse it
-DECODER_ENV = "GEOINDEX_JPEG_DECODER"  # "pil": every JPEG through PIL (benchmarks/extract.py compares the two)
-# EXIF orientation -> the transposition that shows the photo upright (as ImageOps.exif_transpose applies it)
-_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-                8: Image.Transpose.ROTATE_90}
 
 _INTERPOLATION = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -102,44 +87,6 @@ def _jpeg_padded(img: Image.Image) -> bool:
     return bool(band.size) and bool((band == 128).all())
 
 
-def _padded_error(w: int, h: int) -> ImageError:
-    return ImageError(f"corrupt or truncated image data (the JPEG's data ends before its declared {w} x {h} pixels; "
-                      "libjpeg would pad the rest with grey)")
-
-
-def jpeg_decoder() -> str:
-    """Which library decodes a JPEG's pixels in this process: "simplejpeg" or "pil"."""
-    if simplejpeg is None or os.environ.get(DECODER_ENV, "").strip().lower() == "pil":
-        return "pil"
-    return "simplejpeg"
-
-
-def _fast_jpeg(data: bytes, img: Image.Image) -> Image.Image | None:
-    """The JPEG's pixels as stored, decoded by simplejpeg at the size PIL's draft chose; None where PIL must
-    decode it (CMYK and other colour spaces, or a scale libjpeg-turbo did not give).
-
-    PIL has opened the file (format allowed, size and scale checked); simplejpeg's strict mode refuses a JPEG
-    that libjpeg warns about (a truncated file, corrupt data) instead of padding it."""
-    if img.mode not in ("RGB", "L"):
-        return None
-    w, h = img.size  # after draft: libjpeg-turbo's largest reduction keeping both sides at least this size is PIL's
-    try:
-        array = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False,
-                                       min_height=h, min_width=w, strict=True)
-    except ValueError as exc:
-        raise ImageError(f"corrupt or truncated image data ({str(exc).strip() or type(exc).__name__})") from None
-    if array.shape != (h, w, 3):
-        return None
-    if (array[h - max(1, h // 64):] == 128).all():  # as _jpeg_padded, on the array
-        raise _padded_error(w, h)
-    return Image.frombytes("RGB", (w, h), array)  # PIL's one copy, into its own layout
-
-
-def _upright(img: Image.Image, exif_from: Image.Image) -> Image.Image:
-    transpose = _ORIENTATION.get(exif_from.getexif().get(ExifTags.Base.Orientation))
-    return img.transpose(transpose) if transpose is not None else img
-
-
 def decode_image(data: bytes, draft_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                  name: str = "image", before_decode=None) -> Image.Image:
     """Bytes -> RGB image, or ImageError with the reason. The pixel limit applies before decoding.
@@ -160,13 +107,10 @@ def decode_image(data: bytes, draft_size: int | None = None, max_pixels: int | N
                                  "(--max-pixels); refused before decoding", "too_many_pixels")
             if before_decode is not None:
                 before_decode(img)
-            if img.format in JPEG_FORMATS and jpeg_decoder() == "simplejpeg":
-                fast = _fast_jpeg(data, img)
-                if fast is not None:
-                    return _upright(fast, img)
             img.load()  # force the full decode now, so truncation is caught here
             if img.format in JPEG_FORMATS and _jpeg_padded(img):
-                raise _padded_error(w, h)
+                raise ImageError(f"corrupt or truncated image data (the JPEG's data ends before its declared "
+                                 f"{w} x {h} pixels; libjpeg would pad the rest with grey)")
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
     except UnidentifiedImageError:
