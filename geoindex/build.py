@@ -36,7 +36,7 @@ from . import __version__
 from .backbones import Backbone, create_backbone
 from .data import SPLITS, limit_per_city, order_by_split, scan_dataset, split_records
 from .errors import GeoindexError
-from .extraction import PRECISION_KEY, prepare_runtime, resolve_device, set_precision
+from .extraction import PRECISION_KEY, precision_of, prepare_runtime, resolve_device, set_precision
 from .fileio import (MARKER, STAGING, atomic_path, check_index_name, fault_point, index_home, made_by_geoindex,
                      name_from, remove_geoindex_folder, replace_dir, write_json_atomic)
 from .config import BuildConfig, ExtractionConfig, split_options
@@ -869,6 +869,7 @@ def reembed_index(index, backbone: Backbone, adapted: dict, batch_size: int = Ex
             "index": index_info,
             "extraction": dict(index.manifest.get("extraction", {}), reembedded_rows=embedded,
                                reembedding_runtime=backbone.extras.get("runtime"),
+                               reembedding_precision=precision_of(backbone),
                                reembedding_images_per_second=round(embedded / seconds, 2) if seconds else None),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "files": describe_files(out, INDEX_FILES + (TUNED_WEIGHTS,)),
