@@ -604,6 +604,9 @@ def _extract(job: _BuildJob, backbone: Backbone, records: pd.DataFrame, pending:
 
     paths = records["path"].to_numpy()[pending]
     if extraction.precision != ExtractionConfig.precision:
+        if getattr(engine, "name", None) != "local":
+            raise GeoindexError(f"--precision {extraction.precision} runs with --engine local only (the calibrated "
+                                "model is made in this process)")
         set_precision(backbone, extraction.precision, _calibration_photos(records, config))
     prepare_runtime(backbone, resolve_device(extraction.device))  # a one-off export (cached) is not embedding time: photos/s leaves it out
     start = time.perf_counter()
