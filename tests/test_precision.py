@@ -1,9 +1,6 @@
 """--precision int8: the manifest records it, the embeddings stay within INT8_TOLERANCE of fp32 (queries embed in fp32),
 the export cache keeps int8 apart from fp32, and int8 without OpenVINO is refused in one line."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +13,6 @@ if runtime._openvino() is None:
 pytest.importorskip("nncf")
 
 from test_runtime import per_photo_cosine, real_photos  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -107,11 +102,14 @@ def test_int8_effnet_stays_within_tolerance_on_real_photos():
 
 
 def test_int8_without_openvino_is_one_line(tree, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "geoindex.cli", "build", "--data", str(tree), "--backbone", "cnn",
-                           "--weights", "none", "--precision", "int8", "--runtime", "torch", "--workers", "0",
-                           "--index-dir", str(tmp_path)], capture_output=True, text=True, cwd=REPO,
-                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode != 0
-    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("Error")]
+    from click.testing import CliRunner
+
+    from geoindex.cli import main
+
+    result = CliRunner().invoke(main, ["build", "--data", str(tree), "--backbone", "cnn", "--weights", "none",
+                                       "--precision", "int8", "--runtime", "torch", "--workers", "0",
+                                       "--index-dir", str(tmp_path)])
+    assert result.exit_code != 0
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
     assert lines == ["Error: --precision int8 runs in OpenVINO on a CPU; use --precision fp32 with --runtime torch "
-                     "or on cpu"], proc.stderr
+                     "or on cpu"], result.output
