@@ -13,6 +13,11 @@ build-like extraction in a fresh process per runtime (with --malloc-compare, als
 defaults). With --build-data, whole `geoindex build --runtime R` runs on that CSV, interleaved, report the build
 summary's photos/s (start-up and a one-off export excluded, as the build excludes them) and the wall time.
 With --memory-sizes, full `build_index` runs at each size in fresh processes report their peak RSS.
+A runtime named `openvino-int8` is OpenVINO with the model quantized to int8 (`geoindex build --precision int8`),
+calibrated on --calibration photos that follow the measured ones in the list; it also reports each measured photo's
+cosine between its int8 and its fp32 embedding. With --stages, where one photo's CPU time goes on one thread: reading,
+decoding (and simplejpeg's bare decode to an array, when installed), resizing and cropping to the uint8 tensor,
+normalising, and the model (each runtime).
 """
 from __future__ import annotations
 
@@ -33,8 +38,65 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PEAK_RSS_SOURCE, Timer, peak_rss_mb, save  # noqa: E402
 
 from geoindex.backbones import create_backbone  # noqa: E402
-from geoindex.extraction import Embedder, iter_embeddings, resolve_device  # noqa: E402
+from geoindex.extraction import Embedder, iter_embeddings, resolve_device, set_precision  # noqa: E402
 from geoindex.runtime import resolve_runtime  # noqa: E402
+
+INT8_SUFFIX = "-int8"
+
+
+def runtime_and_precision(label: str) -> tuple[str, str]:
+    """"openvino-int8" -> ("openvino", "int8"); "torch" -> ("torch", "fp32")."""
+    return (label[:-len(INT8_SUFFIX)], "int8") if label.endswith(INT8_SUFFIX) else (label, "fp32")
+
+
+def stages(backbone, paths, labels, calibration, device, batch_size, repeats=3) -> dict:
+    """One photo's CPU time (process time, one thread, best of `repeats`) in each stage of a build's path."""
+    import time
+
+    from geoindex import images
+
+    def cpu_ms(fn, n, repeats=repeats):
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.process_time()
+            fn()
+            best = min(best, time.process_time() - start)
+        return 1e3 * best / n
+
+    transform, n = backbone.transform, len(paths)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = [images.read_image_bytes(p) for p in paths]
+        out = {"read": cpu_ms(lambda: [images.read_image_bytes(p) for p in paths], n),
+               "decode": cpu_ms(lambda: [images.decode_image(d, draft_size=transform.resize_size) for d in data], n)}
+        try:  # another libjpeg-turbo binding, to an array only: what a faster decoder could save at most
+            import simplejpeg
+            out["(simplejpeg, to an array only)"] = cpu_ms(lambda: [simplejpeg.decode_jpeg(d) for d in data], n)
+        except ImportError:
+            pass
+        decoded = [images.decode_image(d, draft_size=transform.resize_size) for d in data]
+        out["resize + crop + uint8 tensor"] = cpu_ms(lambda: [transform(img) for img in decoded], n)
+        batch = torch.stack([transform(img) for img in decoded[:batch_size]])
+        out["normalise"] = cpu_ms(lambda: [backbone.normalize(batch) for _ in range(4)], 4 * len(batch))
+    finally:
+        torch.set_num_threads(threads)
+    for label in labels:  # the model on all its threads: CPU time of every thread, per photo
+        runtime, precision = runtime_and_precision(label)
+        set_precision(backbone, precision, calibration)
+        embedder = Embedder(backbone, device, runtime=runtime)
+        embedder(batch)
+        out[f"model ({label}, all threads)"] = cpu_ms(lambda: [embedder(batch) for _ in range(4)], 4 * len(batch), 2)
+    set_precision(backbone, "fp32")
+    print(f"CPU time per photo, ms ({n} photos; decoding to normalising on one thread):")
+    for key, value in out.items():
+        print(f"  {key:34}{value:8.2f}")
+    pre = out["read"] + out["decode"] + out["resize + crop + uint8 tensor"] + out["normalise"]
+    for label in labels:
+        model = out[f"model ({label}, all threads)"]
+        print(f"  {label}: the model is {model / (model + pre):.0%} of a photo's CPU time, decoding "
+              f"{out['decode'] / (model + pre):.0%}, the rest of decoding to normalising {(pre - out['decode']) / (model + pre):.0%}")
+    return out
 
 
 def make_photos(folder: Path, n: int, size=(640, 480), seed=0) -> list[str]:
@@ -211,8 +273,9 @@ def build_runs(data: str, backbone: str, runtimes, repeats: int, workdir: Path, 
         for runtime in runtimes:
             out = workdir / f"build-{runtime}-{r}"
             shutil.rmtree(out, ignore_errors=True)
+            bare, precision = runtime_and_precision(runtime)
             args = ["build", "--data", data, "--backbone", backbone, "--name", "bench", "--index-dir", str(out),
-                    "--runtime", runtime] + (["--workers", str(workers)] if workers is not None else [])
+                    "--runtime", bare, "--precision", precision] + (["--workers", str(workers)] if workers is not None else [])
             proc = subprocess.run([sys.executable, "-c", BUILD_CHILD, *args], capture_output=True, text=True,
                                   env={**os.environ, "TQDM_DISABLE": "1"})
             if proc.returncode != 0:
@@ -247,8 +310,11 @@ def main():
     parser.add_argument("--weights", default="none",
                         help="'none' (random; same speed as real ones), 'pretrained' or a file")
     parser.add_argument("--runtimes", default="torch,openvino",
-                        help="comma-separated runtimes to compare; one that cannot run here falls back to torch, "
-                             "as geoindex does, and is reported as what ran")
+                        help="comma-separated runtimes to compare (torch, openvino, openvino-int8); one that cannot "
+                             "run here falls back to torch, as geoindex does, and is reported as what ran")
+    parser.add_argument("--calibration", type=int, default=300,
+                        help="photos openvino-int8 is calibrated on: the ones after the measured ones")
+    parser.add_argument("--stages", action="store_true", help="also one photo's CPU time stage by stage")
     parser.add_argument("--n", type=int, default=512, help="images per measurement")
     parser.add_argument("--photos", default=None,
                         help="a CSV manifest or folder of real JPEGs to read [default: generated 640x480 JPEGs]")
@@ -275,10 +341,14 @@ def main():
     weights = None if args.weights == "pretrained" else args.weights
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="geoindex-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    paths = read_photo_list(args.photos, args.n) if args.photos else make_photos(workdir / "photos", args.n)
-    backbone = create_backbone(args.backbone, weights=weights, device=device)
     requested = [r.strip() for r in args.runtimes.split(",") if r.strip()]
-    runtimes = list(dict.fromkeys(resolve_runtime(r, device) for r in requested))  # what can run here
+    int8 = any(runtime_and_precision(r)[1] == "int8" for r in requested)
+    wanted = args.n + (args.calibration if int8 else 0)
+    every = read_photo_list(args.photos, wanted) if args.photos else make_photos(workdir / "photos", wanted)
+    paths, calibration = every[:args.n], every[args.n:]
+    backbone = create_backbone(args.backbone, weights=weights, device=device)
+    runtimes = list(dict.fromkeys(resolve_runtime(runtime_and_precision(r)[0], device) + INT8_SUFFIX * (
+        runtime_and_precision(r)[1] == "int8") for r in requested))  # what can run here
     print(f"{args.backbone} at {backbone.image_size}px on {device}, batch {args.batch_size}, {len(paths)} images "
           f"({'from ' + args.photos if args.photos else '640x480 JPEGs'}), torch threads {torch.get_num_threads()}, "
           f"runtimes {', '.join(runtimes)}")
@@ -289,13 +359,18 @@ def main():
     runs = {rt: {"ceiling": [], "pipeline": []} for rt in runtimes}
     naive_runs, what_ran = [], {}
     naive_n = len(paths) if args.naive_n is None else args.naive_n
+    if int8:
+        results["calibration_photos"] = len(calibration)
     for r in range(args.repeats):
         for rt in runtimes:
-            runs[rt]["ceiling"].append(ceiling(backbone, len(paths), args.batch_size, device, runtime=rt))
-            runs[rt]["pipeline"].append(pipeline(backbone, paths, args.batch_size, device, args.workers, runtime=rt))
+            set_precision(backbone, runtime_and_precision(rt)[1], calibration)
+            bare = runtime_and_precision(rt)[0]
+            runs[rt]["ceiling"].append(ceiling(backbone, len(paths), args.batch_size, device, runtime=bare))
+            runs[rt]["pipeline"].append(pipeline(backbone, paths, args.batch_size, device, args.workers, runtime=bare))
             what_ran[rt] = dict(backbone.extras.get("runtime") or {})
             print(f"  round {r + 1}, {rt:9}: model alone {runs[rt]['ceiling'][-1]:7.1f} photos/s, "
                   f"end to end {runs[rt]['pipeline'][-1]:7.1f} photos/s", flush=True)
+        set_precision(backbone, "fp32")
         if naive_n:
             naive_runs.append(naive(backbone, paths[:naive_n], device))
     if args.trunk:  # what `geoindex train` computes once before fine-tuning the tail, interleaved the same way
@@ -304,8 +379,11 @@ def main():
         from geoindex.backbones import tail_split
         split = tail_split(backbone)
         trunk = dataclasses.replace(backbone, model=split.trunk, embed_dim=split.trunk_dim, _embedders={})
+        trunk.extras = {}  # fp32: `train` computes its trunk features in fp32
         for r in range(args.repeats):
             for rt in runtimes:
+                if runtime_and_precision(rt)[1] != "fp32":
+                    continue
                 runs[rt].setdefault("trunk", []).append(ceiling(trunk, len(paths), args.batch_size, device, runtime=rt))
                 print(f"  round {r + 1}, {rt:9}: trunk features, model alone {runs[rt]['trunk'][-1]:7.1f} photos/s",
                       flush=True)
@@ -313,7 +391,7 @@ def main():
         results["runtimes"][rt] = {"ceiling_img_s": max(runs[rt]["ceiling"]), "ceiling_runs": runs[rt]["ceiling"],
                                    "pipeline_img_s": max(runs[rt]["pipeline"]), "pipeline_runs": runs[rt]["pipeline"],
                                    "what_ran": what_ran[rt]}
-        if args.trunk:
+        if args.trunk and runs[rt].get("trunk"):
             results["runtimes"][rt]["trunk_img_s"] = max(runs[rt]["trunk"])
             results["runtimes"][rt]["trunk_runs"] = runs[rt]["trunk"]
         results["runtimes"][rt]["pipeline_over_ceiling"] = (results["runtimes"][rt]["pipeline_img_s"]
@@ -332,12 +410,13 @@ def main():
     if "torch" in runtimes:
         for rt in runtimes:
             if rt != "torch":
-                for key in ("ceiling", "pipeline") + (("trunk",) if args.trunk else ()):
+                for key in ("ceiling", "pipeline") + (("trunk",) if args.trunk and runs[rt].get("trunk") else ()):
                     ratio = results["runtimes"][rt][f"{key}_img_s"] / results["runtimes"]["torch"][f"{key}_img_s"]
                     results["runtimes"][rt][f"{key}_over_torch"] = ratio
                 print(f"{rt} / torch: model alone {results['runtimes'][rt]['ceiling_over_torch']:.2f}x, "
                       f"end to end {results['runtimes'][rt]['pipeline_over_torch']:.2f}x"
-                      + (f", trunk features {results['runtimes'][rt]['trunk_over_torch']:.2f}x" if args.trunk else ""))
+                      + (f", trunk features {results['runtimes'][rt]['trunk_over_torch']:.2f}x"
+                         if "trunk_over_torch" in results["runtimes"][rt] else ""))
     if naive_runs:
         results["naive_img_s"], results["naive_runs"] = max(naive_runs), naive_runs
         results["pipeline_over_naive"] = results["pipeline_img_s"] / results["naive_img_s"]
@@ -345,13 +424,29 @@ def main():
               f"(b)/(c) with {default} = {results['pipeline_over_naive']:.2f}")
     results["pipeline_over_ceiling"] = results["pipeline_img_s"] / results["ceiling_img_s"]
     print(f"(b)/(a) = {results['pipeline_over_ceiling']:.2f} ({default})")
+    for rt in runtimes:
+        if runtime_and_precision(rt)[1] == "int8":  # the same photos, in int8 and in fp32 of the same runtime
+            batch = torch.stack([backbone.transform.load(p) for p in paths])
+            set_precision(backbone, "fp32")
+            fp32 = torch.cat([Embedder(backbone, device, runtime=runtime_and_precision(rt)[0])(b) for b in batch.split(32)])
+            set_precision(backbone, "int8", calibration)
+            low = torch.cat([Embedder(backbone, device, runtime=runtime_and_precision(rt)[0])(b) for b in batch.split(32)])
+            set_precision(backbone, "fp32")
+            cosine = (fp32 * low).sum(1).double().numpy()  # both L2-normalised
+            results["runtimes"][rt]["cosine_vs_fp32"] = {"min": float(cosine.min()), "p1": float(np.percentile(cosine, 1)),
+                                                         "mean": float(cosine.mean()), "n": len(cosine)}
+            print(f"{rt}: per-photo cosine to fp32 on the {len(cosine)} measured photos: min {cosine.min():.4f}, "
+                  f"1st percentile {np.percentile(cosine, 1):.4f}, mean {cosine.mean():.4f}")
+    if args.stages:
+        results["stages_cpu_ms_per_photo"] = stages(backbone, paths, runtimes, calibration, device, args.batch_size)
     results["peak_rss_mb_this_process"] = peak_rss_mb()
     kernel_n = len(paths) if args.kernel_n is None else args.kernel_n
     if kernel_n:
         paths_k = (read_photo_list(args.photos, kernel_n) if args.photos
                    else make_photos(workdir / "photos", kernel_n))
         results["kernel_time"] = kernel_time(paths_k, args.backbone, args.weights, args.batch_size, args.workers,
-                                             workdir, runtimes, args.malloc_compare)
+                                             workdir, [rt for rt in runtimes if not rt.endswith(INT8_SUFFIX)],
+                                             args.malloc_compare)
         for label, run in results["kernel_time"].items():
             if label in results["runtimes"]:
                 results["runtimes"][label]["kernel_share"] = run["kernel_share"]

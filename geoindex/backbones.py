@@ -83,7 +83,7 @@ class Backbone:
 
         Raises ImageError for an unreadable file (a build skips those instead).
         """
-        from .extraction import Embedder
+        from .extraction import PRECISION_KEY, Embedder
         from .images import load_image
 
         tensors = [img if isinstance(img, torch.Tensor) else  # already transformed (the service does it off this thread)
@@ -92,7 +92,7 @@ class Backbone:
         # One Embedder per (model, device, normalisation, runtime): making one walks every module and parameter
         # (and may compile the model for another runtime), too costly for a served micro-batch to pay per call.
         from .runtime import default_runtime
-        key = (self.model, self.device, normalize, default_runtime())
+        key = (self.model, self.device, normalize, default_runtime(), repr(self.extras.get(PRECISION_KEY)))
         embedder = self._embedders.get(key)
         if embedder is None:
             with _EMBEDDER_LOCK:  # making one moves the model (device, memory format): not while another thread runs it

@@ -36,7 +36,7 @@ from . import __version__
 from .backbones import Backbone, create_backbone
 from .data import SPLITS, SplitInfo, limit_per_city, order_by_split, scan_dataset, split_records
 from .errors import GeoindexError
-from .extraction import prepare_runtime, resolve_device
+from .extraction import PRECISION_KEY, precision_of, prepare_runtime, resolve_device, set_precision
 from .fileio import (MARKER, STAGING, atomic_path, check_index_name, fault_point, index_home, made_by_geoindex,
                      name_from, remove_geoindex_folder, replace_dir, write_json_atomic)
 from .config import BuildConfig, ExtractionConfig, split_options
@@ -233,11 +233,13 @@ def _photo_keys(paths) -> tuple[list[tuple], dict[int, str]]:
     return keys, problems
 
 
-def _embedding_plan(backbone: Backbone, max_pixels) -> dict:
-    """What an embedding depends on: two builds agreeing on this can share embeddings."""
+def _embedding_plan(backbone: Backbone, max_pixels, precision: str | None = None) -> dict:
+    """What an embedding depends on: two builds agreeing on this can share embeddings. The precision is named only
+    when it is not fp32, so indexes built before --precision existed still share theirs."""
     return {"backbone": backbone.name, "weights_sha256": backbone.weights.sha256, "weights_source": backbone.weights.source,
             "image_size": backbone.image_size, "resize": backbone.transform.resize_size,
-            "interpolation": backbone.transform.interpolation, "max_pixels": max_pixels}
+            "interpolation": backbone.transform.interpolation, "max_pixels": max_pixels} | (
+        {"precision": precision} if precision not in (None, ExtractionConfig.precision) else {})
 
 
 @contextlib.contextmanager
@@ -457,7 +459,7 @@ def _build_locked(job: _BuildJob, data, backbone) -> BuildReport:
             f"{'tuned ' if source.manifest.get('adapted') else ''}{backbone.weights.source} weights")
     elif isinstance(backbone, str):
         backbone = create_backbone(backbone, weights=job.weights, image_size=extraction.image_size, device=device)
-    embedding_plan = _embedding_plan(backbone, config.max_pixels)
+    embedding_plan = _embedding_plan(backbone, config.max_pixels, extraction.precision)
 
     if paths.staging.exists():
         try:
@@ -629,6 +631,11 @@ def _extract(job: _BuildJob, backbone: Backbone, records: pd.DataFrame, pending:
         report.failed_rows += int((~shard.ok).sum())
 
     paths = records["path"].to_numpy()[pending]
+    if extraction.precision != ExtractionConfig.precision:
+        if getattr(engine, "name", None) != "local":
+            raise GeoindexError(f"--precision {extraction.precision} runs with --engine local only (the calibrated "
+                                "model is made in this process)")
+        set_precision(backbone, extraction.precision, _calibration_photos(records, config))
     prepare_runtime(backbone, resolve_device(extraction.device))  # a one-off export (cached) is not embedding time: photos/s leaves it out
     start = time.perf_counter()
     try:
@@ -641,6 +648,24 @@ def _extract(job: _BuildJob, backbone: Backbone, records: pd.DataFrame, pending:
             raise KeyboardInterrupt("SIGTERM") from None  # e.g. a DataLoader worker that got the signal too
         raise
     return time.perf_counter() - start
+
+
+def _calibration_photos(records: pd.DataFrame, config: BuildConfig) -> list[str]:
+    """A seeded sample of the photos the split will put in train (drawn here over every listed photo, since the
+    build splits only the photos that decode; _calibration_record counts how many did end in train)."""
+    split, _ = split_records(records, config.seed, config.fractions, config.split_by, config.cell_km)
+    train = records["path"][(split == "train").to_numpy()].to_numpy()
+    n = min(len(train), config.extraction.calibration_photos)
+    return sorted(np.random.default_rng(config.seed).choice(train, size=n, replace=False).tolist()) if n else []
+
+
+def _calibration_record(backbone: Backbone, ordered: pd.DataFrame) -> dict:
+    calibration = (backbone.extras.get(PRECISION_KEY) or {}).get("calibration")
+    if calibration is None:
+        return {}
+    in_train = set(ordered["path"][ordered["split"] == "train"])
+    return {"calibration": {"photos": len(calibration.paths),
+                            "in_train": sum(path in in_train for path in calibration.paths)}}
 
 
 def _assemble(job: _BuildJob, ordered: pd.DataFrame, cache: EmbeddingCache, backbone: Backbone, dataset,
@@ -708,7 +733,7 @@ def _assemble(job: _BuildJob, ordered: pd.DataFrame, cache: EmbeddingCache, back
         "preprocessing": {"resize": backbone.transform.resize_size, "crop": backbone.image_size,
                           "interpolation": backbone.transform.interpolation, "mean": list(backbone.mean),
                           "std": list(backbone.std), "max_pixels": config.max_pixels},
-        "embedding": _embedding_plan(backbone, config.max_pixels),
+        "embedding": _embedding_plan(backbone, config.max_pixels, config.extraction.precision),
         "data_root": str(Path(dataset.root).resolve()),
         "layout": dataset.layout,
         "synthetic": settings.synthetic,
@@ -724,7 +749,8 @@ def _assemble(job: _BuildJob, ordered: pd.DataFrame, cache: EmbeddingCache, back
         "extraction": {"batch_size": config.extraction.batch_size, "device": settings.device,
                        "images_per_second": round(report.images_per_second, 2) if report.extracted_rows else None,
                        "embedded_rows": report.extracted_rows, "unreadable_rows": report.failed_rows,
-                       "resumed_rows": report.resumed_rows, "runtime": backbone.extras.get("runtime")},
+                       "resumed_rows": report.resumed_rows, "runtime": backbone.extras.get("runtime"),
+                       "precision": config.extraction.precision} | _calibration_record(backbone, ordered),
         "config": config.to_dict(),  # what the build was asked (BuildConfig), beside what it found above
         "versions": _library_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -884,6 +910,7 @@ def reembed_index(index, backbone: Backbone, adapted: dict, batch_size: int = Ex
             "index": index_info,
             "extraction": dict(index.manifest.get("extraction", {}), reembedded_rows=embedded,
                                reembedding_runtime=backbone.extras.get("runtime"),
+                               reembedding_precision=precision_of(backbone),
                                reembedding_images_per_second=round(embedded / seconds, 2) if seconds else None),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "files": describe_files(out, INDEX_FILES + (TUNED_WEIGHTS,)),

@@ -15,7 +15,7 @@ from .config import (DTYPES, INDEX_TYPES, MODE_DEFAULTS, SPLIT_UNITS, TRAIN_MODE
                      QueryConfig, TrainConfig)
 from .jsonio import dumps
 from .errors import GeoindexError
-from .runtime_choice import runtime_option
+from .runtime_choice import PRECISIONS, runtime_option
 
 VOTE_METHODS = ("majority", "weighted", "softmax")  # geoindex.voting.VOTE_METHODS, without importing numpy
 
@@ -110,6 +110,10 @@ def main():
               help="Decoding processes [default: cores - 1].")
 @device_option(ExtractionConfig.device)
 @runtime_option
+@click.option("--precision", type=click.Choice(PRECISIONS), default=ExtractionConfig.precision, show_default=True,
+              help="int8: the model quantized by NNCF (OpenVINO on a CPU; calibrated on a few hundred of the index's "
+                   "train photos, once), faster than fp32 and within a checked cosine of it; queries embed in fp32. "
+                   "See benchmarks/README.md for what it does to accuracy.")
 @click.option("--index-type", "index_type", type=click.Choice(INDEX_TYPES), default=BuildConfig.index_type,
               show_default=True, help="flat: exact search; hnsw: the choice for large indexes (graph + exact "
                                       "re-ranking, fast one photo at a time); ivfpq: compressed, the smallest index.")
@@ -131,7 +135,7 @@ def main():
 @index_dir_option
 @friendly_errors
 def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, features_from, per_city, image_size,
-          batch_size, workers, device, index_type, old_index_type, seed, dtype, overwrite, max_pixels, engine,
+          batch_size, workers, device, precision, index_type, old_index_type, seed, dtype, overwrite, max_pixels, engine,
           ray_address, index_dir):
     """Embed every image, split by place or map cell (80/10/10), and index the train split.
 
@@ -152,7 +156,7 @@ def build(data, split_by, cell_km, follow_symlinks, backbone, weights, name, fea
                          cell_km=cell_km, seed=seed, dtype=dtype, index_type=index_type,
                          engine=get_engine(engine, address=ray_address), features_from=features_from,
                          extraction=ExtractionConfig(batch_size=batch_size, num_workers=workers, device=device,
-                                                     image_size=image_size))
+                                                     image_size=image_size, precision=precision))
     report = build_index(data, name=name, backbone=backbone, config=config, weights=weights, index_dir=index_dir,
                          overwrite=overwrite, log=click.echo)
     m = report.manifest

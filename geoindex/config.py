@@ -61,6 +61,8 @@ class ExtractionConfig(_Config):
     num_workers: int | None = None  # decoding processes; None: cores - 1
     device: str = "auto"            # auto: a CUDA GPU when torch sees one
     image_size: int | None = None   # None: the backbone's own
+    precision: str = "fp32"         # int8: OpenVINO, calibrated on the index's train photos (queries embed in fp32)
+    calibration_photos: int = 300   # train photos an int8 model is calibrated on
 
 
 @dataclass(frozen=True)

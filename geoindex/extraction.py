@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .config import ExtractionConfig
 from .errors import GeoindexError, ImageError
 from .images import DEFAULT_MAX_PIXELS, ImageTransform
 
@@ -141,6 +142,29 @@ def _worker_init(_):
         pass
 
 
+PRECISION_KEY = "precision"  # in Backbone.extras: {"name": "int8", "calibration": geoindex.runtime.Calibration}
+
+
+def set_precision(backbone: Backbone, precision: str, calibration_paths: Sequence[str] = ()) -> None:
+    """Embed with this backbone at `precision` from now on: "fp32", or "int8" calibrated on those photos (decoded and
+    normalised as the model takes them)."""
+    from .runtime import Calibration, check_precision
+
+    precision = check_precision(precision)
+    if precision == "fp32":
+        backbone.extras.pop(PRECISION_KEY, None)
+        return
+
+    def load(path):
+        return backbone.normalize(backbone.transform.load(path).unsqueeze(0))[0]
+
+    backbone.extras[PRECISION_KEY] = {"name": precision, "calibration": Calibration(calibration_paths, load)}
+
+
+def precision_of(backbone: Backbone) -> str:
+    return (backbone.extras.get(PRECISION_KEY) or {}).get("name", ExtractionConfig.precision)
+
+
 @dataclass
 class EmbeddedBatch:
     positions: np.ndarray   # indices into the `paths` given to iter_embeddings
@@ -155,6 +179,7 @@ class Embedder:
 
     runtime: "auto" (OpenVINO on a CPU when installed, else PyTorch), "torch" or "openvino"; None for the
     process default (geoindex.runtime.set_default_runtime, the CLI's --runtime, or $GEOINDEX_RUNTIME).
+    The precision is the backbone's (set_precision): fp32 unless a build asked for int8.
     """
 
     def __init__(self, backbone: Backbone, device="auto", amp: bool | None = None, channels_last: bool = True,
@@ -165,8 +190,11 @@ class Embedder:
         self.normalize = normalize
         self.device = resolve_device(device)
         backbone.to(self.device).model.eval()
+        precision = backbone.extras.get(PRECISION_KEY) or {}
         self.model = compile_model(backbone.model, backbone.image_size, self.device, runtime=runtime, amp=amp,
-                                   channels_last=channels_last, label=f"{backbone.name} ({backbone.image_size} px)")
+                                   channels_last=channels_last, label=f"{backbone.name} ({backbone.image_size} px)",
+                                   precision=precision.get("name", ExtractionConfig.precision),
+                                   calibration=precision.get("calibration"))
         self.runtime = self.model.name
         backbone.extras["runtime"] = self.model.info()  # what embedded, for the manifest
 

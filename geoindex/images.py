@@ -165,8 +165,8 @@ class ImageTransform:
         return img.resize((self.image_size, self.image_size), _INTERPOLATION[self.interpolation], box=box)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        array = np.asarray(self.resize_crop(img), dtype=np.uint8)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+        array = np.asarray(self.resize_crop(img), dtype=np.uint8)  # a read-only copy of PIL's pixels
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # the one copy it needs
 
     def load(self, path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
         return self(load_image(path, draft_size=self.resize_size, max_pixels=max_pixels))

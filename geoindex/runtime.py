@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from .errors import GeoindexError
-from .runtime_choice import RUNTIME_ENV, RUNTIMES
+from .runtime_choice import PRECISIONS, RUNTIME_ENV, RUNTIMES
 
 # Beside each cached export: what it was exported from and the sizes and sha256 of its files.
 EXPORT_META = "export.json"
@@ -45,9 +46,16 @@ OPENVINO_INSTALL = "pip install 'openvino>=2025.1'"
 # Lowest cosine between a photo's embedding from another runtime and from PyTorch fp32 that is accepted.
 # Measured on real photos: 1 - 2e-7 for OpenVINO fp32 (tests/test_runtime.py asserts it per photo).
 TOLERANCE = 0.9999
+# The same for an int8 export (NNCF post-training quantization, calibrated on the index's own train photos), on the
+# calibration photos themselves. Measured (effnet): lowest 0.926 on the 300 of a London-or-London build; on 96 other
+# photos lowest 0.940, mean 0.986 (benchmarks/extract.py);
+# benchmarks/README.md has what that does to city accuracy and revisit recall. Queries embed in fp32: an int8
+# index is only built when every calibration photo's int8 embedding is within this of its fp32 one.
+INT8_TOLERANCE = 0.90
 STREAMS_ENV = "GEOINDEX_OPENVINO_STREAMS"  # override of the streams below (benchmarks/extract.py compares them)
 MAX_STREAMS = 4           # past a few streams a CNN's batch chunks get too small to keep a core's vector units fed
 CACHE_FORMAT = 1          # bump when what an export holds changes
+INT8_RECIPE = 1           # bump when the quantization settings below change: int8 exports are cached under it
 CACHE_KEEP = 16           # exports kept in the user cache, most recently used first
 _LOADED_KEEP = 4          # compiled models kept in memory, for the next Embedder of the same module
 
@@ -127,11 +135,19 @@ def resolve_runtime(requested: str | None, device) -> str:
     return "openvino"
 
 
-def describe_runtime(name: str, device=None) -> dict:
-    """What the manifest records about the runtime that embedded an index (informational)."""
+def check_precision(name: str | None) -> str:
+    value = str(name).strip().lower() if name is not None else "fp32"
+    if value not in PRECISIONS:
+        raise GeoindexError(f"unknown precision {name!r}; choose one of: {', '.join(PRECISIONS)}")
+    return value
+
+
+def describe_runtime(name: str, device=None, precision: str = "fp32") -> dict:
+    """What the manifest records about the runtime that embedded an index."""
     if name == "openvino":
         ov = _openvino()
-        return {"name": "openvino", "version": ov.get_version().split("-")[0] if ov else None, "precision": "f32"}
+        return {"name": "openvino", "version": ov.get_version().split("-")[0] if ov else None,
+                "precision": "i8" if precision == "int8" else "f32"}
     cuda = device is not None and torch.device(device).type == "cuda"
     return {"name": "torch", "version": torch.__version__, "precision": "fp16 autocast" if cuda else "f32"}
 
@@ -323,6 +339,105 @@ def _exported_model(module: torch.nn.Module, image_size: int, label: str, key: s
     return model, where
 
 
+class Calibration:
+    """The photos an int8 export is calibrated on (a build: a seeded sample of the index's own train photos) and how
+    they become model inputs. `key` names them cheaply (paths, sizes, mtimes), for the export cache."""
+
+    def __init__(self, paths, load):
+        self.paths = [str(p) for p in paths]
+        self.load = load  # path -> float (3, H, W) tensor, normalised as the model takes it
+        digest = hashlib.sha256()
+        for path in self.paths:
+            try:
+                st = os.stat(path)
+                digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{path}\0missing\n".encode())
+        self.key = digest.hexdigest()
+
+    def inputs(self) -> np.ndarray:
+        from .errors import ImageError
+        tensors = []
+        for path in self.paths:
+            with contextlib.suppress(ImageError):  # an unreadable photo is simply not among them
+                tensors.append(self.load(path))
+        if len(tensors) < 8:
+            raise GeoindexError(f"int8 calibration needs photos; only {len(tensors)} of {len(self.paths)} could be read")
+        return torch.stack(tensors).numpy()
+
+
+def _nncf():
+    try:
+        import nncf
+        return nncf
+    except ImportError:
+        raise GeoindexError("--precision int8 needs NNCF: pip install 'nncf>=2.14'") from None
+
+
+def _quantize(model, inputs: np.ndarray):
+    """NNCF post-training quantization of an fp32 OpenVINO model. The first and last convolution stay in fp32 (with
+    every layer in int8, EfficientNet-Lite's embeddings agreed visibly less with fp32's), activations are asymmetric
+    (ReLU6 outputs) and the bias correction is the full one."""
+    nncf = _nncf()
+    convolutions = [op.get_friendly_name() for op in model.get_ordered_ops()
+                    if op.get_type_name() in ("Convolution", "GroupConvolution")]
+    ignored = nncf.IgnoredScope(names=[convolutions[0], convolutions[-1]]) if len(convolutions) > 2 else None
+    dataset = nncf.Dataset([inputs[i:i + 1] for i in range(len(inputs))])
+    nncf.set_log_level(logging.ERROR)  # its per-layer INFO lines say nothing a user can act on
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("ignore")
+        return nncf.quantize(model, dataset, subset_size=len(inputs), preset=nncf.QuantizationPreset.MIXED,
+                             fast_bias_correction=False, ignored_scope=ignored)
+
+
+def _int8_model(module: torch.nn.Module, image_size: int, label: str, key: str, calibration: Calibration):
+    """(int8 OpenVINO model, where it came from): the fp32 export quantized on the calibration photos, checked
+    against PyTorch fp32 on those photos (INT8_TOLERANCE), cached under the weights, the photos and the recipe."""
+    root = cache_root()
+    int8_key = hashlib.sha256(f"{key}\0int8-{INT8_RECIPE}\0{calibration.key}".encode()).hexdigest()
+    folder = root / f"{int8_key[:40]}-{image_size}px-int8"
+    if folder.exists():
+        try:
+            model = _read_cached(folder)
+            with contextlib.suppress(OSError):
+                os.utime(folder / EXPORT_META)
+            return model, f"cached {folder}"
+        except ValueError as why:
+            say_once(f"the cached int8 export {folder} is damaged ({why}); quantizing it again")
+            shutil.rmtree(folder, ignore_errors=True)
+    fp32, _ = _exported_model(module, image_size, label, key)
+    started = time.perf_counter()
+    print(f"geoindex: quantizing {label} to int8 on {len(calibration.paths)} of the index's train photos, once: "
+          f"it is cached in {root}", file=sys.stderr, flush=True)
+    inputs = calibration.inputs()
+    model = _quantize(fp32, inputs)
+    compiled = _openvino().Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    got, want = [], []
+    with torch.inference_mode():
+        for start in range(0, len(inputs), 32):
+            chunk = inputs[start:start + 32]
+            got.append(np.array(request.infer({0: chunk})[0]))
+            want.append(module(torch.from_numpy(chunk)).float().numpy())
+    agreement = min_cosine(np.concatenate(got), np.concatenate(want))
+    if not agreement >= INT8_TOLERANCE:
+        raise GeoindexError(f"its int8 export disagrees with fp32 on the calibration photos (cosine {agreement:.4f} "
+                            f"< {INT8_TOLERANCE}); build with --precision fp32")
+    seconds = time.perf_counter() - started
+    info = {"key": int8_key, "fp32_key": key, "label": label, "precision": "int8", "recipe": INT8_RECIPE,
+            "calibration_photos": len(inputs), "input": [-1, 3, image_size, image_size],
+            "openvino": _openvino().get_version(), "quantize_seconds": round(seconds, 2),
+            "min_cosine_vs_torch": agreement, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        _write_cache(folder, model, info)
+        _prune_cache(root)
+        where = f"quantized in {seconds:.0f} s to {folder}"
+    except OSError as exc:
+        say_once(f"cannot cache the int8 export in {root} ({exc.strerror or exc}); it is quantized again next run")
+        where = f"quantized in {seconds:.0f} s (not cached)"
+    return model, where
+
+
 def _compile_config(threads: int | None, streams: int | None) -> dict:
     """Up to MAX_STREAMS streams sharing the cores (on 2 cores: two streams of one thread), each batch split among
     them; fp32.
@@ -352,8 +467,11 @@ class OpenVinoModel:
     name = "openvino"
 
     def __init__(self, module: torch.nn.Module, image_size: int, label: str = "the model", threads: int | None = None,
-                 streams: int | None = None):
+                 streams: int | None = None, precision: str = "fp32", calibration: Calibration | None = None):
         self.module, self.image_size, self.label = module, image_size, label
+        self.precision, self.calibration = check_precision(precision), calibration
+        if self.precision == "int8" and calibration is None:
+            raise GeoindexError("an int8 model needs calibration photos")
         self.config = _compile_config(threads, streams)
         self.streams = int(self.config["NUM_STREAMS"])
         self._local = threading.local()
@@ -364,12 +482,16 @@ class OpenVinoModel:
         ov = _openvino()
         self._version = _versions(self.module)
         self.key = export_key(self.module, self.image_size)
-        memo = (self.key, tuple(sorted(self.config.items())))
+        memo = (self.key, tuple(sorted(self.config.items())), self.precision,
+                self.calibration.key if self.calibration is not None else None)
         with _lock:
             compiled = _loaded.get(memo)
         self.source = "compiled earlier in this process"
         if compiled is None:
-            model, self.source = _exported_model(self.module, self.image_size, self.label, self.key)
+            if self.precision == "int8":
+                model, self.source = _int8_model(self.module, self.image_size, self.label, self.key, self.calibration)
+            else:
+                model, self.source = _exported_model(self.module, self.image_size, self.label, self.key)
             compiled = ov.Core().compile_model(model, "CPU", self.config)
         self._compiled = compiled
         self._local = threading.local()  # requests of the previous compiled model must not be reused
@@ -410,17 +532,24 @@ class OpenVinoModel:
         return torch.from_numpy(self._infer(x))
 
     def info(self) -> dict:
-        return describe_runtime("openvino") | {"streams": int(self.config["NUM_STREAMS"]),
+        return describe_runtime("openvino", precision=self.precision) | {"streams": int(self.config["NUM_STREAMS"]),
                                                "threads": int(self.config["INFERENCE_NUM_THREADS"])}
 
 
 def compile_model(module: torch.nn.Module, image_size: int, device="cpu", *, runtime: str | None = None,
                   amp: bool | None = None, channels_last: bool = True, label: str = "the model",
-                  threads: int | None = None, streams: int | None = None):
+                  threads: int | None = None, streams: int | None = None, precision: str = "fp32",
+                  calibration: Calibration | None = None):
     """The module as a callable float (N, 3, H, W) -> (N, D) float32 tensor (on `device` for torch, on the CPU for
-    OpenVINO), for the runtime asked for. An OpenVINO export that fails or disagrees with PyTorch is said once, and
-    PyTorch runs instead."""
+    OpenVINO), for the runtime asked for. An fp32 OpenVINO export that fails or disagrees with PyTorch is said once,
+    and PyTorch runs instead; int8 (OpenVINO only) was asked for explicitly, so its failure is an error."""
     device = torch.device(device)
+    if check_precision(precision) == "int8":
+        if resolve_runtime(runtime, device) != "openvino":
+            raise GeoindexError("--precision int8 runs in OpenVINO on a CPU; use --precision fp32 with "
+                                f"--runtime torch or on {device.type}" + ("" if _openvino() else f" ({OPENVINO_INSTALL})"))
+        return OpenVinoModel(module, image_size, label, threads=threads, streams=streams, precision="int8",
+                             calibration=calibration)
     if resolve_runtime(runtime, device) == "openvino" and not amp:
         try:
             return OpenVinoModel(module, image_size, label, threads=threads, streams=streams)

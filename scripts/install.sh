@@ -18,5 +18,5 @@ if ! "$GEOINDEX_PY" -c "import torch, torchvision" 2>/dev/null; then
   "$GEOINDEX_PY" -m pip install "${pip_options[@]}" "torch==2.14.1" "torchvision==0.29.1"
 fi
 echo "installing geoindex with its test, serve and ray extras"
-"$GEOINDEX_PY" -m pip install "${pip_options[@]}" -e ".[test,serve,ray]"
+"$GEOINDEX_PY" -m pip install "${pip_options[@]}" -e ".[test,serve,ray,int8]"
 echo "geoindex installed in $("$GEOINDEX_PY" -c 'import sys; print(sys.prefix)'); activate it with: source $GEOINDEX_VENV_ACTIVATE"

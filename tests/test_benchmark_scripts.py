@@ -51,3 +51,18 @@ def test_heldout_benchmark_smoke(tmp_path):
     timings = [r for r in results["rows"] if "total_seconds" in r]
     assert len(timings) == 2 and all(r["seconds"]["train"] > 0 for r in timings)
     assert "train --mode auto" in out
+
+
+def test_extract_benchmark_int8_and_stages_smoke(tmp_path, monkeypatch):
+    import pytest
+    pytest.importorskip("nncf")
+    monkeypatch.setenv("GEOINDEX_CACHE", str(tmp_path / "cache"))
+    out, results = run("extract.py", "--backbone", "cnn", "--n", 16, "--calibration", 16, "--batch-size", 8,
+                       "--repeats", 1, "--naive-n", 0, "--kernel-n", 0, "--stages",
+                       "--runtimes", "openvino,openvino-int8", "--workdir", tmp_path / "work", tmp_path=tmp_path)
+    int8 = results["runtimes"]["openvino-int8"]
+    assert int8["what_ran"]["precision"] == "i8" and results["runtimes"]["openvino"]["what_ran"]["precision"] == "f32"
+    assert 0.9 <= int8["cosine_vs_fp32"]["min"] <= 1 and results["calibration_photos"] == 16
+    stages = results["stages_cpu_ms_per_photo"]
+    assert stages["decode"] > 0 and stages["model (openvino-int8, all threads)"] > 0
+    assert "of a photo's CPU time" in out
