@@ -4,6 +4,8 @@
 
 kNN as tuned on val (`geoindex train`), else tuned here on val the same way. Rows (see geoindex/revisit.py for
 the protocol; nothing is embedded again):
+* `own split`: each split's revisit queries among that split's own photos, raw cosine (what `train --places`
+  stops on, for val);
 * `issue rule`: raw cosine; queries over the whole index, the gallery every photo that is not a query (the rule
   that gave issue 22's 22.6%), as a check that the numbers here are the issue's;
 * per space the street cluster is searched in (raw cosine, kNN's city space, the street space val chose, and a
@@ -83,6 +85,21 @@ def issue_rule(data: RevisitSet) -> dict:
             "median_top1_km": float(np.median(first) / 1000)}
 
 
+def own_split(index) -> dict:
+    """Recall@1/5/10 within 25 m of each split's revisit queries among that split's own photos (raw cosine, the
+    protocol's exclusions): what `train --places` stops on for val, and the same measure on test."""
+    from geoindex.revisit import masked_top_k, recall_within
+
+    out = {}
+    for split in ("val", "test"):
+        meta, vectors = index.store.metadata(split), index.store.embeddings(split).astype(np.float32)
+        lat, lon, dates = meta["lat"].to_numpy(float), meta["lon"].to_numpy(float), meta["yyyymm"].to_numpy()
+        rows = np.flatnonzero(revisit_queries(lat, lon, dates))
+        _, ids = masked_top_k(vectors[rows], vectors, rows, dates[rows], dates, max(RECALL_AT))
+        out[split] = {"n": int(len(rows)), **recall_within(ids, lat, lon, rows)}
+    return out
+
+
 def val_threshold(index, knn, space):
     """The support threshold calibrate_street would set for this space (see its docstring)."""
     data = RevisitSet(index, splits=("train", "val"))
@@ -112,6 +129,7 @@ def main(argv=None):
     parser.add_argument("--index", required=True)
     parser.add_argument("--index-dir", default=None)
     parser.add_argument("--out", default=os.environ.get("GEOINDEX_BENCH_RESULTS", Path(__file__).parent / "results"))
+    parser.add_argument("--tag", default="", help="appended to the results file's name (place_<index><tag>.json)")
     args = parser.parse_args(argv)
 
     index = load_index(args.index, args.index_dir, device="cpu")
@@ -125,6 +143,8 @@ def main(argv=None):
     data = RevisitSet(index)
     results["issue_rule_raw"] = issue_rule(data)
     print("issue rule (raw cosine):", dumps(results["issue_rule_raw"], indent=None))
+    results["own_split_raw"] = own_split(index)
+    print("within each split's own photos (raw cosine):", dumps(results["own_split_raw"], indent=None))
     learned, n_pairs = learned_whitening(index)
     results["learned_whitening_pairs"] = n_pairs
     spaces = (("raw cosine", None), ("kNN city space", knn.whitening), ("street space (val's choice)", knn.street_whitening),
@@ -154,7 +174,8 @@ def main(argv=None):
         print(f"query on {split} photos (vs the train photos): {dumps(results[f'query_{split}'], indent=None)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"place_{index.name}.json").write_text(dumps(results) + "\n")
+    results["command"] = "python benchmarks/place.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    (out / f"place_{index.name}{args.tag}.json").write_text(dumps(results) + "\n")
     index.close()
 
 

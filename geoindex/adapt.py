@@ -13,6 +13,11 @@ loss is kept. Every photo of the index is then embedded again with the tuned bac
 inside the index (`backbone.pt`), so a query is embedded exactly as the index was. Progress is shown,
 a checkpoint is written after every epoch and an interrupted run resumes from it; the curves go to
 `heads/tail/`.
+
+With `places` (`geoindex train --places`), the tail also learns the train photos' places (geoindex.places: P
+places x K photos a batch, the multi-similarity loss beside the cities' cross-entropy), and the epoch kept is the
+one with the best revisit recall on val's own revisits. It is opt-in: on the London photos it did not raise
+revisit recall on test places and cost city accuracy (benchmarks/place.md).
 """
 from __future__ import annotations
 
@@ -234,17 +239,17 @@ def _write_trunk_cache(path: Path, key: str, features: dict, labels: dict, log) 
 
 
 def adapt_index(index, *, epochs: int | None = None, lr: float | None = None, weight_decay: float | None = None,
-                batch_size: int | None = None, patience: int | None = None, places: bool | None = None,
+                batch_size: int | None = None, patience: int | None = None, places: bool = False,
                 tail_stages: int = TAIL_STAGES, device="auto", num_workers=None, seed: int = 0, progress: bool = True,
                 log=print) -> AdaptResult:
     """Fine-tune the tail of the index's backbone on its train photos, re-embed every photo of the index with it
     and swap the index for the re-embedded one. `index` is closed; the result holds the re-embedded index, opened,
     and where the curves are. Holds the index's lock throughout (geoindex.locks).
 
-    The tail learns the cities (cross-entropy) and, where the train photos hold places (GSV-Cities place ids, or
-    photos within 25 m of each other) and `places` is not False, the places too: batches of P places x K photos
-    and a multi-similarity loss (geoindex.places), the epoch kept being the one with the best revisit recall on
-    val's own revisits (else the lowest val loss)."""
+    The tail learns the cities (cross-entropy) and, with `places`, the places too (the train photos must hold
+    some: GSV-Cities place ids, or photos within 25 m of each other): batches of P places x K photos and a
+    multi-similarity loss (geoindex.places), the epoch kept being the one with the best revisit recall on val's own
+    revisits (else the lowest val loss)."""
     from .locks import writing_to
 
     settings = dict(DEFAULTS)
@@ -378,14 +383,11 @@ def _adapt_locked(index, settings: dict, tail_stages, device, num_workers, seed,
     meta = {s: index.store.metadata(s) for s in ("train", "val")}
     rows = {"train": _sample(len(meta["train"]), MAX_TRAIN_PHOTOS, seed),
             "val": _sample(len(meta["val"]), MAX_VAL_PHOTOS, seed)}
-    wanted = settings.pop("places")
-    places = TrainPlaces(meta, rows, device) if wanted is not False else None
+    places = TrainPlaces(meta, rows, device) if settings.pop("places") else None
     if places is not None and places.count < MIN_PLACES:
-        if wanted:
-            raise GeoindexError(f"the train photos of index {index.name!r} hold {places.count} places (photos within "
-                                f"25 m of each other, or sharing a place id); training for places needs "
-                                f"{MIN_PLACES} or more")
-        places = None
+        raise GeoindexError(f"the train photos of index {index.name!r} hold {places.count} places (photos within "
+                            f"25 m of each other, or sharing a place id); training for places needs "
+                            f"{MIN_PLACES} or more")
     if places is None:
         settings = {k: v for k, v in settings.items() if k not in PLACE_SETTINGS}
     # "shuffle" names how epochs draw their order: a checkpoint of another scheme cannot resume bit for bit.

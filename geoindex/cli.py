@@ -522,8 +522,8 @@ def _remove_if_empty(folder: Path) -> None:
 @click.option("--places/--no-places", default=TrainConfig.places,
               help="The tail also learns places: photos of one spot (a GSV-Cities place id, or within 25 m of each "
                    "other) pulled together, other places pushed apart (multi-similarity loss over batches of places "
-                   "x photos), keeping the epoch with the best revisit recall on val. [default: wherever the train "
-                   "photos hold places]")
+                   "x photos), keeping the epoch with the best revisit recall on val. Off by default: on the London "
+                   "photos it cost city accuracy and did not raise held-out revisit recall (benchmarks/place.md).")
 @click.option("--workers", type=click.IntRange(0), default=TrainConfig.num_workers,
               help="Decoding processes (tail, finetune).")
 @device_option(TrainConfig.device)
@@ -532,11 +532,11 @@ def _remove_if_empty(folder: Path) -> None:
 @friendly_errors
 def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resume, places, workers, device,
           index_dir):
-    """Train for the index's cities and places; heads and curves are saved under <index>/heads/<mode>/.
+    """Train for the index's cities (and, with --places, its places); heads and curves are saved under <index>/heads/<mode>/.
 
     By default (EfficientNet-Lite backbones) this first adapts the backbone to the index: its last two
-    stages are fine-tuned on the train photos for the cities and, where photos share a spot, for the places
-    (early-stopped on val's revisit recall, else val loss), every photo is embedded again with it, and the
+    stages are fine-tuned on the train photos for the cities (early-stopped on val loss; with --places, for
+    the places too, early-stopped on val's revisit recall), every photo is embedded again with it, and the
     index is swapped for the re-embedded one. Then a linear probe is trained and kNN (space, k, vote,
     temperature) and the street-level GPS answer are tuned on val, on the new embeddings.
     """

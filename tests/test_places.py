@@ -148,7 +148,7 @@ def test_train_learns_places_and_keeps_the_epoch_with_the_best_val_revisit_recal
         build_index(csv, name=name, index_dir=home, backbone="effnet", weights="none", image_size=64, batch_size=32,
                     num_workers=0, progress=False, log=lambda m: None)
     result = CliRunner().invoke(main, ["train", "--index", "places", "--index-dir", str(home), "--epochs", "2",
-                                       "--workers", "0", "--device", "cpu"], catch_exceptions=False)
+                                       "--places", "--workers", "0", "--device", "cpu"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "places of the train photos" in result.output and "revisit recall on val" in result.output
     folder = home / "places" / "heads" / "tail"
@@ -164,7 +164,7 @@ def test_train_learns_places_and_keeps_the_epoch_with_the_best_val_revisit_recal
     assert manifest["adapted"]["objective"] == "city+places"
 
     result = CliRunner().invoke(main, ["train", "--index", "cities", "--index-dir", str(home), "--epochs", "1",
-                                       "--no-places", "--workers", "0", "--device", "cpu"], catch_exceptions=False)
+                                       "--workers", "0", "--device", "cpu"], catch_exceptions=False)  # the default
     assert result.exit_code == 0, result.output
     meta = json.loads((home / "cities" / "heads" / "tail" / "meta.json").read_text())
     assert meta["objective"] == "city" and "places" not in meta and meta["stopped_on"] == "validation loss"
@@ -193,7 +193,7 @@ def test_places_asked_for_where_they_cannot_be_learnt_is_one_line(tree, tmp_path
     with pytest.raises(GeoindexError, match="training for places needs 1000 or more"):
         adapt.adapt_index(load_index(tmp_path / "ix", device="cpu"), places=True, epochs=1, device="cpu",
                           num_workers=0, progress=False, log=lambda m: None)
-    # Not asked for: the cities alone, said in the tail's meta
+    # Not asked for (the default): the cities alone, said in the tail's meta
     result = adapt.adapt_index(load_index(tmp_path / "ix", device="cpu"), epochs=1, device="cpu", num_workers=0,
                                progress=False, log=lambda m: None)
     assert json.loads((result.folder / "meta.json").read_text())["objective"] == "city"
