@@ -329,14 +329,8 @@ def _exported_model(module: torch.nn.Module, image_size: int, label: str, key: s
     info = {"key": key, "label": label, "input": [-1, 3, image_size, image_size], "openvino": ov.get_version(),
             "torch": torch.__version__, "export_seconds": round(seconds, 2), "min_cosine_vs_torch": agreement,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    try:
-        _write_cache(folder, model, info)
-        _prune_cache(root)
-        where = f"exported in {seconds:.0f} s to {folder}"
-    except OSError as exc:
-        say_once(f"cannot cache the OpenVINO export in {root} ({exc.strerror or exc}); it is exported again next run")
-        where = f"exported in {seconds:.0f} s (not cached)"
-    return model, where
+    return model, _cache_export(root, folder, model, info, f"exported in {seconds:.0f} s", "OpenVINO export",
+                                "exported")
 
 
 class Calibration:
@@ -428,14 +422,18 @@ def _int8_model(module: torch.nn.Module, image_size: int, label: str, key: str, 
             "calibration_photos": len(inputs), "input": [-1, 3, image_size, image_size],
             "openvino": _openvino().get_version(), "quantize_seconds": round(seconds, 2),
             "min_cosine_vs_torch": agreement, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return model, _cache_export(root, folder, model, info, f"quantized in {seconds:.0f} s", "int8 export", "quantized")
+
+
+def _cache_export(root: Path, folder: Path, model, info: dict, done: str, what: str, verb: str) -> str:
+    """Keep a fresh export for the next run (best effort: a full or read-only cache costs only time); says where."""
     try:
         _write_cache(folder, model, info)
         _prune_cache(root)
-        where = f"quantized in {seconds:.0f} s to {folder}"
+        return f"{done} to {folder}"
     except OSError as exc:
-        say_once(f"cannot cache the int8 export in {root} ({exc.strerror or exc}); it is quantized again next run")
-        where = f"quantized in {seconds:.0f} s (not cached)"
-    return model, where
+        say_once(f"cannot cache the {what} in {root} ({exc.strerror or exc}); it is {verb} again next run")
+        return f"{done} (not cached)"
 
 
 def _compile_config(threads: int | None, streams: int | None) -> dict:

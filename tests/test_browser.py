@@ -100,6 +100,12 @@ def check_answer_on_page(driver, expected: dict):
     assert len(driver.find_elements(By.CSS_SELECTOR, "#markers .marker.estimate")) == (expected["gps"]["lat"] is not None)
     if expected["gps"]["lat"] is not None:  # the page says at which level the GPS answer is, as query does
         assert f"({expected['gps']['level']} level" in driver.find_element(By.ID, "gps").text
+    # the photos a street-level answer stands on are marked, on the map and in the list (none at city level)
+    spot = {c["row"] for c in expected["gps"].get("cluster") or []} if expected["gps"]["level"] == "street" else set()
+    assert [m.get_attribute("data-rank") for m in driver.find_elements(By.CSS_SELECTOR, "#markers .marker.at-spot")] \
+        == [str(i + 1) for i, n in enumerate(expected["neighbours"]) if n["lat"] is not None and n.get("row") in spot]
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#neighbours li.at-spot")) == \
+        sum(n.get("row") in spot for n in expected["neighbours"])
     assert len(driver.find_elements(By.CSS_SELECTOR, "#land path")) >= 1  # the coast around the points was drawn
     cards = driver.find_elements(By.CSS_SELECTOR, "#neighbours li")
     assert [c.get_attribute("data-city") for c in cards] == [n["city"] for n in expected["neighbours"]]

@@ -118,10 +118,12 @@ function drawMap(points, result) {
         cities).textContent = c.name;
   }
   if (!result) return;
+  const spot = atSpot(result);
   result.neighbours.forEach((n, i) => {
     if (n.lat == null || n.lon == null) return;
     const [x, y] = proj.project([n.lon, n.lat]);
-    const g = svg("g", { class: "marker neighbour", "data-rank": i + 1, "data-city": n.city,
+    const g = svg("g", { class: "marker neighbour" + (spot.has(n.row) ? " at-spot" : ""), "data-rank": i + 1,
+                         "data-city": n.city,
                          transform: `translate(${x.toFixed(1)},${y.toFixed(1)})` }, markers);
     svg("title", {}, g).textContent = `#${i + 1} ${n.city}, similarity ${n.similarity.toFixed(3)}`;
     svg("circle", { r: 9, fill: colourOf(n.city) }, g);
@@ -134,6 +136,12 @@ function drawMap(points, result) {
     svg("circle", { r: 17 }, g);
     svg("path", { d: "M0,-12 L3.5,-4 L12,-3.7 L5.5,2 L7.4,10.5 L0,6 L-7.4,10.5 L-5.5,2 L-12,-3.7 L-3.5,-4 Z" }, g);
   }
+}
+
+// The rows of the indexed photos the street-level answer stands on (none at city level): drawn and listed apart.
+function atSpot(result) {
+  const gps = result.gps || {};
+  return new Set(gps.level === "street" ? (gps.cluster || []).map((c) => c.row) : []);
 }
 
 function colourOf(city) {
@@ -200,9 +208,11 @@ function renderAnswer(result, timings) {
 
   const list = $("neighbours");
   list.replaceChildren();
+  const spot = atSpot(result);
   result.neighbours.forEach((n, i) => {
     const li = document.createElement("li");
     li.dataset.city = n.city;
+    if (spot.has(n.row)) li.classList.add("at-spot");
     const img = document.createElement("img");
     img.alt = `indexed photo ${i + 1} (${n.city})`;
     img.loading = "lazy";
