@@ -163,9 +163,10 @@ def main(argv=None):
               f"{row['test_city_accuracy']:.3f}" + (f"  kept {row['kept_epoch']}/{row['epochs_run']}, "
                                                      f"{row['wall_s_per_epoch']:.0f} s/epoch" if changes is not None
                                                      else ""), flush=True)
-    save("place_training", {"index": index.name, "build_id": index.manifest["build_id"],
-                            "torch_threads": torch.get_num_threads(), "levers": results,
-                            "command": "python benchmarks/place_training.py " + " ".join(argv or sys.argv[1:])})
+        # After every lever: an interrupted run keeps what it measured
+        save("place_training", {"index": index.name, "build_id": index.manifest["build_id"],
+                                "torch_threads": torch.get_num_threads(), "levers": results,
+                                "command": "python benchmarks/place_training.py " + " ".join(argv or sys.argv[1:])})
 
 
 def _embed(split, features):

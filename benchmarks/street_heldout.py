@@ -41,6 +41,7 @@ def main(argv=None):
     parser.add_argument("--index-dir", default=None)
     parser.add_argument("--split", default="test", choices=("test", "val"))
     parser.add_argument("--gallery", default="all", choices=("all", "split"))
+    parser.add_argument("--tag", default="", help="appended to the results file's name")
     parser.add_argument("--workdir", default=None, help="where the CSVs and logs go [default: a temporary folder]")
     args = parser.parse_args(argv)
 
@@ -107,7 +108,7 @@ def main(argv=None):
                "first_neighbour_within_25m": float((np.nan_to_num(scored["first_m"], nan=np.inf) <= 25).mean()),
                "seconds": timings}
     print(json.dumps(figures, indent=2))
-    save(f"street_heldout_{args.split}", {"index": args.index, "split": args.split, "gallery": args.gallery,
+    save(f"street_heldout_{args.split}{args.tag}", {"index": args.index, "split": args.split, "gallery": args.gallery,
                                           "figures": figures,
                                           "command": "python benchmarks/street_heldout.py " + " ".join(argv or sys.argv[1:])})
 
