@@ -49,7 +49,7 @@ MODE = TAIL_MODE
 # multi-similarity loss weighs place_weight beside the city's cross-entropy (benchmarks/place.md).
 DEFAULTS = {**MODE_DEFAULTS[TAIL_MODE], "head_lr": 10 * MODE_DEFAULTS[TAIL_MODE]["lr"], "label_smoothing": 0.1,
             "places_per_batch": 16, "photos_per_place": 4, "place_weight": 1.0}
-MIN_PLACES = 8            # fewer places of two or more train photos than this: the city objective alone
+MIN_PLACES = 8            # fewer places of two or more train photos than this: --places is refused
 MIN_REVISIT_QUERIES = 10  # fewer val revisit queries than this: stop on the val loss, not on recall
 MAX_TRAIN_PHOTOS = 20_000  # the trunk cache is ~44-113 KB a photo; past this a random sample of train adapts
 MAX_VAL_PHOTOS = 5_000
