@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 bash scripts/install-browser.sh || echo "chromium not installed: tests/test_browser.py will skip, saying why"
 source scripts/python-env.sh
-echo "running the test suite: about 8 minutes on an idle 2-core CPU (one dot per passing test; slowest ten listed at the end)"
+echo "running the test suite: 8 to 25 minutes on a 2-core CPU (one dot per passing test; slowest ten listed at the end)"
 exec "$GEOINDEX_PY" -m pytest -q -rs --durations=10 "$@"
