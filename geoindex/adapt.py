@@ -35,7 +35,7 @@ from torch import nn
 
 from .backbones import TAIL_STAGES, tail_split
 from .catalog import backbone_info
-from .config import MODE_DEFAULTS, ExtractionConfig
+from .config import MODE_DEFAULTS, PLACE_DEFAULTS, ExtractionConfig, TrainConfig
 from .errors import GeoindexError
 from .extraction import iter_embeddings, resolve_device
 from .fileio import atomic_path, write_json_atomic
@@ -44,11 +44,10 @@ from .training import VAL_LOSS, Checkpointing, StopOn, LoopSettings, TrainingLoo
 from .layout import HEAD_META, TAIL_MODE, TRUNK_CACHE
 
 MODE = TAIL_MODE
-# The tail's epochs, lr, weight decay, batch size and patience are config.MODE_DEFAULTS["tail"]; its new head
-# learns 10x faster than the backbone. With places, a batch is places_per_batch x photos_per_place photos and the
-# multi-similarity loss weighs place_weight beside the city's cross-entropy (benchmarks/place.md).
+# The tail's epochs, lr, weight decay, batch size and patience are config.MODE_DEFAULTS["tail"], the place
+# objective's config.PLACE_DEFAULTS; its new head learns 10x faster than the backbone.
 DEFAULTS = {**MODE_DEFAULTS[TAIL_MODE], "head_lr": 10 * MODE_DEFAULTS[TAIL_MODE]["lr"], "label_smoothing": 0.1,
-            "places_per_batch": 16, "photos_per_place": 4, "place_weight": 1.0}
+            **PLACE_DEFAULTS}
 MIN_PLACES = 8            # fewer places of two or more train photos than this: --places is refused
 MIN_REVISIT_QUERIES = 10  # fewer val revisit queries than this: stop on the val loss, not on recall
 MAX_TRAIN_PHOTOS = 20_000  # the trunk cache is ~44-113 KB a photo; past this a random sample of train adapts
@@ -107,8 +106,12 @@ class TrainPlaces:
                                           for name, fill, dtype in (("lat", np.nan, np.float64),
                                                                     ("lon", np.nan, np.float64),
                                                                     ("yyyymm", -1, np.int64)))
-        self.places = group_places(self.lat[:self.n_train], self.lon[:self.n_train],
-                                   column("train", "place_id", -1, np.int64))
+        # GSV-Cities numbers places within each city: a place is (city, place id)
+        ids, cities = column("train", "place_id", -1, np.int64), column("train", "label", -1, np.int64)
+        known = ids >= 0
+        if known.any():
+            ids[known] = np.unique(np.column_stack([cities[known], ids[known]]), axis=0, return_inverse=True)[1]
+        self.places = group_places(self.lat[:self.n_train], self.lon[:self.n_train], ids)
         self.count = int(self.places.max() + 1) if len(self.places) else 0
         self._index()
 
@@ -121,11 +124,13 @@ class TrainPlaces:
         self.query_rows = np.flatnonzero(revisit_queries(self.lat[n:], self.lon[n:], self.dates[n:]))
 
     def drop_unreadable(self, labels: dict) -> None:
-        """A photo that did not decode (label -1) is nobody's place and no revisit's query or match."""
-        unreadable = np.concatenate([labels["train"], labels["val"]]) < 0
+        """A train photo that did not decode (label -1) is nobody's place. Val's revisit queries stay as the
+        metadata made them (the stopping criterion was chosen on their number): one that did not decode counts as
+        a miss."""
+        unreadable = labels["train"] < 0
         if unreadable.any():
-            self.lat[unreadable], self.dates[unreadable] = np.nan, -1
-            self.places[unreadable[:self.n_train]] = -1
+            self.lat[:self.n_train][unreadable] = np.nan
+            self.places[unreadable] = -1
             self._index()
 
     @property
@@ -239,7 +244,7 @@ def _write_trunk_cache(path: Path, key: str, features: dict, labels: dict, log) 
 
 
 def adapt_index(index, *, epochs: int | None = None, lr: float | None = None, weight_decay: float | None = None,
-                batch_size: int | None = None, patience: int | None = None, places: bool = False,
+                batch_size: int | None = None, patience: int | None = None, places: bool = TrainConfig.places,
                 tail_stages: int = TAIL_STAGES, device="auto", num_workers=None, seed: int = 0, progress: bool = True,
                 log=print) -> AdaptResult:
     """Fine-tune the tail of the index's backbone on its train photos, re-embed every photo of the index with it
@@ -326,8 +331,12 @@ class TailTraining:
         chosen = list(place_batches(places, s["places_per_batch"], s["photos_per_place"], generator))
         alone = np.flatnonzero((places < 0) & (labels >= 0))
         alone = alone[torch.randperm(len(alone), generator=generator).numpy()]
-        for batch, extra in zip(chosen, np.array_split(alone, max(1, len(chosen)))):
-            batch = np.sort(np.concatenate([batch, extra]))
+        spread = min(len(alone), len(chosen) * s["batch_size"])  # at most batch_size of them beside a batch's places
+        batches = [np.concatenate([batch, extra]) for batch, extra in
+                   zip(chosen, np.array_split(alone[:spread], max(1, len(chosen))))]
+        batches += [alone[start:start + s["batch_size"]] for start in range(spread, len(alone), s["batch_size"])]
+        for batch in batches:
+            batch = np.sort(batch)
             yield torch.from_numpy(features[batch]), torch.from_numpy(np.column_stack([labels[batch], batch]))
 
     def embed(self, features: np.ndarray) -> np.ndarray:
@@ -356,7 +365,7 @@ class TailTraining:
         return figures
 
 
-PLACE_SETTINGS = ("places_per_batch", "photos_per_place", "place_weight")
+PLACE_SETTINGS = tuple(PLACE_DEFAULTS)
 
 
 def _adapt_locked(index, settings: dict, tail_stages, device, num_workers, seed, progress, log) -> AdaptResult:

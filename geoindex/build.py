@@ -233,13 +233,16 @@ def _photo_keys(paths) -> tuple[list[tuple], dict[int, str]]:
     return keys, problems
 
 
-def _embedding_plan(backbone: Backbone, max_pixels, precision: str | None = None) -> dict:
+def _embedding_plan(backbone: Backbone, max_pixels, precision: str | None = None, calibration: str | None = None) -> dict:
     """What an embedding depends on: two builds agreeing on this can share embeddings. The precision is named only
-    when it is not fp32, so indexes built before --precision existed still share theirs."""
+    when it is not fp32, so indexes built before --precision existed still share theirs; a quantized model also
+    depends on the photos it was calibrated on (`calibration`, their key), so embeddings of two int8 models made
+    from other samples are never mixed in one index."""
     return {"backbone": backbone.name, "weights_sha256": backbone.weights.sha256, "weights_source": backbone.weights.source,
             "image_size": backbone.image_size, "resize": backbone.transform.resize_size,
             "interpolation": backbone.transform.interpolation, "max_pixels": max_pixels} | (
-        {"precision": precision} if precision not in (None, ExtractionConfig.precision) else {})
+        {"precision": precision, "calibration": calibration} if precision not in (None, ExtractionConfig.precision)
+        else {})
 
 
 @contextlib.contextmanager
@@ -410,6 +413,7 @@ class _BuildJob:
     on_batch: Callable[[int], None] | None = None
     log: Callable[[str], None] = print
     state: dict = field(default_factory=lambda: {"terminated": False})
+    embedding_plan: dict | None = None  # what the embeddings depend on (_embedding_plan), set once per build
     source: object = None  # features_from.FeatureSource: the index whose features and kNN settings are borrowed
 
 
@@ -459,7 +463,12 @@ def _build_locked(job: _BuildJob, data, backbone) -> BuildReport:
             f"{'tuned ' if source.manifest.get('adapted') else ''}{backbone.weights.source} weights")
     elif isinstance(backbone, str):
         backbone = create_backbone(backbone, weights=job.weights, image_size=extraction.image_size, device=device)
-    embedding_plan = _embedding_plan(backbone, config.max_pixels, extraction.precision)
+    calibration = None
+    if extraction.precision != ExtractionConfig.precision:
+        from .runtime import Calibration
+        calibration = Calibration(_calibration_photos(records, config), load=None).key
+    embedding_plan = job.embedding_plan = _embedding_plan(backbone, config.max_pixels, extraction.precision,
+                                                          calibration)
 
     if paths.staging.exists():
         try:
@@ -733,7 +742,7 @@ def _assemble(job: _BuildJob, ordered: pd.DataFrame, cache: EmbeddingCache, back
         "preprocessing": {"resize": backbone.transform.resize_size, "crop": backbone.image_size,
                           "interpolation": backbone.transform.interpolation, "mean": list(backbone.mean),
                           "std": list(backbone.std), "max_pixels": config.max_pixels},
-        "embedding": _embedding_plan(backbone, config.max_pixels, config.extraction.precision),
+        "embedding": job.embedding_plan,
         "data_root": str(Path(dataset.root).resolve()),
         "layout": dataset.layout,
         "synthetic": settings.synthetic,

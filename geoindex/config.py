@@ -125,6 +125,11 @@ MODE_DEFAULTS = {
 }
 
 
+# `train --places`: a batch holds places_per_batch places x photos_per_place photos, and the multi-similarity loss
+# weighs place_weight beside the cities' cross-entropy (gsv-cities' batch shape; benchmarks/place.md).
+PLACE_DEFAULTS = {"places_per_batch": 16, "photos_per_place": 4, "place_weight": 1.0}
+
+
 @dataclass(frozen=True)
 class QueryConfig(_Config):
     """`geoindex query`'s options; k, vote and temperature None: as `geoindex train` tuned them on val."""

@@ -202,3 +202,27 @@ def test_places_asked_for_where_they_cannot_be_learnt_is_one_line(tree, tmp_path
 def pd_read(path):
     import pandas as pd
     return pd.read_csv(path)
+
+
+def test_place_batches_stay_bounded_and_place_ids_are_per_city():
+    from geoindex.adapt import DEFAULTS, TailTraining, TrainPlaces
+    import pandas as pd
+
+    # 8 places of 2 photos among 2,000 photos of no place: no batch holds more than P x K + batch_size photos
+    n = 2016
+    meta = {"train": pd.DataFrame({"lat": np.r_[51.5 + np.repeat(np.arange(8), 2) * 0.01, np.full(n - 16, np.nan)],
+                                   "lon": np.zeros(n), "yyyymm": np.full(n, 201601), "place_id": -1,
+                                   "label": np.zeros(n, dtype=int)}),
+            "val": pd.DataFrame({"lat": [51.0], "lon": [0.0], "yyyymm": [201601], "place_id": [-1], "label": [0]})}
+    rows = {"train": np.arange(n), "val": np.arange(1)}
+    places = TrainPlaces(meta, rows, "cpu")
+    assert places.count == 8
+    training = TailTraining.__new__(TailTraining)  # the batches need only the places, settings and seed
+    training.places, training.settings, training.seed = places, dict(DEFAULTS), 0
+    sizes = [len(y) for _, y in training.batches(1, np.zeros((n, 1), np.float16), np.zeros(n, np.int64))]
+    assert sum(sizes) == n and max(sizes) <= 16 + DEFAULTS["batch_size"]
+    # GSV-Cities numbers places within each city: London's place 5 and Paris's place 5 are two places
+    meta["train"] = pd.DataFrame({"lat": [51.5, 51.5, 48.8, 48.8], "lon": [0.0, 0.0, 2.3, 2.3], "yyyymm": 201601,
+                                  "place_id": [5, 5, 5, 5], "label": [0, 0, 1, 1]})
+    places = TrainPlaces(meta, {"train": np.arange(4), "val": np.arange(1)}, "cpu")
+    assert places.places[0] == places.places[1] != places.places[2] == places.places[3]
