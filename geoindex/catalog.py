@@ -101,3 +101,25 @@ def weights_status(name: str) -> str:
         found = any(repo.glob("*/open_clip_*")) or (Path("~/.cache/clip/ViT-B-32.pt").expanduser()).is_file()
         return "weights cached" if found else f"weights not cached (open_clip's Hugging Face cache: {repo.parent})"
     return "weights: see `geoindex backbones --check`"
+
+
+def check_backbone_against(m: dict, name: str, backbone) -> None:
+    """Refuse a backbone whose embeddings would not be comparable with those of the index whose manifest is `m`
+    (a query of it, or a build borrowing its features)."""
+    from .errors import BackboneMismatch
+
+    if backbone.name != m["backbone"]:
+        raise BackboneMismatch(f"index {name!r} was built with backbone {m['backbone']!r}; "
+                               f"queries embedded with {backbone.name!r} cannot be compared with it")
+    if backbone.weights.sha256 != m["weights"]["sha256"] or backbone.weights.source != m["weights"]["source"]:
+        raise BackboneMismatch(f"index {name!r} was built with {m['backbone']} weights "
+                               f"{m['weights']['description'] or m['weights']['source']} (sha256 {m['weights']['sha256']}); "
+                               f"the weights given now differ ({backbone.weights.description}, sha256 {backbone.weights.sha256})")
+    named = backbone_info(backbone.name).weights_named_not_hashed
+    if named and backbone.weights.description != m["weights"].get("description"):
+        # Hub weights (CLIP) are named by architecture and pretrained tag in the description: no file hash.
+        raise BackboneMismatch(f"index {name!r} was built with CLIP {m['weights'].get('description')!r}; "
+                               f"this CLIP is {backbone.weights.description!r}")
+    if backbone.image_size != m["image_size"] or backbone.embed_dim != m["embed_dim"]:
+        raise BackboneMismatch(f"index {name!r} expects {m['image_size']} px images and {m['embed_dim']}-d "
+                               f"embeddings; got {backbone.image_size} px and {backbone.embed_dim}-d")

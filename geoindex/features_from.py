@@ -144,14 +144,10 @@ def _knn_snapshot(path: Path, manifest: dict, folder: Path, notes: list[str]) ->
 
 
 def check_backbone(source: FeatureSource, backbone) -> None:
-    """The backbone made from the snapshot is NAME's, weight for weight (the same check a query of NAME makes)."""
-    m = source.manifest
-    if (backbone.name != m["backbone"] or backbone.weights.sha256 != m["weights"]["sha256"]
-            or backbone.image_size != m["image_size"] or backbone.embed_dim != m["embed_dim"]):
-        raise BackboneMismatch(f"the backbone made from index {source.name!r} ({backbone.name}, {backbone.image_size} "
-                               f"px, weights sha256 {backbone.weights.sha256}) is not the one it was built with "
-                               f"({m['backbone']}, {m['image_size']} px, sha256 {m['weights']['sha256']}); rebuild "
-                               f"{source.name!r}")
+    """The backbone made from the snapshot is NAME's, weight for weight: the check a query of NAME makes."""
+    from .catalog import check_backbone_against
+
+    check_backbone_against(source.manifest, source.name, backbone)
 
 
 def copy_into(source: FeatureSource, out: Path, store, build_id: str) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 
 from .backbones import Backbone, create_backbone
 from .layout import EMBEDDINGS, FAISS_INDEX
-from .catalog import backbone_info
+from .catalog import check_backbone_against
 from .cities import full_name
 from .errors import BackboneMismatch, GeoindexError
 from .extraction import resolve_device
@@ -198,22 +198,7 @@ class GeoIndex:
 
     def check_backbone(self, backbone: Backbone) -> None:
         """Refuse a backbone whose embeddings would not be comparable with this index's."""
-        m = self.manifest
-        if backbone.name != m["backbone"]:
-            raise BackboneMismatch(f"index {self.name!r} was built with backbone {m['backbone']!r}; "
-                                   f"queries embedded with {backbone.name!r} cannot be compared with it")
-        if backbone.weights.sha256 != m["weights"]["sha256"] or backbone.weights.source != m["weights"]["source"]:
-            raise BackboneMismatch(f"index {self.name!r} was built with {m['backbone']} weights "
-                                   f"{m['weights']['description'] or m['weights']['source']} (sha256 {m['weights']['sha256']}); "
-                                   f"the weights given now differ ({backbone.weights.description}, sha256 {backbone.weights.sha256})")
-        named = backbone_info(backbone.name).weights_named_not_hashed
-        if named and backbone.weights.description != m["weights"].get("description"):
-            # Hub weights (CLIP) are named by architecture and pretrained tag in the description: no file hash.
-            raise BackboneMismatch(f"index {self.name!r} was built with CLIP {m['weights'].get('description')!r}; "
-                                   f"this CLIP is {backbone.weights.description!r}")
-        if backbone.image_size != m["image_size"] or backbone.embed_dim != m["embed_dim"]:
-            raise BackboneMismatch(f"index {self.name!r} expects {m['image_size']} px images and {m['embed_dim']}-d "
-                                   f"embeddings; got {backbone.image_size} px and {backbone.embed_dim}-d")
+        check_backbone_against(self.manifest, self.name, backbone)  # geoindex.catalog
 
     @property
     def classifier(self):
