@@ -42,11 +42,30 @@ from geoindex.extraction import Embedder, iter_embeddings, resolve_device, set_p
 from geoindex.runtime import resolve_runtime  # noqa: E402
 
 INT8_SUFFIX = "-int8"
+PRECISION_SUFFIXES = ("-fp32", "-bf16", INT8_SUFFIX)
+
+
+def parse_label(label: str) -> tuple[str, str, int | None]:
+    """RUNTIME[-PRECISION][/wN] -> (runtime, precision, decoding processes): "openvino-int8" -> ("openvino", "int8",
+    None); "torch" -> ("torch", "fp32", None); "openvino" -> ("openvino", "auto", None); "torch/w1" -> eager PyTorch
+    with one DataLoader decoding process, as every CPU build decoded before threads did (`--workers 1`)."""
+    label, _, workers = label.partition("/w")
+    for suffix in PRECISION_SUFFIXES:
+        if label.endswith(suffix):
+            return label[:-len(suffix)], suffix[1:], int(workers) if workers else None
+    return label, "fp32" if label == "torch" else "auto", int(workers) if workers else None
 
 
 def runtime_and_precision(label: str) -> tuple[str, str]:
-    """"openvino-int8" -> ("openvino", "int8"); "torch" -> ("torch", "fp32")."""
-    return (label[:-len(INT8_SUFFIX)], "int8") if label.endswith(INT8_SUFFIX) else (label, "fp32")
+    return parse_label(label)[:2]
+
+
+def resolve_label(label: str, device) -> str:
+    """The label of what can run here: an OpenVINO label falls back to torch where OpenVINO cannot run."""
+    runtime, precision, workers = parse_label(label)
+    ran = resolve_runtime(runtime, device)
+    suffix = f"-{precision}" if ran == "openvino" and precision != "auto" else ""
+    return ran + suffix + (f"/w{workers}" if workers is not None else "")
 
 
 def stages(backbone, paths, labels, calibration, device, batch_size, repeats=3) -> dict:
@@ -273,9 +292,10 @@ def build_runs(data: str, backbone: str, runtimes, repeats: int, workdir: Path, 
         for runtime in runtimes:
             out = workdir / f"build-{runtime}-{r}"
             shutil.rmtree(out, ignore_errors=True)
-            bare, precision = runtime_and_precision(runtime)
+            bare, precision, label_workers = parse_label(runtime)
+            processes = label_workers if label_workers is not None else workers
             args = ["build", "--data", data, "--backbone", backbone, "--name", "bench", "--index-dir", str(out),
-                    "--runtime", bare, "--precision", precision] + (["--workers", str(workers)] if workers is not None else [])
+                    "--runtime", bare, "--precision", precision] + (["--workers", str(processes)] if processes is not None else [])
             proc = subprocess.run([sys.executable, "-c", BUILD_CHILD, *args], capture_output=True, text=True,
                                   env={**os.environ, "TQDM_DISABLE": "1"})
             if proc.returncode != 0:
@@ -310,8 +330,11 @@ def main():
     parser.add_argument("--weights", default="none",
                         help="'none' (random; same speed as real ones), 'pretrained' or a file")
     parser.add_argument("--runtimes", default="torch,openvino",
-                        help="comma-separated runtimes to compare (torch, openvino, openvino-int8); one that cannot "
-                             "run here falls back to torch, as geoindex does, and is reported as what ran")
+                        help="comma-separated runtimes to compare, RUNTIME[-PRECISION][/wN]: torch, openvino (its "
+                             "default precision: bf16 on a CPU with AMX or AVX512-BF16, else fp32), openvino-fp32, "
+                             "openvino-bf16, openvino-int8; /wN decodes in N DataLoader processes (torch/w1: every "
+                             "CPU build before decoding threads). One that cannot run here falls back to torch, as "
+                             "geoindex does, and is reported as what ran")
     parser.add_argument("--calibration", type=int, default=300,
                         help="photos openvino-int8 is calibrated on: the ones after the measured ones")
     parser.add_argument("--stages", action="store_true", help="also one photo's CPU time stage by stage")
@@ -347,8 +370,7 @@ def main():
     every = read_photo_list(args.photos, wanted) if args.photos else make_photos(workdir / "photos", wanted)
     paths, calibration = every[:args.n], every[args.n:]
     backbone = create_backbone(args.backbone, weights=weights, device=device)
-    runtimes = list(dict.fromkeys(resolve_runtime(runtime_and_precision(r)[0], device) + INT8_SUFFIX * (
-        runtime_and_precision(r)[1] == "int8") for r in requested))  # what can run here
+    runtimes = list(dict.fromkeys(resolve_label(r, device) for r in requested))  # what can run here
     print(f"{args.backbone} at {backbone.image_size}px on {device}, batch {args.batch_size}, {len(paths)} images "
           f"({'from ' + args.photos if args.photos else '640x480 JPEGs'}), torch threads {torch.get_num_threads()}, "
           f"runtimes {', '.join(runtimes)}")
@@ -366,7 +388,8 @@ def main():
             set_precision(backbone, runtime_and_precision(rt)[1], calibration)
             bare = runtime_and_precision(rt)[0]
             runs[rt]["ceiling"].append(ceiling(backbone, len(paths), args.batch_size, device, runtime=bare))
-            runs[rt]["pipeline"].append(pipeline(backbone, paths, args.batch_size, device, args.workers, runtime=bare))
+            workers = parse_label(rt)[2] if parse_label(rt)[2] is not None else args.workers
+            runs[rt]["pipeline"].append(pipeline(backbone, paths, args.batch_size, device, workers, runtime=bare))
             what_ran[rt] = dict(backbone.extras.get("runtime") or {})
             print(f"  round {r + 1}, {rt:9}: model alone {runs[rt]['ceiling'][-1]:7.1f} photos/s, "
                   f"end to end {runs[rt]['pipeline'][-1]:7.1f} photos/s", flush=True)
@@ -379,12 +402,14 @@ def main():
         from geoindex.backbones import tail_split
         split = tail_split(backbone)
         trunk = dataclasses.replace(backbone, model=split.trunk, embed_dim=split.trunk_dim, _embedders={})
-        trunk.extras = {}  # fp32: `train` computes its trunk features in fp32
+        trunk.extras = {}
         for r in range(args.repeats):
             for rt in runtimes:
-                if runtime_and_precision(rt)[1] != "fp32":
+                if runtime_and_precision(rt)[1] == "int8":  # `train` computes its trunk features in float
                     continue
-                runs[rt].setdefault("trunk", []).append(ceiling(trunk, len(paths), args.batch_size, device, runtime=rt))
+                set_precision(trunk, runtime_and_precision(rt)[1])
+                runs[rt].setdefault("trunk", []).append(ceiling(trunk, len(paths), args.batch_size, device,
+                                                                runtime=runtime_and_precision(rt)[0]))
                 print(f"  round {r + 1}, {rt:9}: trunk features, model alone {runs[rt]['trunk'][-1]:7.1f} photos/s",
                       flush=True)
     for rt in runtimes:
@@ -425,11 +450,11 @@ def main():
     results["pipeline_over_ceiling"] = results["pipeline_img_s"] / results["ceiling_img_s"]
     print(f"(b)/(a) = {results['pipeline_over_ceiling']:.2f} ({default})")
     for rt in runtimes:
-        if runtime_and_precision(rt)[1] == "int8":  # the same photos, in int8 and in fp32 of the same runtime
+        if runtime_and_precision(rt)[1] in ("int8", "bf16"):  # the same photos, lower and fp32, same runtime
             batch = torch.stack([backbone.transform.load(p) for p in paths])
             set_precision(backbone, "fp32")
             fp32 = torch.cat([Embedder(backbone, device, runtime=runtime_and_precision(rt)[0])(b) for b in batch.split(32)])
-            set_precision(backbone, "int8", calibration)
+            set_precision(backbone, runtime_and_precision(rt)[1], calibration)
             low = torch.cat([Embedder(backbone, device, runtime=runtime_and_precision(rt)[0])(b) for b in batch.split(32)])
             set_precision(backbone, "fp32")
             cosine = (fp32 * low).sum(1).double().numpy()  # both L2-normalised
@@ -445,7 +470,7 @@ def main():
         paths_k = (read_photo_list(args.photos, kernel_n) if args.photos
                    else make_photos(workdir / "photos", kernel_n))
         results["kernel_time"] = kernel_time(paths_k, args.backbone, args.weights, args.batch_size, args.workers,
-                                             workdir, [rt for rt in runtimes if not rt.endswith(INT8_SUFFIX)],
+                                             workdir, [rt for rt in runtimes if rt in ("torch", "openvino")],
                                              args.malloc_compare)
         for label, run in results["kernel_time"].items():
             if label in results["runtimes"]:

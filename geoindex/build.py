@@ -36,7 +36,7 @@ from . import __version__
 from .backbones import Backbone, create_backbone
 from .data import SPLITS, SplitInfo, limit_per_city, order_by_split, scan_dataset, split_records
 from .errors import GeoindexError
-from .extraction import PRECISION_KEY, precision_of, prepare_runtime, resolve_device, set_precision
+from .extraction import PRECISION_KEY, QUANTIZED, precision_of, prepare_runtime, resolve_device, set_precision
 from .fileio import (MARKER, STAGING, atomic_path, check_index_name, fault_point, index_home, made_by_geoindex,
                      name_from, remove_geoindex_folder, replace_dir, write_json_atomic)
 from .config import BuildConfig, ExtractionConfig, split_options
@@ -235,14 +235,14 @@ def _photo_keys(paths) -> tuple[list[tuple], dict[int, str]]:
 
 def _embedding_plan(backbone: Backbone, max_pixels, precision: str | None = None, calibration: str | None = None) -> dict:
     """What an embedding depends on: two builds agreeing on this can share embeddings. The precision is named only
-    when it is not fp32, so indexes built before --precision existed still share theirs; a quantized model also
-    depends on the photos it was calibrated on (`calibration`, their key), so embeddings of two int8 models made
-    from other samples are never mixed in one index."""
+    for a quantized model (fp32 and bf16 embeddings agree within geoindex.runtime.BF16_TOLERANCE, as the runtimes
+    do, so indexes built before --precision existed still share theirs); a quantized model also depends on the
+    photos it was calibrated on (`calibration`, their key), so embeddings of two int8 models made from other samples
+    are never mixed in one index."""
     return {"backbone": backbone.name, "weights_sha256": backbone.weights.sha256, "weights_source": backbone.weights.source,
             "image_size": backbone.image_size, "resize": backbone.transform.resize_size,
             "interpolation": backbone.transform.interpolation, "max_pixels": max_pixels} | (
-        {"precision": precision, "calibration": calibration} if precision not in (None, ExtractionConfig.precision)
-        else {})
+        {"precision": precision, "calibration": calibration} if precision in QUANTIZED else {})
 
 
 @contextlib.contextmanager
@@ -464,7 +464,7 @@ def _build_locked(job: _BuildJob, data, backbone) -> BuildReport:
     elif isinstance(backbone, str):
         backbone = create_backbone(backbone, weights=job.weights, image_size=extraction.image_size, device=device)
     calibration = None
-    if extraction.precision != ExtractionConfig.precision:
+    if extraction.precision in QUANTIZED:
         from .runtime import Calibration
         calibration = Calibration(_calibration_photos(records, config), load=None).key
     embedding_plan = job.embedding_plan = _embedding_plan(backbone, config.max_pixels, extraction.precision,
@@ -640,11 +640,13 @@ def _extract(job: _BuildJob, backbone: Backbone, records: pd.DataFrame, pending:
         report.failed_rows += int((~shard.ok).sum())
 
     paths = records["path"].to_numpy()[pending]
-    if extraction.precision != ExtractionConfig.precision:
+    if extraction.precision in QUANTIZED:
         if getattr(engine, "name", None) != "local":
             raise GeoindexError(f"--precision {extraction.precision} runs with --engine local only (the calibrated "
                                 "model is made in this process)")
         set_precision(backbone, extraction.precision, _calibration_photos(records, config))
+    else:
+        set_precision(backbone, extraction.precision)
     prepare_runtime(backbone, resolve_device(extraction.device))  # a one-off export (cached) is not embedding time: photos/s leaves it out
     start = time.perf_counter()
     try:

@@ -107,13 +107,16 @@ def main():
               help="Model input size [default: the backbone's].")
 @click.option("--batch-size", type=click.IntRange(1), default=ExtractionConfig.batch_size, show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=ExtractionConfig.num_workers,
-              help="Decoding processes [default: cores - 1].")
+              help="Decoding processes [default: none on a CPU, where threads of this process decode beside the "
+                   "model; cores - 1 feeding a GPU].")
 @device_option(ExtractionConfig.device)
 @runtime_option
 @click.option("--precision", type=click.Choice(PRECISIONS), default=ExtractionConfig.precision, show_default=True,
-              help="int8: the model quantized by NNCF (OpenVINO on a CPU; calibrated on a few hundred of the index's "
-                   "train photos, once), faster than fp32 and within a checked cosine of it; queries embed in fp32. "
-                   "See benchmarks/README.md for what it does to accuracy.")
+              help="auto: bf16 where OpenVINO computes it natively (a CPU with AMX or AVX512-BF16: about twice "
+                   "fp32's speed, embeddings within a checked cosine of 0.98 of fp32's, interchangeable with them), "
+                   "else fp32. int8: the model quantized by NNCF (OpenVINO on a CPU; calibrated on a few hundred of "
+                   "the index's train photos, once), faster still, within a checked cosine of 0.90; queries embed at "
+                   "auto. The manifest records what ran; benchmarks/README.md has what each does to accuracy.")
 @click.option("--index-type", "index_type", type=click.Choice(INDEX_TYPES), default=BuildConfig.index_type,
               show_default=True, help="flat: exact search; hnsw: the choice for large indexes (graph + exact "
                                       "re-ranking, fast one photo at a time); ivfpq: compressed, the smallest index.")

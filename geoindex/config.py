@@ -58,10 +58,11 @@ def _plain(value):
 class ExtractionConfig(_Config):
     """How photos are decoded and embedded (build, re-embedding after `train`)."""
     batch_size: int = 64
-    num_workers: int | None = None  # decoding processes; None: cores - 1
+    num_workers: int | None = None  # decoding processes; None: threads on a CPU, cores - 1 processes for a GPU
     device: str = "auto"            # auto: a CUDA GPU when torch sees one
     image_size: int | None = None   # None: the backbone's own
-    precision: str = "fp32"         # int8: OpenVINO, calibrated on the index's train photos (queries embed in fp32)
+    precision: str = "auto"         # auto: bf16 where OpenVINO computes it natively, else fp32; int8: calibrated on
+                                    # the index's train photos (queries embed at auto)
     calibration_photos: int = 300   # train photos an int8 model is calibrated on
 
 

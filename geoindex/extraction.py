@@ -1,13 +1,16 @@
-"""Turning image files into embeddings fast: decode in DataLoader workers, infer in batches.
+"""Turning image files into embeddings fast: decode ahead of the model, infer in batches.
 
-Workers decode and resize to uint8 (a quarter of float32's bytes through shared memory); the
-main process normalises and runs the model in the runtime geoindex.runtime chose (OpenVINO on a
+Decoders (threads of this process on a CPU, DataLoader processes feeding a GPU) decode and resize to uint8 (a
+quarter of float32's bytes); the main thread normalises and runs the model in the runtime geoindex.runtime chose (OpenVINO on a
 CPU; PyTorch under inference_mode in channels-last layout, with fp16 autocast on a GPU), and
 L2-normalises the pooled features.
 """
 from __future__ import annotations
 
+import itertools
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -84,9 +87,43 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return device
 
 
-def default_num_workers() -> int:
-    # Leave a core to the model; on a 2-core machine one decoder keeps up with a CNN forward pass.
+def default_num_workers(device: torch.device | None = None) -> int:
+    """Decoding processes: on a GPU, every core but one, so the GPU never waits. On a CPU, none: decoding runs in
+    threads of this process (decode_threads), because the model already uses every core and a decoding process
+    preempts its threads at their synchronisation points: measured on 2 cores, the model alone slowed from 51 to
+    38 photos/s beside one decoder process (effnet-duo, OpenVINO), while decoding threads cost it their own
+    CPU time only (benchmarks/README.md)."""
+    if device is not None and device.type == "cpu":
+        return 0
     return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def decode_threads() -> int:
+    """Threads decoding ahead of the CPU model: one per four cores (a 224-px JPEG takes about 1.5 ms of one core
+    from file to tensor, a tenth of what the model spends on it)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // 4)
+
+
+def _decoded_batches(files: Dataset, batch_size: int, threads: int) -> Iterator[tuple]:
+    """Collated batches in order, decoded by `threads` threads a few batches ahead (PIL releases the GIL while it
+    decodes and resizes); memory stays at a few batches."""
+    starts = iter(range(0, len(files), batch_size))
+
+    def decode(start):
+        return _collate([files[i] for i in range(start, min(start + batch_size, len(files)))])
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="geoindex-decode") as pool:
+        pending = deque(pool.submit(decode, start) for start in itertools.islice(starts, threads + 1))
+        try:
+            while pending:
+                batch = pending.popleft().result()
+                for start in itertools.islice(starts, 1):
+                    pending.append(pool.submit(decode, start))
+                yield batch
+        finally:
+            for future in pending:  # the consumer stopped early (an error, Ctrl-C): decode nothing more
+                future.cancel()
 
 
 class ImageFiles(Dataset):
@@ -143,22 +180,24 @@ def _worker_init(_):
 
 
 PRECISION_KEY = "precision"  # in Backbone.extras: {"name": "int8", "calibration": geoindex.runtime.Calibration}
+QUANTIZED = ("int8",)        # precisions whose model depends on calibration photos: embeddings are not interchangeable
 
 
 def set_precision(backbone: Backbone, precision: str, calibration_paths: Sequence[str] = ()) -> None:
-    """Embed with this backbone at `precision` from now on: "fp32", or "int8" calibrated on those photos (decoded and
-    normalised as the model takes them)."""
+    """Embed with this backbone at `precision` from now on: "auto" (bf16 in OpenVINO on a CPU with native bf16,
+    else fp32), "fp32", "bf16", or "int8" calibrated on those photos (decoded and normalised as the model takes them)."""
     from .runtime import Calibration, check_precision
 
     precision = check_precision(precision)
-    if precision == "fp32":
+    if precision == ExtractionConfig.precision:
         backbone.extras.pop(PRECISION_KEY, None)
-        return
+    elif precision != "int8":
+        backbone.extras[PRECISION_KEY] = {"name": precision}
+    else:
+        def load(path):
+            return backbone.normalize(backbone.transform.load(path).unsqueeze(0))[0]
 
-    def load(path):
-        return backbone.normalize(backbone.transform.load(path).unsqueeze(0))[0]
-
-    backbone.extras[PRECISION_KEY] = {"name": precision, "calibration": Calibration(calibration_paths, load)}
+        backbone.extras[PRECISION_KEY] = {"name": precision, "calibration": Calibration(calibration_paths, load)}
 
 
 def precision_of(backbone: Backbone) -> str:
@@ -179,7 +218,7 @@ class Embedder:
 
     runtime: "auto" (OpenVINO on a CPU when installed, else PyTorch), "torch" or "openvino"; None for the
     process default (geoindex.runtime.set_default_runtime, the CLI's --runtime, or $GEOINDEX_RUNTIME).
-    The precision is the backbone's (set_precision): fp32 unless a build asked for int8.
+    The precision is the backbone's (set_precision): auto unless a build asked for another.
     """
 
     def __init__(self, backbone: Backbone, device="auto", amp: bool | None = None, channels_last: bool = True,
@@ -214,11 +253,14 @@ def iter_embeddings(backbone: Backbone, paths: Sequence[str], batch_size: int = 
     from tqdm.auto import tqdm
 
     embedder = Embedder(backbone, device, amp, normalize=normalize, runtime=runtime)
-    num_workers = default_num_workers() if num_workers is None else num_workers
-    loader = DataLoader(ImageFiles(paths, backbone.transform, max_pixels), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=_collate, pin_memory=embedder.device.type == "cuda",
-                        worker_init_fn=_worker_init if num_workers else None,
-                        prefetch_factor=4 if num_workers else None, persistent_workers=False)
+    num_workers = default_num_workers(embedder.device) if num_workers is None else num_workers
+    files = ImageFiles(paths, backbone.transform, max_pixels)
+    if num_workers:
+        loader = DataLoader(files, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
+                            pin_memory=embedder.device.type == "cuda", worker_init_fn=_worker_init,
+                            prefetch_factor=4, persistent_workers=False)
+    else:
+        loader = _decoded_batches(files, batch_size, decode_threads())
     trim_countdown = TRIM_EVERY_IMAGES
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, smoothing=0.05) as bar:
         for positions, batch, ok, errors, digests in loader:

@@ -52,9 +52,14 @@ TOLERANCE = 0.9999
 # benchmarks/README.md has what that does to city accuracy and revisit recall. Queries embed in fp32: an int8
 # index is only built when every calibration photo's int8 embedding is within this of its fp32 one.
 INT8_TOLERANCE = 0.90
+# The same for OpenVINO's bf16 inference (CPUs that compute bf16 natively: AMX or AVX512-BF16), checked on the fixed
+# input of every export and asserted per real photo (tests/test_runtime.py). Measured on 400 London-or-London photos
+# (Xeon with AMX): lowest 0.9918 (EfficientNet-Lite0) and 0.9930 (effnet-duo), mean 0.9987 and 0.9978; 0.9995 on the
+# fixed input. benchmarks/README.md has what it does to city accuracy and revisit recall.
+BF16_TOLERANCE = 0.98
 STREAMS_ENV = "GEOINDEX_OPENVINO_STREAMS"  # override of the streams below (benchmarks/extract.py compares them)
 MAX_STREAMS = 4           # past a few streams a CNN's batch chunks get too small to keep a core's vector units fed
-CACHE_FORMAT = 1          # bump when what an export holds changes
+CACHE_FORMAT = 2          # bump when what an export holds changes (2: its bf16 agreement is recorded)
 INT8_RECIPE = 1           # bump when the quantization settings below change: int8 exports are cached under it
 CACHE_KEEP = 16           # exports kept in the user cache, most recently used first
 _LOADED_KEEP = 4          # compiled models kept in memory, for the next Embedder of the same module
@@ -63,6 +68,8 @@ _default_runtime: str | None = None
 _said: set[str] = set()
 _lock = threading.RLock()
 _loaded: OrderedDict = OrderedDict()
+_bf16_agreement: dict[str, float] = {}  # export key -> lowest cosine of its bf16 inference to PyTorch fp32
+_native_bf16: bool | None = None
 
 
 def say_once(message: str) -> None:
@@ -136,10 +143,37 @@ def resolve_runtime(requested: str | None, device) -> str:
 
 
 def check_precision(name: str | None) -> str:
-    value = str(name).strip().lower() if name is not None else "fp32"
+    value = str(name).strip().lower() if name is not None else "auto"
     if value not in PRECISIONS:
         raise GeoindexError(f"unknown precision {name!r}; choose one of: {', '.join(PRECISIONS)}")
     return value
+
+
+def native_bf16() -> bool:
+    """Whether OpenVINO computes bf16 natively on this CPU (AMX or AVX512-BF16): it then makes bf16 its own default."""
+    global _native_bf16
+    if _native_bf16 is None:
+        ov = _openvino()
+        try:
+            _native_bf16 = ov is not None and ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT") == ov.Type.bf16
+        except Exception:  # an OpenVINO without the property, or no CPU plugin: as good as no bf16
+            _native_bf16 = False
+    return _native_bf16
+
+
+def resolve_precision(requested: str | None, runtime: str) -> str:
+    """The precision that will run: "fp32", "bf16" or "int8". auto is bf16 in OpenVINO on a CPU that computes bf16
+    natively (about twice fp32's photos/s there, within BF16_TOLERANCE of it), else fp32; eager PyTorch runs fp32."""
+    precision = check_precision(requested)
+    if precision == "int8":
+        return precision
+    if precision == "auto":
+        return "bf16" if runtime == "openvino" and native_bf16() else "fp32"
+    if precision == "bf16" and not (runtime == "openvino" and native_bf16()):
+        raise GeoindexError("--precision bf16 runs in OpenVINO on a CPU with AMX or AVX512-BF16" + (
+            "" if runtime == "openvino" else " (use --runtime auto or openvino)") + "; this one would emulate it, "
+            "slower than fp32: use --precision fp32 or auto")
+    return precision
 
 
 def describe_runtime(name: str, device=None, precision: str = "fp32") -> dict:
@@ -147,7 +181,7 @@ def describe_runtime(name: str, device=None, precision: str = "fp32") -> dict:
     if name == "openvino":
         ov = _openvino()
         return {"name": "openvino", "version": ov.get_version().split("-")[0] if ov else None,
-                "precision": "i8" if precision == "int8" else "f32"}
+                "precision": {"int8": "i8", "bf16": "bf16"}.get(precision, "f32")}
     cuda = device is not None and torch.device(device).type == "cuda"
     return {"name": "torch", "version": torch.__version__, "precision": "fp16 autocast" if cuda else "f32"}
 
@@ -293,14 +327,29 @@ def min_cosine(a, b) -> float:
     return float(cos.min())
 
 
-def _agreement(module: torch.nn.Module, model, image_size: int) -> float:
-    """Lowest cosine between the export's outputs and PyTorch fp32's on a fixed batch: checked once per export
-    (the cache then guards the files by sha256), so a conversion that went wrong is never used."""
-    compiled = _openvino().Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+def _agreement(module: torch.nn.Module, model, image_size: int, hints=("f32",)) -> list[float]:
+    """Lowest cosine between the export's outputs (at each inference precision hint) and PyTorch fp32's on a fixed
+    batch: checked once per export (the cache then guards the files by sha256), so a conversion that went wrong,
+    or a bf16 inference that strays, is never used."""
     x = _fixed_input(image_size)
     with torch.inference_mode():
         reference = module(x).float().numpy()
-    return min_cosine(compiled.create_infer_request().infer({0: x.numpy()})[0], reference)
+    core = _openvino().Core()
+    return [min_cosine(core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint}).create_infer_request()
+                       .infer({0: x.numpy()})[0], reference) for hint in hints]
+
+
+def bf16_agreement(module: torch.nn.Module, model, image_size: int, key: str) -> float:
+    """The export's bf16 agreement with PyTorch fp32: recorded beside the export where it was made on a CPU with
+    native bf16, else measured once in this process."""
+    with _lock:
+        if key not in _bf16_agreement:
+            meta = cache_root() / f"{key[:40]}-{image_size}px" / EXPORT_META
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                _bf16_agreement[key] = float(json.loads(meta.read_text())["min_cosine_bf16_vs_torch"])
+        if key not in _bf16_agreement:
+            _bf16_agreement[key] = _agreement(module, model, image_size, ("bf16",))[0]
+        return _bf16_agreement[key]
 
 
 def _exported_model(module: torch.nn.Module, image_size: int, label: str, key: str):
@@ -321,13 +370,16 @@ def _exported_model(module: torch.nn.Module, image_size: int, label: str, key: s
     print(f"geoindex: exporting {label} (weights {key[:12]}) to OpenVINO, once: it is cached in {root}",
           file=sys.stderr, flush=True)
     model = _convert(module, image_size)
-    agreement = _agreement(module, model, image_size)
+    agreement, *bf16 = _agreement(module, model, image_size, ("f32", "bf16") if native_bf16() else ("f32",))
+    if bf16:
+        _bf16_agreement[key] = bf16[0]
     if not agreement >= TOLERANCE:
         raise GeoindexError(f"its OpenVINO export disagrees with PyTorch (cosine {agreement:.6f} < {TOLERANCE})")
     seconds = time.perf_counter() - started
     ov = _openvino()
     info = {"key": key, "label": label, "input": [-1, 3, image_size, image_size], "openvino": ov.get_version(),
             "torch": torch.__version__, "export_seconds": round(seconds, 2), "min_cosine_vs_torch": agreement,
+            **({"min_cosine_bf16_vs_torch": bf16[0]} if bf16 else {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return model, _cache_export(root, folder, model, info, f"exported in {seconds:.0f} s", "OpenVINO export",
                                 "exported")
@@ -436,16 +488,16 @@ def _cache_export(root: Path, folder: Path, model, info: dict, done: str, what: 
         return f"{done} (not cached)"
 
 
-def _compile_config(threads: int | None, streams: int | None) -> dict:
+def _compile_config(threads: int | None, streams: int | None, precision: str = "fp32") -> dict:
     """Up to MAX_STREAMS streams sharing the cores (on 2 cores: two streams of one thread), each batch split among
-    them; fp32.
+    them; at the precision asked (bf16, or f32 for fp32 and for an int8 model's layers left in float).
 
     On a small CPU a multi-threaded operator waits at every step for its slowest thread, so a DataLoader
     decoder (or an HTTP thread) taking a core stalls the whole model; one-thread streams each lose only what
     they lose themselves, as `geoindex serve`'s two model threads do for the same reason. On an idle 2-core
     CPU one stream of two threads measured the same (effnet-duo end to end, 43 photos/s either way).
-    fp32 is asked for explicitly: on CPUs with AMX or AVX512-BF16 OpenVINO would otherwise run in bf16
-    (twice as fast here, but a cosine of 0.993 to PyTorch's embeddings, unvalidated for accuracy).
+    The precision is always named: on CPUs with AMX or AVX512-BF16 OpenVINO would otherwise pick bf16 by itself,
+    unchecked, for an fp32 or int8 model too.
     """
     threads = max(1, threads or torch.get_num_threads())
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -455,7 +507,8 @@ def _compile_config(threads: int | None, streams: int | None) -> dict:
     streams = max(1, streams or int(os.environ.get(STREAMS_ENV) or 0) or min(total, MAX_STREAMS))
     per_stream = max(1, total // streams)
     return {"PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT", "NUM_STREAMS": str(streams),
-            "INFERENCE_NUM_THREADS": str(streams * per_stream), "INFERENCE_PRECISION_HINT": "f32"}
+            "INFERENCE_NUM_THREADS": str(streams * per_stream),
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
 
 
 class OpenVinoModel:
@@ -465,12 +518,12 @@ class OpenVinoModel:
     name = "openvino"
 
     def __init__(self, module: torch.nn.Module, image_size: int, label: str = "the model", threads: int | None = None,
-                 streams: int | None = None, precision: str = "fp32", calibration: Calibration | None = None):
+                 streams: int | None = None, precision: str | None = None, calibration: Calibration | None = None):
         self.module, self.image_size, self.label = module, image_size, label
-        self.precision, self.calibration = check_precision(precision), calibration
+        self.precision, self.calibration = resolve_precision(precision, "openvino"), calibration
         if self.precision == "int8" and calibration is None:
             raise GeoindexError("an int8 model needs calibration photos")
-        self.config = _compile_config(threads, streams)
+        self.config = _compile_config(threads, streams, self.precision)
         self.streams = int(self.config["NUM_STREAMS"])
         self._local = threading.local()
         self._rebuild = threading.Lock()
@@ -490,6 +543,14 @@ class OpenVinoModel:
                 model, self.source = _int8_model(self.module, self.image_size, self.label, self.key, self.calibration)
             else:
                 model, self.source = _exported_model(self.module, self.image_size, self.label, self.key)
+            if self.precision == "bf16":
+                agreement = bf16_agreement(self.module, model, self.image_size, self.key)
+                if not agreement >= BF16_TOLERANCE:
+                    say_once(f"{self.label} strays in bf16 (cosine {agreement:.4f} to fp32 < {BF16_TOLERANCE}); "
+                             "it runs in fp32")
+                    self.precision = "fp32"
+                    self.config = self.config | {"INFERENCE_PRECISION_HINT": "f32"}
+                    memo = (self.key, tuple(sorted(self.config.items())), self.precision, None)
             compiled = ov.Core().compile_model(model, "CPU", self.config)
         self._compiled = compiled
         self._local = threading.local()  # requests of the previous compiled model must not be reused
@@ -536,13 +597,14 @@ class OpenVinoModel:
 
 def compile_model(module: torch.nn.Module, image_size: int, device="cpu", *, runtime: str | None = None,
                   amp: bool | None = None, channels_last: bool = True, label: str = "the model",
-                  threads: int | None = None, streams: int | None = None, precision: str = "fp32",
+                  threads: int | None = None, streams: int | None = None, precision: str | None = None,
                   calibration: Calibration | None = None):
     """The module as a callable float (N, 3, H, W) -> (N, D) float32 tensor (on `device` for torch, on the CPU for
     OpenVINO), for the runtime asked for. An fp32 OpenVINO export that fails or disagrees with PyTorch is said once,
     and PyTorch runs instead; int8 (OpenVINO only) was asked for explicitly, so its failure is an error."""
     device = torch.device(device)
-    if check_precision(precision) == "int8":
+    precision = resolve_precision(precision, resolve_runtime(runtime, device))
+    if precision == "int8":
         if resolve_runtime(runtime, device) != "openvino":
             raise GeoindexError("--precision int8 runs in OpenVINO on a CPU; use --precision fp32 with "
                                 f"--runtime torch or on {device.type}" + ("" if _openvino() else f" ({OPENVINO_INSTALL})"))
@@ -550,7 +612,7 @@ def compile_model(module: torch.nn.Module, image_size: int, device="cpu", *, run
                              calibration=calibration)
     if resolve_runtime(runtime, device) == "openvino" and not amp:
         try:
-            return OpenVinoModel(module, image_size, label, threads=threads, streams=streams)
+            return OpenVinoModel(module, image_size, label, threads=threads, streams=streams, precision=precision)
         except Exception as exc:  # an unconvertible module must never stop a build: PyTorch can still run it
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             say_once(f"{label} cannot run in OpenVINO ({detail[:300]}); it runs in PyTorch")

@@ -7,7 +7,7 @@ import click
 
 RUNTIMES = ("auto", "torch", "openvino")
 RUNTIME_ENV = "GEOINDEX_RUNTIME"
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 
 def _set_runtime(ctx, param, value):

@@ -24,7 +24,7 @@ openvino = runtime._openvino()
 if openvino is None:
     pytest.skip("OpenVINO is not installed: pip install openvino", allow_module_level=True)
 from geoindex.backbones import create_backbone, tail_split  # noqa: E402
-from geoindex.extraction import Embedder, embed_paths  # noqa: E402
+from geoindex.extraction import Embedder, embed_paths, set_precision  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LONDON = SHARED / "data" / "real" / "london-or-london"
@@ -57,6 +57,7 @@ def real_photos(n_per_city: int) -> list[str]:
 def test_openvino_matches_torch_per_real_photo(name):
     photos = real_photos(12)  # both Londons
     backbone = create_backbone(name)
+    set_precision(backbone, "fp32")
     torch_emb, ok_t, _ = embed_paths(backbone, photos, runtime="torch", num_workers=0, progress=False, batch_size=8)
     ov_emb, ok_o, _ = embed_paths(backbone, photos, runtime="openvino", num_workers=0, progress=False, batch_size=8)
     assert ok_t.all() and ok_o.all()
@@ -73,6 +74,41 @@ def test_openvino_matches_torch_per_real_photo(name):
     assert (nearest[0] == nearest[1]).all()
 
 
+needs_bf16 = pytest.mark.skipif(not runtime.native_bf16(), reason="this CPU has no native bf16 (AMX or AVX512-BF16): "
+                                "OpenVINO would emulate it, so geoindex runs fp32 here")
+
+
+@pytest.mark.slow
+@needs_bf16
+@pytest.mark.parametrize("name", ["effnet", "effnet-duo"])
+def test_bf16_is_the_default_where_native_and_stays_within_its_tolerance_per_real_photo(name):
+    photos = real_photos(24)  # both Londons
+    backbone = create_backbone(name)
+    bf16, ok_b, _ = embed_paths(backbone, photos, num_workers=0, progress=False, batch_size=16)
+    assert backbone.extras["runtime"]["name"] == "openvino" and backbone.extras["runtime"]["precision"] == "bf16"
+    fp32, ok_f, _ = embed_paths(backbone, photos, runtime="torch", num_workers=0, progress=False, batch_size=16)
+    assert backbone.extras["runtime"]["precision"] == "f32"
+    assert ok_b.all() and ok_f.all()
+    cosine = per_photo_cosine(bf16, fp32)
+    print(f"{name}: bf16 vs fp32 over {len(photos)} real photos: min cosine {cosine.min():.5f}, mean {cosine.mean():.5f}")
+    assert cosine.min() >= runtime.BF16_TOLERANCE
+    assert cosine.mean() >= 0.995  # measured 0.998-0.999: the tolerance is for the odd photo, not the typical one
+    # bf16 queries against fp32 embeddings: each photo's nearest other photo mostly the same
+    sims_mixed, sims_fp32 = bf16 @ fp32.T, fp32 @ fp32.T
+    np.fill_diagonal(sims_mixed, -1)
+    np.fill_diagonal(sims_fp32, -1)
+    assert (sims_mixed.argmax(1) == sims_fp32.argmax(1)).mean() >= 0.9
+
+
+def test_bf16_is_refused_in_one_line_where_it_cannot_run():
+    backbone = create_backbone("cnn", weights="none")
+    set_precision(backbone, "bf16")
+    with pytest.raises(runtime.GeoindexError, match="bf16 runs in OpenVINO"):
+        Embedder(backbone, "cpu", runtime="torch")
+    set_precision(backbone, "auto")
+    assert Embedder(backbone, "cpu", runtime="torch").model.info()["precision"] == "f32"
+
+
 def test_openvino_matches_torch_on_synthetic_images_and_trunk(tmp_path):
     rng = np.random.default_rng(0)
     paths = []
@@ -86,6 +122,7 @@ def test_openvino_matches_torch_on_synthetic_images_and_trunk(tmp_path):
         Image.fromarray(array).save(tmp_path / f"{i}.jpg")
         paths.append(str(tmp_path / f"{i}.jpg"))
     for backbone in (create_backbone("cnn", weights="none"), create_backbone("effnet")):
+        set_precision(backbone, "fp32")
         a, _, _ = embed_paths(backbone, paths, runtime="torch", num_workers=0, progress=False)
         b, _, _ = embed_paths(backbone, paths, runtime="openvino", num_workers=0, progress=False)
         assert per_photo_cosine(a, b).min() >= runtime.TOLERANCE, backbone.name
@@ -93,6 +130,8 @@ def test_openvino_matches_torch_on_synthetic_images_and_trunk(tmp_path):
     import dataclasses
     split = tail_split(backbone)
     trunk = dataclasses.replace(backbone, model=split.trunk, embed_dim=split.trunk_dim, _embedders={})
+    trunk.extras = {}
+    set_precision(trunk, "fp32")
     batch = torch.stack([backbone.transform(Image.open(p).convert("RGB")) for p in paths])
     a = Embedder(trunk, "cpu", normalize=False, runtime="torch")(batch).numpy()
     b_embedder = Embedder(trunk, "cpu", normalize=False, runtime="openvino")
@@ -118,7 +157,8 @@ def test_index_built_with_one_runtime_answers_queries_embedded_with_the_other(tr
     assert index.backbone.extras["runtime"]["name"] == queried_with
     for photo, prediction in zip(photos, predictions):
         assert prediction.neighbours[0].path == photo  # the photo finds itself
-        assert prediction.neighbours[0].similarity >= 0.999
+        # OpenVINO's default is bf16 where the CPU computes it natively, fp32 elsewhere
+        assert prediction.neighbours[0].similarity >= (runtime.BF16_TOLERANCE if runtime.native_bf16() else 0.999)
     index.close()
 
 
