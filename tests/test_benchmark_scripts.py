@@ -55,13 +55,19 @@ def test_heldout_benchmark_smoke(tmp_path):
 
 def test_extract_benchmark_int8_and_stages_smoke(tmp_path, monkeypatch):
     import pytest
+
+    from geoindex import runtime
     pytest.importorskip("nncf")
     monkeypatch.setenv("GEOINDEX_CACHE", str(tmp_path / "cache"))
     out, results = run("extract.py", "--backbone", "cnn", "--n", 16, "--calibration", 16, "--batch-size", 8,
                        "--repeats", 1, "--naive-n", 0, "--kernel-n", 0, "--stages",
-                       "--runtimes", "openvino,openvino-int8", "--workdir", tmp_path / "work", tmp_path=tmp_path)
+                       "--runtimes", "openvino,openvino-fp32,openvino-int8,torch/w1", "--workdir", tmp_path / "work",
+                       tmp_path=tmp_path)
     int8 = results["runtimes"]["openvino-int8"]
-    assert int8["what_ran"]["precision"] == "i8" and results["runtimes"]["openvino"]["what_ran"]["precision"] == "f32"
+    assert int8["what_ran"]["precision"] == "i8" and results["runtimes"]["openvino-fp32"]["what_ran"]["precision"] == "f32"
+    # bare "openvino" is its default precision: bf16 where the CPU computes it natively
+    assert results["runtimes"]["openvino"]["what_ran"]["precision"] == ("bf16" if runtime.native_bf16() else "f32")
+    assert results["runtimes"]["torch/w1"]["what_ran"]["name"] == "torch"
     assert 0.9 <= int8["cosine_vs_fp32"]["min"] <= 1 and results["calibration_photos"] == 16
     stages = results["stages_cpu_ms_per_photo"]
     assert stages["decode"] > 0 and stages["model (openvino-int8, all threads)"] > 0
