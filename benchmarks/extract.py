@@ -56,6 +56,12 @@ def parse_label(label: str) -> tuple[str, str, int | None]:
     return label, "fp32" if label == "torch" else "auto", int(workers) if workers else None
 
 
+def label_workers(label: str, default: int | None) -> int | None:
+    """The decoding processes a label asks for (/wN), else `default` (--workers)."""
+    workers = parse_label(label)[2]
+    return default if workers is None else workers
+
+
 def runtime_and_precision(label: str) -> tuple[str, str]:
     return parse_label(label)[:2]
 
@@ -292,8 +298,8 @@ def build_runs(data: str, backbone: str, runtimes, repeats: int, workdir: Path, 
         for runtime in runtimes:
             out = workdir / f"build-{runtime}-{r}"
             shutil.rmtree(out, ignore_errors=True)
-            bare, precision, label_workers = parse_label(runtime)
-            processes = label_workers if label_workers is not None else workers
+            bare, precision = runtime_and_precision(runtime)
+            processes = label_workers(runtime, workers)
             args = ["build", "--data", data, "--backbone", backbone, "--name", "bench", "--index-dir", str(out),
                     "--runtime", bare, "--precision", precision] + (["--workers", str(processes)] if processes is not None else [])
             proc = subprocess.run([sys.executable, "-c", BUILD_CHILD, *args], capture_output=True, text=True,
@@ -388,8 +394,8 @@ def main():
             set_precision(backbone, runtime_and_precision(rt)[1], calibration)
             bare = runtime_and_precision(rt)[0]
             runs[rt]["ceiling"].append(ceiling(backbone, len(paths), args.batch_size, device, runtime=bare))
-            workers = parse_label(rt)[2] if parse_label(rt)[2] is not None else args.workers
-            runs[rt]["pipeline"].append(pipeline(backbone, paths, args.batch_size, device, workers, runtime=bare))
+            runs[rt]["pipeline"].append(pipeline(backbone, paths, args.batch_size, device,
+                                                 label_workers(rt, args.workers), runtime=bare))
             what_ran[rt] = dict(backbone.extras.get("runtime") or {})
             print(f"  round {r + 1}, {rt:9}: model alone {runs[rt]['ceiling'][-1]:7.1f} photos/s, "
                   f"end to end {runs[rt]['pipeline'][-1]:7.1f} photos/s", flush=True)

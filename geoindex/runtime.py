@@ -266,7 +266,8 @@ def _convert(module: torch.nn.Module, image_size: int):
 
 
 def _read_cached(folder: Path):
-    """The cached model in `folder` if its files are whole (sizes and sha256 as recorded), else raise ValueError."""
+    """(model, what was recorded beside it) from `folder` if its files are whole (sizes and sha256 as recorded),
+    else raise ValueError."""
     ov = _openvino()
     try:
         meta = json.loads((folder / EXPORT_META).read_text())
@@ -281,7 +282,7 @@ def _read_cached(folder: Path):
         if path.stat().st_size != expected.get("size") or _file_digest(path) != expected.get("sha256"):
             raise ValueError(f"{name} does not match its recorded size and sha256")
     try:
-        return ov.Core().read_model(str(folder / "model.xml"))
+        return ov.Core().read_model(str(folder / "model.xml")), meta
     except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
         raise ValueError(f"OpenVINO cannot read it: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}") from None
 
@@ -340,13 +341,9 @@ def _agreement(module: torch.nn.Module, model, image_size: int, hints=("f32",)) 
 
 
 def bf16_agreement(module: torch.nn.Module, model, image_size: int, key: str) -> float:
-    """The export's bf16 agreement with PyTorch fp32: recorded beside the export where it was made on a CPU with
-    native bf16, else measured once in this process."""
+    """The export's bf16 agreement with PyTorch fp32: as _exported_model found it recorded beside the export (made
+    on a CPU with native bf16), else measured once in this process."""
     with _lock:
-        if key not in _bf16_agreement:
-            meta = cache_root() / f"{key[:40]}-{image_size}px" / EXPORT_META
-            with contextlib.suppress(OSError, ValueError, TypeError):
-                _bf16_agreement[key] = float(json.loads(meta.read_text())["min_cosine_bf16_vs_torch"])
         if key not in _bf16_agreement:
             _bf16_agreement[key] = _agreement(module, model, image_size, ("bf16",))[0]
         return _bf16_agreement[key]
@@ -358,9 +355,12 @@ def _exported_model(module: torch.nn.Module, image_size: int, label: str, key: s
     folder = root / f"{key[:40]}-{image_size}px"
     if folder.exists():
         try:
-            model = _read_cached(folder)
+            model, meta = _read_cached(folder)
             with contextlib.suppress(OSError):
                 os.utime(folder / EXPORT_META)  # most recently used: kept by _prune_cache
+            if isinstance(meta.get("min_cosine_bf16_vs_torch"), (int, float)):
+                with _lock:
+                    _bf16_agreement[key] = float(meta["min_cosine_bf16_vs_torch"])
             return model, f"cached {folder}"
         except ValueError as why:
             say_once(f"the cached OpenVINO export {folder} is damaged ({why}); exporting it again")
@@ -444,7 +444,7 @@ def _int8_model(module: torch.nn.Module, image_size: int, label: str, key: str, 
     folder = root / f"{int8_key[:40]}-{image_size}px-int8"
     if folder.exists():
         try:
-            model = _read_cached(folder)
+            model, _ = _read_cached(folder)
             with contextlib.suppress(OSError):
                 os.utime(folder / EXPORT_META)
             return model, f"cached {folder}"
@@ -488,6 +488,11 @@ def _cache_export(root: Path, folder: Path, model, info: dict, done: str, what: 
         return f"{done} (not cached)"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _compile_config(threads: int | None, streams: int | None, precision: str = "fp32") -> dict:
     """Up to MAX_STREAMS streams sharing the cores (on 2 cores: two streams of one thread), each batch split among
     them; at the precision asked (bf16, or f32 for fp32 and for an int8 model's layers left in float).
@@ -500,7 +505,7 @@ def _compile_config(threads: int | None, streams: int | None, precision: str = "
     unchecked, for an fp32 or int8 model too.
     """
     threads = max(1, threads or torch.get_num_threads())
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     # `geoindex serve` gives each of its model threads a share of the cores as torch threads: together they
     # use them all, so the compiled model (shared by the model threads) gets all of them too.
     total = threads * max(1, cores // threads)
@@ -603,14 +608,15 @@ def compile_model(module: torch.nn.Module, image_size: int, device="cpu", *, run
     OpenVINO), for the runtime asked for. An fp32 OpenVINO export that fails or disagrees with PyTorch is said once,
     and PyTorch runs instead; int8 (OpenVINO only) was asked for explicitly, so its failure is an error."""
     device = torch.device(device)
-    precision = resolve_precision(precision, resolve_runtime(runtime, device))
+    runs_in = resolve_runtime(runtime, device)
+    precision = resolve_precision(precision, runs_in)
     if precision == "int8":
-        if resolve_runtime(runtime, device) != "openvino":
+        if runs_in != "openvino":
             raise GeoindexError("--precision int8 runs in OpenVINO on a CPU; use --precision fp32 with "
                                 f"--runtime torch or on {device.type}" + ("" if _openvino() else f" ({OPENVINO_INSTALL})"))
         return OpenVinoModel(module, image_size, label, threads=threads, streams=streams, precision="int8",
                              calibration=calibration)
-    if resolve_runtime(runtime, device) == "openvino" and not amp:
+    if runs_in == "openvino" and not amp:
         try:
             return OpenVinoModel(module, image_size, label, threads=threads, streams=streams, precision=precision)
         except Exception as exc:  # an unconvertible module must never stop a build: PyTorch can still run it
