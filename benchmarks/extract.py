@@ -432,12 +432,13 @@ def main():
     results["default_runtime"] = default
     results["ceiling_img_s"] = results["runtimes"][default]["ceiling_img_s"]
     results["pipeline_img_s"] = results["runtimes"][default]["pipeline_img_s"]
-    print(f"\n{'':28}" + "".join(f"{rt:>12}" for rt in runtimes))
-    print(f"{'(a) model alone, photos/s':28}" + "".join(f"{results['runtimes'][rt]['ceiling_img_s']:12.1f}"
+    w = max(12, max(len(rt) for rt in runtimes) + 2)  # a column per runtime, wide enough for its label
+    print(f"\n{'':28}" + "".join(f"{rt:>{w}}" for rt in runtimes))
+    print(f"{'(a) model alone, photos/s':28}" + "".join(f"{results['runtimes'][rt]['ceiling_img_s']:{w}.1f}"
                                                         for rt in runtimes))
-    print(f"{'(b) end to end, photos/s':28}" + "".join(f"{results['runtimes'][rt]['pipeline_img_s']:12.1f}"
+    print(f"{'(b) end to end, photos/s':28}" + "".join(f"{results['runtimes'][rt]['pipeline_img_s']:{w}.1f}"
                                                        for rt in runtimes))
-    print(f"{'(b)/(a)':28}" + "".join(f"{results['runtimes'][rt]['pipeline_over_ceiling']:12.2f}" for rt in runtimes))
+    print(f"{'(b)/(a)':28}" + "".join(f"{results['runtimes'][rt]['pipeline_over_ceiling']:{w}.2f}" for rt in runtimes))
     if "torch" in runtimes:
         for rt in runtimes:
             if rt != "torch":

@@ -112,7 +112,7 @@ def main():
 @device_option(ExtractionConfig.device)
 @runtime_option
 @click.option("--precision", type=click.Choice(PRECISIONS), default=ExtractionConfig.precision, show_default=True,
-              help="auto: bf16 where OpenVINO computes it natively (a CPU with AMX or AVX512-BF16: about twice "
+              help="auto: bf16 where OpenVINO computes it natively (a CPU with AMX or AVX512-BF16: 1.7-2.2x "
                    "fp32's speed, embeddings within a checked cosine of 0.98 of fp32's, interchangeable with them), "
                    "else fp32. int8: the model quantized by NNCF (OpenVINO on a CPU; calibrated on a few hundred of "
                    "the index's train photos, once), faster still, within a checked cosine of 0.90; queries embed at "

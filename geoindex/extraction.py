@@ -90,9 +90,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def default_num_workers(device: torch.device | None = None) -> int:
     """Decoding processes: on a GPU, every core but one, so the GPU never waits. On a CPU, none: decoding runs in
     threads of this process (decode_threads), because the model already uses every core and a decoding process
-    preempts its threads at their synchronisation points: measured on 2 cores, the model alone slowed from 51 to
-    38 photos/s beside one decoder process (effnet-duo, OpenVINO), while decoding threads cost it their own
-    CPU time only (benchmarks/README.md)."""
+    preempts its threads at their synchronisation points, while a decoding thread costs it only its own CPU time
+    (benchmarks/extract.py's `/w1` labels compare the two: benchmarks/README.md)."""
     if device is not None and device.type == "cpu":
         return 0
     return max(1, min(8, (os.cpu_count() or 2) - 1))

@@ -53,9 +53,9 @@ TOLERANCE = 0.9999
 # index is only built when every calibration photo's int8 embedding is within this of its fp32 one.
 INT8_TOLERANCE = 0.90
 # The same for OpenVINO's bf16 inference (CPUs that compute bf16 natively: AMX or AVX512-BF16), checked on the fixed
-# input of every export and asserted per real photo (tests/test_runtime.py). Measured on 400 London-or-London photos
-# (Xeon with AMX): lowest 0.9918 (EfficientNet-Lite0) and 0.9930 (effnet-duo), mean 0.9987 and 0.9978; 0.9995 on the
-# fixed input. benchmarks/README.md has what it does to city accuracy and revisit recall.
+# input of every export and asserted per real photo (tests/test_runtime.py). Measured on 256 London-or-London photos
+# (Xeon with AMX, benchmarks/extract.py --runtimes ...,openvino-bf16): lowest 0.9917 (EfficientNet-Lite0) and 0.9931
+# (effnet-duo), mean 0.9988 and 0.9978. benchmarks/README.md has what it does to city accuracy and revisit recall.
 BF16_TOLERANCE = 0.98
 STREAMS_ENV = "GEOINDEX_OPENVINO_STREAMS"  # override of the streams below (benchmarks/extract.py compares them)
 MAX_STREAMS = 4           # past a few streams a CNN's batch chunks get too small to keep a core's vector units fed
