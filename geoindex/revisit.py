@@ -14,7 +14,8 @@ For every query the nearest gallery photos in the street space (below) give reca
 kNN's GPS answer is scored three ways: the city-level answer (a weighted mean over the winning city's neighbours,
 found in kNN's own space), the best street cluster always (the best-supported cluster of the nearest STREET_K
 neighbours within 25 m of each other, `voting.street_clusters`), and the answer `query` gives: the cluster's spot
-where its support passes the threshold calibrated on val, else the city-level answer.
+where its support passes the threshold calibrated on val (street level), else a city-level point: the mean above,
+or the best cluster in the winning city where val chose that (`gps_answers`; its radius is the city level's).
 
 Calibration (`calibrate_street`, run by `geoindex train` and by `bench` when it tunes kNN) asks every dated val
 photo against the train and val photos under the same exclusions, and again against the train photos alone (what
@@ -22,7 +23,9 @@ photo against the train and val photos under the same exclusions, and again agai
 street space (raw cosine, or PCA whitening learnt on the train photos with a dimension and power: the space
 that tells cities apart is rarely the one that tells corners apart) and the support threshold: the lowest at
 which street-level answers are within 25 m at least STREET_PRECISION of the time, the space being the one where
-that covers the most val photos; each level's `radius_m` is the 80th percentile error of its val answers.
+that covers the most val photos; then the city-level point (the mean, or the best cluster in the winning city:
+whichever puts more val answers within 25 m, then the smaller median error); each level's `radius_m` is the 80th
+percentile error of its val answers.
 """
 from __future__ import annotations
 
@@ -185,18 +188,31 @@ def city_answers(knn, sims, ids, lats, lons, labels, probs=None, with_winners: b
 
 
 def street_answers(sims, ids, lats, lons, threshold: float | None, labels=None, winners=None) -> dict:
-    """The best-supported cluster among the first STREET_K street neighbours, and where it is street level: its
-    support passes the threshold and (given labels and the kNN vote's winners) it lies in the winning city."""
+    """The best-supported cluster among the first STREET_K street neighbours; whether it lies in the winning
+    city (given labels and the kNN vote's winners; `in_city`), and where it is street level: in the city, with
+    support passing the threshold (`street`)."""
     sims, ids = sims[:, :STREET_K], ids[:, :STREET_K]
     weights = np.where(ids >= 0, vote_weights(np.where(ids >= 0, sims, -np.inf), "softmax", STREET_TEMPERATURE), 0.0)
     members, support, centres = street_clusters(_at(ids, lats, np.nan), _at(ids, lons, np.nan), weights)
-    at_street = np.isfinite(centres[:, 0]) & (support >= threshold) if threshold is not None else \
-        np.zeros(len(sims), dtype=bool)
+    in_city = np.isfinite(centres[:, 0])
     if labels is not None and winners is not None and len(sims):
         first = np.argmax(members, axis=1)  # the cluster's most similar photo names its city
-        at_street &= _at(ids[np.arange(len(ids)), first], labels, -1) == winners
-    return {"members": members, "support": support, "centre": centres, "street": at_street, "ids": ids,
-            "similarities": sims}
+        in_city &= _at(ids[np.arange(len(ids)), first], labels, -1) == winners
+    at_street = in_city & (support >= threshold) if threshold is not None else np.zeros(len(sims), dtype=bool)
+    return {"members": members, "support": support, "centre": centres, "street": at_street, "in_city": in_city,
+            "ids": ids, "similarities": sims}
+
+
+CITY_POINTS = ("mean", "cluster")
+
+
+def gps_answers(city, cluster: dict, city_point: str = "mean") -> np.ndarray:
+    """The GPS answer for each query: the cluster's spot where it is street level; elsewhere the city-level
+    point, either the weighted mean over the winning city's neighbours ("mean") or the best cluster that lies in
+    the winning city ("cluster": IM2GPS's largest cluster of neighbours, a spot a photo was taken at), as val
+    chose. Where no cluster lies in the winning city, the mean."""
+    spot = cluster["street"] | (cluster["in_city"] if city_point == "cluster" else False)
+    return np.where(spot[:, None], cluster["centre"], city)
 
 
 def error_figures(pred, true_lat, true_lon) -> dict:
@@ -249,7 +265,7 @@ def space_calibration(data: RevisitSet, rows, winners, space):
                             data.labels, winners[i * len(rows):(i + 1) * len(rows)])
              for i, (_, gallery) in enumerate(GALLERIES)]
     centre = np.concatenate([f["centre"] for f in found])
-    eligible = np.concatenate([f["street"] for f in found])
+    eligible = np.concatenate([f["in_city"] for f in found])
     support = np.where(eligible, np.concatenate([f["support"] for f in found]), -np.inf)
     street_m = haversine_km(np.tile(data.lat[rows], 2), np.tile(data.lon[rows], 2), centre[:, 0], centre[:, 1]) * 1000
     hits = np.nan_to_num(street_m, nan=np.inf) <= SPOT_M
@@ -298,15 +314,23 @@ def calibrate_street(index, knn, fitted=None) -> tuple[dict, object]:
     (covered, hit_rate), space, threshold, support, street_m, hits = best
     base["space"] = None if space is None else {"dims": int(space.dims), "power": float(space.power)}
     base["val_cluster_within_25m"] = hit_rate
+    at_street = support >= threshold if threshold is not None else np.zeros(len(support), dtype=bool)
+    point_m = {"mean": city_m, "cluster": np.where(np.isfinite(support), street_m, city_m)}
+    point_m = {rule: np.where(at_street, street_m, m) for rule, m in point_m.items()}  # what each rule answers
+
+    def score(rule):  # more answers within 25 m, then the smaller median error
+        m = np.nan_to_num(point_m[rule], nan=np.inf)
+        return float((m <= SPOT_M).mean()), -float(np.median(m))
+
+    city_point = max(CITY_POINTS, key=score)
+    base |= {"city_point": city_point, "city_radius_m": _quantile(point_m[city_point][~at_street]),
+             "val_within_25m_by_city_point": {rule: score(rule)[0] for rule in CITY_POINTS}}
     if threshold is None:
-        return base | {"city_radius_m": _quantile(city_m),
-                       "note": f"no support threshold makes street-level answers within {SPOT_M:g} m "
+        return base | {"note": f"no support threshold makes street-level answers within {SPOT_M:g} m "
                                f"{STREET_PRECISION:.0%} of the time on val: every answer is city level"}, space
-    at_street = support >= threshold
     held, n = at_street[:len(rows)], len(rows)
     return base | {"threshold": threshold, "radius_m": _quantile(street_m[at_street]),
-                   "city_radius_m": _quantile(city_m[~at_street]), "val_street_share": float(held.mean()),
-                   "val_street_share_train_only": float(at_street[n:].mean()),
+                   "val_street_share": float(held.mean()), "val_street_share_train_only": float(at_street[n:].mean()),
                    "val_street_precision": float(hits[at_street].mean())}, space
 
 
@@ -335,7 +359,7 @@ def revisit_report(index, knn, split: str = "test") -> dict:
     knn_recall = recall(knn.settings.whitening)[0]
     street_recall, sims, ids = recall(street_space)
     cluster = street_answers(sims, ids, data.lat, data.lon, street.get("threshold"), data.labels, winners)
-    final = np.where(cluster["street"][:, None], cluster["centre"], city)
+    final = gps_answers(city, cluster, street.get("city_point", "mean"))
     at_street = cluster["street"]
     same_date = pd.Series(data.dates).value_counts()
     gallery = len(data) - same_date.reindex(data.dates[rows]).to_numpy()  # everything but the query's capture month

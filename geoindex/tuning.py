@@ -73,15 +73,17 @@ def _load_space(whitening_file: Path, index_file: Path, ntotal: int):
 
 def street_summary(street: dict | None) -> str:
     """One line on the street-level GPS answer's calibration, for train's and bench's logs."""
+    point = ("the best cluster of neighbours in the voted city" if (street or {}).get("city_point") == "cluster"
+             else "a mean over the voted city's neighbours")
+    city = f"city level at {point} (radius {((street or {}).get('city_radius_m') or float('nan')) / 1000:.1f} km)"
     if not street or street.get("threshold") is None:
         why = (street or {}).get("note", "not calibrated")
-        return f"GPS answers stay city level: {why}"
+        return f"GPS answers stay {city}: {why}"
     space = street.get("space")
     space = "raw cosine" if not space else f"whitened to {space['dims']} dims (power {space['power']:g})"
     return (f"GPS answers are street level where the best cluster of neighbours ({space}) holds {street['threshold']:.3f} "
             f"of their weight (calibrated on val: within 25 m {street['val_street_precision']:.0%} of the time on "
-            f"{street['val_street_share']:.0%} of val photos; radius {street['radius_m']:.0f} m), else city level "
-            f"(radius {(street.get('city_radius_m') or float('nan')) / 1000:.1f} km)")
+            f"{street['val_street_share']:.0%} of val photos; radius {street['radius_m']:.0f} m), else {city}")
 
 
 def load_knn_tuning(index) -> dict:

@@ -14,7 +14,7 @@ from conftest import build_cnn_index
 from geoindex.cli import main
 from geoindex.methods.knn import KNNSettings
 from geoindex.metrics import evaluate
-from geoindex.revisit import city_answers, street_answers
+from geoindex.revisit import city_answers, gps_answers, street_answers
 from geoindex.voting import estimate_locations, haversine_km, street_clusters
 
 M_PER_DEG_LAT = 111_195.0
@@ -79,6 +79,15 @@ def test_strong_support_answers_street_level_and_weak_support_falls_back_to_the_
     assert metres(city[0], SPOT) > 100 and metres(city[1], SPOT) > 100, "a mean over the city is off the street"
     # Uncalibrated (no threshold): nothing is street level.
     assert not street_answers(sims, ids, lats, lons, threshold=None)["street"].any()
+    # query's answer: the spot at street level; at city level the mean, or (val's choice) the best cluster.
+    mean = gps_answers(city, street, "mean")
+    assert metres(mean[0], SPOT) <= 25 and np.allclose(mean[1], city[1])
+    clustered = gps_answers(city, street, "cluster")
+    assert np.allclose(clustered[0], mean[0]) and np.allclose(clustered[1], street["centre"][1])
+    # A best cluster in another city than the vote's is never the answer: the city-level mean is.
+    other_city = street_answers(sims, ids, lats, lons, threshold=0.3, labels=labels, winners=np.array([1, 1]))
+    assert not other_city["in_city"].any() and not other_city["street"].any()
+    assert np.allclose(gps_answers(city, other_city, "cluster"), city)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +132,15 @@ def test_query_json_and_csv_carry_the_gps_level_radius_and_the_cluster(tiny_inde
     assert rows[0]["gps_level"] == "city" and rows[0]["gps_radius_m"] == "4000"
     text = run("query", photo, "--index", "gps", "--index-dir", tiny_index).output
     assert "(city level, 80% of val answers within 4,000 m)" in text
+    mean = (answer["gps"]["lat"], answer["gps"]["lon"])
+
+    # Where val chose the best cluster as the city-level point, the answer is a spot a photo was taken at, still
+    # city level with the city radius, and no cluster is shown as the street.
+    write_tuning(tiny_index, {"threshold": 1.01, "radius_m": 12.5, "city_radius_m": 4000.0, "city_point": "cluster"})
+    answer = json.loads(run("query", photo, "--index", "gps", "--index-dir", tiny_index, "--json").output)["results"][0]
+    gps = answer["gps"]
+    assert gps["level"] == "city" and gps["radius_m"] == 4000.0 and gps["cluster"] == []
+    assert metres((gps["lat"], gps["lon"]), spot) < 1 and metres(mean, spot) > 1
 
 
 def test_a_whitened_street_space_is_saved_loaded_and_a_damaged_one_falls_back_to_city_level(tiny_index, tmp_path):

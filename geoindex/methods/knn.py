@@ -142,7 +142,7 @@ class KNNMethod(Method):
         return break_ties(probs, labels[:, 0])
 
     def predict(self, photos: Photos) -> Answer:
-        from ..revisit import STREET_K, city_answers, street_answers
+        from ..revisit import STREET_K, city_answers, gps_answers, street_answers
 
         s = self.settings
         sims, ids, labels = self.neighbours(photos)
@@ -154,11 +154,11 @@ class KNNMethod(Method):
         street = s.street or {}
         extra = {}
         at_street = np.zeros(len(sims), dtype=bool)
-        if street.get("threshold") is not None and len(sims):
-            found = street_answers(*self.street_neighbours(photos, STREET_K), lats, lons, street["threshold"],
+        if (street.get("threshold") is not None or street.get("city_point") == "cluster") and len(sims):
+            found = street_answers(*self.street_neighbours(photos, STREET_K), lats, lons, street.get("threshold"),
                                    train_labels, probs.argmax(1))
             at_street = found["street"]
-            coords = np.where(at_street[:, None], found["centre"], coords)
+            coords = gps_answers(coords, found, street.get("city_point", "mean"))
             extra = {"gps_support": found["support"], "street_members": found["members"], "street_ids": found["ids"],
                      "street_similarities": found["similarities"]}
         radius = np.where(at_street, street.get("radius_m") or np.nan, street.get("city_radius_m") or np.nan)
