@@ -10,9 +10,11 @@ the protocol; nothing is embedded again):
   that gave issue 22's 22.6%), as a check that the numbers here are the issue's;
 * per space the street cluster is searched in (raw cosine, kNN's city space, the street space val chose, and a
   place-aware learned whitening fit on train revisit pairs, not in geoindex itself: see learned_whitening), on the
-  revisit queries of val and test under the bench rule: recall@1/5/10 within 25 m, the share of GPS answers
-  within 25 m for the city-level mean (the old answer), the best cluster always, and the answer with that space's
-  own support threshold calibrated on val as `calibrate_street` does (with its street share and precision);
+  revisit queries of val and test under the bench rule: recall@1/5/10 within 25 m (and @50/100: what re-ranking
+  the neighbours could at best reach), the share of GPS answers within 25 m for the city-level mean (the old
+  answer), the best cluster always, and the answer with that space's own support threshold calibrated on val as
+  `calibrate_street` does (with its street share and precision), its city-level point the mean always or, as
+  `query` answers, the cluster's spot above the spot threshold val chose for that space (within 25 m and 25 km);
 * `query` itself on the val and test photos (it searches the train photos, which with a split by place or map
   cell never hold their spot): how many street-level answers it makes there, how many are right, the worst.
 Saves JSON in benchmarks/results/.
@@ -32,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from geoindex.geo_index import load_index  # noqa: E402
 from geoindex.jsonio import dumps  # noqa: E402
 from geoindex.methods import KNNMethod, Photos  # noqa: E402
-from geoindex.revisit import (RECALL_AT, SPOT_M, STREET_K, RevisitSet, city_answers, revisit_queries,  # noqa: E402
-                              space_calibration, street_answers, val_winners)
+from geoindex.revisit import (RECALL_AT, SPOT_M, STREET_K, RevisitSet, city_answers, gps_answers,  # noqa: E402
+                              revisit_queries, space_calibration, spot_calibration, street_answers, val_winners)
 from geoindex.voting import haversine_km  # noqa: E402
 
 
@@ -68,6 +70,9 @@ def learned_whitening(index, regulariser: float = 0.3):
     return Whitening(mean.astype(np.float32), axes, np.ones(len(axes), np.float32), len(axes), 1.0), len(pairs)
 
 
+DEEP_RECALL_AT = (50, 100)  # how often the spot is among many neighbours: what any re-ranking could reach
+
+
 def within(pred, lat, lon, metres=SPOT_M):
     return np.nan_to_num(haversine_km(lat, lon, pred[:, 0], pred[:, 1]) * 1000, nan=np.inf) <= metres
 
@@ -100,27 +105,34 @@ def own_split(index) -> dict:
     return out
 
 
-def val_threshold(index, knn, space):
-    """The support threshold calibrate_street would set for this space (see its docstring)."""
+def val_thresholds(index, knn, space):
+    """The street-level and spot thresholds calibrate_street would set for this space (see its docstring)."""
     data = RevisitSet(index, splits=("train", "val"))
     rows = data.rows_of("val")
-    return space_calibration(data, rows, val_winners(data, rows, knn)[1], space)[0]
+    city, winners = val_winners(data, rows, knn)
+    threshold, _, support, street_m, _ = space_calibration(data, rows, winners, space)
+    city_m = haversine_km(np.tile(data.lat[rows], 2), np.tile(data.lon[rows], 2), city[:, 0], city[:, 1]) * 1000
+    return threshold, spot_calibration(support, threshold, street_m, city_m)[0]
 
 
-def protocol(data: RevisitSet, knn, space, threshold, split: str) -> dict:
+def protocol(data: RevisitSet, knn, space, threshold, spot_threshold, split: str) -> dict:
     rows = np.flatnonzero(revisit_queries(data.lat, data.lon, data.dates) & (data.table["split"].to_numpy() == split))
     lat, lon = data.lat[rows], data.lon[rows]
-    sims, ids = data.neighbours(rows, max(max(RECALL_AT), STREET_K), space)
+    sims, ids = data.neighbours(rows, max(*RECALL_AT, *DEEP_RECALL_AT, STREET_K), space)
     metres = haversine_km(lat[:, None], lon[:, None], data.lat[np.clip(ids, 0, None)], data.lon[np.clip(ids, 0, None)])
     hit = (ids >= 0) & (metres * 1000 <= SPOT_M)
     city, winners = city_answers(knn, *data.neighbours(rows, knn.k, knn.whitening), data.lat, data.lon, data.labels,
                                  with_winners=True)
     street = street_answers(sims, ids, data.lat, data.lon, threshold, data.labels, winners)
-    final = np.where(street["street"][:, None], street["centre"], city)
+    final = gps_answers(city, street)
     at = street["street"]
-    return {"n": int(len(rows)), **{f"r@{n}": float(hit[:, :n].any(1).mean()) for n in RECALL_AT},
+    return {"n": int(len(rows)), **{f"r@{n}": float(hit[:, :n].any(1).mean()) for n in RECALL_AT + DEEP_RECALL_AT},
             "city_25m": float(within(city, lat, lon).mean()), "cluster_25m": float(within(street["centre"], lat, lon).mean()),
-            "answer_25m": float(within(final, lat, lon).mean()), "street_share": float(at.mean()),
+            "answer_25m": float(within(final, lat, lon).mean()),
+            "answer_spot_25m": float(within(gps_answers(city, street, spot_threshold), lat, lon).mean()),
+            "answer_spot_25km": float(within(gps_answers(city, street, spot_threshold), lat, lon, 25_000).mean()),
+            "answer_25km": float(within(final, lat, lon, 25_000).mean()),
+            "street_share": float(at.mean()),
             "street_precision": float(within(final[at], lat[at], lon[at]).mean()) if at.any() else None}
 
 
@@ -152,14 +164,17 @@ def main(argv=None):
     for name, space in spaces:
         if name.startswith("learned") and space is None:
             continue  # too few revisit pairs among the train photos to learn from
-        threshold = val_threshold(index, knn, space)
-        results[name] = {"val_threshold": threshold, **{split: protocol(data, knn, space, threshold, split)
-                                                        for split in ("val", "test")}}
+        threshold, spot_threshold = val_thresholds(index, knn, space)
+        results[name] = {"val_threshold": threshold, "val_spot_threshold": spot_threshold,
+                         **{split: protocol(data, knn, space, threshold, spot_threshold, split) for split in ("val", "test")}}
         for split in ("val", "test"):
             row = results[name][split]
-            print(f"{name:>28} {split:>4}: n={row['n']} r@1/5/10 {row['r@1']:.3f} {row['r@5']:.3f} {row['r@10']:.3f} | "
-                  f"within 25 m: city mean {row['city_25m']:.3f}, cluster always {row['cluster_25m']:.3f}, answer "
-                  f"{row['answer_25m']:.3f} (street {row['street_share']:.3f}, precision "
+            print(f"{name:>28} {split:>4}: n={row['n']} r@1/5/10/50/100 {row['r@1']:.3f} {row['r@5']:.3f} "
+                  f"{row['r@10']:.3f} {row['r@50']:.3f} {row['r@100']:.3f} | within 25 m: city mean "
+                  f"{row['city_25m']:.3f}, cluster always {row['cluster_25m']:.3f}, answer {row['answer_25m']:.3f} "
+                  f"(25 km {row['answer_25km']:.3f}), with the spot threshold {row['answer_spot_25m']:.3f} "
+                  f"(25 km {row['answer_spot_25km']:.3f}) "
+                  f"(street {row['street_share']:.3f}, precision "
                   f"{'-' if row['street_precision'] is None else format(row['street_precision'], '.3f')})", flush=True)
     meta = index.train_meta
     for split in ("val", "test"):

@@ -14,8 +14,8 @@ For every query the nearest gallery photos in the street space (below) give reca
 kNN's GPS answer is scored three ways: the city-level answer (a weighted mean over the winning city's neighbours,
 found in kNN's own space), the best street cluster always (the best-supported cluster of the nearest STREET_K
 neighbours within 25 m of each other, `voting.street_clusters`), and the answer `query` gives: the cluster's spot
-where its support passes the threshold calibrated on val (street level), else a city-level point: the mean above,
-or the best cluster in the winning city where val chose that (`gps_answers`; its radius is the city level's).
+where its support passes the threshold calibrated on val (street level), else a city-level point: the cluster's
+spot where its support passes a second, lower threshold from val, else the mean above (`gps_answers`).
 
 Calibration (`calibrate_street`, run by `geoindex train` and by `bench` when it tunes kNN) asks every dated val
 photo against the train and val photos under the same exclusions, and again against the train photos alone (what
@@ -23,9 +23,9 @@ photo against the train and val photos under the same exclusions, and again agai
 street space (raw cosine, or PCA whitening learnt on the train photos with a dimension and power: the space
 that tells cities apart is rarely the one that tells corners apart) and the support threshold: the lowest at
 which street-level answers are within 25 m at least STREET_PRECISION of the time, the space being the one where
-that covers the most val photos; then the city-level point (the mean, or the best cluster in the winning city:
-whichever puts more val answers within 25 m, then the smaller median error); each level's `radius_m` is the 80th
-percentile error of its val answers.
+that covers the most val photos; then the second threshold, below which a city-level answer is the mean rather
+than the cluster's spot: the one that puts the most val answers within 25 m, 1 km and 25 km, summed over the three
+scales; each level's `radius_m` is the 80th percentile error of its val answers.
 """
 from __future__ import annotations
 
@@ -203,16 +203,40 @@ def street_answers(sims, ids, lats, lons, threshold: float | None, labels=None, 
             "ids": ids, "similarities": sims}
 
 
-CITY_POINTS = ("mean", "cluster")
+SPOT_SCALES_M = (SPOT_M, 1_000.0, 25_000.0)  # street, neighbourhood, city: what the city-level point is chosen for
 
 
-def gps_answers(city, cluster: dict, city_point: str = "mean") -> np.ndarray:
-    """The GPS answer for each query: the cluster's spot where it is street level; elsewhere the city-level
-    point, either the weighted mean over the winning city's neighbours ("mean") or the best cluster that lies in
-    the winning city ("cluster": IM2GPS's largest cluster of neighbours, a spot a photo was taken at), as val
-    chose. Where no cluster lies in the winning city, the mean."""
-    spot = cluster["street"] | (cluster["in_city"] if city_point == "cluster" else False)
+def gps_answers(city, cluster: dict, spot_threshold: float | None = None) -> np.ndarray:
+    """The GPS answer for each query: the cluster's spot where it is street level; elsewhere the city-level point:
+    the best cluster (IM2GPS's largest cluster of neighbours, a spot a photo was taken at) where it lies in the
+    winning city and its support reaches spot_threshold (chosen on val), else the weighted mean over the winning
+    city's neighbours."""
+    spot = cluster["street"]
+    if spot_threshold is not None:
+        spot = spot | (cluster["in_city"] & (cluster["support"] >= spot_threshold))
     return np.where(spot[:, None], cluster["centre"], city)
+
+
+def spot_calibration(support, threshold: float | None, spot_m, city_m) -> tuple[float | None, int, np.ndarray]:
+    """On val answers (support -inf where the cluster is not in the winning city; errors in metres of the
+    cluster's spot and of the mean): the spot threshold for the answers below the street-level threshold, how
+    many answers it moves to the spot, and which answers are street level."""
+    at_street = support >= threshold if threshold is not None else np.zeros(len(support), dtype=bool)
+    return (*choose_spot_threshold(np.where(at_street, -np.inf, support), spot_m, city_m), at_street)
+
+
+def choose_spot_threshold(support, spot_m, city_m) -> tuple[float | None, int]:
+    """The support at or above which a city-level answer is better given as the cluster's spot than as the mean:
+    the one that puts the most val answers within each of SPOT_SCALES_M, summed over the scales (None: the mean
+    always), and how many answers it moves to the spot."""
+    order = np.argsort(-support, kind="stable")
+    order = order[np.isfinite(support[order])]
+    if not len(order):
+        return None, 0
+    spot_m, city_m = np.nan_to_num(spot_m[order], nan=np.inf), np.nan_to_num(city_m[order], nan=np.inf)
+    gain = np.cumsum(sum((spot_m <= scale).astype(int) - (city_m <= scale) for scale in SPOT_SCALES_M))
+    best = int(np.argmax(gain))  # the first of equal gains: the fewest answers moved
+    return (float(support[order[best]]), best + 1) if gain[best] > 0 else (None, 0)
 
 
 def error_figures(pred, true_lat, true_lon) -> dict:
@@ -296,7 +320,7 @@ def calibrate_street(index, knn, fitted=None) -> tuple[dict, object]:
     rows = data.rows_of("val")
     if len(rows) > CALIBRATION_SAMPLE:
         rows = np.sort(np.random.default_rng(0).choice(rows, CALIBRATION_SAMPLE, replace=False))
-    base = {"space": None, "threshold": None, "radius_m": None, "city_radius_m": None,
+    base = {"space": None, "threshold": None, "spot_threshold": None, "radius_m": None, "city_radius_m": None,
             "precision_target": STREET_PRECISION, "k": STREET_K, "temperature": STREET_TEMPERATURE,
             "calibrated_on": "val", "n_val": int(len(rows))}
     if len(rows) < MIN_STREET_ANSWERS or len(data) < 2 or not (data.table["split"] == "train").any():
@@ -314,17 +338,11 @@ def calibrate_street(index, knn, fitted=None) -> tuple[dict, object]:
     (covered, hit_rate), space, threshold, support, street_m, hits = best
     base["space"] = None if space is None else {"dims": int(space.dims), "power": float(space.power)}
     base["val_cluster_within_25m"] = hit_rate
-    at_street = support >= threshold if threshold is not None else np.zeros(len(support), dtype=bool)
-    point_m = {"mean": city_m, "cluster": np.where(np.isfinite(support), street_m, city_m)}
-    point_m = {rule: np.where(at_street, street_m, m) for rule, m in point_m.items()}  # what each rule answers
-
-    def score(rule):  # more answers within 25 m, then the smaller median error
-        m = np.nan_to_num(point_m[rule], nan=np.inf)
-        return float((m <= SPOT_M).mean()), -float(np.median(m))
-
-    city_point = max(CITY_POINTS, key=score)
-    base |= {"city_point": city_point, "city_radius_m": _quantile(point_m[city_point][~at_street]),
-             "val_within_25m_by_city_point": {rule: score(rule)[0] for rule in CITY_POINTS}}
+    spot_threshold, moved, at_street = spot_calibration(support, threshold, street_m, city_m)
+    at_spot = at_street | (support >= spot_threshold if spot_threshold is not None else False)
+    city_level_m = np.where(at_spot, street_m, city_m)[~at_street]
+    base |= {"spot_threshold": spot_threshold, "city_radius_m": _quantile(city_level_m),
+             "val_city_level_at_spot": moved / max(1, int((~at_street).sum()))}
     if threshold is None:
         return base | {"note": f"no support threshold makes street-level answers within {SPOT_M:g} m "
                                f"{STREET_PRECISION:.0%} of the time on val: every answer is city level"}, space
@@ -359,7 +377,7 @@ def revisit_report(index, knn, split: str = "test") -> dict:
     knn_recall = recall(knn.settings.whitening)[0]
     street_recall, sims, ids = recall(street_space)
     cluster = street_answers(sims, ids, data.lat, data.lon, street.get("threshold"), data.labels, winners)
-    final = gps_answers(city, cluster, street.get("city_point", "mean"))
+    final = gps_answers(city, cluster, street.get("spot_threshold"))
     at_street = cluster["street"]
     same_date = pd.Series(data.dates).value_counts()
     gallery = len(data) - same_date.reindex(data.dates[rows]).to_numpy()  # everything but the query's capture month

@@ -73,8 +73,10 @@ def _load_space(whitening_file: Path, index_file: Path, ntotal: int):
 
 def street_summary(street: dict | None) -> str:
     """One line on the street-level GPS answer's calibration, for train's and bench's logs."""
-    point = ("the best cluster of neighbours in the voted city" if (street or {}).get("city_point") == "cluster"
-             else "a mean over the voted city's neighbours")
+    spot = (street or {}).get("spot_threshold")
+    point = ("a mean over the voted city's neighbours" if spot is None else
+             f"the best cluster in the voted city where it holds {spot:.3f} of the weight, else a mean over the voted "
+             "city's neighbours")
     city = f"city level at {point} (radius {((street or {}).get('city_radius_m') or float('nan')) / 1000:.1f} km)"
     if not street or street.get("threshold") is None:
         why = (street or {}).get("note", "not calibrated")

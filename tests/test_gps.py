@@ -79,15 +79,29 @@ def test_strong_support_answers_street_level_and_weak_support_falls_back_to_the_
     assert metres(city[0], SPOT) > 100 and metres(city[1], SPOT) > 100, "a mean over the city is off the street"
     # Uncalibrated (no threshold): nothing is street level.
     assert not street_answers(sims, ids, lats, lons, threshold=None)["street"].any()
-    # query's answer: the spot at street level; at city level the mean, or (val's choice) the best cluster.
-    mean = gps_answers(city, street, "mean")
+    # query's answer: the spot at street level; at city level the mean, or the best cluster where its support
+    # reaches the second threshold.
+    mean = gps_answers(city, street)
     assert metres(mean[0], SPOT) <= 25 and np.allclose(mean[1], city[1])
-    clustered = gps_answers(city, street, "cluster")
+    clustered = gps_answers(city, street, spot_threshold=street["support"][1])
     assert np.allclose(clustered[0], mean[0]) and np.allclose(clustered[1], street["centre"][1])
+    assert np.allclose(gps_answers(city, street, spot_threshold=street["support"][1] + 1e-6)[1], city[1])
     # A best cluster in another city than the vote's is never the answer: the city-level mean is.
     other_city = street_answers(sims, ids, lats, lons, threshold=0.3, labels=labels, winners=np.array([1, 1]))
     assert not other_city["in_city"].any() and not other_city["street"].any()
-    assert np.allclose(gps_answers(city, other_city, "cluster"), city)
+    assert np.allclose(gps_answers(city, other_city, spot_threshold=0.0), city)
+
+
+def test_the_spot_threshold_is_where_moving_answers_to_the_cluster_gains_most_over_the_scales():
+    from geoindex.revisit import choose_spot_threshold
+    # Supports 0.9 .. 0.1; the clusters of the top three are right to 25 m where the mean is 10 km off; the next
+    # two clusters are 40 km off where the mean is 10 km off (a loss at 25 km); the rest are no better nor worse.
+    support = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, -np.inf])
+    spot_m = np.array([10, 10, 10, 40e3, 40e3, 10e3, 10e3, 10e3, 10e3, np.nan])
+    city_m = np.full(10, 10e3)
+    assert choose_spot_threshold(support, spot_m, city_m) == (0.7, 3)
+    # Where no cluster beats the mean anywhere, the mean stays.
+    assert choose_spot_threshold(support, np.full(10, 40e3), city_m) == (None, 0)
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +148,9 @@ def test_query_json_and_csv_carry_the_gps_level_radius_and_the_cluster(tiny_inde
     assert "(city level, 80% of val answers within 4,000 m)" in text
     mean = (answer["gps"]["lat"], answer["gps"]["lon"])
 
-    # Where val chose the best cluster as the city-level point, the answer is a spot a photo was taken at, still
-    # city level with the city radius, and no cluster is shown as the street.
-    write_tuning(tiny_index, {"threshold": 1.01, "radius_m": 12.5, "city_radius_m": 4000.0, "city_point": "cluster"})
+    # Where the cluster's support reaches val's spot threshold, the city-level answer is a spot a photo was taken
+    # at, still city level with the city radius, and no cluster is shown as the street.
+    write_tuning(tiny_index, {"threshold": 1.01, "radius_m": 12.5, "city_radius_m": 4000.0, "spot_threshold": 0.0})
     answer = json.loads(run("query", photo, "--index", "gps", "--index-dir", tiny_index, "--json").output)["results"][0]
     gps = answer["gps"]
     assert gps["level"] == "city" and gps["radius_m"] == 4000.0 and gps["cluster"] == []

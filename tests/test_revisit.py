@@ -214,6 +214,7 @@ def test_street_calibration_never_reads_the_test_split(dated_index, monkeypatch)
     street, _ = calibrate_street(index, knn)
     assert street["calibrated_on"] == "val" and street["n_val"] == index.store.count("val")
     assert street["threshold"] is None or 0 < street["threshold"] <= 1
+    assert street["spot_threshold"] is None or street["spot_threshold"] <= (street["threshold"] or 1.0)
     assert math.isfinite(street["city_radius_m"] or 0.0)
     index.close()
 

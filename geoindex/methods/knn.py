@@ -154,11 +154,11 @@ class KNNMethod(Method):
         street = s.street or {}
         extra = {}
         at_street = np.zeros(len(sims), dtype=bool)
-        if (street.get("threshold") is not None or street.get("city_point") == "cluster") and len(sims):
+        if (street.get("threshold") is not None or street.get("spot_threshold") is not None) and len(sims):
             found = street_answers(*self.street_neighbours(photos, STREET_K), lats, lons, street.get("threshold"),
                                    train_labels, probs.argmax(1))
             at_street = found["street"]
-            coords = gps_answers(coords, found, street.get("city_point", "mean"))
+            coords = gps_answers(coords, found, street.get("spot_threshold"))
             extra = {"gps_support": found["support"], "street_members": found["members"], "street_ids": found["ids"],
                      "street_similarities": found["similarities"]}
         radius = np.where(at_street, street.get("radius_m") or np.nan, street.get("city_radius_m") or np.nan)
