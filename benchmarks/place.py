@@ -124,13 +124,13 @@ def protocol(data: RevisitSet, knn, space, threshold, spot_threshold, split: str
     city, winners = city_answers(knn, *data.neighbours(rows, knn.k, knn.whitening), data.lat, data.lon, data.labels,
                                  with_winners=True)
     street = street_answers(sims, ids, data.lat, data.lon, threshold, data.labels, winners)
-    final = gps_answers(city, street)
+    final, spot_answer = gps_answers(city, street), gps_answers(city, street, spot_threshold)
     at = street["street"]
     return {"n": int(len(rows)), **{f"r@{n}": float(hit[:, :n].any(1).mean()) for n in RECALL_AT + DEEP_RECALL_AT},
             "city_25m": float(within(city, lat, lon).mean()), "cluster_25m": float(within(street["centre"], lat, lon).mean()),
             "answer_25m": float(within(final, lat, lon).mean()),
-            "answer_spot_25m": float(within(gps_answers(city, street, spot_threshold), lat, lon).mean()),
-            "answer_spot_25km": float(within(gps_answers(city, street, spot_threshold), lat, lon, 25_000).mean()),
+            "answer_spot_25m": float(within(spot_answer, lat, lon).mean()),
+            "answer_spot_25km": float(within(spot_answer, lat, lon, 25_000).mean()),
             "answer_25km": float(within(final, lat, lon, 25_000).mean()),
             "street_share": float(at.mean()),
             "street_precision": float(within(final[at], lat[at], lon[at]).mean()) if at.any() else None}

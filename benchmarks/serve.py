@@ -242,7 +242,8 @@ def main():
             row["batched_over_decoded_ceiling"] = row["batched"]["img_s"] / ceiling_now["decoded"]
             row["batched_over_unbatched"] = row["batched"]["img_s"] / row["unbatched"]["img_s"]
             rounds.append(row)
-            print(f"round {r + 1}: ceiling " + ", ".join(f"batch {b} {v:.1f}" for b, v in ceiling_now.items())
+            print(f"round {r + 1}: ceiling " + ", ".join(f"batch {b} {v:.1f}" if b != "decoded" else f"JPEGs decoded {v:.1f}"
+                                                         for b, v in ceiling_now.items())
                   + f" img/s; served {row['batched']['img_s']:.1f} batched, {row['unbatched']['img_s']:.1f} unbatched;"
                   f" batched/ceiling(batch {args.ceiling_batch}) {row['batched_over_extract_ceiling']:.2f},"
                   f" /best ceiling {row['batched_over_best_ceiling']:.2f}, /decoded {row['batched_over_decoded_ceiling']:.2f}",

@@ -190,7 +190,9 @@ def _knn_summary(params: dict) -> str:
     whiten = params.get("whiten")
     space = f"whitened to {whiten['dims']} dims" if whiten else "raw cosine"
     street = params.get("street") or {}
-    gps = "street-level GPS calibration" if street.get("threshold") is not None else "city-level GPS (not calibrated)"
+    gps = ("street-level GPS calibration" if street.get("threshold") is not None else
+           "city-level GPS at the spot threshold" if street.get("spot_threshold") is not None else
+           "city-level GPS (not calibrated)")
     return (f"its kNN settings (k={params.get('k')}, {params.get('vote')} vote, {space}, unlike threshold, {gps}); "
             "their spaces rebuilt over the new photos")
 

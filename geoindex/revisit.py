@@ -211,10 +211,15 @@ def gps_answers(city, cluster: dict, spot_threshold: float | None = None) -> np.
     the best cluster (IM2GPS's largest cluster of neighbours, a spot a photo was taken at) where it lies in the
     winning city and its support reaches spot_threshold (chosen on val), else the weighted mean over the winning
     city's neighbours."""
-    spot = cluster["street"]
-    if spot_threshold is not None:
-        spot = spot | (cluster["in_city"] & (cluster["support"] >= spot_threshold))
+    spot = spot_mask(cluster["street"], cluster["in_city"], cluster["support"], spot_threshold)
     return np.where(spot[:, None], cluster["centre"], city)
+
+
+def spot_mask(street, in_city, support, spot_threshold: float | None) -> np.ndarray:
+    """Which answers are the cluster's spot: the street-level ones, and those in the city above spot_threshold."""
+    if spot_threshold is None:
+        return np.asarray(street, dtype=bool)
+    return street | (in_city & (support >= spot_threshold))
 
 
 def spot_calibration(support, threshold: float | None, spot_m, city_m) -> tuple[float | None, int, np.ndarray]:
@@ -235,6 +240,8 @@ def choose_spot_threshold(support, spot_m, city_m) -> tuple[float | None, int]:
         return None, 0
     spot_m, city_m = np.nan_to_num(spot_m[order], nan=np.inf), np.nan_to_num(city_m[order], nan=np.inf)
     gain = np.cumsum(sum((spot_m <= scale).astype(int) - (city_m <= scale) for scale in SPOT_SCALES_M))
+    ranked = support[order]
+    gain[:-1][ranked[1:] == ranked[:-1]] = np.iinfo(gain.dtype).min  # `support >= t` moves a run of ties whole
     best = int(np.argmax(gain))  # the first of equal gains: the fewest answers moved
     return (float(support[order[best]]), best + 1) if gain[best] > 0 else (None, 0)
 
@@ -309,13 +316,17 @@ def val_winners(data: RevisitSet, rows, knn):
 
 
 def calibrate_street(index, knn, fitted=None) -> tuple[dict, object]:
-    """On val photos only: the street space, the support threshold for a street-level answer and each level's
-    error radius. Returns (the JSON-able parameters, the street space's Whitening or None for raw cosine).
+    """On val photos only: the street space, the support threshold for a street-level answer, the lower spot
+    threshold above which a city-level answer is the cluster's spot (choose_spot_threshold), and each level's error
+    radius (the city level's over its spot and mean answers alike). Returns (the JSON-able parameters, the street
+    space's Whitening or None for raw cosine).
 
     Each val photo is asked twice: against the train and val photos (where the index mostly holds its place,
     through other captures) and against the train photos only, what `query` searches (with a split by place or
     map cell, never its place). The threshold must keep street-level answers within 25 m STREET_PRECISION of the
-    time over both, so a cluster of look-alikes somewhere else does not pass for the spot."""
+    time over both, so a cluster of look-alikes somewhere else does not pass for the spot; the spot threshold is
+    chosen over both as well, since a gallery built from new photos (`--features-from`) holds spots as the first
+    half does, and the second half makes a look-alike cluster cost what it costs on an unindexed place."""
     data = RevisitSet(index, splits=("train", "val"))
     rows = data.rows_of("val")
     if len(rows) > CALIBRATION_SAMPLE:
@@ -339,7 +350,7 @@ def calibrate_street(index, knn, fitted=None) -> tuple[dict, object]:
     base["space"] = None if space is None else {"dims": int(space.dims), "power": float(space.power)}
     base["val_cluster_within_25m"] = hit_rate
     spot_threshold, moved, at_street = spot_calibration(support, threshold, street_m, city_m)
-    at_spot = at_street | (support >= spot_threshold if spot_threshold is not None else False)
+    at_spot = spot_mask(at_street, np.isfinite(support), support, spot_threshold)
     city_level_m = np.where(at_spot, street_m, city_m)[~at_street]
     base |= {"spot_threshold": spot_threshold, "city_radius_m": _quantile(city_level_m),
              "val_city_level_at_spot": moved / max(1, int((~at_street).sum()))}

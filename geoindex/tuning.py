@@ -77,7 +77,8 @@ def street_summary(street: dict | None) -> str:
     point = ("a mean over the voted city's neighbours" if spot is None else
              f"the best cluster in the voted city where it holds {spot:.3f} of the weight, else a mean over the voted "
              "city's neighbours")
-    city = f"city level at {point} (radius {((street or {}).get('city_radius_m') or float('nan')) / 1000:.1f} km)"
+    radius = (street or {}).get("city_radius_m")
+    city = f"city level at {point}" + (f" (radius {radius / 1000:.1f} km)" if radius is not None else "")
     if not street or street.get("threshold") is None:
         why = (street or {}).get("note", "not calibrated")
         return f"GPS answers stay {city}: {why}"

@@ -102,6 +102,18 @@ def test_the_spot_threshold_is_where_moving_answers_to_the_cluster_gains_most_ov
     assert choose_spot_threshold(support, spot_m, city_m) == (0.7, 3)
     # Where no cluster beats the mean anywhere, the mean stays.
     assert choose_spot_threshold(support, np.full(10, 40e3), city_m) == (None, 0)
+    # `support >= t` moves tied answers together: a cut inside a run of ties is never chosen.
+    tied = np.array([1.0, 1.0, 0.5])
+    assert choose_spot_threshold(tied, np.array([10, 40e3, 40e3]), np.full(3, 10e3)) == (1.0, 2)
+    assert choose_spot_threshold(tied, np.array([10, 40e3, 40e3]), np.full(3, 500.0)) == (None, 0)
+
+
+def test_the_calibration_line_says_where_city_level_answers_land():
+    from geoindex.tuning import street_summary
+    assert street_summary(None) == "GPS answers stay city level at a mean over the voted city's neighbours: not calibrated"
+    spot_only = street_summary({"threshold": None, "spot_threshold": 0.25, "city_radius_m": 20_900.0, "note": "why"})
+    assert spot_only.startswith("GPS answers stay city level at the best cluster in the voted city where it holds "
+                                "0.250 of the weight") and "(radius 20.9 km): why" in spot_only
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +167,14 @@ def test_query_json_and_csv_carry_the_gps_level_radius_and_the_cluster(tiny_inde
     gps = answer["gps"]
     assert gps["level"] == "city" and gps["radius_m"] == 4000.0 and gps["cluster"] == []
     assert metres((gps["lat"], gps["lon"]), spot) < 1 and metres(mean, spot) > 1
+    # The same where val found no street-level threshold at all: the spot threshold alone still applies.
+    write_tuning(tiny_index, {"threshold": None, "radius_m": None, "city_radius_m": 4000.0, "spot_threshold": 0.0})
+    result = run("query", photo, "--index", "gps", "--index-dir", tiny_index, "--json")
+    gps = json.loads(result.output)["results"][0]["gps"]
+    assert gps["level"] == "city" and gps["radius_m"] == 4000.0 and metres((gps["lat"], gps["lon"]), spot) < 1
+    rows = list(csv.DictReader(io.StringIO(run("query", photo, "--index", "gps", "--index-dir", tiny_index,
+                                                "--csv").output)))
+    assert rows[0]["gps_level"] == "city" and metres((float(rows[0]["lat"]), float(rows[0]["lon"])), spot) < 1
 
 
 def test_a_whitened_street_space_is_saved_loaded_and_a_damaged_one_falls_back_to_city_level(tiny_index, tmp_path):

@@ -2,7 +2,8 @@
 
 The GPS guess is street level where the index holds the place: the best-supported cluster of neighbours within
 25 m of each other (`voting.street_clusters`), when its support passes the threshold calibrated on val
-(`revisit.calibrate_street`); else the city-level guess, a weighted mean over the winning city's neighbours.
+(`revisit.calibrate_street`); else a city-level guess: that cluster's spot where its support passes a second, lower
+threshold from val, else a weighted mean over the winning city's neighbours (`revisit.gps_answers`).
 """
 from __future__ import annotations
 
