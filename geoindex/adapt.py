@@ -245,7 +245,7 @@ def _write_trunk_cache(path: Path, key: str, features: dict, labels: dict, log) 
 
 def adapt_index(index, *, epochs: int | None = None, lr: float | None = None, weight_decay: float | None = None,
                 batch_size: int | None = None, patience: int | None = None, places: bool = TrainConfig.places,
-                tail_stages: int = TAIL_STAGES, device="auto", num_workers=None, seed: int = 0, progress: bool = True,
+                place_weight: float | None = TrainConfig.place_weight, tail_stages: int = TAIL_STAGES, device="auto", num_workers=None, seed: int = 0, progress: bool = True,
                 log=print) -> AdaptResult:
     """Fine-tune the tail of the index's backbone on its train photos, re-embed every photo of the index with it
     and swap the index for the re-embedded one. `index` is closed; the result holds the re-embedded index, opened,
@@ -259,7 +259,8 @@ def adapt_index(index, *, epochs: int | None = None, lr: float | None = None, we
 
     settings = dict(DEFAULTS)
     settings.update({k: v for k, v in {"epochs": epochs, "lr": lr, "weight_decay": weight_decay,
-                                       "batch_size": batch_size, "patience": patience}.items() if v is not None})
+                                       "batch_size": batch_size, "patience": patience,
+                                       "place_weight": place_weight}.items() if v is not None})
     settings["head_lr"] = settings["lr"] * DEFAULTS["head_lr"] / DEFAULTS["lr"]
     settings["places"] = places
     with writing_to(index, "train"):

@@ -11,8 +11,8 @@ import click
 from .catalog import BACKBONES, NO_PRETRAINED, weights_status
 from .layout import CHECKPOINT, HEAD_META, HEAD_MODES, KNN_PARAMS, TAIL_MODE, TRUNK_CACHE, head_dir
 from .cities import full_name
-from .config import (DTYPES, INDEX_TYPES, MODE_DEFAULTS, SPLIT_UNITS, TRAIN_MODES, BuildConfig, ExtractionConfig,
-                     QueryConfig, TrainConfig)
+from .config import (DTYPES, INDEX_TYPES, MODE_DEFAULTS, PLACE_DEFAULTS, SPLIT_UNITS, TRAIN_MODES, BuildConfig,
+                     ExtractionConfig, QueryConfig, TrainConfig)
 from .jsonio import dumps
 from .errors import GeoindexError
 from .runtime_choice import PRECISIONS, runtime_option
@@ -527,14 +527,18 @@ def _remove_if_empty(folder: Path) -> None:
                    "other) pulled together, other places pushed apart (multi-similarity loss over batches of places "
                    "x photos), keeping the epoch with the best revisit recall on val. Off by default: on the London "
                    "photos it cost city accuracy and did not raise held-out revisit recall (benchmarks/place.md).")
+@click.option("--place-weight", type=click.FloatRange(0, min_open=True), default=TrainConfig.place_weight,
+              help="With --places: the weight of the place loss beside the cities' cross-entropy [default: "
+                   f"{PLACE_DEFAULTS['place_weight']:g}; on the London photos 0.3 gave the best revisit recall at the "
+                   "least cost to the cities of the place settings measured, benchmarks/place.md].")
 @click.option("--workers", type=click.IntRange(0), default=TrainConfig.num_workers,
               help="Decoding processes (tail, finetune).")
 @device_option(TrainConfig.device)
 @runtime_option
 @index_dir_option
 @friendly_errors
-def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resume, places, workers, device,
-          index_dir):
+def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resume, places, place_weight, workers,
+          device, index_dir):
     """Train for the index's cities (and, with --places, its places); heads and curves are saved under <index>/heads/<mode>/.
 
     By default (EfficientNet-Lite backbones) this first adapts the backbone to the index: its last two
@@ -546,7 +550,8 @@ def train(index_name, mode, epochs, lr, weight_decay, batch_size, patience, resu
     from .pipeline import train as train_index
 
     config = TrainConfig(mode=mode, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                         patience=patience, resume=resume, places=places, num_workers=workers, device=device)
+                         patience=patience, resume=resume, places=places, place_weight=place_weight,
+                         num_workers=workers, device=device)
     train_index(index_name, config=config, index_dir=index_dir, log=click.echo)
 
 

@@ -108,6 +108,7 @@ class TrainConfig(_Config):
     # The tail also learns places (multi-similarity over photos of one spot). Off by default: on the London photos
     # it cost 3.7 points of val city accuracy and did not raise test revisit recall (benchmarks/place.md).
     places: bool = False
+    place_weight: float | None = None  # the place loss beside the cities' (None: PLACE_DEFAULTS); with places only
     num_workers: int | None = None
     device: str = "auto"
 

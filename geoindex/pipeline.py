@@ -62,6 +62,8 @@ def _train_locked(index, config: TrainConfig, tune: bool, progress: bool, log, w
         mode = "tail" if wants_adaptation(index) else "probe"
         if is_adapted(index):
             log(f"index {index.name!r} is already adapted to its cities; training the probe and tuning kNN")
+    if config.place_weight is not None and not config.places:
+        raise GeoindexError("--place-weight weighs the place loss of --places; add --places, or drop --place-weight")
     if config.places and mode != "tail":
         why = ("it is adapted already" if is_adapted(index) else
                "it has no validation split" if not index.store.count("val") else
@@ -73,7 +75,7 @@ def _train_locked(index, config: TrainConfig, tune: bool, progress: bool, log, w
         tail = config.for_mode("tail")
         adapted = adapt_index(index, epochs=tail["epochs"], lr=tail["lr"], weight_decay=tail["weight_decay"],
                               batch_size=tail["batch_size"], patience=tail["patience"], places=config.places,
-                              device=config.device,
+                              place_weight=config.place_weight, device=config.device,
                               num_workers=config.num_workers, progress=progress, log=log)
         index = adapted.index
         # The head after adaptation is the probe, with the probe's own defaults: the options named the tail's.

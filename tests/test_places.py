@@ -148,12 +148,14 @@ def test_train_learns_places_and_keeps_the_epoch_with_the_best_val_revisit_recal
         build_index(csv, name=name, index_dir=home, backbone="effnet", weights="none", image_size=64, batch_size=32,
                     num_workers=0, progress=False, log=lambda m: None)
     result = CliRunner().invoke(main, ["train", "--index", "places", "--index-dir", str(home), "--epochs", "2",
-                                       "--places", "--workers", "0", "--device", "cpu"], catch_exceptions=False)
+                                       "--places", "--place-weight", "0.3", "--workers", "0", "--device", "cpu"],
+                                catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "places of the train photos" in result.output and "revisit recall on val" in result.output
     folder = home / "places" / "heads" / "tail"
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["objective"] == "city+places" and meta["places"] >= 100 and meta["val_revisit_queries"] >= 10
+    assert meta["place_weight"] == 0.3 and meta["places_per_batch"] == 16
     assert "revisit recall" in meta["stopped_on"]
     history = pd_read(folder / "history.csv")
     recall = history[["val_r1_25m", "val_r5_25m", "val_r10_25m"]].mean(axis=1)
@@ -187,6 +189,11 @@ def test_places_asked_for_where_they_cannot_be_learnt_is_one_line(tree, tmp_path
     assert result.exit_code == 1 and "--places trains the backbone's tail" in result.output
     assert "no validation split" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "few" / "heads").exists()  # refused before any training
+    # A place weight without places weighs nothing: refused, not ignored.
+    result = CliRunner().invoke(main, ["train", "--index", "few", "--index-dir", str(tmp_path), "--place-weight",
+                                       "0.3", "--workers", "0", "--device", "cpu"])
+    assert result.exit_code == 1 and "add --places, or drop --place-weight" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "few" / "heads").exists()
 
     build_index(tree, name="ix", **options)
     monkeypatch.setattr(adapt, "MIN_PLACES", 1000)
