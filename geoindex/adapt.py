@@ -245,8 +245,8 @@ def _write_trunk_cache(path: Path, key: str, features: dict, labels: dict, log) 
 
 def adapt_index(index, *, epochs: int | None = None, lr: float | None = None, weight_decay: float | None = None,
                 batch_size: int | None = None, patience: int | None = None, places: bool = TrainConfig.places,
-                place_weight: float | None = TrainConfig.place_weight, tail_stages: int = TAIL_STAGES, device="auto", num_workers=None, seed: int = 0, progress: bool = True,
-                log=print) -> AdaptResult:
+                place_weight: float | None = TrainConfig.place_weight, tail_stages: int = TAIL_STAGES, device="auto",
+                num_workers=None, seed: int = 0, progress: bool = True, log=print) -> AdaptResult:
     """Fine-tune the tail of the index's backbone on its train photos, re-embed every photo of the index with it
     and swap the index for the re-embedded one. `index` is closed; the result holds the re-embedded index, opened,
     and where the curves are. Holds the index's lock throughout (geoindex.locks).

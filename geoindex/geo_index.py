@@ -53,7 +53,9 @@ class Prediction:
     hybrid: list[tuple[str, float]] | None = None
     lead: str = "knn"  # the method the answer leads with: the best on the validation split (tuning.load_lead_choice)
     lead_note: str = ""
-    gps_level: str = "city"  # "street": the spot of the best-supported cluster of neighbours; "city": that spot below the street threshold, or a mean over a city's
+    # "street": the spot of the best-supported cluster of neighbours; "city": that spot below the street threshold
+    # (above val's spot threshold), or a mean over a city's neighbours
+    gps_level: str = "city"
     gps_radius_m: float | None = None  # 80% of val answers of this level fell within it (None: not calibrated)
     gps_support: float | None = None  # the cluster's share of the vote weight
     street_cluster: list[Neighbour] = field(default_factory=list)  # that cluster's photos (drawn on the page's map)
