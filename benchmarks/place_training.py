@@ -14,7 +14,7 @@ what re-embedding the index would store. Each row gives, in raw cosine:
 * city accuracy of a 10-neighbour majority vote over the train photos, on val and test (kNN as `geoindex train`
   tunes it does a little better; this compares levers);
 * the kept epoch, epochs run, and CPU seconds per epoch and per training step.
-Saves benchmarks/results/place_training.json.
+Saves benchmarks/results/place_training<--tag>.json.
 """
 from __future__ import annotations
 
@@ -41,22 +41,27 @@ LEVERS = {
     "32x2": ("32 places x 2 photos", {"places_per_batch": 32, "photos_per_place": 2}),
     "8x8": ("8 places x 8 photos", {"places_per_batch": 8, "photos_per_place": 8}),
     "lr-3e-4": ("backbone lr 3e-4 (head 3e-3)", {"lr": 3e-4}),
+    # how much of the backbone trains: the default tail is the last TAIL_STAGES (2) stages and the feature head
+    "tail-1": ("place weight 0.3, the last stage and the feature head only", {"place_weight": 0.3, "tail_stages": 1}),
+    "tail-3": ("place weight 0.3, the last three stages and the feature head", {"place_weight": 0.3,
+                                                                              "tail_stages": 3}),
 }
 
 
-def trunk_features(index, cache: Path):
-    """{split: (N, F) float16} trunk features and {split: labels} (-1: unreadable), cached by build id."""
+def trunk_features(index, cache: Path, tail_stages: int):
+    """{split: (N, F) float16} trunk features and {split: labels} (-1: unreadable), cached by build id and cut."""
     import torch
 
     from geoindex.adapt import _trunk_outputs
-    from geoindex.backbones import create_backbone, tail_split
+    from geoindex.backbones import TAIL_STAGES, create_backbone, tail_split
     from geoindex.config import ExtractionConfig
 
     backbone = create_backbone(index.manifest["backbone"], weights=index._weights_argument(),
                                image_size=index.manifest["image_size"], device="cpu")
     backbone.model.to(memory_format=torch.channels_last)  # as adapt does, for the same rounding
-    split = tail_split(backbone)
-    path = cache / f"trunk-{index.manifest['build_id']}.npz"
+    split = tail_split(backbone, tail_stages)
+    cut = "" if tail_stages == TAIL_STAGES else f"-tail{tail_stages}"  # the default cut keeps its older name
+    path = cache / f"trunk-{index.manifest['build_id']}{cut}.npz"
     features, labels = {}, {}
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:
@@ -114,6 +119,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=None, help="[default: train's]")
     parser.add_argument("--cache", default=os.path.join(os.environ.get("GEOINDEX_CACHE") or
                                                         os.path.expanduser("~/.cache/geoindex"), "bench"))
+    parser.add_argument("--tag", default="", help="appended to the results file's name")
     args = parser.parse_args(argv)
 
     import torch
@@ -125,15 +131,27 @@ def main(argv=None):
     index = load_index(resolve_index_path(args.index, args.index_dir), device="cpu")
     if index.manifest.get("adapted"):
         sys.exit(f"index {index.name!r} is adapted already; the levers start from a pretrained index (build one)")
-    backbone, split, features, labels = trunk_features(index, Path(args.cache))
-    base_state = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    from geoindex.backbones import TAIL_STAGES
+
+    cuts = {}  # tail stages -> (backbone, split, features, labels, its untrained state): computed once per cut
+
+    def cut(stages):
+        if stages not in cuts:
+            cuts.clear()  # one cut's features in memory at a time
+            backbone, split, features, labels = trunk_features(index, Path(args.cache), stages)
+            cuts[stages] = (backbone, split, features, labels,
+                            {k: v.clone() for k, v in backbone.model.state_dict().items()})
+        return cuts[stages]
+
     meta = {s: index.store.metadata(s) for s in ("train", "val")}
     rows = {s: np.arange(len(meta[s])) for s in meta}
     results = []
     for name in args.levers.split(","):
         what, changes = LEVERS[name]
-        backbone.model.load_state_dict(base_state)
-        row = {"lever": name, "what": what}
+        stages = (changes or {}).get("tail_stages", TAIL_STAGES)
+        backbone, split, features, labels, untrained = cut(stages)
+        backbone.model.load_state_dict(untrained)
+        row = {"lever": name, "what": what, "tail_stages": stages}
         if changes is None:
             embeddings = {s: _embed(split, features[s]) for s in features}
         else:
@@ -142,6 +160,7 @@ def main(argv=None):
             if args.epochs:
                 settings["epochs"] = args.epochs
             use_places = settings.pop("places", True)
+            settings.pop("tail_stages", None)
             places = TrainPlaces(meta, rows, "cpu") if use_places else None
             training = TailTraining(backbone, split, len(index.classes), settings, places, seed=0, device="cpu")
             loop = training.loop(progress=False, log=print)
@@ -164,7 +183,7 @@ def main(argv=None):
                                                      f"{row['wall_s_per_epoch']:.0f} s/epoch" if changes is not None
                                                      else ""), flush=True)
         # After every lever: an interrupted run keeps what it measured
-        save("place_training", {"index": index.name, "build_id": index.manifest["build_id"],
+        save("place_training" + args.tag, {"index": index.name, "build_id": index.manifest["build_id"],
                                 "torch_threads": torch.get_num_threads(), "levers": results,
                                 "command": "python benchmarks/place_training.py " + " ".join(argv or sys.argv[1:])})
 

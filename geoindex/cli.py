@@ -368,8 +368,12 @@ class _QueryOutput:
             gps = "-" if p.lat != p.lat else f"{p.lat:.5f}, {p.lon:.5f}"
             if p.lat == p.lat:
                 radius = "" if p.gps_radius_m is None else f", 80% of val answers within {p.gps_radius_m:,.0f} m"
-                gps += (f"  (street level: {len(p.street_cluster)} indexed photos within 25 m of each other{radius})"
-                        if p.gps_level == "street" else f"  (city level{radius})")
+                if p.gps_level == "street" and p.gps_inliers:
+                    gps += f"  (street level: an indexed photo shares {p.gps_inliers} matched points with it{radius})"
+                elif p.gps_level == "street":
+                    gps += f"  (street level: {len(p.street_cluster)} indexed photos within 25 m of each other{radius})"
+                else:
+                    gps += f"  (city level{radius})"
             click.echo(f"  GPS estimate: {gps}")
             methods = [("knn", METHOD_TITLES["knn"], p.cities)]
             if p.classifier:

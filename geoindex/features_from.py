@@ -193,6 +193,8 @@ def _knn_summary(params: dict) -> str:
     gps = ("street-level GPS calibration" if street.get("threshold") is not None else
            "city-level GPS at the spot threshold" if street.get("spot_threshold") is not None else
            "city-level GPS (not calibrated)")
+    if (street.get("verify") or {}).get("inliers") is not None:
+        gps += f", spatial verification at {street['verify']['inliers']} inliers"
     return (f"its kNN settings (k={params.get('k')}, {params.get('vote')} vote, {space}, unlike threshold, {gps}); "
             "their spaces rebuilt over the new photos")
 

@@ -53,11 +53,13 @@ class Prediction:
     hybrid: list[tuple[str, float]] | None = None
     lead: str = "knn"  # the method the answer leads with: the best on the validation split (tuning.load_lead_choice)
     lead_note: str = ""
-    # "street": the spot of the best-supported cluster of neighbours; "city": that spot below the street threshold
-    # (above val's spot threshold), or a mean over a city's neighbours
+    # "street": the spot of the best-supported cluster of neighbours, or of a spatially verified neighbour
+    # (gps_inliers); "city": the cluster's spot below the street threshold (above val's spot threshold), or a
+    # mean over a city's neighbours
     gps_level: str = "city"
     gps_radius_m: float | None = None  # 80% of val answers of this level fell within it (None: not calibrated)
     gps_support: float | None = None  # the cluster's share of the vote weight
+    gps_inliers: int | None = None  # a spatially verified answer: the homography inliers its photo shares with it
     street_cluster: list[Neighbour] = field(default_factory=list)  # that cluster's photos (drawn on the page's map)
 
     @property
@@ -80,6 +82,7 @@ class Prediction:
                "top5": cities(self.cities),
                "gps": {"lat": _finite(self.lat), "lon": _finite(self.lon), "level": self.gps_level,
                        "radius_m": _finite(self.gps_radius_m), "support": _finite(self.gps_support),
+                       "inliers": self.gps_inliers,
                        "cluster": [{**asdict(n), "lat": _finite(n.lat), "lon": _finite(n.lon)} for n in self.street_cluster]},
                "top_similarity": _finite(self.top_similarity),
                "unlike_indexed": bool(self.unlike_indexed), "unlike_threshold": _finite(self.unlike_threshold),
@@ -280,6 +283,8 @@ class GeoIndex:
         extra = knn.extra
         return {"gps_level": str(extra["gps_level"][q]), "gps_radius_m": _finite(float(extra["gps_radius_m"][q])),
                 "gps_support": _finite(float(extra["gps_support"][q])) if "gps_support" in extra else None,
+                "gps_inliers": int(extra["gps_inliers"][q]) if extra.get("gps_inliers") is not None
+                and extra["gps_inliers"][q] > 0 else None,
                 "street_cluster": _street_neighbours(extra, self._train_columns(), q)
                 if extra["gps_level"][q] == "street" else []}
 
@@ -301,8 +306,11 @@ class GeoIndex:
                 "ids": answer.extra["ids"]}
 
     def query(self, images, k: int | None = None, vote_method: str | None = None, temperature: float | None = None,
-              backbone: Backbone | None = None, n_neighbours: int = 5, with_classifier: bool = True) -> list[Prediction]:
+              backbone: Backbone | None = None, n_neighbours: int = 5, with_classifier: bool = True,
+              verify_sources: list | None = None) -> list[Prediction]:
         """Photos (paths or PIL images) -> one Prediction each. Raises ImageError for an unreadable file.
+        verify_sources: what spatial verification reads for each photo, where the images are model inputs
+        (the service's decoded tensors); by default the images themselves.
 
         kNN uses the k/vote/temperature tuned on val by `geoindex train` unless given here; the classifier
         is the head that scored best on val; the hybrid fuses the two with the weights `train` chose on val.
@@ -315,7 +323,7 @@ class GeoIndex:
             self.check_backbone(backbone)
         backbone = backbone or self.backbone
         images = list(images)
-        photos = Photos(backbone.embed(images), images)
+        photos = Photos(backbone.embed(images), images, verify_sources=verify_sources)
         knn = self.knn_method(k=k, vote=vote_method, temperature=temperature).predict(photos)
         classifier = self.classifier_method() if with_classifier else None
         head = classifier.predict(photos) if classifier is not None else None
@@ -353,6 +361,7 @@ class GeoIndex:
                     prediction.lat, prediction.lon = float(centre[0]), float(centre[1])
                     # kNN's street cluster lies in kNN's city: this answer is a city-level one, not calibrated on val
                     prediction.gps_level, prediction.gps_radius_m, prediction.gps_support = "city", None, None
+                    prediction.gps_inliers = None
                     prediction.street_cluster = []
             predictions.append(prediction)
         return predictions

@@ -354,6 +354,7 @@ def calibrate_street(index, knn, fitted=None) -> tuple[dict, object]:
     city_level_m = np.where(at_spot, street_m, city_m)[~at_street]
     base |= {"spot_threshold": spot_threshold, "city_radius_m": _quantile(city_level_m),
              "val_city_level_at_spot": moved / max(1, int((~at_street).sum()))}
+    base["verify"] = calibrate_verification(data, rows, winners, space)
     if threshold is None:
         return base | {"note": f"no support threshold makes street-level answers within {SPOT_M:g} m "
                                f"{STREET_PRECISION:.0%} of the time on val: every answer is city level"}, space
@@ -361,6 +362,66 @@ def calibrate_street(index, knn, fitted=None) -> tuple[dict, object]:
     return base | {"threshold": threshold, "radius_m": _quantile(street_m[at_street]),
                    "val_street_share": float(held.mean()), "val_street_share_train_only": float(at_street[n:].mean()),
                    "val_street_precision": float(hits[at_street].mean())}, space
+
+
+def verified_neighbours(verifier, sources, ids, paths, labels, winners):
+    """Spatial verification of each query's neighbours (ids into paths/labels, -1 for none): the best-verified
+    one's id, its inlier count (-1 where that photo is not in the city the vote chose), and its column."""
+    from .verification import best_verified
+
+    column, best = best_verified(verifier.shortlist_inliers(list(sources), ids, paths))
+    chosen = ids[np.arange(len(ids)), column] if len(ids) else np.zeros(0, dtype=np.int64)
+    in_city = (chosen >= 0) & (_at(chosen, labels, -1) == winners)
+    return chosen, np.where(in_city, best, -1), column
+
+
+def verified_mask(counts, verify: dict | None) -> np.ndarray:
+    """Which answers stand on a verified photo: counts at or above the calibrated inliers (none uncalibrated)."""
+    inliers = (verify or {}).get("inliers")
+    return counts >= inliers if inliers is not None else np.zeros(len(counts), dtype=bool)
+
+
+VERIFY_SAMPLE = 1000  # val photos verified when calibrating (each against 2 x STREET_K neighbours)
+
+
+def calibrate_verification(data: RevisitSet, rows, winners, space) -> dict:
+    """The inlier count at or above which a spatially verified neighbour (geoindex.verification) is the GPS
+    answer, at street level: the lowest at which such answers are within 25 m STREET_PRECISION of the time on
+    val, asked against both GALLERIES like the street threshold, a verified photo counting only in the city the
+    vote chose. {"inliers": None, "note": why} where none qualifies or OpenCV is missing."""
+    from .verification import shared_verifier
+
+    verifier = shared_verifier()
+    if verifier is None:
+        return {"inliers": None, "note": "OpenCV is not installed (pip install opencv-python-headless): "
+                                         "no spatial verification"}
+    take = np.arange(len(rows))
+    if len(rows) > VERIFY_SAMPLE:
+        take = np.sort(np.random.default_rng(0).choice(len(rows), VERIFY_SAMPLE, replace=False))
+    paths = data.table["path"].to_numpy()
+    counts, metres = [], []
+    for g, (_, gallery) in enumerate(GALLERIES):
+        _, ids = data.neighbours(rows[take], STREET_K, space, gallery)
+        chosen, best, _ = verified_neighbours(verifier, paths[rows[take]], ids, paths, data.labels,
+                                              winners[g * len(rows) + take])
+        counts.append(best)
+        metres.append(haversine_km(data.lat[rows[take]], data.lon[rows[take]], _at(chosen, data.lat, np.nan),
+                                   _at(chosen, data.lon, np.nan)) * 1000)
+    counts, metres = np.concatenate(counts), np.nan_to_num(np.concatenate(metres), nan=np.inf)
+    hits = metres <= SPOT_M
+    chosen_threshold = None
+    for threshold in np.unique(counts[counts > 0])[::-1]:  # whole runs of equal counts: `>=` takes a tie whole
+        answered = counts >= threshold
+        if answered.sum() >= MIN_STREET_ANSWERS and hits[answered].mean() >= STREET_PRECISION:
+            chosen_threshold = int(threshold)
+    out = {"k": STREET_K, "n_val": int(len(take)), "precision_target": STREET_PRECISION}
+    if chosen_threshold is None:
+        return out | {"inliers": None, "note": f"no inlier count makes verified answers within {SPOT_M:g} m "
+                                               f"{STREET_PRECISION:.0%} of the time on val"}
+    answered, n = counts >= chosen_threshold, len(take)
+    return out | {"inliers": chosen_threshold, "radius_m": _quantile(metres[answered]),
+                  "val_share": float(answered[:n].mean()), "val_share_train_only": float(answered[n:].mean()),
+                  "val_precision": float(hits[answered].mean())}
 
 
 def revisit_report(index, knn, split: str = "test") -> dict:
@@ -390,6 +451,19 @@ def revisit_report(index, knn, split: str = "test") -> dict:
     cluster = street_answers(sims, ids, data.lat, data.lon, street.get("threshold"), data.labels, winners)
     final = gps_answers(city, cluster, street.get("spot_threshold"))
     at_street = cluster["street"]
+    unverified, verified = final, None
+    if (street.get("verify") or {}).get("inliers") is not None:
+        from .verification import shared_verifier
+
+        verifier = shared_verifier()
+        if verifier is not None:
+            paths = data.table["path"].to_numpy()
+            chosen, counts, _ = verified_neighbours(verifier, paths[rows], ids[:, :STREET_K], paths, data.labels,
+                                                    winners)
+            verified = verified_mask(counts, street["verify"])
+            final = np.where(verified[:, None], np.column_stack([_at(chosen, data.lat, np.nan),
+                                                                 _at(chosen, data.lon, np.nan)]), final)
+            at_street = at_street | verified
     same_date = pd.Series(data.dates).value_counts()
     gallery = len(data) - same_date.reindex(data.dates[rows]).to_numpy()  # everything but the query's capture month
     return {
@@ -400,7 +474,9 @@ def revisit_report(index, knn, split: str = "test") -> dict:
         "recall": street_recall, "recall_knn_space": knn_recall,
         "gps": {"city": error_figures(city, true_lat, true_lon),
                 "cluster": error_figures(cluster["centre"], true_lat, true_lon),
-                "answer": error_figures(final, true_lat, true_lon)},
+                "answer": error_figures(final, true_lat, true_lon),
+                **({"answer_unverified": error_figures(unverified, true_lat, true_lon)} if verified is not None else {})},
+        "verified_share": None if verified is None else float(verified.mean()),
         "street_share": float(at_street.mean()),
         "street_precision": error_figures(final[at_street], true_lat[at_street], true_lon[at_street])["within_25m"],
         "street": street or None,

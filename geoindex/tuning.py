@@ -79,14 +79,25 @@ def street_summary(street: dict | None) -> str:
              "city's neighbours")
     radius = (street or {}).get("city_radius_m")
     city = f"city level at {point}" + (f" (radius {radius / 1000:.1f} km)" if radius is not None else "")
+    verify = verification_summary((street or {}).get("verify"))
     if not street or street.get("threshold") is None:
         why = (street or {}).get("note", "not calibrated")
-        return f"GPS answers stay {city}: {why}"
+        return f"GPS answers stay {city}: {why}" + verify
     space = street.get("space")
     space = "raw cosine" if not space else f"whitened to {space['dims']} dims (power {space['power']:g})"
     return (f"GPS answers are street level where the best cluster of neighbours ({space}) holds {street['threshold']:.3f} "
             f"of their weight (calibrated on val: within 25 m {street['val_street_precision']:.0%} of the time on "
-            f"{street['val_street_share']:.0%} of val photos; radius {street['radius_m']:.0f} m), else {city}")
+            f"{street['val_street_share']:.0%} of val photos; radius {street['radius_m']:.0f} m), else {city}" + verify)
+
+
+def verification_summary(verify: dict | None) -> str:
+    """The spatial verification's part of street_summary ("" where it was never calibrated: an older index)."""
+    if not verify:
+        return ""
+    if verify.get("inliers") is None:
+        return f"; no spatial verification ({verify.get('note', 'not calibrated')})"
+    return (f"; or at a neighbour that spatial verification matches with {verify['inliers']} inliers or more "
+            f"(on val: {verify['val_share']:.0%} of photos, within 25 m {verify['val_precision']:.0%} of the time)")
 
 
 def load_knn_tuning(index) -> dict:

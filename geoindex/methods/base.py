@@ -26,6 +26,7 @@ class Photos:
     coords: np.ndarray | None = None  # (N, 2) true lat/lon, when known
     name: str = "query"
     cache: dict = field(default_factory=dict)
+    verify_sources: list | None = None  # what spatial verification reads, where sources are model inputs
 
     def __len__(self) -> int:
         return len(self.embeddings)
@@ -51,7 +52,8 @@ class Photos:
         return Photos(self.embeddings[rows], [self.sources[i] for i in rows],
                       None if self.labels is None else self.labels[rows],
                       None if self.coords is None else self.coords[rows], self.name,
-                      {k: v[rows] for k, v in self.cache.items() if isinstance(v, np.ndarray)})
+                      {k: v[rows] for k, v in self.cache.items() if isinstance(v, np.ndarray)},
+                      None if self.verify_sources is None else [self.verify_sources[i] for i in rows])
 
     @property
     def all_paths(self) -> bool:

@@ -163,6 +163,16 @@ class KNNMethod(Method):
             extra = {"gps_support": found["support"], "street_members": found["members"], "street_ids": found["ids"],
                      "street_similarities": found["similarities"]}
         radius = np.where(at_street, street.get("radius_m") or np.nan, street.get("city_radius_m") or np.nan)
+        verify = street.get("verify") or {}
+        if verify.get("inliers") is not None and len(sims):
+            verified = self._verified(photos, verify, extra, train_labels, probs.argmax(1))
+            if verified is not None:
+                spot, inliers = verified
+                at = np.clip(spot, 0, None)
+                coords = np.where(spot[:, None] >= 0, np.column_stack([lats[at], lons[at]]), coords)
+                at_street = at_street | (spot >= 0)
+                radius = np.where(spot >= 0, verify.get("radius_m") or np.nan, radius)
+                extra["gps_inliers"] = inliers
         unlike = (sims[:, 0] < s.unlike_threshold) if s.unlike_threshold is not None else np.zeros(len(sims), bool)
         notes = f"k={s.k}, {s.vote} vote" + (f", T={s.temperature:g}" if s.vote == "softmax" else "")
         if s.tuned_on:
@@ -170,6 +180,32 @@ class KNNMethod(Method):
         return Answer(self.name, probs, self.classes, coords, notes=notes,
                       extra={"similarities": sims, "ids": ids, "unlike": unlike,
                              "gps_level": np.where(at_street, "street", "city"), "gps_radius_m": radius, **extra})
+
+    def _verified(self, photos: Photos, verify: dict, extra: dict, train_labels, winners):
+        """Spatial verification of the street space's first neighbours (geoindex.verification): (the verified
+        train row per photo, -1 where none holds verify["inliers"], and its inlier count), or None without
+        OpenCV. Only a photo of the city the vote chose counts, as for the street cluster. Where a photo is
+        verified, `extra`'s street cluster becomes that one photo: the answer's basis."""
+        from ..revisit import STREET_K, verified_mask, verified_neighbours
+        from ..verification import shared_verifier
+
+        verifier = shared_verifier()
+        if verifier is None:
+            return None
+        sims, ids = self.street_neighbours(photos, STREET_K)  # the neighbours the cluster is found among
+        sources = photos.sources if photos.verify_sources is None else photos.verify_sources
+        chosen, counts, column = verified_neighbours(verifier, sources, ids,
+                                                     self.index.train_meta["path"].to_numpy(), train_labels, winners)
+        rows = np.arange(len(ids))
+        spot = np.where(verified_mask(counts, verify), chosen, -1)
+        if (spot >= 0).any():
+            only = np.zeros(ids.shape, dtype=bool)
+            only[rows, column] = True
+            members = extra.get("street_members", np.zeros(ids.shape, dtype=bool))
+            extra |= {"street_members": np.where((spot >= 0)[:, None], only, members), "street_ids": ids,
+                      "street_similarities": sims}
+            extra.setdefault("gps_support", np.full(len(ids), np.nan))
+        return spot, np.where(spot >= 0, counts, 0)
 
     def fit(self, val: Photos) -> "KNNMethod":
         """Choose, on validation photos, the space (raw, or whitened with a dimension and power), k, the vote and

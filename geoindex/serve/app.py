@@ -29,6 +29,7 @@ from pathlib import Path
 from ..config import ServeConfig
 from ..jsonio import jsonable
 from ..layout import MANIFEST
+from ..verification import verify_source
 from .batching import MicroBatcher, QueueFull
 from .uploads import (MULTIPART_OVERHEAD, ByteBudget, ClientGone, Costly, UploadError, decode_image, read_body,
                       split_uploads)
@@ -82,7 +83,10 @@ class Snapshot:
         self.transform = index.backbone.transform
         classifier = index.classifier
         self.classifier_mode = getattr(classifier, "mode", None) if classifier is not None else None
-        self.k_default = index.knn_method().k
+        knn = index.knn_method()
+        self.k_default = knn.k
+        # spatial verification reads the upload as `geoindex query` reads a file (verify_source), not the model input
+        self.verifies = ((knn.settings.street or {}).get("verify") or {}).get("inliers") is not None
         self.loaded_at = time.time()
         self.thumbnail = lru_cache(maxsize=1024)(self._thumbnail)
 
@@ -274,7 +278,9 @@ class Locator:
     def _run_batch(self, tensors, group):
         """Decoded photos of one snapshot -> one answer each, in order."""
         snapshot, k = group
-        return [p.to_dict() for p in snapshot.index.query(list(tensors), k=k)]
+        pairs = [t if isinstance(t, tuple) else (t, t) for t in tensors]  # (model input, what verification reads)
+        return [p.to_dict() for p in snapshot.index.query([t for t, _ in pairs], k=k,
+                                                          verify_sources=[v for _, v in pairs])]
 
     async def locate(self, snapshot: Snapshot, uploads, k: int | None, each: bool = False) -> list[dict]:
         """One answer per upload, in order. each=True (the batch endpoint): a bad photo gets an error entry
@@ -295,6 +301,9 @@ class Locator:
                 raise
             finally:
                 self.decoding -= 1
+            if snapshot.verifies:
+                loop = asyncio.get_running_loop()
+                tensor = (tensor, await loop.run_in_executor(self.decode_pool, verify_source, upload.data))
             decode_ms = round((time.perf_counter() - started) * 1000, 2)
             answer, timing = await self.batcher(tensor, (snapshot, k))
             answer = dict(answer, source=upload.filename)

@@ -1,0 +1,195 @@
+"""Street level after the search: can re-ranking the street space's shortlist find the spot more often?
+
+    python benchmarks/street_rerank.py --index NAME [--splits val,test] [--shortlist 100]
+
+The setting is issue 22's acceptance path (`street_heldout.py`): the revisit queries of a split (a photo that has
+a capture of another date within 25 m and is the newest within 25 m of itself) against a gallery of every other
+photo of the index, searched in the street space `geoindex train` chose on val (`street.space`). The gallery's
+embeddings are the stored ones, which is what `geoindex build --features-from NAME` stores for the same photos.
+Each row gives recall@1 and @10 within 25 m (the first neighbour's spot is what the street answer stands on):
+
+* `street space`: the shortlist as `query` searches it, and its recall@100: what any re-ranker of that shortlist
+  can at best reach;
+* `spatial verification`: local features (RootSIFT, OpenCV) matched with Lowe's ratio test, a homography fit by
+  RANSAC, the shortlist's first K re-ordered by inlier count (the classic re-ranking of landmark and place
+  retrieval); also how often a verified first neighbour (at least T inliers) is within 25 m, and the seconds a
+  query costs. Needs `pip install opencv-python-headless`; skipped, saying so, without it;
+* `database-side augmentation` (DBA, each gallery vector summed with its n nearest gallery vectors, weighted by
+  similarity to the power a) and `alpha query expansion` on top of it;
+* `whitening fit on the gallery`: the street space's whitening learnt on the gallery's own photos instead of the
+  train photos (an index of new places could refit it at build time).
+
+Nothing is chosen here: every variant is printed for val and test side by side, so that val alone can pick.
+Saves benchmarks/results/street_rerank_<NAME>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import save  # noqa: E402
+
+SHORTLISTS = (10, 25, 100)
+INLIER_THRESHOLDS = (10, 15, 20)
+RATIO = 0.85          # Lowe's ratio test
+RANSAC_PX = 5.0       # homography reprojection error, in pixels of the 224 px photos
+SIFT_FEATURES = 1000
+DBA_SETTINGS = [(n, a) for n in (1, 2, 3) for a in (1.0, 3.0)]
+
+
+def recall(ids, gallery_lat, gallery_lon, lat, lon) -> dict:
+    from geoindex.revisit import SPOT_M
+    from geoindex.voting import haversine_km
+
+    hit = haversine_km(lat[:, None], lon[:, None], gallery_lat[ids], gallery_lon[ids]) * 1000 <= SPOT_M
+    return {"r@1_25m": float(hit[:, 0].mean()), "r@10_25m": float(hit[:, :10].any(1).mean()),
+            **({"r@100_25m": float(hit[:, :100].any(1).mean())} if ids.shape[1] >= 100 else {}),
+            "hits": hit}
+
+
+def ranked(queries, gallery, k):
+    scores = queries @ gallery.T
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable"), 1)
+
+
+class Verifier:
+    """RootSIFT keypoints of a photo (computed once per path) and the RANSAC homography inliers of a pair."""
+
+    def __init__(self, cv2):
+        self.cv2, self.sift, self.matcher, self.cache = cv2, cv2.SIFT_create(nfeatures=SIFT_FEATURES), \
+            cv2.BFMatcher(cv2.NORM_L2), {}
+
+    def features(self, path):
+        if path not in self.cache:
+            image = self.cv2.imread(str(path), self.cv2.IMREAD_GRAYSCALE)
+            points, descriptors = self.sift.detectAndCompute(image, None) if image is not None else ((), None)
+            if descriptors is not None:  # RootSIFT (Arandjelović & Zisserman 2012)
+                descriptors = np.sqrt(descriptors / (descriptors.sum(1, keepdims=True) + 1e-7)).astype(np.float32)
+            self.cache[path] = (np.float32([p.pt for p in points]), descriptors)
+        return self.cache[path]
+
+    def inliers(self, a, b) -> int:
+        (points_a, a_desc), (points_b, b_desc) = self.features(a), self.features(b)
+        if a_desc is None or b_desc is None or len(a_desc) < 4 or len(b_desc) < 4:
+            return 0
+        good = [m[0] for m in self.matcher.knnMatch(a_desc, b_desc, k=2)
+                if len(m) == 2 and m[0].distance < RATIO * m[1].distance]
+        if len(good) < 5:
+            return 0
+        _, mask = self.cv2.findHomography(points_a[[g.queryIdx for g in good]], points_b[[g.trainIdx for g in good]],
+                                          self.cv2.RANSAC, RANSAC_PX)
+        return int(np.count_nonzero(mask)) if mask is not None else 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--index", required=True)
+    parser.add_argument("--index-dir", default=None)
+    parser.add_argument("--splits", default="val,test")
+    parser.add_argument("--shortlist", type=int, default=max(SHORTLISTS), help="neighbours verified at most")
+    args = parser.parse_args(argv)
+
+    from geoindex.geo_index import load_index
+    from geoindex.locate import resolve_index_path
+    from geoindex.revisit import RevisitSet, revisit_queries
+    from geoindex.voting import haversine_km
+    from geoindex.whitening import Whitening
+
+    index = load_index(resolve_index_path(args.index, args.index_dir), device="cpu")
+    knn = index.knn_method()
+    space = knn.settings.street_whitening
+    if not (knn.settings.street or {}).get("space") or space is None:
+        sys.exit(f"index {index.name!r} has no whitened street space; run `geoindex train --index {index.name}` first")
+    data = RevisitSet(index)
+    is_query = revisit_queries(data.lat, data.lon, data.dates)
+    split_of = data.table["split"].to_numpy()
+    paths = data.table["path"].to_numpy()
+    try:
+        import cv2
+        verifier = Verifier(cv2)
+    except ImportError:
+        verifier = None
+        print("spatial verification skipped: OpenCV is not installed (pip install opencv-python-headless)")
+
+    out = {}
+    for split in args.splits.split(","):
+        rows = np.flatnonzero(is_query & (split_of == split))
+        gallery = np.flatnonzero(~(is_query & (split_of == split)))  # as street_heldout.py --gallery all
+        lat, lon = data.lat[rows], data.lon[rows]
+        g_lat, g_lon = data.lat[gallery], data.lon[gallery]
+        queries, photos = space(data.embeddings[rows]), space(data.embeddings[gallery])
+        shortlist = ranked(queries, photos, min(args.shortlist, len(gallery)))
+        base = recall(shortlist, g_lat, g_lon, lat, lon)
+        hits = base.pop("hits")
+        result = {"queries": int(len(rows)), "gallery_photos": int(len(gallery)), "street_space": base}
+        print(f"{split}: {len(rows)} queries, {len(gallery)} gallery photos; street space r@1 {base['r@1_25m']:.3f} "
+              f"r@10 {base['r@10_25m']:.3f} r@{shortlist.shape[1]} {base.get('r@100_25m', float('nan')):.3f}")
+
+        if verifier is not None:
+            started = time.perf_counter()
+            inliers = np.array([[verifier.inliers(paths[q], paths[gallery[g]]) for g in shortlist[i]]
+                                for i, q in enumerate(rows)])
+            seconds = (time.perf_counter() - started) / max(len(rows), 1)
+            rows_at = np.arange(len(rows))
+            verification = {"seconds_per_query": seconds, "shortlists": {}}
+            for k in SHORTLISTS:
+                if k > shortlist.shape[1]:
+                    continue
+                # ties keep the search's order: a later neighbour needs more inliers, not as many
+                best = np.argmax(inliers[:, :k] - 1e-3 * np.arange(k), axis=1)
+                right, count = hits[rows_at, best], inliers[rows_at, best]
+                verification["shortlists"][k] = {
+                    "r@1_25m": float(right.mean()),
+                    "verified": {t: {"share": float((count >= t).mean()),
+                                     "within_25m": float(right[count >= t].mean()) if (count >= t).any() else None}
+                                 for t in INLIER_THRESHOLDS}}
+                print(f"  verified, first {k:3d}: r@1 {right.mean():.3f}; " + ", ".join(
+                    f">= {t} inliers {(count >= t).mean():.2f} of queries, {right[count >= t].mean():.2f} right"
+                    if (count >= t).any() else f">= {t} inliers none" for t in INLIER_THRESHOLDS))
+            print(f"  verification: {seconds:.2f} s a query ({shortlist.shape[1]} pairs)")
+            result["spatial_verification"] = verification
+
+        similarity = photos @ photos.T
+        order = np.argsort(-similarity, axis=1)[:, :max(n for n, _ in DBA_SETTINGS) + 1]  # itself first
+        result["dba"] = {}
+        for n, power in DBA_SETTINGS:
+            weights = np.take_along_axis(similarity, order[:, :n + 1], 1).clip(0) ** power
+            augmented = (photos[order[:, :n + 1]] * weights[..., None]).sum(1)
+            augmented /= np.linalg.norm(augmented, axis=1, keepdims=True)
+            first = ranked(queries, augmented, n)
+            q_weights = np.take_along_axis(queries @ augmented.T, first, 1).clip(0) ** power
+            expanded = queries + (augmented[first] * q_weights[..., None]).sum(1)
+            expanded /= np.linalg.norm(expanded, axis=1, keepdims=True)
+            dba = recall(ranked(queries, augmented, 10), g_lat, g_lon, lat, lon)
+            both = recall(ranked(expanded, augmented, 10), g_lat, g_lon, lat, lon)
+            dba.pop("hits"), both.pop("hits")
+            result["dba"][f"n={n},a={power:g}"] = {"dba": dba, "dba_and_query_expansion": both}
+            print(f"  DBA n={n} a={power:g}: r@1 {dba['r@1_25m']:.3f} r@10 {dba['r@10_25m']:.3f}; with alpha-QE "
+                  f"r@1 {both['r@1_25m']:.3f} r@10 {both['r@10_25m']:.3f}")
+
+        refit = Whitening.fit(data.embeddings[gallery], max_dims=space.dims).using(space.dims, space.power)
+        own = recall(ranked(refit(data.embeddings[rows]), refit(data.embeddings[gallery]), 10),
+                     g_lat, g_lon, lat, lon)
+        own.pop("hits")
+        result["whitening_fit_on_gallery"] = own
+        print(f"  whitening fit on the gallery ({space.dims} dims, power {space.power:g}): r@1 {own['r@1_25m']:.3f} "
+              f"r@10 {own['r@10_25m']:.3f}")
+        out[split] = result
+
+    save(f"street_rerank_{index.name}", {
+        "index": index.name, "street_space": {"dims": space.dims, "power": space.power},
+        "settings": {"ratio": RATIO, "ransac_px": RANSAC_PX, "sift_features": SIFT_FEATURES},
+        "splits": out,
+        "command": "python benchmarks/street_rerank.py " + " ".join(argv or sys.argv[1:])})
+    index.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Spatial verification: does a query photo and an indexed photo show the same scene, seen from where each was taken?
+
+Local features (RootSIFT: SIFT descriptors L1-normalised and square-rooted, Arandjelović & Zisserman 2012) are
+matched with Lowe's ratio test and a homography is fitted to the matches by RANSAC; the inlier count says how much
+of one photo reappears, in place, in the other. Global embeddings rank photos that look alike; inliers separate a
+revisited facade from a look-alike street, which is why landmark and place retrieval re-rank their shortlists
+this way. Here the street space's first STREET_K (10) neighbours are verified and, where the best holds at least the
+inlier count val calibrated (`calibrate_verification`, saved as the street calibration's `verify`), the GPS answer
+is that photo's spot at street level.
+
+OpenCV (opencv-python-headless) does the work; without it, or for a photo that cannot be read, nothing is
+verified and answers stay as the embeddings give them.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+RATIO = 0.85            # Lowe's ratio test
+RANSAC_PX = 5.0         # homography reprojection error, in pixels of the photo as read
+SIFT_FEATURES = 1000
+MAX_SIDE = 640          # larger photos are shrunk first: keypoints at street-view scale, bounded time
+CACHE_PHOTOS = 4096     # indexed photos whose features stay in memory (float16, at most ~250 KB each)
+
+
+def opencv():
+    """The cv2 module, or None when OpenCV is not installed."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    return cv2
+
+
+class Verifier:
+    """Local features per photo (a path, cached; or a PIL image / array, not cached) and inliers between two."""
+
+    def __init__(self, cv2=None, cache_photos: int = CACHE_PHOTOS):
+        self.cv2 = cv2 or opencv()
+        if self.cv2 is None:
+            raise ImportError("spatial verification needs OpenCV: pip install opencv-python-headless")
+        self.cache_photos = cache_photos
+        self._cache: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self._local = threading.local()  # one SIFT and matcher per thread: the service verifies from several
+
+    def _tools(self):
+        if not hasattr(self._local, "sift"):
+            self._local.sift = self.cv2.SIFT_create(nfeatures=SIFT_FEATURES)
+            self._local.matcher = self.cv2.BFMatcher(self.cv2.NORM_L2)
+        return self._local.sift, self._local.matcher
+
+    def _grey(self, source):
+        cv2 = self.cv2
+        if hasattr(source, "numpy") and getattr(source, "ndim", 0) == 3:  # a (3, H, W) uint8 model input
+            source = np.ascontiguousarray(source.numpy().transpose(1, 2, 0))
+        if isinstance(source, np.ndarray):
+            image = source if source.ndim == 2 else cv2.cvtColor(source, cv2.COLOR_RGB2GRAY)
+        elif hasattr(source, "convert"):  # a PIL image (an upload)
+            image = np.asarray(source.convert("L"))
+        else:
+            image = cv2.imread(str(source), cv2.IMREAD_GRAYSCALE)
+        if image is None or image.size == 0:
+            return None
+        side = max(image.shape[:2])
+        if side > MAX_SIDE:
+            scale = MAX_SIDE / side
+            image = cv2.resize(image, (round(image.shape[1] * scale), round(image.shape[0] * scale)),
+                               interpolation=cv2.INTER_AREA)
+        return np.ascontiguousarray(image, dtype=np.uint8)
+
+    def features(self, source):
+        """(keypoint positions (N, 2) float32, RootSIFT descriptors (N, 128) float16), or None: unreadable, or
+        too few keypoints to fit a homography."""
+        if source is None:
+            return None
+        key = str(source) if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") else None
+        if key is not None:
+            with self._lock:
+                if key in self._cache:
+                    self._cache.move_to_end(key)
+                    return self._cache[key]
+        try:
+            image = self._grey(source)
+        except Exception:  # OpenCV's or PIL's error on a damaged file: that photo is not verified
+            image = None
+        found = None
+        if image is not None:
+            points, descriptors = self._tools()[0].detectAndCompute(image, None)
+            if descriptors is not None and len(descriptors) >= 4:
+                descriptors = np.sqrt(descriptors / (descriptors.sum(1, keepdims=True) + 1e-7))
+                found = (np.float32([p.pt for p in points]), descriptors.astype(np.float16))
+        if key is not None:
+            with self._lock:
+                self._cache[key] = found
+                while len(self._cache) > self.cache_photos:
+                    self._cache.popitem(last=False)
+        return found
+
+    def inliers(self, a, b) -> int:
+        """RANSAC homography inliers among the ratio-test matches of two photos' features (0: nothing to fit)."""
+        if a is None or b is None:
+            return 0
+        (points_a, desc_a), (points_b, desc_b) = a, b
+        matches = self._tools()[1].knnMatch(desc_a.astype(np.float32), desc_b.astype(np.float32), k=2)
+        good = [m[0] for m in matches if len(m) == 2 and m[0].distance < RATIO * m[1].distance]
+        if len(good) < 5:
+            return 0
+        _, mask = self.cv2.findHomography(points_a[[g.queryIdx for g in good]], points_b[[g.trainIdx for g in good]],
+                                          self.cv2.RANSAC, RANSAC_PX)
+        return int(np.count_nonzero(mask)) if mask is not None else 0
+
+    def shortlist_inliers(self, queries: list, candidates: np.ndarray, paths) -> np.ndarray:
+        """Inliers (Q, K) between each query (path or image) and its candidates (indexed photo numbers into
+        `paths`, -1 for none)."""
+        out = np.zeros(candidates.shape, dtype=np.int32)
+        for q, source in enumerate(queries):
+            query = self.features(source)
+            if query is None:
+                continue
+            for j, i in enumerate(candidates[q]):
+                if i >= 0:
+                    out[q, j] = self.inliers(query, self.features(paths[int(i)]))
+        return out
+
+
+def verify_source(data: bytes):
+    """An upload's bytes -> the grey image verification reads, decoded as cv2.imread decodes a file (so the
+    service and `geoindex query` verify the same pixels), or None where OpenCV cannot decode it. The service
+    calls this only after its own decoder accepted the upload's size and pixel count."""
+    cv2 = opencv()
+    if cv2 is None:
+        return None
+    try:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+    except Exception:  # a damaged upload the first decoder let through: answered unverified
+        return None
+    return image if image is not None and image.size else None
+
+
+_shared: Verifier | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_verifier() -> Verifier | None:
+    """One Verifier per process (its cache of indexed photos' features is shared), or None without OpenCV."""
+    global _shared
+    with _shared_lock:
+        if _shared is None and opencv() is not None:
+            _shared = Verifier()
+        return _shared
+
+
+def best_verified(inliers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(column, inlier count) of each row's best-verified candidate; ties go to the search's earlier one."""
+    column = np.argmax(inliers, axis=1) if inliers.size else np.zeros(len(inliers), dtype=np.int64)
+    return column, inliers[np.arange(len(inliers)), column] if inliers.size else np.zeros(len(inliers), np.int32)
