@@ -260,8 +260,11 @@ def query(photos, index_name, k, vote_method, temperature, backbone, as_json, as
                 except ImageError as exc:
                     loaded.append(exc)
             images = [item for item in loaded if not isinstance(item, ImageError)]
-            predictions = iter(index.query(images, k=k, vote_method=vote_method, temperature=temperature)
-                               if images else [])
+            # spatial verification reads the files themselves (not the model's draft-decoded images), as the
+            # service reads an upload's bytes
+            files = [photo for photo, item in zip(batch, loaded) if not isinstance(item, ImageError)]
+            predictions = iter(index.query(images, k=k, vote_method=vote_method, temperature=temperature,
+                                           verify_sources=files) if images else [])
             for photo, item in zip(batch, loaded):  # written in the order given, errors in their place
                 if isinstance(item, ImageError):
                     out.error(photo, str(item))

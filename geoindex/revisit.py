@@ -381,6 +381,17 @@ def verified_mask(counts, verify: dict | None) -> np.ndarray:
     return counts >= inliers if inliers is not None else np.zeros(len(counts), dtype=bool)
 
 
+def inliers_threshold(counts, hits) -> int | None:
+    """The lowest inlier count at which answers at or above it are within 25 m STREET_PRECISION of the time, with
+    at least MIN_STREET_ANSWERS of them; runs of equal counts move whole (`>=` cannot cut a tie). None: none."""
+    chosen = None
+    for threshold in np.unique(counts[counts > 0])[::-1]:
+        answered = counts >= threshold
+        if answered.sum() >= MIN_STREET_ANSWERS and hits[answered].mean() >= STREET_PRECISION:
+            chosen = int(threshold)
+    return chosen
+
+
 VERIFY_SAMPLE = 1000  # val photos verified when calibrating (each against 2 x STREET_K neighbours)
 
 
@@ -409,11 +420,7 @@ def calibrate_verification(data: RevisitSet, rows, winners, space) -> dict:
                                    _at(chosen, data.lon, np.nan)) * 1000)
     counts, metres = np.concatenate(counts), np.nan_to_num(np.concatenate(metres), nan=np.inf)
     hits = metres <= SPOT_M
-    chosen_threshold = None
-    for threshold in np.unique(counts[counts > 0])[::-1]:  # whole runs of equal counts: `>=` takes a tie whole
-        answered = counts >= threshold
-        if answered.sum() >= MIN_STREET_ANSWERS and hits[answered].mean() >= STREET_PRECISION:
-            chosen_threshold = int(threshold)
+    chosen_threshold = inliers_threshold(counts, hits)
     out = {"k": STREET_K, "n_val": int(len(take)), "precision_target": STREET_PRECISION}
     if chosen_threshold is None:
         return out | {"inliers": None, "note": f"no inlier count makes verified answers within {SPOT_M:g} m "

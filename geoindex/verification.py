@@ -35,7 +35,8 @@ def opencv():
 
 
 class Verifier:
-    """Local features per photo (a path, cached; or a PIL image / array, not cached) and inliers between two."""
+    """Local features per photo (a path, cached; or upload bytes, a PIL image or an array, not cached) and the
+    inliers between two."""
 
     def __init__(self, cv2=None, cache_photos: int = CACHE_PHOTOS):
         self.cv2 = cv2 or opencv()
@@ -53,15 +54,26 @@ class Verifier:
         return self._local.sift, self._local.matcher
 
     def _grey(self, source):
+        """The photo as a grey uint8 array, its longer side at most MAX_SIDE; None where it cannot be read."""
+        from .errors import ImageError
+        from .images import decode_image, load_image
+
         cv2 = self.cv2
         if hasattr(source, "numpy") and getattr(source, "ndim", 0) == 3:  # a (3, H, W) uint8 model input
             source = np.ascontiguousarray(source.numpy().transpose(1, 2, 0))
-        if isinstance(source, np.ndarray):
-            image = source if source.ndim == 2 else cv2.cvtColor(source, cv2.COLOR_RGB2GRAY)
-        elif hasattr(source, "convert"):  # a PIL image (an upload)
-            image = np.asarray(source.convert("L"))
-        else:
-            image = cv2.imread(str(source), cv2.IMREAD_GRAYSCALE)
+        try:
+            if isinstance(source, np.ndarray):
+                image = source if source.ndim == 2 else cv2.cvtColor(source, cv2.COLOR_RGB2GRAY)
+            else:
+                # files and uploads are decoded by geoindex's own decoder, with its checks on size and pixels,
+                # so `query` and the service read the same pixels
+                if isinstance(source, (bytes, bytearray)):
+                    source = decode_image(bytes(source), MAX_SIDE)
+                elif not hasattr(source, "convert"):
+                    source = load_image(source, MAX_SIDE)
+                image = np.asarray(source.convert("L"))
+        except (ImageError, OSError, ValueError):
+            return None
         if image is None or image.size == 0:
             return None
         side = max(image.shape[:2])
@@ -76,16 +88,13 @@ class Verifier:
         too few keypoints to fit a homography."""
         if source is None:
             return None
-        key = str(source) if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") else None
+        key = str(source) if isinstance(source, str) or hasattr(source, "__fspath__") else None
         if key is not None:
             with self._lock:
                 if key in self._cache:
                     self._cache.move_to_end(key)
                     return self._cache[key]
-        try:
-            image = self._grey(source)
-        except Exception:  # OpenCV's or PIL's error on a damaged file: that photo is not verified
-            image = None
+        image = self._grey(source)
         found = None
         if image is not None:
             points, descriptors = self._tools()[0].detectAndCompute(image, None)
@@ -108,6 +117,7 @@ class Verifier:
         good = [m[0] for m in matches if len(m) == 2 and m[0].distance < RATIO * m[1].distance]
         if len(good) < 5:
             return 0
+        self.cv2.setRNGSeed(0)  # RANSAC's samples: the same pair gives the same count, in `query` and the service
         _, mask = self.cv2.findHomography(points_a[[g.queryIdx for g in good]], points_b[[g.trainIdx for g in good]],
                                           self.cv2.RANSAC, RANSAC_PX)
         return int(np.count_nonzero(mask)) if mask is not None else 0
@@ -124,20 +134,6 @@ class Verifier:
                 if i >= 0:
                     out[q, j] = self.inliers(query, self.features(paths[int(i)]))
         return out
-
-
-def verify_source(data: bytes):
-    """An upload's bytes -> the grey image verification reads, decoded as cv2.imread decodes a file (so the
-    service and `geoindex query` verify the same pixels), or None where OpenCV cannot decode it. The service
-    calls this only after its own decoder accepted the upload's size and pixel count."""
-    cv2 = opencv()
-    if cv2 is None:
-        return None
-    try:
-        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
-    except Exception:  # a damaged upload the first decoder let through: answered unverified
-        return None
-    return image if image is not None and image.size else None
 
 
 _shared: Verifier | None = None

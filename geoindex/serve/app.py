@@ -29,7 +29,6 @@ from pathlib import Path
 from ..config import ServeConfig
 from ..jsonio import jsonable
 from ..layout import MANIFEST
-from ..verification import verify_source
 from .batching import MicroBatcher, QueueFull
 from .uploads import (MULTIPART_OVERHEAD, ByteBudget, ClientGone, Costly, UploadError, decode_image, read_body,
                       split_uploads)
@@ -85,7 +84,7 @@ class Snapshot:
         self.classifier_mode = getattr(classifier, "mode", None) if classifier is not None else None
         knn = index.knn_method()
         self.k_default = knn.k
-        # spatial verification reads the upload as `geoindex query` reads a file (verify_source), not the model input
+        # spatial verification reads the upload as `geoindex query` reads a file, not the model input
         self.verifies = ((knn.settings.street or {}).get("verify") or {}).get("inliers") is not None
         self.loaded_at = time.time()
         self.thumbnail = lru_cache(maxsize=1024)(self._thumbnail)
@@ -301,9 +300,8 @@ class Locator:
                 raise
             finally:
                 self.decoding -= 1
-            if snapshot.verifies:
-                loop = asyncio.get_running_loop()
-                tensor = (tensor, await loop.run_in_executor(self.decode_pool, verify_source, upload.data))
+            if snapshot.verifies:  # verification decodes the upload's bytes as `geoindex query` decodes a file
+                tensor = (tensor, upload.data)
             decode_ms = round((time.perf_counter() - started) * 1000, 2)
             answer, timing = await self.batcher(tensor, (snapshot, k))
             answer = dict(answer, source=upload.filename)

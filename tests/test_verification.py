@@ -1,0 +1,178 @@
+"""Spatial verification of street-level answers: inliers tell a revisited scene from an unrelated one, the inlier
+threshold is chosen on val like the street threshold, and a verified photo's spot is what `query` (file, JSON, text)
+and the service answer, the same from both."""
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from geoindex.cli import main
+from geoindex.geo_index import load_index
+from geoindex.layout import KNN_PARAMS
+from geoindex.synthetic import make_synthetic_gsv
+from geoindex.verification import Verifier, best_verified, opencv
+
+pytestmark = pytest.mark.skipif(opencv() is None, reason="OpenCV is not installed (pip install opencv-python-headless)")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Textured scenes that ship inside scikit-image (no download): one gallery photo each, at its own spot
+SCENES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
+UNRELATED = "brick"
+VERIFY = {"inliers": 15, "k": 10, "radius_m": 7.0, "val_share": 0.13, "val_precision": 0.8, "n_val": 558}
+
+
+def scene(name: str) -> Image.Image:
+    import skimage.data
+    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+
+
+def crop(image: Image.Image, box, size=224) -> Image.Image:
+    """A photo of part of the scene: a crop, resized as a street-view crop would be."""
+    w, h = image.size
+    return image.crop((int(box[0] * w), int(box[1] * h), int(box[2] * w), int(box[3] * h))).resize((size, size))
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_inliers_tell_another_view_of_a_scene_from_an_unrelated_one(tmp_path):
+    verifier = Verifier()
+    astronaut = scene("astronaut")
+    crop(astronaut, (0.0, 0.0, 0.8, 0.8)).save(tmp_path / "a.jpg", quality=90)
+    crop(astronaut, (0.1, 0.05, 0.9, 0.85), size=256).save(tmp_path / "b.jpg", quality=80)  # moved and rescaled
+    crop(scene("coffee"), (0.1, 0.1, 0.7, 0.9)).save(tmp_path / "c.jpg")
+    a, b, c = (verifier.features(tmp_path / f"{n}.jpg") for n in "abc")
+    same, other = verifier.inliers(a, b), verifier.inliers(a, c)
+    assert same >= 30 and other < 15, (same, other)
+    # a PIL image and a (3, H, W) uint8 tensor (the service's model input) are read as the file is
+    import torch
+    pil = Image.open(tmp_path / "b.jpg").convert("RGB")
+    assert verifier.inliers(a, verifier.features(pil)) >= 30
+    assert verifier.inliers(a, verifier.features(torch.from_numpy(np.array(pil)).permute(2, 0, 1))) >= 30
+    # an unreadable file or no photo at all is never verified, and does not raise
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    assert verifier.features(tmp_path / "broken.jpg") is None and verifier.features(tmp_path / "gone.jpg") is None
+    assert verifier.features(None) is None and verifier.inliers(a, None) == 0
+    counts = verifier.shortlist_inliers([tmp_path / "b.jpg"], np.array([[1, 0, -1]]),
+                                        [str(tmp_path / "a.jpg"), str(tmp_path / "c.jpg")])
+    assert counts[0, 1] == verifier.inliers(b, a) >= 30 and counts[0, 2] == 0
+    assert counts[0, 0] == verifier.inliers(b, c) < 15
+    assert verifier.inliers(a, b) == same, "RANSAC is seeded: a pair always gives the same count"
+    assert best_verified(counts)[0].tolist() == [1]
+    # ties go to the search's earlier neighbour
+    assert best_verified(np.array([[3, 9, 9], [0, 0, 0]]))[0].tolist() == [1, 0]
+
+
+def test_the_inlier_threshold_is_the_lowest_that_keeps_val_answers_precise_and_moves_ties_whole(monkeypatch):
+    from geoindex import revisit
+
+    monkeypatch.setattr(revisit, "MIN_STREET_ANSWERS", 2)
+    # best inliers per val answer, and whether that photo lies within 25 m
+    counts = np.array([40, 30, 20, 20, 12, 12, 12, 8, -1])
+    hits = np.array([True, True, True, False, True, False, False, True, False])
+    assert revisit.inliers_threshold(counts, hits) == 30  # >= 20 would be 3 right of 4
+    monkeypatch.setattr(revisit, "STREET_PRECISION", 0.6)
+    assert revisit.inliers_threshold(counts, hits) == 8  # 5 of 8 answers right, though >= 12 alone is 4 of 7
+    monkeypatch.setattr(revisit, "STREET_PRECISION", 0.75)
+    # the first of three 12s would keep 3 of 3 right, but `>= 12` takes all three: 3 of 5
+    assert revisit.inliers_threshold(np.array([30, 30, 12, 12, 12]), np.array([1, 1, 1, 0, 0], dtype=bool)) == 30
+    monkeypatch.setattr(revisit, "STREET_PRECISION", 1.01)
+    assert revisit.inliers_threshold(counts, hits) is None
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory):
+    """A source index (tiny CNN) and a gallery of textured photos built `--features-from` it, every photo at its
+    own spot in London; the gallery's street calibration as val would leave it: no cluster answers at street level,
+    spatial verification at 15 inliers."""
+    from conftest import build_cnn_index
+
+    base = tmp_path_factory.mktemp("verify")
+    source = make_synthetic_gsv(base / "GSV", cities=("Barcelona", "London"), places_per_city=4, images_per_place=2,
+                                image_size=(40, 32))
+    home = base / "indexes"
+    build_cnn_index(source, home, "src")
+    photos = base / "photos"
+    photos.mkdir()
+    rows = []
+    for i, name in enumerate(SCENES):
+        path = photos / f"{name}.jpg"
+        crop(scene(name), (0.0, 0.0, 0.8, 0.8)).save(path, quality=90)
+        rows.append({"path": str(path), "city": "London", "lat": 51.50 + 0.01 * i, "lon": -0.12, "yyyymm": 201906})
+    with open(base / "gallery.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    result = run("build", "--data", base / "gallery.csv", "--features-from", home / "src", "--name", "gal",
+                 "--index-dir", home, "--workers", "0")
+    assert result.exit_code == 0, result.output
+    params_file = home / "gal" / KNN_PARAMS
+    params_file.parent.mkdir(parents=True, exist_ok=True)
+    build_id = json.loads((home / "gal" / "manifest.json").read_text())["build_id"]
+    params_file.write_text(json.dumps({"k": 3, "vote": "softmax", "temperature": 0.05, "tuned_on": "val",
+                                       "build_id": build_id,
+                                       "street": {"threshold": None, "spot_threshold": None, "radius_m": None,
+                                                  "city_radius_m": 4000.0, "verify": VERIFY}}))
+    # queries: another view of the third scene, and a scene the gallery does not hold
+    (base / "queries").mkdir()
+    crop(scene(SCENES[2]), (0.1, 0.05, 0.9, 0.85), size=256).save(base / "queries" / "revisit.jpg", quality=80)
+    crop(scene(UNRELATED), (0.0, 0.0, 0.8, 0.8)).save(base / "queries" / "elsewhere.jpg")
+    return home, rows, base / "queries"
+
+
+def test_query_answers_at_the_verified_photos_spot_at_street_level(gallery):
+    home, rows, queries = gallery
+    result = run("query", queries / "revisit.jpg", queries / "elsewhere.jpg", "--index", "gal", "--index-dir", home,
+                 "--json")
+    assert result.exit_code == 0, result.output
+    revisit, elsewhere = json.loads(result.output)["results"]
+    gps = revisit["gps"]
+    assert gps["level"] == "street" and gps["inliers"] >= VERIFY["inliers"] and gps["radius_m"] == VERIFY["radius_m"]
+    assert (gps["lat"], gps["lon"]) == (rows[2]["lat"], rows[2]["lon"])
+    assert [Path(member["path"]).name for member in gps["cluster"]] == [Path(rows[2]["path"]).name]
+    assert elsewhere["gps"]["level"] == "city" and elsewhere["gps"]["inliers"] is None
+    assert elsewhere["gps"]["cluster"] == [] and elsewhere["gps"]["radius_m"] == 4000.0
+
+    text = run("query", queries / "revisit.jpg", "--index", "gal", "--index-dir", home).output
+    assert f"(street level: an indexed photo shares {gps['inliers']} matched points with it, 80% of val answers " \
+           f"within 7 m)" in text
+
+    # above every inlier count the photo holds, the same photo is answered at city level
+    params_file = home / "gal" / KNN_PARAMS
+    saved = params_file.read_text()
+    try:
+        params = json.loads(saved)
+        params["street"]["verify"] = dict(VERIFY, inliers=gps["inliers"] + 1)
+        params_file.write_text(json.dumps(params))
+        again = json.loads(run("query", queries / "revisit.jpg", "--index", "gal", "--index-dir", home,
+                               "--json").output)["results"][0]["gps"]
+        assert again["level"] == "city" and again["inliers"] is None
+    finally:
+        params_file.write_text(saved)
+
+
+def test_the_service_verifies_an_upload_as_query_verifies_the_file(gallery):
+    import httpx
+    from test_serve import ServerProcess
+
+    home, rows, queries = gallery
+    expected = json.loads(run("query", queries / "revisit.jpg", "--index", "gal", "--index-dir", home,
+                              "--json").output)["results"][0]["gps"]
+    server = ServerProcess("--index", "gal", "--index-dir", home)
+    try:
+        with open(queries / "revisit.jpg", "rb") as fh:
+            response = httpx.post(server.url + "/v1/locate", files={"image": ("revisit.jpg", fh, "image/jpeg")},
+                                  timeout=60)
+        assert response.status_code == 200, response.text
+        gps = response.json()["results"][0]["gps"]
+    finally:
+        server.stop()
+    assert gps["level"] == "street" and gps["inliers"] == expected["inliers"], (gps, expected)
+    assert (gps["lat"], gps["lon"]) == (expected["lat"], expected["lon"])
+    assert [member["row"] for member in gps["cluster"]] == [member["row"] for member in expected["cluster"]]
