@@ -323,6 +323,8 @@ class GeoIndex:
             self.check_backbone(backbone)
         backbone = backbone or self.backbone
         images = list(images)
+        if verify_sources is not None and len(verify_sources) != len(images):
+            raise ValueError(f"{len(verify_sources)} verify_sources for {len(images)} images")
         photos = Photos(backbone.embed(images), images, verify_sources=verify_sources)
         knn = self.knn_method(k=k, vote=vote_method, temperature=temperature).predict(photos)
         classifier = self.classifier_method() if with_classifier else None

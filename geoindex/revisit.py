@@ -48,6 +48,7 @@ MIN_STREET_ANSWERS = 10  # fewer street answers than this on val cannot calibrat
 RADIUS_QUANTILE = 0.8
 ERROR_THRESHOLDS_M = (25, 100, 1000)
 CALIBRATION_SAMPLE = 5000
+VERIFY_SAMPLE = 1000  # val photos verified when calibrating (each against 2 x STREET_K neighbours)
 RULE = ("query: a dated photo of this split that has a capture of another date within 25 m and is the newest capture "
         "within 25 m of itself; gallery: every dated photo of the index (all splits) except the query and photos of "
         "its capture month")
@@ -364,12 +365,13 @@ def calibrate_street(index, knn, fitted=None) -> tuple[dict, object]:
                    "val_street_precision": float(hits[at_street].mean())}, space
 
 
-def verified_neighbours(verifier, sources, ids, paths, labels, winners):
-    """Spatial verification of each query's neighbours (ids into paths/labels, -1 for none): the best-verified
-    one's id, its inlier count (-1 where that photo is not in the city the vote chose), and its column."""
+def verified_neighbours(inliers, ids, labels, winners):
+    """From the inliers (Q, K) each query's neighbours (ids into labels, -1 for none) share with it: the
+    best-verified neighbour's id, its inlier count (-1 where that photo is not in the city the vote chose), and its
+    column."""
     from .verification import best_verified
 
-    column, best = best_verified(verifier.shortlist_inliers(list(sources), ids, paths))
+    column, best = best_verified(inliers)
     chosen = ids[np.arange(len(ids)), column] if len(ids) else np.zeros(0, dtype=np.int64)
     in_city = (chosen >= 0) & (_at(chosen, labels, -1) == winners)
     return chosen, np.where(in_city, best, -1), column
@@ -392,9 +394,6 @@ def inliers_threshold(counts, hits) -> int | None:
     return chosen
 
 
-VERIFY_SAMPLE = 1000  # val photos verified when calibrating (each against 2 x STREET_K neighbours)
-
-
 def calibrate_verification(data: RevisitSet, rows, winners, space) -> dict:
     """The inlier count at or above which a spatially verified neighbour (geoindex.verification) is the GPS
     answer, at street level: the lowest at which such answers are within 25 m STREET_PRECISION of the time on
@@ -410,10 +409,12 @@ def calibrate_verification(data: RevisitSet, rows, winners, space) -> dict:
     if len(rows) > VERIFY_SAMPLE:
         take = np.sort(np.random.default_rng(0).choice(len(rows), VERIFY_SAMPLE, replace=False))
     paths = data.table["path"].to_numpy()
+    shortlists = [data.neighbours(rows[take], STREET_K, space, gallery)[1] for _, gallery in GALLERIES]
+    # both shortlists of a photo in one pass: its features and the neighbours they share are computed once
+    inliers = verifier.shortlist_inliers(list(paths[rows[take]]), np.concatenate(shortlists, axis=1), paths)
     counts, metres = [], []
-    for g, (_, gallery) in enumerate(GALLERIES):
-        _, ids = data.neighbours(rows[take], STREET_K, space, gallery)
-        chosen, best, _ = verified_neighbours(verifier, paths[rows[take]], ids, paths, data.labels,
+    for g, ids in enumerate(shortlists):
+        chosen, best, _ = verified_neighbours(inliers[:, g * STREET_K:(g + 1) * STREET_K], ids, data.labels,
                                               winners[g * len(rows) + take])
         counts.append(best)
         metres.append(haversine_km(data.lat[rows[take]], data.lon[rows[take]], _at(chosen, data.lat, np.nan),
@@ -465,8 +466,9 @@ def revisit_report(index, knn, split: str = "test") -> dict:
         verifier = shared_verifier()
         if verifier is not None:
             paths = data.table["path"].to_numpy()
-            chosen, counts, _ = verified_neighbours(verifier, paths[rows], ids[:, :STREET_K], paths, data.labels,
-                                                    winners)
+            shortlist = ids[:, :STREET_K]
+            chosen, counts, _ = verified_neighbours(verifier.shortlist_inliers(list(paths[rows]), shortlist, paths),
+                                                    shortlist, data.labels, winners)
             verified = verified_mask(counts, street["verify"])
             final = np.where(verified[:, None], np.column_stack([_at(chosen, data.lat, np.nan),
                                                                  _at(chosen, data.lon, np.nan)]), final)

@@ -157,7 +157,7 @@ def tune_hybrid(index, log=print) -> dict | None:
         return None
     val = Photos.of_split(index, "val")
     knn = index.knn_method()
-    parts = {"knn": knn.predict(val).probs, "classifier": classifier.predict(val).probs}
+    parts = {"knn": knn.predict_proba(val), "classifier": classifier.predict_proba(val)}
     hybrid = HybridMethod(index, [knn, classifier])
     hybrid.fit(val)
     from .methods.hybrid import fuse

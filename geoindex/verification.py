@@ -13,16 +13,17 @@ verified and answers stay as the embeddings give them.
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 
 import numpy as np
 
-RATIO = 0.85            # Lowe's ratio test
+RATIO = 0.85            # Lowe's ratio test, looser than his 0.8: seasons and years apart, true matches are weaker
 RANSAC_PX = 5.0         # homography reprojection error, in pixels of the photo as read
 SIFT_FEATURES = 1000
 MAX_SIDE = 640          # larger photos are shrunk first: keypoints at street-view scale, bounded time
-CACHE_PHOTOS = 4096     # indexed photos whose features stay in memory (float16, at most ~250 KB each)
+CACHE_PHOTOS = 1024     # indexed photos whose features stay in memory (float16: at most 256 KB each, ~80 KB at 224 px)
 
 
 def opencv():
@@ -72,14 +73,14 @@ class Verifier:
                 elif not hasattr(source, "convert"):
                     source = load_image(source, MAX_SIDE)
                 image = np.asarray(source.convert("L"))
-        except (ImageError, OSError, ValueError):
+        except (ImageError, OSError, ValueError, cv2.error):
             return None
         if image is None or image.size == 0:
             return None
         side = max(image.shape[:2])
         if side > MAX_SIDE:
             scale = MAX_SIDE / side
-            image = cv2.resize(image, (round(image.shape[1] * scale), round(image.shape[0] * scale)),
+            image = cv2.resize(image, (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))),
                                interpolation=cv2.INTER_AREA)
         return np.ascontiguousarray(image, dtype=np.uint8)
 
@@ -88,7 +89,15 @@ class Verifier:
         too few keypoints to fit a homography."""
         if source is None:
             return None
-        key = str(source) if isinstance(source, str) or hasattr(source, "__fspath__") else None
+        if isinstance(source, LocalFeatures):  # computed already (the service does it beside decoding)
+            return source.found
+        key = None
+        if isinstance(source, str) or hasattr(source, "__fspath__"):
+            try:  # a file rewritten in place (an index rebuilt over new photos) is read again
+                stat = os.stat(source)
+                key = (os.fspath(source), stat.st_mtime_ns, stat.st_size)
+            except OSError:
+                return None
         if key is not None:
             with self._lock:
                 if key in self._cache:
@@ -97,7 +106,10 @@ class Verifier:
         image = self._grey(source)
         found = None
         if image is not None:
-            points, descriptors = self._tools()[0].detectAndCompute(image, None)
+            try:
+                points, descriptors = self._tools()[0].detectAndCompute(image, None)
+            except self.cv2.error:  # an image OpenCV cannot work on (too small for its pyramid): not verified
+                points, descriptors = (), None
             if descriptors is not None and len(descriptors) >= 4:
                 descriptors = np.sqrt(descriptors / (descriptors.sum(1, keepdims=True) + 1e-7))
                 found = (np.float32([p.pt for p in points]), descriptors.astype(np.float16))
@@ -117,9 +129,13 @@ class Verifier:
         good = [m[0] for m in matches if len(m) == 2 and m[0].distance < RATIO * m[1].distance]
         if len(good) < 5:
             return 0
-        self.cv2.setRNGSeed(0)  # RANSAC's samples: the same pair gives the same count, in `query` and the service
-        _, mask = self.cv2.findHomography(points_a[[g.queryIdx for g in good]], points_b[[g.trainIdx for g in good]],
-                                          self.cv2.RANSAC, RANSAC_PX)
+        # OpenCV's RANSAC draws its samples from a generator of its own with a fixed seed: a pair always gives the
+        # same count, in `query` and in the service
+        try:
+            _, mask = self.cv2.findHomography(points_a[[g.queryIdx for g in good]],
+                                              points_b[[g.trainIdx for g in good]], self.cv2.RANSAC, RANSAC_PX)
+        except self.cv2.error:
+            return 0
         return int(np.count_nonzero(mask)) if mask is not None else 0
 
     def shortlist_inliers(self, queries: list, candidates: np.ndarray, paths) -> np.ndarray:
@@ -151,5 +167,14 @@ def shared_verifier() -> Verifier | None:
 
 def best_verified(inliers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(column, inlier count) of each row's best-verified candidate; ties go to the search's earlier one."""
-    column = np.argmax(inliers, axis=1) if inliers.size else np.zeros(len(inliers), dtype=np.int64)
-    return column, inliers[np.arange(len(inliers)), column] if inliers.size else np.zeros(len(inliers), np.int32)
+    if not inliers.size:
+        return np.zeros(len(inliers), dtype=np.int64), np.zeros(len(inliers), dtype=np.int32)
+    column = np.argmax(inliers, axis=1)  # the first of equal counts
+    return column, inliers[np.arange(len(inliers)), column]
+
+
+class LocalFeatures:
+    """A photo's features computed ahead of the search (Verifier.features' result), to be used as its source."""
+
+    def __init__(self, found):
+        self.found = found

@@ -27,8 +27,8 @@ VERIFY = {"inliers": 15, "k": 10, "radius_m": 7.0, "val_share": 0.13, "val_preci
 
 
 def scene(name: str) -> Image.Image:
-    import skimage.data
-    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+    skimage_data = pytest.importorskip("skimage.data")
+    return Image.fromarray(getattr(skimage_data, name)()).convert("RGB")
 
 
 def crop(image: Image.Image, box, size=224) -> Image.Image:
@@ -63,10 +63,35 @@ def test_inliers_tell_another_view_of_a_scene_from_an_unrelated_one(tmp_path):
                                         [str(tmp_path / "a.jpg"), str(tmp_path / "c.jpg")])
     assert counts[0, 1] == verifier.inliers(b, a) >= 30 and counts[0, 2] == 0
     assert counts[0, 0] == verifier.inliers(b, c) < 15
-    assert verifier.inliers(a, b) == same, "RANSAC is seeded: a pair always gives the same count"
     assert best_verified(counts)[0].tolist() == [1]
     # ties go to the search's earlier neighbour
     assert best_verified(np.array([[3, 9, 9], [0, 0, 0]]))[0].tolist() == [1, 0]
+    assert [len(x) for x in best_verified(np.zeros((0, 10), dtype=np.int32))] == [0, 0]
+
+
+def test_odd_photos_are_left_unverified_without_an_error(tmp_path):
+    verifier = Verifier()
+    Image.new("RGB", (1, 2000), (90, 90, 90)).save(tmp_path / "thin.png")  # shrinks to under a pixel wide
+    Image.new("RGB", (3, 3)).save(tmp_path / "tiny.png")
+    Image.new("RGBA", (300, 200), (10, 200, 30, 128)).save(tmp_path / "flat.png")  # no keypoint at all
+    for name in ("thin.png", "tiny.png", "flat.png"):
+        assert verifier.features(tmp_path / name) is None, name
+    assert verifier.features((tmp_path / "thin.png").read_bytes()) is None
+    assert verifier.features(np.zeros((1, 1), dtype=np.uint8)) is None
+
+
+def test_a_verified_photo_counts_only_in_the_city_the_vote_chose():
+    from geoindex.revisit import verified_mask, verified_neighbours
+    inliers = np.array([[5, 40, 20], [0, 0, 0], [30, 0, 0]], dtype=np.int32)
+    ids = np.array([[7, 3, 9], [1, 2, -1], [4, -1, -1]])
+    labels = np.zeros(10, dtype=np.int64)
+    labels[3] = 1  # the 40-inlier photo lies in the other city
+    chosen, counts, column = verified_neighbours(inliers, ids, labels, winners=np.array([0, 0, 0]))
+    assert chosen.tolist() == [3, 1, 4] and column.tolist() == [1, 0, 0] and counts.tolist() == [-1, 0, 30]
+    assert verified_mask(counts, {"inliers": 15}).tolist() == [False, False, True]
+    assert not verified_mask(counts, {"inliers": None}).any() and not verified_mask(counts, None).any()
+    chosen, counts, _ = verified_neighbours(inliers, ids, labels, winners=np.array([1, 0, 0]))
+    assert counts.tolist() == [40, 0, 30]
 
 
 def test_the_inlier_threshold_is_the_lowest_that_keeps_val_answers_precise_and_moves_ties_whole(monkeypatch):

@@ -46,7 +46,7 @@ class HybridMethod(Method):
         self.classes = index.classes
 
     def fit(self, val: Photos) -> "HybridMethod":
-        weights, acc = choose_weights([p.predict(val).probs for p in self.parts], val.labels)
+        weights, acc = choose_weights([p.predict_proba(val) for p in self.parts], val.labels)
         self.weights_, self.tuned_on_, self.val_accuracy_ = weights, val.name, acc
         self.best_params_ = {"weights": dict(zip([p.name for p in self.parts], weights)), "val_accuracy": acc,
                              "tuned_on": val.name}

@@ -142,6 +142,12 @@ class KNNMethod(Method):
         probs = vote(labels[:, :k], sims[:, :k], len(self.classes), vote_method, temperature)
         return break_ties(probs, labels[:, 0])
 
+    def predict_proba(self, photos: Photos) -> np.ndarray:
+        """The vote's city probabilities alone: no GPS answer, so no spatial verification (tuning on val)."""
+        s = self.settings
+        sims, _, labels = self.neighbours(photos)
+        return self._probs(sims, labels, s.k, s.vote, s.temperature)
+
     def predict(self, photos: Photos) -> Answer:
         from ..revisit import STREET_K, city_answers, gps_answers, street_answers
 
@@ -165,7 +171,7 @@ class KNNMethod(Method):
         radius = np.where(at_street, street.get("radius_m") or np.nan, street.get("city_radius_m") or np.nan)
         verify = street.get("verify") or {}
         if verify.get("inliers") is not None and len(sims):
-            verified = self._verified(photos, verify, extra, train_labels, probs.argmax(1))
+            verified = self._verified(photos, verify, extra, train_labels, probs.argmax(1), lats, lons)
             if verified is not None:
                 spot, inliers = verified
                 at = np.clip(spot, 0, None)
@@ -181,10 +187,10 @@ class KNNMethod(Method):
                       extra={"similarities": sims, "ids": ids, "unlike": unlike,
                              "gps_level": np.where(at_street, "street", "city"), "gps_radius_m": radius, **extra})
 
-    def _verified(self, photos: Photos, verify: dict, extra: dict, train_labels, winners):
+    def _verified(self, photos: Photos, verify: dict, extra: dict, train_labels, winners, lats, lons):
         """Spatial verification of the street space's first neighbours (geoindex.verification): (the verified
         train row per photo, -1 where none holds verify["inliers"], and its inlier count), or None without
-        OpenCV. Only a photo of the city the vote chose counts, as for the street cluster. Where a photo is
+        OpenCV. Only a located photo of the city the vote chose counts, as for the street cluster. Where one is
         verified, `extra`'s street cluster becomes that one photo: the answer's basis."""
         from ..revisit import STREET_K, verified_mask, verified_neighbours
         from ..verification import shared_verifier
@@ -193,18 +199,23 @@ class KNNMethod(Method):
         if verifier is None:
             return None
         sims, ids = self.street_neighbours(photos, STREET_K)  # the neighbours the cluster is found among
-        sources = photos.sources if photos.verify_sources is None else photos.verify_sources
-        chosen, counts, column = verified_neighbours(verifier, sources, ids,
-                                                     self.index.train_meta["path"].to_numpy(), train_labels, winners)
+        space = self.settings.street_whitening
+        key = ("street-inliers", None if space is None else (space.dims, space.power))
+        if key not in photos.cache:  # a hybrid answer asks kNN again for the same photos
+            sources = photos.sources if photos.verify_sources is None else photos.verify_sources
+            photos.cache[key] = verifier.shortlist_inliers(list(sources), ids, self.index.train_meta["path"].to_numpy())
+        chosen, counts, column = verified_neighbours(photos.cache[key], ids, train_labels, winners)
         rows = np.arange(len(ids))
-        spot = np.where(verified_mask(counts, verify), chosen, -1)
+        located = np.isfinite(lats[np.clip(chosen, 0, None)]) & np.isfinite(lons[np.clip(chosen, 0, None)])
+        spot = np.where(verified_mask(counts, verify) & located, chosen, -1)
         if (spot >= 0).any():
             only = np.zeros(ids.shape, dtype=bool)
             only[rows, column] = True
             members = extra.get("street_members", np.zeros(ids.shape, dtype=bool))
             extra |= {"street_members": np.where((spot >= 0)[:, None], only, members), "street_ids": ids,
                       "street_similarities": sims}
-            extra.setdefault("gps_support", np.full(len(ids), np.nan))
+            support = extra.get("gps_support", np.full(len(ids), np.nan))
+            extra["gps_support"] = np.where(spot >= 0, np.nan, support)  # the answer is no cluster's share
         return spot, np.where(spot >= 0, counts, 0)
 
     def fit(self, val: Photos) -> "KNNMethod":

@@ -29,6 +29,7 @@ from pathlib import Path
 from ..config import ServeConfig
 from ..jsonio import jsonable
 from ..layout import MANIFEST
+from ..verification import LocalFeatures, shared_verifier
 from .batching import MicroBatcher, QueueFull
 from .uploads import (MULTIPART_OVERHEAD, ByteBudget, ClientGone, Costly, UploadError, decode_image, read_body,
                       split_uploads)
@@ -84,7 +85,6 @@ class Snapshot:
         self.classifier_mode = getattr(classifier, "mode", None) if classifier is not None else None
         knn = index.knn_method()
         self.k_default = knn.k
-        # spatial verification reads the upload as `geoindex query` reads a file, not the model input
         self.verifies = ((knn.settings.street or {}).get("verify") or {}).get("inliers") is not None
         self.loaded_at = time.time()
         self.thumbnail = lru_cache(maxsize=1024)(self._thumbnail)
@@ -250,12 +250,19 @@ class Locator:
 
     # ------------------------------------------------------------------ answering
     def _decode(self, snapshot: Snapshot, data: bytes, costly_ok: bool):
-        """Upload -> the model's uint8 input tensor (decoded, resized and cropped), Costly, or why not."""
+        """Upload -> the model's uint8 input tensor (decoded, resized and cropped), with the photo's local features
+        where the index verifies street answers; Costly, or why not."""
         try:
-            return snapshot.transform(decode_image(data, self.max_pixels, snapshot.transform.resize_size,
-                                                   self.max_unscaled_pixels, costly_ok))
+            tensor = snapshot.transform(decode_image(data, self.max_pixels, snapshot.transform.resize_size,
+                                                     self.max_unscaled_pixels, costly_ok))
         except (UploadError, Costly) as exc:
             return exc
+        if not snapshot.verifies:
+            return tensor
+        # the local features, in the decoding lane rather than the model's thread, from the upload's bytes decoded
+        # as `geoindex query` decodes a file: both verify the same pixels
+        verifier = shared_verifier()
+        return tensor, LocalFeatures(verifier.features(data) if verifier is not None else None)
 
     async def decode(self, snapshot: Snapshot, data: bytes):
         """Decode on the ordinary lane; a photo found costly from its header goes to the lane of its own kind."""
@@ -300,8 +307,6 @@ class Locator:
                 raise
             finally:
                 self.decoding -= 1
-            if snapshot.verifies:  # verification decodes the upload's bytes as `geoindex query` decodes a file
-                tensor = (tensor, upload.data)
             decode_ms = round((time.perf_counter() - started) * 1000, 2)
             answer, timing = await self.batcher(tensor, (snapshot, k))
             answer = dict(answer, source=upload.filename)

@@ -297,11 +297,15 @@ async function init() {
 
 init();
 
-// Street level when a cluster of indexed photos within 25 m of each other carries the vote, else a city-level guess.
+// Street level when a cluster of indexed photos within 25 m of each other carries the vote, or when spatial
+// verification matched the photo to one indexed photo (gps.inliers); else a city-level guess.
 function gpsLevel(gps) {
   const radius = gps.radius_m == null ? ""
     : gps.radius_m >= 1000 ? `, 80% of val answers within ${(gps.radius_m / 1000).toFixed(1)} km`
     : `, 80% of val answers within ${Math.round(gps.radius_m)} m`;
+  if (gps.level === "street" && gps.inliers) {
+    return ` (street level: an indexed photo shares ${gps.inliers} matched points with it${radius})`;
+  }
   if (gps.level === "street") {
     const n = (gps.cluster || []).length;
     return ` (street level: ${n} indexed photo${n === 1 ? "" : "s"} of this spot${radius})`;
