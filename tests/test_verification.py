@@ -201,3 +201,27 @@ def test_the_service_verifies_an_upload_as_query_verifies_the_file(gallery):
     assert gps["level"] == "street" and gps["inliers"] == expected["inliers"], (gps, expected)
     assert (gps["lat"], gps["lon"]) == (expected["lat"], expected["lon"])
     assert [member["row"] for member in gps["cluster"]] == [member["row"] for member in expected["cluster"]]
+
+
+def test_probabilities_alone_never_pay_for_verification(gallery, monkeypatch):
+    import geoindex.verification
+    from geoindex.methods import Photos
+
+    home, rows, queries = gallery
+    index = load_index("gal", home, device="cpu")
+    try:
+        knn = index.knn_method()
+        photo = str(queries / "revisit.jpg")
+        photos = Photos(index.backbone.embed([photo]), [photo])
+        verified = knn.predict(photos)
+        assert verified.extra["gps_level"][0] == "street" and verified.extra["gps_inliers"][0] >= VERIFY["inliers"]
+
+        def refuse():
+            raise AssertionError("verification ran for probabilities alone")
+        monkeypatch.setattr(geoindex.verification, "shared_verifier", refuse)
+        fresh = Photos(photos.embeddings, [photo])
+        assert np.allclose(knn.predict_proba(fresh), verified.probs)  # tuning on val reads only these
+        with pytest.raises(AssertionError, match="verification ran"):
+            knn.predict(fresh)
+    finally:
+        index.close()

@@ -6,6 +6,7 @@ Anything a method tunes (`fit`) is tuned on the validation split and records tha
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -27,6 +28,7 @@ class Photos:
     name: str = "query"
     cache: dict = field(default_factory=dict)
     verify_sources: list | None = None  # what spatial verification reads, where sources are model inputs
+    locate: bool = True  # False: only the probabilities are read, so GPS work that costs (verification) is skipped
 
     def __len__(self) -> int:
         return len(self.embeddings)
@@ -53,7 +55,7 @@ class Photos:
                       None if self.labels is None else self.labels[rows],
                       None if self.coords is None else self.coords[rows], self.name,
                       {k: v[rows] for k, v in self.cache.items() if isinstance(v, np.ndarray)},
-                      None if self.verify_sources is None else [self.verify_sources[i] for i in rows])
+                      None if self.verify_sources is None else [self.verify_sources[i] for i in rows], self.locate)
 
     @property
     def all_paths(self) -> bool:
@@ -111,7 +113,7 @@ class Method:
         raise NotImplementedError
 
     def predict_proba(self, photos: Photos) -> np.ndarray:
-        return self.predict(photos).probs
+        return self.predict(dataclasses.replace(photos, locate=False)).probs  # the same cache, no costly GPS work
 
 
 def city_centres(train_meta, classes: list[str]) -> np.ndarray:

@@ -142,12 +142,6 @@ class KNNMethod(Method):
         probs = vote(labels[:, :k], sims[:, :k], len(self.classes), vote_method, temperature)
         return break_ties(probs, labels[:, 0])
 
-    def predict_proba(self, photos: Photos) -> np.ndarray:
-        """The vote's city probabilities alone: no GPS answer, so no spatial verification (tuning on val)."""
-        s = self.settings
-        sims, _, labels = self.neighbours(photos)
-        return self._probs(sims, labels, s.k, s.vote, s.temperature)
-
     def predict(self, photos: Photos) -> Answer:
         from ..revisit import STREET_K, city_answers, gps_answers, street_answers
 
@@ -170,7 +164,7 @@ class KNNMethod(Method):
                      "street_similarities": found["similarities"]}
         radius = np.where(at_street, street.get("radius_m") or np.nan, street.get("city_radius_m") or np.nan)
         verify = street.get("verify") or {}
-        if verify.get("inliers") is not None and len(sims):
+        if verify.get("inliers") is not None and len(sims) and photos.locate:
             verified = self._verified(photos, verify, extra, train_labels, probs.argmax(1), lats, lons)
             if verified is not None:
                 spot, inliers = verified
