@@ -195,6 +195,8 @@ def _knn_summary(params: dict) -> str:
            "city-level GPS (not calibrated)")
     if (street.get("verify") or {}).get("inliers") is not None:
         gps += f", spatial verification at {street['verify']['inliers']} inliers"
+    if (street.get("rerank") or {}).get("weight"):
+        gps += f", dense re-scoring at weight {street['rerank']['weight']:g}"
     return (f"its kNN settings (k={params.get('k')}, {params.get('vote')} vote, {space}, unlike threshold, {gps}); "
             "their spaces rebuilt over the new photos")
 

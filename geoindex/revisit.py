@@ -49,6 +49,8 @@ RADIUS_QUANTILE = 0.8
 ERROR_THRESHOLDS_M = (25, 100, 1000)
 CALIBRATION_SAMPLE = 5000
 VERIFY_SAMPLE = 1000  # val photos verified when calibrating (each against 2 x STREET_K neighbours)
+RERANK_SAMPLE = 1000  # at most this many val photos calibrate the street answer once dense matching re-scores it
+RERANK_WEIGHTS = (0.0, 0.03, 0.1, 0.3, 1.0)  # dense inliers / 100 added to a street neighbour's similarity
 RULE = ("query: a dated photo of this split that has a capture of another date within 25 m and is the newest capture "
         "within 25 m of itself; gallery: every dated photo of the index (all splits) except the query and photos of "
         "its capture month")
@@ -289,13 +291,19 @@ def _quantile(values) -> float | None:
 GALLERIES = (("held", None), ("open", ("train",)))  # train + val photos; train photos only (what `query` searches)
 
 
-def space_calibration(data: RevisitSet, rows, winners, space):
-    """One street space on val rows asked against both GALLERIES: (threshold or None, street answers it makes,
-    support (-inf where the cluster is not in the winning city), error in metres, within 25 m), both galleries
-    concatenated."""
-    found = [street_answers(*data.neighbours(rows, STREET_K, space, gallery), data.lat, data.lon, -np.inf,
-                            data.labels, winners[i * len(rows):(i + 1) * len(rows)])
-             for i, (_, gallery) in enumerate(GALLERIES)]
+def street_shortlists(data: RevisitSet, rows, space) -> list:
+    """(similarities, table ids) of the first STREET_K neighbours of val rows in a street space, per GALLERIES."""
+    return [data.neighbours(rows, STREET_K, space, gallery) for _, gallery in GALLERIES]
+
+
+def space_calibration(data: RevisitSet, rows, winners, space, shortlists=None):
+    """One street space on val rows asked against both GALLERIES (or the given street_shortlists, re-scored):
+    (threshold or None, street answers it makes, support (-inf where the cluster is not in the winning city),
+    error in metres, within 25 m), both galleries concatenated."""
+    shortlists = shortlists or street_shortlists(data, rows, space)
+    found = [street_answers(sims, ids, data.lat, data.lon, -np.inf, data.labels,
+                            winners[i * len(rows):(i + 1) * len(rows)])
+             for i, (sims, ids) in enumerate(shortlists)]
     centre = np.concatenate([f["centre"] for f in found])
     eligible = np.concatenate([f["in_city"] for f in found])
     support = np.where(eligible, np.concatenate([f["support"] for f in found]), -np.inf)
@@ -314,6 +322,59 @@ def val_winners(data: RevisitSet, rows, knn):
         city.append(coords)
         winners.append(won)
     return np.concatenate(city), np.concatenate(winners)
+
+
+def rerank_street(sims, ids, inliers, weight: float):
+    """The street shortlist re-scored by dense matching: each neighbour's similarity plus weight x its dense
+    inliers / 100, re-sorted (equal scores keep the search's order; missing neighbours, -1, stay last)."""
+    fused = np.where(ids >= 0, sims + weight * inliers / 100.0, -np.inf).astype(np.float32)
+    order = np.argsort(-fused, axis=1, kind="stable")
+    return np.take_along_axis(fused, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def dense_inliers(matcher, sources, ids, paths) -> np.ndarray:
+    """Dense-matching inliers (Q, STREET_K) between photos (paths, images or LocalFeatures) and their street
+    neighbours (ids into paths, -1 for none)."""
+    return matcher.shortlist_inliers(list(sources), ids[:, :STREET_K], paths)
+
+
+def calibrate_rerank(data: RevisitSet, rows, winners, space) -> tuple[dict, np.ndarray, list | None]:
+    """How much dense matching (geoindex.verification.DenseMatcher) re-scores the street shortlist: the weight in
+    RERANK_WEIGHTS (0: not at all) under which the street answer covers the most val photos at STREET_PRECISION,
+    then puts the most within 25 m (the rule the street space is chosen by), on at most RERANK_SAMPLE val photos
+    asked against both GALLERIES. Returns (the JSON-able choice, the sample's positions in rows, the re-scored
+    shortlists per gallery, or None where the search's order stands)."""
+    from .verification import DenseMatcher, dense_unavailable, shared_dense_matcher
+
+    matcher = shared_dense_matcher()
+    out = {"weight": None, "k": STREET_K, "matcher": DenseMatcher.name}
+    if matcher is None:
+        return out | {"note": f"{dense_unavailable()}: the street shortlist is not re-scored"}, None, None
+    take = np.arange(len(rows))
+    if len(rows) > RERANK_SAMPLE:
+        take = np.sort(np.random.default_rng(0).choice(len(rows), RERANK_SAMPLE, replace=False))
+    rows, winners = rows[take], winners[np.concatenate([take, take + len(winners) // 2])]
+    paths = data.table["path"].to_numpy()
+    shortlists = street_shortlists(data, rows, space)
+    # both shortlists of a photo in one pass: its features and the neighbours they share are computed once
+    inliers = matcher.shortlist_inliers(list(paths[rows]), np.concatenate([ids for _, ids in shortlists], axis=1),
+                                        paths)
+    inliers = [inliers[:, g * STREET_K:(g + 1) * STREET_K] for g in range(len(shortlists))]
+    tried, best = {}, None
+    for weight in RERANK_WEIGHTS:
+        scored = [rerank_street(sims, ids, found, weight) for (sims, ids), found in zip(shortlists, inliers)]
+        _, covered, _, _, hits = space_calibration(data, rows, winners, space, scored)
+        first = recall_within(scored[0][1], data.lat, data.lon, rows)["r@1_25m"]  # against train + val photos
+        key = (covered, float(hits[:len(rows)].mean()))
+        tried[f"{weight:g}"] = {"street_answers": int(covered), "cluster_within_25m": key[1],
+                                "first_within_25m": first}
+        if best is None or key > best[0]:
+            best = (key, weight, scored)
+    _, weight, scored = best
+    out |= {"n_val": int(len(rows)), "tried": tried}
+    if weight == 0:
+        return out | {"note": "re-scoring by dense matching did not help on val"}, take, None
+    return out | {"weight": float(weight)}, take, scored
 
 
 def calibrate_street(index, knn, fitted=None) -> tuple[dict, object]:
@@ -349,13 +410,22 @@ def calibrate_street(index, knn, fitted=None) -> tuple[dict, object]:
             best = (key, space, threshold, support, street_m, hits)
     (covered, hit_rate), space, threshold, support, street_m, hits = best
     base["space"] = None if space is None else {"dims": int(space.dims), "power": float(space.power)}
+    base["rerank"], take, shortlists = calibrate_rerank(data, rows, winners, space)
+    if shortlists is not None:  # re-scored on a sample of val: every threshold below is set on the same photos
+        both = np.concatenate([take, take + len(rows)])  # each val photo is asked against both galleries
+        rows, winners, city = rows[take], winners[both], city[both]
+        true_lat, true_lon = np.tile(data.lat[rows], 2), np.tile(data.lon[rows], 2)
+        city_m = haversine_km(true_lat, true_lon, city[:, 0], city[:, 1]) * 1000
+        threshold, covered, support, street_m, hits = space_calibration(data, rows, winners, space, shortlists)
+        hit_rate = float(hits[:len(rows)].mean())
+        base["n_val"] = int(len(rows))
     base["val_cluster_within_25m"] = hit_rate
     spot_threshold, moved, at_street = spot_calibration(support, threshold, street_m, city_m)
     at_spot = spot_mask(at_street, np.isfinite(support), support, spot_threshold)
     city_level_m = np.where(at_spot, street_m, city_m)[~at_street]
     base |= {"spot_threshold": spot_threshold, "city_radius_m": _quantile(city_level_m),
              "val_city_level_at_spot": moved / max(1, int((~at_street).sum()))}
-    base["verify"] = calibrate_verification(data, rows, winners, space)
+    base["verify"] = calibrate_verification(data, rows, winners, space, shortlists)
     if threshold is None:
         return base | {"note": f"no support threshold makes street-level answers within {SPOT_M:g} m "
                                f"{STREET_PRECISION:.0%} of the time on val: every answer is city level"}, space
@@ -394,7 +464,7 @@ def inliers_threshold(counts, hits) -> int | None:
     return chosen
 
 
-def calibrate_verification(data: RevisitSet, rows, winners, space) -> dict:
+def calibrate_verification(data: RevisitSet, rows, winners, space, shortlists=None) -> dict:
     """The inlier count at or above which a spatially verified neighbour (geoindex.verification) is the GPS
     answer, at street level: the lowest at which such answers are within 25 m STREET_PRECISION of the time on
     val, asked against both GALLERIES like the street threshold, a verified photo counting only in the city the
@@ -409,7 +479,8 @@ def calibrate_verification(data: RevisitSet, rows, winners, space) -> dict:
     if len(rows) > VERIFY_SAMPLE:
         take = np.sort(np.random.default_rng(0).choice(len(rows), VERIFY_SAMPLE, replace=False))
     paths = data.table["path"].to_numpy()
-    shortlists = [data.neighbours(rows[take], STREET_K, space, gallery)[1] for _, gallery in GALLERIES]
+    shortlists = ([ids[take] for _, ids in shortlists] if shortlists is not None
+                  else [ids for _, ids in street_shortlists(data, rows[take], space)])
     # both shortlists of a photo in one pass: its features and the neighbours they share are computed once
     inliers = verifier.shortlist_inliers(list(paths[rows[take]]), np.concatenate(shortlists, axis=1), paths)
     counts, metres = [], []
@@ -456,6 +527,18 @@ def revisit_report(index, knn, split: str = "test") -> dict:
     city, winners = city_answers(knn, city_sims, city_ids, data.lat, data.lon, data.labels, with_winners=True)
     knn_recall = recall(knn.settings.whitening)[0]
     street_recall, sims, ids = recall(street_space)
+    search_recall = None
+    weight = (street.get("rerank") or {}).get("weight")
+    if weight:
+        from .verification import shared_dense_matcher
+
+        matcher = shared_dense_matcher()
+        if matcher is not None:  # as `query` answers: the first STREET_K re-scored by dense matching
+            paths = data.table["path"].to_numpy()
+            head = rerank_street(sims[:, :STREET_K], ids[:, :STREET_K],
+                                 dense_inliers(matcher, paths[rows], ids, paths), weight)
+            sims, ids = np.hstack([head[0], sims[:, STREET_K:]]), np.hstack([head[1], ids[:, STREET_K:]])
+            search_recall, street_recall = street_recall, recall_within(ids, data.lat, data.lon, rows)
     cluster = street_answers(sims, ids, data.lat, data.lon, street.get("threshold"), data.labels, winners)
     final = gps_answers(city, cluster, street.get("spot_threshold"))
     at_street = cluster["street"]
@@ -481,6 +564,7 @@ def revisit_report(index, knn, split: str = "test") -> dict:
         "street_space": None if street_space is None else {"dims": int(street_space.dims),
                                                            "power": float(street_space.power)},
         "recall": street_recall, "recall_knn_space": knn_recall,
+        **({"recall_before_rescoring": search_recall} if search_recall is not None else {}),
         "gps": {"city": error_figures(city, true_lat, true_lon),
                 "cluster": error_figures(cluster["centre"], true_lat, true_lon),
                 "answer": error_figures(final, true_lat, true_lon),

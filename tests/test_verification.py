@@ -111,14 +111,12 @@ def test_the_inlier_threshold_is_the_lowest_that_keeps_val_answers_precise_and_m
     assert revisit.inliers_threshold(counts, hits) is None
 
 
-@pytest.fixture(scope="module")
-def gallery(tmp_path_factory):
+def build_gallery(base: Path, street: dict):
     """A source index (tiny CNN) and a gallery of textured photos built `--features-from` it, every photo at its
-    own spot in London; the gallery's street calibration as val would leave it: no cluster answers at street level,
-    spatial verification at 15 inliers."""
+    own spot in London, with `street` as the gallery's street calibration; queries: another view of the third
+    scene, and a scene the gallery does not hold. (indexes folder, gallery rows, queries folder)"""
     from conftest import build_cnn_index
 
-    base = tmp_path_factory.mktemp("verify")
     source = make_synthetic_gsv(base / "GSV", cities=("Barcelona", "London"), places_per_city=4, images_per_place=2,
                                 image_size=(40, 32))
     home = base / "indexes"
@@ -141,14 +139,20 @@ def gallery(tmp_path_factory):
     params_file.parent.mkdir(parents=True, exist_ok=True)
     build_id = json.loads((home / "gal" / "manifest.json").read_text())["build_id"]
     params_file.write_text(json.dumps({"k": 3, "vote": "softmax", "temperature": 0.05, "tuned_on": "val",
-                                       "build_id": build_id,
-                                       "street": {"threshold": None, "spot_threshold": None, "radius_m": None,
-                                                  "city_radius_m": 4000.0, "verify": VERIFY}}))
-    # queries: another view of the third scene, and a scene the gallery does not hold
+                                       "build_id": build_id, "street": street}))
     (base / "queries").mkdir()
     crop(scene(SCENES[2]), (0.1, 0.05, 0.9, 0.85), size=256).save(base / "queries" / "revisit.jpg", quality=80)
     crop(scene(UNRELATED), (0.0, 0.0, 0.8, 0.8)).save(base / "queries" / "elsewhere.jpg")
     return home, rows, base / "queries"
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory):
+    """build_gallery's, calibrated as val would leave it: no cluster answers at street level, spatial
+    verification at 15 inliers."""
+    return build_gallery(tmp_path_factory.mktemp("verify"), {"threshold": None, "spot_threshold": None,
+                                                             "radius_m": None, "city_radius_m": 4000.0,
+                                                             "verify": VERIFY})
 
 
 def test_query_answers_at_the_verified_photos_spot_at_street_level(gallery):

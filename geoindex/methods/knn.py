@@ -101,17 +101,44 @@ class KNNMethod(Method):
         return self._street_index
 
     def street_neighbours(self, photos: Photos, k: int):
-        """(similarities, train row ids) of the k nearest train photos in the street space, cached per set."""
+        """(similarities, train row ids) of the k nearest train photos in the street space, cached per set. Where
+        the street calibration re-scores them by dense matching (`street["rerank"]`) and the photos are being
+        located, the first STREET_K come re-scored and re-sorted (`revisit.rerank_street`)."""
+        from ..revisit import STREET_K
+
         space = self.settings.street_whitening
-        key = ("street-neighbours", None if space is None else (space.dims, space.power))
+        space_key = None if space is None else (space.dims, space.power)
+        key = ("street-neighbours", space_key)
         cached = photos.cache.get(key)
-        if cached is None or cached[0].shape[1] < k:
+        if cached is None or cached[0].shape[1] < max(k, STREET_K):
             if space is None:
-                cached = self.index.search(photos.embeddings, k)
+                cached = self.index.search(photos.embeddings, max(k, STREET_K))
             else:
-                cached = self.street_index.search(space(photos.embeddings), min(k, self.street_index.ntotal))
+                cached = self.street_index.search(space(photos.embeddings),
+                                                  min(max(k, STREET_K), self.street_index.ntotal))
             photos.cache[key] = cached
+        weight = (((self.settings.street or {}).get("rerank")) or {}).get("weight")
+        if weight and photos.locate and len(cached[0]):
+            rescored = ("street-rescored", space_key)
+            if rescored not in photos.cache:
+                photos.cache[rescored] = self._rescored(photos, cached, weight)
+            cached = photos.cache[rescored]
         return cached[0][:, :k], cached[1][:, :k]
+
+    def _rescored(self, photos: Photos, found, weight: float):
+        """The search's street neighbours with the first STREET_K re-scored by dense matching (unchanged without
+        OpenCV or the matcher's weights)."""
+        from ..revisit import STREET_K, dense_inliers, rerank_street
+        from ..verification import shared_dense_matcher
+
+        matcher = shared_dense_matcher()
+        if matcher is None:
+            return found
+        sims, ids = found
+        sources = photos.sources if photos.verify_sources is None else photos.verify_sources
+        inliers = dense_inliers(matcher, sources, ids, self.index.train_meta["path"].to_numpy())
+        head = rerank_street(sims[:, :STREET_K], ids[:, :STREET_K], inliers, weight)
+        return np.hstack([head[0], sims[:, STREET_K:]]), np.hstack([head[1], ids[:, STREET_K:]])
 
     def _search(self, embeddings: np.ndarray, k: int, space, space_index):
         if space is None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from ..config import ServeConfig
 from ..jsonio import jsonable
 from ..layout import MANIFEST
-from ..verification import LocalFeatures, shared_verifier
+from ..verification import LocalFeatures, shared_dense_matcher, shared_verifier
 from .batching import MicroBatcher, QueueFull
 from .uploads import (MULTIPART_OVERHEAD, ByteBudget, ClientGone, Costly, UploadError, decode_image, read_body,
                       split_uploads)
@@ -86,6 +86,7 @@ class Snapshot:
         knn = index.knn_method()
         self.k_default = knn.k
         self.verifies = ((knn.settings.street or {}).get("verify") or {}).get("inliers") is not None
+        self.rescores = bool(((knn.settings.street or {}).get("rerank") or {}).get("weight"))
         self.loaded_at = time.time()
         self.thumbnail = lru_cache(maxsize=1024)(self._thumbnail)
 
@@ -257,12 +258,17 @@ class Locator:
                                                      self.max_unscaled_pixels, costly_ok))
         except (UploadError, Costly) as exc:
             return exc
-        if not snapshot.verifies:
+        if not (snapshot.verifies or snapshot.rescores):
             return tensor
-        # the local features, in the decoding lane rather than the model's thread, from the upload's bytes decoded
-        # as `geoindex query` decodes a file: both verify the same pixels
-        verifier = shared_verifier()
-        return tensor, LocalFeatures(verifier.features(data) if verifier is not None else None)
+        # the photo's features for spatial verification and dense re-scoring, in the decoding lane rather than the
+        # model's thread, from the upload's bytes decoded as `geoindex query` decodes a file: both match the same
+        # pixels
+        found = {}
+        for wanted, matcher in ((snapshot.verifies, shared_verifier), (snapshot.rescores, shared_dense_matcher)):
+            matcher = matcher() if wanted else None
+            if matcher is not None:
+                found[matcher.kind] = matcher.features(data)
+        return tensor, LocalFeatures(**found)
 
     async def decode(self, snapshot: Snapshot, data: bytes):
         """Decode on the ordinary lane; a photo found costly from its header goes to the lane of its own kind."""

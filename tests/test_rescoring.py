@@ -1,0 +1,207 @@
+"""Dense re-scoring of the street shortlist: mutual nearest neighbours of two photos' CNN feature maps, held by a
+homography, tell another view of a scene from an unrelated one; val weighs the re-scoring (or turns it off); `query`
+and the service answer from the re-scored order, and probabilities alone never pay for it."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from geoindex.backbones import default_weights_available
+from geoindex.geo_index import load_index
+from geoindex.layout import KNN_PARAMS
+from geoindex.verification import opencv
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from test_verification import SCENES, UNRELATED, build_gallery, crop, run, scene  # noqa: E402
+
+needs_matcher = pytest.mark.skipif(opencv() is None or not default_weights_available("effnet"),
+                                   reason="dense matching needs OpenCV and the EfficientNet-Lite0 weights")
+RERANK = {"weight": 1.0, "k": 10, "matcher": "EfficientNet-Lite0", "n_val": 500}
+
+
+@needs_matcher
+def test_dense_inliers_tell_another_view_of_a_scene_from_an_unrelated_one(tmp_path):
+    import torch
+
+    from geoindex.verification import DenseMatcher, LocalFeatures
+
+    matcher = DenseMatcher()
+    gallery = [crop(scene(name), (0.0, 0.0, 0.8, 0.8)) for name in SCENES]
+    revisit = crop(scene(SCENES[2]), (0.1, 0.05, 0.9, 0.85), size=256)  # moved and rescaled
+    revisit.save(tmp_path / "revisit.jpg", quality=85)
+    found = matcher.features_many(gallery)
+    counts = [matcher.inliers(matcher.features(tmp_path / "revisit.jpg"), f) for f in found]
+    assert counts[2] >= 100 and max(counts[:2] + counts[3:]) * 4 < counts[2], counts
+    elsewhere = matcher.features(crop(scene(UNRELATED), (0.0, 0.0, 0.8, 0.8)))
+    assert max(matcher.inliers(elsewhere, f) for f in found) * 4 < counts[2]
+    # the file, its bytes, a (3, H, W) uint8 tensor and features computed ahead are read alike
+    data = (tmp_path / "revisit.jpg").read_bytes()
+    tensor = torch.from_numpy(np.array(revisit)).permute(2, 0, 1)
+    for source in (data, tensor, LocalFeatures(dense=matcher.features(data))):
+        assert matcher.inliers(matcher.features(source), found[2]) >= 100
+    # a photo that cannot be read, a strip too thin for the feature map, or none: never matched, never raising
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    from PIL import Image
+    Image.new("RGB", (1, 2000)).save(tmp_path / "thin.png")
+    for source in (tmp_path / "broken.jpg", tmp_path / "gone.jpg", tmp_path / "thin.png", None,
+                   LocalFeatures(sift=None)):
+        assert matcher.features(source) is None, source
+    assert matcher.inliers(found[0], None) == 0
+    # a shortlist, ids into paths with -1 for none
+    paths = []
+    for i, image in enumerate(gallery):
+        image.save(tmp_path / f"g{i}.jpg", quality=90)
+        paths.append(str(tmp_path / f"g{i}.jpg"))
+    counts = matcher.shortlist_inliers([tmp_path / "revisit.jpg"], np.array([[0, 2, -1]]), paths, chunk=1)
+    assert counts[0, 1] >= 100 and counts[0, 0] < 30 and counts[0, 2] == 0
+
+
+def test_rescoring_adds_weighted_inliers_and_keeps_the_search_order_on_ties():
+    from geoindex.revisit import rerank_street
+
+    sims = np.array([[0.9, 0.8, 0.7, -3e38], [0.5, 0.5, 0.4, 0.3]], dtype=np.float32)
+    ids = np.array([[4, 2, 7, -1], [1, 3, 5, 6]])
+    inliers = np.array([[0, 50, 10, 99], [20, 20, 0, 0]])
+    fused, order = rerank_street(sims, ids, inliers, 1.0)
+    assert order.tolist() == [[2, 4, 7, -1], [1, 3, 5, 6]]  # a missing neighbour stays last whatever its count
+    assert np.allclose(fused[0, :3], [1.3, 0.9, 0.8]) and fused[0, 3] == -np.inf
+    assert rerank_street(sims, ids, inliers, 0.0)[1].tolist() == ids.tolist()
+    assert rerank_street(sims, ids, inliers, 0.003)[1][0].tolist() == [4, 2, 7, -1]  # 0.8 + 0.0015 < 0.9
+
+
+class _Photos:
+    """The protocol's table as RevisitSet has it, over hand-made shortlists: val photo r (of 100) is at its own
+    spot, 1.1 km from the next; its older capture, photo 100 + r, is found third by the search; every other
+    neighbour is an older capture of another spot."""
+
+    def __init__(self, n_val=20):
+        import pandas as pd
+
+        self.rows = np.arange(n_val)
+        self.lat = 51.0 + 0.01 * (np.arange(200) % 100)
+        self.lon = np.full(200, -0.1)
+        self.labels = np.zeros(200, dtype=np.int64)
+        self.table = pd.DataFrame({"path": [f"p{i}.jpg" for i in range(200)], "split": ["val"] * 200})
+
+    def neighbours(self, rows, k, space=None, gallery_splits=None):
+        ids = 100 + (rows[:, None] + 1 + np.arange(k)[None]) % 100
+        ids[:, 2] = 100 + rows
+        return np.tile(np.linspace(0.9, 0.5, k, dtype=np.float32), (len(rows), 1)), ids
+
+
+class _Matcher:
+    """80 inliers with the photo's own spot (right) or with the fifth neighbour, a look-alike (not right)."""
+
+    def __init__(self, right: bool):
+        self.right = right
+
+    def shortlist_inliers(self, sources, ids, paths):
+        rows = np.array([int(Path(source).stem[1:]) for source in sources])
+        if self.right:
+            return np.where(ids == rows[:, None] + 100, 80, 5)
+        return np.where(np.arange(ids.shape[1])[None] % 10 == 4, 80, 5)
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_val_weighs_the_rescoring_and_turns_it_off_where_it_does_not_help(monkeypatch, right):
+    import geoindex.verification
+    from geoindex import revisit
+
+    data = _Photos()
+    rows = data.rows
+    monkeypatch.setattr(geoindex.verification, "shared_dense_matcher", lambda: _Matcher(right))
+    winners = np.zeros(2 * len(rows), dtype=np.int64)
+    choice, take, scored = revisit.calibrate_rerank(data, rows, winners, None)
+    assert take.tolist() == rows.tolist() and choice["n_val"] == len(rows)
+    assert choice["tried"]["0"]["first_within_25m"] == 0.0  # the search puts the spot third for every photo
+    if right:
+        assert choice["weight"] in revisit.RERANK_WEIGHTS and choice["weight"] > 0
+        assert choice["tried"][f"{choice['weight']:g}"]["first_within_25m"] == 1.0
+        assert (scored[0][1][:, 0] == rows + 100).all()
+    else:  # the matcher favours a look-alike kilometres away: the search's order stands
+        assert choice["weight"] is None and scored is None and "did not help" in choice["note"]
+    json.dumps(choice)  # saved with the street calibration as it is
+
+
+def test_without_the_matcher_the_street_shortlist_keeps_the_search_order(monkeypatch):
+    import geoindex.verification
+    from geoindex import revisit
+
+    monkeypatch.setattr(geoindex.verification, "shared_dense_matcher", lambda: None)
+    monkeypatch.setattr(geoindex.verification, "_dense_missing", "OpenCV is not installed")
+    data = _Photos()
+    choice, _, scored = revisit.calibrate_rerank(data, data.rows, np.zeros(40, dtype=np.int64), None)
+    assert scored is None and choice["weight"] is None and "OpenCV is not installed" in choice["note"]
+
+
+@pytest.fixture(scope="module")
+def rescored(tmp_path_factory):
+    """build_gallery's, with the street neighbours re-scored at weight 1 and every answer at the best cluster's
+    spot (spot threshold 0), no verification: the spot answered is the one the re-scored order puts first."""
+    return build_gallery(tmp_path_factory.mktemp("rescore"), {"threshold": None, "spot_threshold": 0.0,
+                                                               "radius_m": None, "city_radius_m": 4000.0,
+                                                               "rerank": RERANK})
+
+
+@needs_matcher
+def test_query_answers_from_the_rescored_order_and_probabilities_alone_never_pay(rescored, monkeypatch):
+    import geoindex.verification
+    from geoindex.methods import Photos
+
+    home, rows, queries = rescored
+    result = run("query", queries / "revisit.jpg", "--index", "gal", "--index-dir", home, "--json")
+    assert result.exit_code == 0, result.output
+    gps = json.loads(result.output)["results"][0]["gps"]
+    assert (gps["lat"], gps["lon"]) == (rows[2]["lat"], rows[2]["lon"]) and gps["level"] == "city"
+
+    index = load_index("gal", home, device="cpu")
+    try:
+        knn = index.knn_method()
+        photo = str(queries / "revisit.jpg")
+        embeddings = index.backbone.embed([photo])
+        located = Photos(embeddings, [photo])
+        _, ids = knn.street_neighbours(located, 6)
+        paths = index.train_meta["path"].to_numpy()
+        assert Path(paths[ids[0, 0]]).name == Path(rows[2]["path"]).name
+
+        # the wiring, whatever the matcher: the neighbour with the most inliers comes first
+        from geoindex import revisit
+        searched = knn.street_neighbours(Photos(embeddings, [photo], locate=False), 6)[1][0]
+        monkeypatch.setattr(revisit, "dense_inliers",
+                            lambda matcher, sources, ids, paths: np.where(ids == searched[-1], 90, 0))
+        assert knn.street_neighbours(Photos(embeddings, [photo]), 6)[1][0, 0] == searched[-1]
+
+        def refuse():
+            raise AssertionError("dense matching ran for probabilities alone")
+        monkeypatch.setattr(geoindex.verification, "shared_dense_matcher", refuse)
+        fresh = Photos(embeddings, [photo])
+        assert np.allclose(knn.predict_proba(fresh), knn.predict(located).probs)
+        with pytest.raises(AssertionError, match="dense matching ran"):
+            knn.predict(fresh)
+    finally:
+        index.close()
+
+
+@needs_matcher
+def test_the_service_rescores_an_upload_as_query_rescores_the_file(rescored):
+    import httpx
+    from test_serve import ServerProcess
+
+    home, rows, queries = rescored
+    expected = json.loads(run("query", queries / "revisit.jpg", "--index", "gal", "--index-dir", home,
+                              "--json").output)["results"][0]["gps"]
+    params = json.loads((home / "gal" / KNN_PARAMS).read_text())
+    assert params["street"]["rerank"]["weight"] == 1.0
+    server = ServerProcess("--index", "gal", "--index-dir", home)
+    try:
+        with open(queries / "revisit.jpg", "rb") as fh:
+            response = httpx.post(server.url + "/v1/locate", files={"image": ("revisit.jpg", fh, "image/jpeg")},
+                                  timeout=60)
+        assert response.status_code == 200, response.text
+        gps = response.json()["results"][0]["gps"]
+    finally:
+        server.stop()
+    assert (gps["lat"], gps["lon"]) == (expected["lat"], expected["lon"]) == (rows[2]["lat"], rows[2]["lon"])
