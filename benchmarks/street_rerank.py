@@ -10,10 +10,15 @@ Each row gives recall@1 and @10 within 25 m (the first neighbour's spot is what 
 
 * `street space`: the shortlist as `query` searches it, and its recall@100: what any re-ranker of that shortlist
   can at best reach;
-* `spatial verification`: local features (RootSIFT, OpenCV) matched with Lowe's ratio test, a homography fit by
-  RANSAC, the shortlist's first K re-ordered by inlier count (the classic re-ranking of landmark and place
-  retrieval); also how often a verified first neighbour (at least T inliers) is within 25 m, and the seconds a
-  query costs. Needs `pip install opencv-python-headless`; skipped, saying so, without it;
+* `spatial verification`: geoindex's `Verifier` (RootSIFT, Lowe's ratio test, a RANSAC homography), the
+  shortlist's first K re-ordered by inlier count (the classic re-ranking of landmark and place retrieval); also how
+  often a verified first neighbour (at least T inliers) is within 25 m, and the seconds a query costs; and how many
+  queries any gallery photo within 25 m of them verifies at T inliers at all (`verifiable`): the share of revisits
+  whose spot a local-feature matcher can see, whatever the shortlist. Needs `pip install opencv-python-headless`;
+  skipped, saying so, without it;
+* `dense re-scoring`: geoindex's `DenseMatcher` (mutual nearest neighbours of EfficientNet-Lite0 feature maps, a
+  homography), the first 10 re-scored at each of `revisit.RERANK_WEIGHTS` as `query` re-scores them (similarity +
+  weight x inliers / 100); the weight `geoindex train` chose on val is the index's `street.rerank.weight`;
 * `database-side augmentation` (DBA, each gallery vector summed with its n nearest gallery vectors, weighted by
   similarity to the power a) and `alpha query expansion` on top of it;
 * `whitening fit on the gallery`: the street space's whitening learnt on the gallery's own photos instead of the
@@ -37,9 +42,6 @@ from benchmarks.common import save  # noqa: E402
 
 SHORTLISTS = (10, 25, 100)
 INLIER_THRESHOLDS = (10, 15, 20)
-RATIO = 0.85          # Lowe's ratio test
-RANSAC_PX = 5.0       # homography reprojection error, in pixels of the 224 px photos
-SIFT_FEATURES = 1000
 DBA_SETTINGS = [(n, a) for n in (1, 2, 3) for a in (1.0, 3.0)]
 
 
@@ -57,35 +59,6 @@ def ranked(queries, gallery, k):
     scores = queries @ gallery.T
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     return np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable"), 1)
-
-
-class Verifier:
-    """RootSIFT keypoints of a photo (computed once per path) and the RANSAC homography inliers of a pair."""
-
-    def __init__(self, cv2):
-        self.cv2, self.sift, self.matcher, self.cache = cv2, cv2.SIFT_create(nfeatures=SIFT_FEATURES), \
-            cv2.BFMatcher(cv2.NORM_L2), {}
-
-    def features(self, path):
-        if path not in self.cache:
-            image = self.cv2.imread(str(path), self.cv2.IMREAD_GRAYSCALE)
-            points, descriptors = self.sift.detectAndCompute(image, None) if image is not None else ((), None)
-            if descriptors is not None:  # RootSIFT (Arandjelović & Zisserman 2012)
-                descriptors = np.sqrt(descriptors / (descriptors.sum(1, keepdims=True) + 1e-7)).astype(np.float32)
-            self.cache[path] = (np.float32([p.pt for p in points]), descriptors)
-        return self.cache[path]
-
-    def inliers(self, a, b) -> int:
-        (points_a, a_desc), (points_b, b_desc) = self.features(a), self.features(b)
-        if a_desc is None or b_desc is None or len(a_desc) < 4 or len(b_desc) < 4:
-            return 0
-        good = [m[0] for m in self.matcher.knnMatch(a_desc, b_desc, k=2)
-                if len(m) == 2 and m[0].distance < RATIO * m[1].distance]
-        if len(good) < 5:
-            return 0
-        _, mask = self.cv2.findHomography(points_a[[g.queryIdx for g in good]], points_b[[g.trainIdx for g in good]],
-                                          self.cv2.RANSAC, RANSAC_PX)
-        return int(np.count_nonzero(mask)) if mask is not None else 0
 
 
 def main(argv=None):
@@ -111,12 +84,14 @@ def main(argv=None):
     is_query = revisit_queries(data.lat, data.lon, data.dates)
     split_of = data.table["split"].to_numpy()
     paths = data.table["path"].to_numpy()
-    try:
-        import cv2
-        verifier = Verifier(cv2)
-    except ImportError:
-        verifier = None
+    from geoindex.revisit import RERANK_WEIGHTS, SPOT_M, rerank_street
+    from geoindex.verification import dense_unavailable, shared_dense_matcher, shared_verifier
+
+    verifier, dense = shared_verifier(), shared_dense_matcher()
+    if verifier is None:
         print("spatial verification skipped: OpenCV is not installed (pip install opencv-python-headless)")
+    if dense is None:
+        print(f"dense re-scoring skipped: {dense_unavailable()}")
 
     out = {}
     for split in args.splits.split(","):
@@ -132,13 +107,22 @@ def main(argv=None):
         print(f"{split}: {len(rows)} queries, {len(gallery)} gallery photos; street space r@1 {base['r@1_25m']:.3f} "
               f"r@10 {base['r@10_25m']:.3f} r@{shortlist.shape[1]} {base.get('r@100_25m', float('nan')):.3f}")
 
+        rows_at = np.arange(len(rows))
         if verifier is not None:
             started = time.perf_counter()
-            inliers = np.array([[verifier.inliers(paths[q], paths[gallery[g]]) for g in shortlist[i]]
-                                for i, q in enumerate(rows)])
+            inliers = verifier.shortlist_inliers(list(paths[rows]), gallery[shortlist], paths)
             seconds = (time.perf_counter() - started) / max(len(rows), 1)
-            rows_at = np.arange(len(rows))
-            verification = {"seconds_per_query": seconds, "shortlists": {}}
+            near = haversine_km(lat[:, None], lon[:, None], g_lat[None], g_lon[None]) * 1000 <= SPOT_M
+            width = max(1, int(near.sum(1).max()))
+            spot = np.full((len(rows), width), -1)
+            for i in rows_at:
+                found = gallery[np.flatnonzero(near[i])]
+                spot[i, :len(found)] = found
+            seeable = verifier.shortlist_inliers(list(paths[rows]), spot, paths).max(1)
+            verification = {"seconds_per_query": seconds, "shortlists": {},
+                            "verifiable": {t: float((seeable >= t).mean()) for t in INLIER_THRESHOLDS}}
+            print("  verifiable: a gallery photo within 25 m holds " + ", ".join(
+                f">= {t} inliers for {(seeable >= t).mean():.2f}" for t in INLIER_THRESHOLDS) + " of queries")
             for k in SHORTLISTS:
                 if k > shortlist.shape[1]:
                     continue
@@ -155,6 +139,22 @@ def main(argv=None):
                     if (count >= t).any() else f">= {t} inliers none" for t in INLIER_THRESHOLDS))
             print(f"  verification: {seconds:.2f} s a query ({shortlist.shape[1]} pairs)")
             result["spatial_verification"] = verification
+
+        if dense is not None:
+            head = shortlist[:, :10]
+            started = time.perf_counter()
+            found = dense.shortlist_inliers(list(paths[rows]), gallery[head], paths)
+            seconds = (time.perf_counter() - started) / max(len(rows), 1)
+            similarity = np.take_along_axis(queries @ photos.T, head, 1)
+            rescoring = {"seconds_per_query": seconds, "weights": {}}
+            for weight in RERANK_WEIGHTS:
+                _, order = rerank_street(similarity, head, found, weight)
+                scored = recall(order, g_lat, g_lon, lat, lon)
+                scored.pop("hits")
+                rescoring["weights"][f"{weight:g}"] = scored
+                print(f"  dense re-scoring of the first 10, weight {weight:g}: r@1 {scored['r@1_25m']:.3f}")
+            print(f"  dense matching: {seconds:.2f} s a query (10 pairs)")
+            result["dense_rescoring"] = rescoring
 
         similarity = photos @ photos.T
         order = np.argsort(-similarity, axis=1)[:, :max(n for n, _ in DBA_SETTINGS) + 1]  # itself first
@@ -183,9 +183,14 @@ def main(argv=None):
               f"r@10 {own['r@10_25m']:.3f}")
         out[split] = result
 
+    import geoindex.verification as verification_settings
+
     save(f"street_rerank_{index.name}", {
         "index": index.name, "street_space": {"dims": space.dims, "power": space.power},
-        "settings": {"ratio": RATIO, "ransac_px": RANSAC_PX, "sift_features": SIFT_FEATURES},
+        "settings": {"ratio": verification_settings.RATIO, "ransac_px": verification_settings.RANSAC_PX,
+                     "sift_features": verification_settings.SIFT_FEATURES,
+                     "dense": verification_settings.DenseMatcher.name,
+                     "chosen_weight": ((knn.settings.street or {}).get("rerank") or {}).get("weight")},
         "splits": out,
         "command": "python benchmarks/street_rerank.py " + " ".join(argv or sys.argv[1:])})
     index.close()

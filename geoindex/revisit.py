@@ -25,7 +25,9 @@ that tells cities apart is rarely the one that tells corners apart) and the supp
 which street-level answers are within 25 m at least STREET_PRECISION of the time, the space being the one where
 that covers the most val photos; then the second threshold, below which a city-level answer is the mean rather
 than the cluster's spot: the one that puts the most val answers within 25 m, 1 km and 25 km, summed over the three
-scales; each level's `radius_m` is the 80th percentile error of its val answers.
+scales; each level's `radius_m` is the 80th percentile error of its val answers. Where dense matching is at hand
+(`verification.DenseMatcher`), the street neighbours are first re-scored by it (`rerank_street`) at the weight
+val chooses by the street space's rule (`calibrate_rerank`), and everything after is set on the re-scored order.
 """
 from __future__ import annotations
 

@@ -205,3 +205,16 @@ def test_the_service_rescores_an_upload_as_query_rescores_the_file(rescored):
     finally:
         server.stop()
     assert (gps["lat"], gps["lon"]) == (expected["lat"], expected["lon"]) == (rows[2]["lat"], rows[2]["lon"])
+
+
+def test_train_and_bench_logs_say_what_the_rescoring_chose():
+    from geoindex.tuning import street_summary
+
+    street = {"threshold": None, "note": "too few", "rerank": {
+        "weight": 0.3, "tried": {"0": {"first_within_25m": 0.25}, "0.3": {"first_within_25m": 0.31}}}}
+    assert "re-scored by dense matching (weight 0.3: the first within 25 m for 25% -> 31% of val photos)" \
+        in street_summary(street)
+    off = dict(street, rerank={"weight": None, "note": "re-scoring by dense matching did not help on val"})
+    assert "street neighbours in the search's order (re-scoring by dense matching did not help on val)" \
+        in street_summary(off)
+    assert "dense" not in street_summary({"threshold": None, "note": "an index from before re-scoring"})

@@ -3,7 +3,9 @@
 The GPS guess is street level where the index holds the place: the best-supported cluster of neighbours within
 25 m of each other (`voting.street_clusters`), when its support passes the threshold calibrated on val
 (`revisit.calibrate_street`); else a city-level guess: that cluster's spot where its support passes a second, lower
-threshold from val, else a weighted mean over the winning city's neighbours (`revisit.gps_answers`).
+threshold from val, else a weighted mean over the winning city's neighbours (`revisit.gps_answers`). The street
+neighbours are re-scored by dense matching first where val chose to (`street["rerank"]`), and a neighbour that
+spatial verification holds at val's inlier count is the answer itself (`_verified`).
 """
 from __future__ import annotations
 
