@@ -360,7 +360,7 @@ def calibrate_rerank(data: RevisitSet, rows, winners, space) -> tuple[dict, np.n
     shortlists = street_shortlists(data, rows, space)
     # both shortlists of a photo in one pass: its features and the neighbours they share are computed once
     inliers = matcher.shortlist_inliers(list(paths[rows]), np.concatenate([ids for _, ids in shortlists], axis=1),
-                                        paths)
+                                        paths, progress="dense matching val's street neighbours")
     inliers = [inliers[:, g * STREET_K:(g + 1) * STREET_K] for g in range(len(shortlists))]
     tried, best = {}, None
     for weight in RERANK_WEIGHTS:
@@ -484,7 +484,8 @@ def calibrate_verification(data: RevisitSet, rows, winners, space, shortlists=No
     shortlists = ([ids[take] for _, ids in shortlists] if shortlists is not None
                   else [ids for _, ids in street_shortlists(data, rows[take], space)])
     # both shortlists of a photo in one pass: its features and the neighbours they share are computed once
-    inliers = verifier.shortlist_inliers(list(paths[rows[take]]), np.concatenate(shortlists, axis=1), paths)
+    inliers = verifier.shortlist_inliers(list(paths[rows[take]]), np.concatenate(shortlists, axis=1), paths,
+                                         progress="verifying val's street neighbours")
     counts, metres = [], []
     for g, ids in enumerate(shortlists):
         chosen, best, _ = verified_neighbours(inliers[:, g * STREET_K:(g + 1) * STREET_K], ids, data.labels,

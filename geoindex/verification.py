@@ -152,11 +152,16 @@ class _Matcher:
     def inliers(self, a, b) -> int:
         raise NotImplementedError
 
-    def shortlist_inliers(self, queries: list, candidates: np.ndarray, paths, chunk: int = 64) -> np.ndarray:
+    def shortlist_inliers(self, queries: list, candidates: np.ndarray, paths, chunk: int = 64,
+                          progress: str | None = None) -> np.ndarray:
         """Inliers (Q, K) between each query (path or image) and its candidates (indexed photo numbers into
         `paths`, -1 for none). Queries go in chunks whose candidates' features are held for the chunk, so a
-        photo shared by several shortlists is computed once however small the cache."""
+        photo shared by several shortlists is computed once however small the cache. `progress`: a progress
+        bar's label (shown for more than one chunk)."""
+        from tqdm.auto import tqdm
+
         out = np.zeros(candidates.shape, dtype=np.int32)
+        bar = tqdm(total=len(queries), desc=progress, unit="photo", disable=progress is None or len(queries) <= chunk)
         for start in range(0, len(queries), chunk):
             block = candidates[start:start + chunk]
             wanted = np.unique(block[block >= 0])
@@ -167,6 +172,8 @@ class _Matcher:
                 for j, i in enumerate(block[offset]):
                     if i >= 0:
                         out[start + offset, j] = self.inliers(query, held[int(i)])
+            bar.update(len(block))
+        bar.close()
         return out
 
 
@@ -286,7 +293,7 @@ class DenseMatcher(_Matcher):
             return None
         # one photo at a time: on CPU as fast as batches (a batch of 16 at 448 px took twice as long a photo), and
         # a photo's features never depend on what it was computed beside
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1  # a writable copy
         with self._model_lock, torch.inference_mode():
             found = torch.nn.functional.normalize(self.trunk(x), dim=1)[0]
         h, w = found.shape[-2:]
