@@ -15,7 +15,8 @@ from geoindex.verification import opencv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_verification import SCENES, UNRELATED, build_gallery, crop, run, scene  # noqa: E402
+from test_verification import (SCENES, UNRELATED, build_gallery, crop, query_and_service_gps,  # noqa: E402
+                               run, scene)
 
 needs_matcher = pytest.mark.skipif(opencv() is None or not default_weights_available("effnet"),
                                    reason="dense matching needs OpenCV and the EfficientNet-Lite0 weights")
@@ -98,7 +99,7 @@ class _Matcher:
     def __init__(self, right: bool):
         self.right = right
 
-    def shortlist_inliers(self, sources, ids, paths):
+    def shortlist_inliers(self, sources, ids, paths, progress=None):
         rows = np.array([int(Path(source).stem[1:]) for source in sources])
         if self.right:
             return np.where(ids == rows[:, None] + 100, 80, 5)
@@ -187,23 +188,9 @@ def test_query_answers_from_the_rescored_order_and_probabilities_alone_never_pay
 
 @needs_matcher
 def test_the_service_rescores_an_upload_as_query_rescores_the_file(rescored):
-    import httpx
-    from test_serve import ServerProcess
-
     home, rows, queries = rescored
-    expected = json.loads(run("query", queries / "revisit.jpg", "--index", "gal", "--index-dir", home,
-                              "--json").output)["results"][0]["gps"]
-    params = json.loads((home / "gal" / KNN_PARAMS).read_text())
-    assert params["street"]["rerank"]["weight"] == 1.0
-    server = ServerProcess("--index", "gal", "--index-dir", home)
-    try:
-        with open(queries / "revisit.jpg", "rb") as fh:
-            response = httpx.post(server.url + "/v1/locate", files={"image": ("revisit.jpg", fh, "image/jpeg")},
-                                  timeout=60)
-        assert response.status_code == 200, response.text
-        gps = response.json()["results"][0]["gps"]
-    finally:
-        server.stop()
+    assert json.loads((home / "gal" / KNN_PARAMS).read_text())["street"]["rerank"]["weight"] == 1.0
+    expected, gps = query_and_service_gps(home, queries / "revisit.jpg")
     assert (gps["lat"], gps["lon"]) == (expected["lat"], expected["lon"]) == (rows[2]["lat"], rows[2]["lon"])
 
 

@@ -186,22 +186,27 @@ def test_query_answers_at_the_verified_photos_spot_at_street_level(gallery):
         params_file.write_text(saved)
 
 
-def test_the_service_verifies_an_upload_as_query_verifies_the_file(gallery):
+def query_and_service_gps(home: Path, photo: Path) -> tuple[dict, dict]:
+    """The `gps` of `query --json` on the file, and of the real service (`python -m geoindex.serve`) on its bytes."""
     import httpx
     from test_serve import ServerProcess
 
-    home, rows, queries = gallery
-    expected = json.loads(run("query", queries / "revisit.jpg", "--index", "gal", "--index-dir", home,
+    expected = json.loads(run("query", photo, "--index", "gal", "--index-dir", home,
                               "--json").output)["results"][0]["gps"]
     server = ServerProcess("--index", "gal", "--index-dir", home)
     try:
-        with open(queries / "revisit.jpg", "rb") as fh:
-            response = httpx.post(server.url + "/v1/locate", files={"image": ("revisit.jpg", fh, "image/jpeg")},
+        with open(photo, "rb") as fh:
+            response = httpx.post(server.url + "/v1/locate", files={"image": (photo.name, fh, "image/jpeg")},
                                   timeout=60)
         assert response.status_code == 200, response.text
-        gps = response.json()["results"][0]["gps"]
+        return expected, response.json()["results"][0]["gps"]
     finally:
         server.stop()
+
+
+def test_the_service_verifies_an_upload_as_query_verifies_the_file(gallery):
+    home, rows, queries = gallery
+    expected, gps = query_and_service_gps(home, queries / "revisit.jpg")
     assert gps["level"] == "street" and gps["inliers"] == expected["inliers"], (gps, expected)
     assert (gps["lat"], gps["lon"]) == (expected["lat"], expected["lon"])
     assert [member["row"] for member in gps["cluster"]] == [member["row"] for member in expected["cluster"]]
