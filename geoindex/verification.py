@@ -61,8 +61,9 @@ def _cache_key(source):
 
 
 def _rgb(source, side: int):
-    """The photo as an RGB uint8 (H, W, 3) array, its longer side resized to `side`; None where it cannot be read. Files and uploads are decoded by geoindex's own decoder, with its checks on size
-    and pixels, so `query` and the service read the same pixels."""
+    """The photo as an RGB uint8 (H, W, 3) array, its longer side resized to `side`; None where it cannot be read.
+    Files and uploads are decoded by geoindex's own decoder, with its checks on size and pixels, so `query` and the
+    service read the same pixels."""
     from PIL import Image
 
     from .errors import ImageError
@@ -104,7 +105,8 @@ class _Matcher:
         self._cache: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
-    def _compute(self, sources: list) -> list:
+    def _one(self, source):
+        """One photo's features, or None."""
         raise NotImplementedError
 
     def _cached(self, key):
@@ -122,32 +124,25 @@ class _Matcher:
 
     def features_many(self, sources) -> list:
         """features() of each source."""
-        out, todo = [None] * len(sources), []
-        for i, source in enumerate(sources):
-            if source is None:
-                continue
-            if isinstance(source, LocalFeatures):
-                out[i] = source.found.get(self.kind)
-                continue
-            key = _cache_key(source)
-            if key is False:
-                continue
-            if key is not None:
-                hit, found = self._cached(key)
-                if hit:
-                    out[i] = found
-                    continue
-            todo.append((i, key, source))
-        if todo:
-            for (i, key, _), found in zip(todo, self._compute([source for _, _, source in todo])):
-                out[i] = found
-                if key is not None:
-                    self._remember(key, found)
-        return out
+        return [self.features(source) for source in sources]
 
     def features(self, source):
         """This photo's features, or None: unreadable, or too few of them to fit a homography."""
-        return self.features_many([source])[0]
+        if source is None:
+            return None
+        if isinstance(source, LocalFeatures):  # computed already (the service does it beside decoding)
+            return source.found.get(self.kind)
+        key = _cache_key(source)
+        if key is False:
+            return None
+        if key is not None:
+            hit, found = self._cached(key)
+            if hit:
+                return found
+        found = self._one(source)
+        if key is not None:
+            self._remember(key, found)
+        return found
 
     def inliers(self, a, b) -> int:
         raise NotImplementedError
@@ -223,9 +218,6 @@ class Verifier(_Matcher):
                                interpolation=cv2.INTER_AREA)
         return np.ascontiguousarray(image, dtype=np.uint8)
 
-    def _compute(self, sources: list) -> list:
-        return [self._one(source) for source in sources]
-
     def _one(self, source):
         image = self._grey(source)
         if image is None:
@@ -281,9 +273,6 @@ class DenseMatcher(_Matcher):
         net = create_backbone("effnet", weights=weights).model.net
         self.trunk = torch.nn.Sequential(net.conv_stem, net.bn1, *net.blocks[:DENSE_STAGE + 1]).eval()
         self._model_lock = threading.Lock()
-
-    def _compute(self, sources: list) -> list:
-        return [self._one(source) for source in sources]
 
     def _one(self, source):
         import torch
