@@ -336,8 +336,9 @@ def rerank_street(sims, ids, inliers, weight: float):
 
 def dense_inliers(matcher, sources, ids, paths) -> np.ndarray:
     """Dense-matching inliers (Q, STREET_K) between photos (paths, images or LocalFeatures) and their street
-    neighbours (ids into paths, -1 for none)."""
-    return matcher.shortlist_inliers(list(sources), ids[:, :STREET_K], paths)
+    neighbours (ids into paths, -1 for none); a progress bar where there are many (bench's test photos)."""
+    return matcher.shortlist_inliers(list(sources), ids[:, :STREET_K], paths,
+                                     progress="dense matching street neighbours")
 
 
 def calibrate_rerank(data: RevisitSet, rows, winners, space) -> tuple[dict, np.ndarray, list | None]:
