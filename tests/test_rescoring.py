@@ -205,3 +205,27 @@ def test_train_and_bench_logs_say_what_the_rescoring_chose():
     assert "street neighbours in the search's order (re-scoring by dense matching did not help on val)" \
         in street_summary(off)
     assert "dense" not in street_summary({"threshold": None, "note": "an index from before re-scoring"})
+
+
+@needs_matcher
+def test_answers_report_each_neighbours_own_similarity_not_its_score(rescored, monkeypatch):
+    from geoindex import revisit
+    from geoindex.methods import Photos
+
+    home, rows, queries = rescored
+    index = load_index("gal", home, device="cpu")
+    try:
+        knn = index.knn_method()
+        photo = str(queries / "revisit.jpg")
+        embeddings = index.backbone.embed([photo])
+        sims, searched = knn.street_neighbours(Photos(embeddings, [photo], locate=False), 6)
+        own = dict(zip(searched[0].tolist(), sims[0].tolist()))
+        monkeypatch.setattr(revisit, "dense_inliers",
+                            lambda matcher, sources, ids, paths: np.where(ids == searched[0, -1], 90, 0))
+        located = Photos(embeddings, [photo])
+        scores, ids = knn.street_neighbours(located, 6)
+        reported = knn.street_neighbours(located, 6, similarities=True)[0]
+        assert ids[0, 0] == searched[0, -1] and scores[0, 0] == pytest.approx(own[searched[0, -1]] + 0.9)
+        assert reported[0].tolist() == pytest.approx([own[i] for i in ids[0].tolist()])
+    finally:
+        index.close()

@@ -102,10 +102,12 @@ class KNNMethod(Method):
             self._street_index = flat_index(space(self.index.store.embeddings("train")))
         return self._street_index
 
-    def street_neighbours(self, photos: Photos, k: int):
-        """(similarities, train row ids) of the k nearest train photos in the street space, cached per set. Where
-        the street calibration re-scores them by dense matching (`street["rerank"]`) and the photos are being
-        located, the first STREET_K come re-scored and re-sorted (`revisit.rerank_street`)."""
+    def street_neighbours(self, photos: Photos, k: int, similarities: bool = False):
+        """(scores, train row ids) of the k nearest train photos in the street space, cached per set: their
+        similarities, except that where the street calibration re-scores them by dense matching
+        (`street["rerank"]`) and the photos are being located, the first STREET_K come re-scored and re-sorted
+        (`revisit.rerank_street`). similarities=True: the search's similarities, in that order (what answers
+        report)."""
         from ..revisit import STREET_K
 
         space = self.settings.street_whitening
@@ -125,7 +127,8 @@ class KNNMethod(Method):
             if rescored not in photos.cache:
                 photos.cache[rescored] = self._rescored(photos, cached, weight)
             cached = photos.cache[rescored]
-        return cached[0][:, :k], cached[1][:, :k]
+        scores = cached[2] if similarities and len(cached) > 2 else cached[0]
+        return scores[:, :k], cached[1][:, :k]
 
     def _rescored(self, photos: Photos, found, weight: float):
         """The search's street neighbours with the first STREET_K re-scored by dense matching (unchanged without
@@ -134,13 +137,16 @@ class KNNMethod(Method):
         from ..verification import shared_dense_matcher
 
         matcher = shared_dense_matcher()
-        if matcher is None:
-            return found
         sims, ids = found
+        if matcher is None:
+            return sims, ids, sims
         sources = photos.sources if photos.verify_sources is None else photos.verify_sources
         inliers = dense_inliers(matcher, sources, ids, self.index.train_meta["path"].to_numpy())
         head = rerank_street(sims[:, :STREET_K], ids[:, :STREET_K], inliers, weight)
-        return np.hstack([head[0], sims[:, STREET_K:]]), np.hstack([head[1], ids[:, STREET_K:]])
+        # each neighbour's own similarity follows it to its new place
+        moved = (ids[:, :STREET_K, None] == head[1][:, None, :]).argmax(1)
+        return (np.hstack([head[0], sims[:, STREET_K:]]), np.hstack([head[1], ids[:, STREET_K:]]),
+                np.hstack([np.take_along_axis(sims[:, :STREET_K], moved, 1), sims[:, STREET_K:]]))
 
     def _search(self, embeddings: np.ndarray, k: int, space, space_index):
         if space is None:
@@ -190,7 +196,7 @@ class KNNMethod(Method):
             at_street = found["street"]
             coords = gps_answers(coords, found, street.get("spot_threshold"))
             extra = {"gps_support": found["support"], "street_members": found["members"], "street_ids": found["ids"],
-                     "street_similarities": found["similarities"]}
+                     "street_similarities": self.street_neighbours(photos, STREET_K, similarities=True)[0]}
         radius = np.where(at_street, street.get("radius_m") or np.nan, street.get("city_radius_m") or np.nan)
         verify = street.get("verify") or {}
         if verify.get("inliers") is not None and len(sims) and photos.locate:
@@ -221,7 +227,8 @@ class KNNMethod(Method):
         verifier = shared_verifier()
         if verifier is None:
             return None
-        sims, ids = self.street_neighbours(photos, STREET_K)  # the neighbours the cluster is found among
+        ids = self.street_neighbours(photos, STREET_K)[1]  # the neighbours the cluster is found among
+        sims = self.street_neighbours(photos, STREET_K, similarities=True)[0]
         space = self.settings.street_whitening
         key = ("street-inliers", None if space is None else (space.dims, space.power))
         if key not in photos.cache:  # a hybrid answer asks kNN again for the same photos
