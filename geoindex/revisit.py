@@ -341,7 +341,7 @@ def dense_inliers(matcher, sources, ids, paths) -> np.ndarray:
                                      progress="dense matching street neighbours")
 
 
-def calibrate_rerank(data: RevisitSet, rows, winners, space) -> tuple[dict, np.ndarray, list | None]:
+def calibrate_rerank(data: RevisitSet, rows, winners, space) -> tuple[dict, np.ndarray | None, list | None]:
     """How much dense matching (geoindex.verification.DenseMatcher) re-scores the street shortlist: the weight in
     RERANK_WEIGHTS (0: not at all) under which the street answer covers the most val photos at STREET_PRECISION,
     then puts the most within 25 m (the rule the street space is chosen by), on at most RERANK_SAMPLE val photos

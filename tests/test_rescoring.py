@@ -11,7 +11,7 @@ import pytest
 from geoindex.backbones import default_weights_available
 from geoindex.geo_index import load_index
 from geoindex.layout import KNN_PARAMS
-from geoindex.verification import opencv
+from geoindex.verification import DenseMatcher, opencv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -20,7 +20,7 @@ from test_verification import (SCENES, UNRELATED, build_gallery, crop, query_and
 
 needs_matcher = pytest.mark.skipif(opencv() is None or not default_weights_available("effnet"),
                                    reason="dense matching needs OpenCV and the EfficientNet-Lite0 weights")
-RERANK = {"weight": 1.0, "k": 10, "matcher": "EfficientNet-Lite0", "n_val": 500}
+RERANK = {"weight": 1.0, "k": 10, "matcher": DenseMatcher.name, "n_val": 500}
 
 
 @needs_matcher
@@ -140,11 +140,12 @@ def test_without_the_matcher_the_street_shortlist_keeps_the_search_order(monkeyp
 
 @pytest.fixture(scope="module")
 def rescored(tmp_path_factory):
-    """build_gallery's, with the street neighbours re-scored at weight 1 and every answer at the best cluster's
-    spot (spot threshold 0), no verification: the spot answered is the one the re-scored order puts first."""
+    """build_gallery's with the look-alike (the revisit blurred, which the search puts first), the street
+    neighbours re-scored at weight 1 and every answer at the best cluster's spot (spot threshold 0), no
+    verification: the spot answered is the one the re-scored order puts first."""
     return build_gallery(tmp_path_factory.mktemp("rescore"), {"threshold": None, "spot_threshold": 0.0,
                                                                "radius_m": None, "city_radius_m": 4000.0,
-                                                               "rerank": RERANK})
+                                                               "rerank": RERANK}, look_alike=True)
 
 
 @needs_matcher
@@ -171,15 +172,19 @@ def test_query_answers_from_the_rescored_order_and_probabilities_alone_never_pay
         # the wiring, whatever the matcher: the neighbour with the most inliers comes first
         from geoindex import revisit
         searched = knn.street_neighbours(Photos(embeddings, [photo], locate=False), 6)[1][0]
+        # the search puts the look-alike first: the answer above is the re-scoring's
+        assert Path(paths[searched[0]]).name == "look-alike.jpg"
         monkeypatch.setattr(revisit, "dense_inliers",
                             lambda matcher, sources, ids, paths: np.where(ids == searched[-1], 90, 0))
         assert knn.street_neighbours(Photos(embeddings, [photo]), 6)[1][0, 0] == searched[-1]
+
+        expected = knn.predict(located).probs
 
         def refuse():
             raise AssertionError("dense matching ran for probabilities alone")
         monkeypatch.setattr(geoindex.verification, "shared_dense_matcher", refuse)
         fresh = Photos(embeddings, [photo])
-        assert np.allclose(knn.predict_proba(fresh), knn.predict(located).probs)
+        assert np.allclose(knn.predict_proba(fresh), expected)
         with pytest.raises(AssertionError, match="dense matching ran"):
             knn.predict(fresh)
     finally:
@@ -227,5 +232,29 @@ def test_answers_report_each_neighbours_own_similarity_not_its_score(rescored, m
         reported = knn.street_neighbours(located, 6, similarities=True)[0]
         assert ids[0, 0] == searched[0, -1] and scores[0, 0] == pytest.approx(own[searched[0, -1]] + 0.9)
         assert reported[0].tolist() == pytest.approx([own[i] for i in ids[0].tolist()])
+    finally:
+        index.close()
+
+
+@needs_matcher
+def test_without_the_matcher_it_was_calibrated_with_cluster_answers_stay_city_level(rescored, monkeypatch):
+    import geoindex.verification
+    from geoindex.methods import Photos
+
+    home, rows, queries = rescored
+    index = load_index("gal", home, device="cpu")
+    try:
+        knn = index.knn_method()
+        photo = str(queries / "revisit.jpg")
+        embeddings = index.backbone.embed([photo])
+        answer = knn.predict(Photos(embeddings, [photo]))
+        assert tuple(answer.coords[0]) == (rows[2]["lat"], rows[2]["lon"])
+        monkeypatch.setattr(geoindex.verification, "shared_dense_matcher", lambda: None)
+        monkeypatch.setattr(geoindex.verification, "_dense_missing", "OpenCV is not installed")
+        lost = knn.predict(Photos(embeddings, [photo]))
+        # the spot threshold was set on re-scored neighbours: the answer falls back to the city-level mean
+        assert tuple(lost.coords[0]) != (rows[2]["lat"], rows[2]["lon"])
+        assert "cannot be re-scored as calibrated (OpenCV is not installed)" in lost.notes
+        assert lost.extra["gps_level"][0] == "city"
     finally:
         index.close()

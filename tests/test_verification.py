@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from geoindex.cli import main
 from geoindex.geo_index import load_index
@@ -111,10 +111,12 @@ def test_the_inlier_threshold_is_the_lowest_that_keeps_val_answers_precise_and_m
     assert revisit.inliers_threshold(counts, hits) is None
 
 
-def build_gallery(base: Path, street: dict):
+def build_gallery(base: Path, street: dict, look_alike: bool = False):
     """A source index (tiny CNN) and a gallery of textured photos built `--features-from` it, every photo at its
     own spot in London, with `street` as the gallery's street calibration; queries: another view of the third
-    scene, and a scene the gallery does not hold. (indexes folder, gallery rows, queries folder)"""
+    scene, and a scene the gallery does not hold. look_alike: the gallery also holds the revisit query blurred, at a
+    spot of its own: its layout and colours (what the tiny CNN embeds), none of the detail matching in place
+    checks. (indexes folder, gallery rows, queries folder)"""
     from conftest import build_cnn_index
 
     source = make_synthetic_gsv(base / "GSV", cities=("Barcelona", "London"), places_per_city=4, images_per_place=2,
@@ -128,6 +130,11 @@ def build_gallery(base: Path, street: dict):
         path = photos / f"{name}.jpg"
         crop(scene(name), (0.0, 0.0, 0.8, 0.8)).save(path, quality=90)
         rows.append({"path": str(path), "city": "London", "lat": 51.50 + 0.01 * i, "lon": -0.12, "yyyymm": 201906})
+    revisit = crop(scene(SCENES[2]), (0.1, 0.05, 0.9, 0.85), size=256)
+    if look_alike:
+        revisit.filter(ImageFilter.GaussianBlur(6)).save(photos / "look-alike.jpg", quality=80)
+        rows.append({"path": str(photos / "look-alike.jpg"), "city": "London", "lat": 51.60, "lon": -0.12,
+                     "yyyymm": 201906})
     with open(base / "gallery.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -141,7 +148,7 @@ def build_gallery(base: Path, street: dict):
     params_file.write_text(json.dumps({"k": 3, "vote": "softmax", "temperature": 0.05, "tuned_on": "val",
                                        "build_id": build_id, "street": street}))
     (base / "queries").mkdir()
-    crop(scene(SCENES[2]), (0.1, 0.05, 0.9, 0.85), size=256).save(base / "queries" / "revisit.jpg", quality=80)
+    revisit.save(base / "queries" / "revisit.jpg", quality=80)
     crop(scene(UNRELATED), (0.0, 0.0, 0.8, 0.8)).save(base / "queries" / "elsewhere.jpg")
     return home, rows, base / "queries"
 

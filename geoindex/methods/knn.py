@@ -121,25 +121,46 @@ class KNNMethod(Method):
                 cached = self.street_index.search(space(photos.embeddings),
                                                   min(max(k, STREET_K), self.street_index.ntotal))
             photos.cache[key] = cached
-        weight = (((self.settings.street or {}).get("rerank")) or {}).get("weight")
-        if weight and photos.locate and len(cached[0]):
-            rescored = ("street-rescored", space_key)
+        weight = self._rescoring_weight() if photos.locate else None
+        if weight and len(cached[0]):
+            rescored = ("street-rescored", space_key, cached[0].shape[1])
             if rescored not in photos.cache:
                 photos.cache[rescored] = self._rescored(photos, cached, weight)
             cached = photos.cache[rescored]
         scores = cached[2] if similarities and len(cached) > 2 else cached[0]
         return scores[:, :k], cached[1][:, :k]
 
+    def _rescoring_weight(self) -> float | None:
+        """The dense re-scoring weight val chose, where this process can re-score as it was calibrated (the same
+        matcher, its weights and OpenCV at hand); else None."""
+        rerank = (self.settings.street or {}).get("rerank") or {}
+        if not rerank.get("weight"):
+            return None
+        from ..verification import DenseMatcher, shared_dense_matcher
+
+        if rerank.get("matcher", DenseMatcher.name) != DenseMatcher.name or shared_dense_matcher() is None:
+            return None
+        return float(rerank["weight"])
+
+    def _rescoring_lost(self) -> str | None:
+        """Why street neighbours calibrated re-scored cannot be re-scored here, or None."""
+        rerank = (self.settings.street or {}).get("rerank") or {}
+        if not rerank.get("weight") or self._rescoring_weight() is not None:
+            return None
+        from ..verification import DenseMatcher, dense_unavailable
+
+        if rerank.get("matcher", DenseMatcher.name) != DenseMatcher.name:
+            return f"calibrated with another dense matcher ({rerank['matcher']})"
+        return dense_unavailable()
+
     def _rescored(self, photos: Photos, found, weight: float):
-        """The search's street neighbours with the first STREET_K re-scored by dense matching (unchanged without
-        OpenCV or the matcher's weights)."""
+        """The search's street neighbours with the first STREET_K re-scored by dense matching, and their own
+        similarities in that order."""
         from ..revisit import STREET_K, dense_inliers, rerank_street
         from ..verification import shared_dense_matcher
 
         matcher = shared_dense_matcher()
         sims, ids = found
-        if matcher is None:
-            return sims, ids, sims
         sources = photos.sources if photos.verify_sources is None else photos.verify_sources
         inliers = dense_inliers(matcher, sources, ids, self.index.train_meta["path"].to_numpy())
         head = rerank_street(sims[:, :STREET_K], ids[:, :STREET_K], inliers, weight)
@@ -188,6 +209,11 @@ class KNNMethod(Method):
         train_labels = meta["label"].to_numpy()
         coords = city_answers(self, sims, ids, lats, lons, train_labels, probs)
         street = s.street or {}
+        lost = self._rescoring_lost() if photos.locate else None
+        if lost:
+            # the thresholds were set on re-scored neighbours: on the search's order they would not keep their
+            # precision, so cluster answers stay city level (a verified photo still answers: the same 10 are checked)
+            street = {**street, "threshold": None, "spot_threshold": None}
         extra = {}
         at_street = np.zeros(len(sims), dtype=bool)
         if (street.get("threshold") is not None or street.get("spot_threshold") is not None) and len(sims):
@@ -212,6 +238,8 @@ class KNNMethod(Method):
         notes = f"k={s.k}, {s.vote} vote" + (f", T={s.temperature:g}" if s.vote == "softmax" else "")
         if s.tuned_on:
             notes += f" (tuned on {s.tuned_on})"
+        if lost:
+            notes += f"; GPS clusters at city level: street neighbours cannot be re-scored as calibrated ({lost})"
         return Answer(self.name, probs, self.classes, coords, notes=notes,
                       extra={"similarities": sims, "ids": ids, "unlike": unlike,
                              "gps_level": np.where(at_street, "street", "city"), "gps_radius_m": radius, **extra})

@@ -251,8 +251,8 @@ class Locator:
 
     # ------------------------------------------------------------------ answering
     def _decode(self, snapshot: Snapshot, data: bytes, costly_ok: bool):
-        """Upload -> the model's uint8 input tensor (decoded, resized and cropped), with the photo's local features
-        where the index verifies street answers; Costly, or why not."""
+        """Upload -> the model's uint8 input tensor (decoded, resized and cropped), with the photo's local and
+        dense features where the index verifies or re-scores street answers; Costly, or why not."""
         try:
             tensor = snapshot.transform(decode_image(data, self.max_pixels, snapshot.transform.resize_size,
                                                      self.max_unscaled_pixels, costly_ok))
