@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 
 from geoindex.backbones import default_weights_available
-from geoindex.geo_index import load_index
 from geoindex.layout import KNN_PARAMS
 from geoindex.verification import DenseMatcher, opencv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_verification import (SCENES, UNRELATED, build_gallery, crop, query_and_service_gps,  # noqa: E402
-                               run, scene)
+from test_verification import (SCENES, UNRELATED, build_gallery, crop, gallery_knn,  # noqa: E402
+                               query_and_service_gps, run, scene)
 
 needs_matcher = pytest.mark.skipif(opencv() is None or not default_weights_available("effnet"),
                                    reason="dense matching needs OpenCV and the EfficientNet-Lite0 weights")
@@ -159,14 +158,10 @@ def test_query_answers_from_the_rescored_order_and_probabilities_alone_never_pay
     gps = json.loads(result.output)["results"][0]["gps"]
     assert (gps["lat"], gps["lon"]) == (rows[2]["lat"], rows[2]["lon"]) and gps["level"] == "city"
 
-    index = load_index("gal", home, device="cpu")
-    try:
-        knn = index.knn_method()
-        photo = str(queries / "revisit.jpg")
-        embeddings = index.backbone.embed([photo])
+    with gallery_knn(home, queries / "revisit.jpg") as (knn, photo, embeddings):
         located = Photos(embeddings, [photo])
         _, ids = knn.street_neighbours(located, 6)
-        paths = index.train_meta["path"].to_numpy()
+        paths = knn.index.train_meta["path"].to_numpy()
         assert Path(paths[ids[0, 0]]).name == Path(rows[2]["path"]).name
 
         # the wiring, whatever the matcher: the neighbour with the most inliers comes first
@@ -187,8 +182,6 @@ def test_query_answers_from_the_rescored_order_and_probabilities_alone_never_pay
         assert np.allclose(knn.predict_proba(fresh), expected)
         with pytest.raises(AssertionError, match="dense matching ran"):
             knn.predict(fresh)
-    finally:
-        index.close()
 
 
 @needs_matcher
@@ -218,11 +211,7 @@ def test_answers_report_each_neighbours_own_similarity_not_its_score(rescored, m
     from geoindex.methods import Photos
 
     home, rows, queries = rescored
-    index = load_index("gal", home, device="cpu")
-    try:
-        knn = index.knn_method()
-        photo = str(queries / "revisit.jpg")
-        embeddings = index.backbone.embed([photo])
+    with gallery_knn(home, queries / "revisit.jpg") as (knn, photo, embeddings):
         sims, searched = knn.street_neighbours(Photos(embeddings, [photo], locate=False), 6)
         own = dict(zip(searched[0].tolist(), sims[0].tolist()))
         monkeypatch.setattr(revisit, "dense_inliers",
@@ -232,8 +221,6 @@ def test_answers_report_each_neighbours_own_similarity_not_its_score(rescored, m
         reported = knn.street_neighbours(located, 6, similarities=True)[0]
         assert ids[0, 0] == searched[0, -1] and scores[0, 0] == pytest.approx(own[searched[0, -1]] + 0.9)
         assert reported[0].tolist() == pytest.approx([own[i] for i in ids[0].tolist()])
-    finally:
-        index.close()
 
 
 @needs_matcher
@@ -242,11 +229,7 @@ def test_without_the_matcher_it_was_calibrated_with_cluster_answers_stay_city_le
     from geoindex.methods import Photos
 
     home, rows, queries = rescored
-    index = load_index("gal", home, device="cpu")
-    try:
-        knn = index.knn_method()
-        photo = str(queries / "revisit.jpg")
-        embeddings = index.backbone.embed([photo])
+    with gallery_knn(home, queries / "revisit.jpg") as (knn, photo, embeddings):
         answer = knn.predict(Photos(embeddings, [photo]))
         assert tuple(answer.coords[0]) == (rows[2]["lat"], rows[2]["lon"])
         monkeypatch.setattr(geoindex.verification, "shared_dense_matcher", lambda: None)
@@ -256,5 +239,3 @@ def test_without_the_matcher_it_was_calibrated_with_cluster_answers_stay_city_le
         assert tuple(lost.coords[0]) != (rows[2]["lat"], rows[2]["lon"])
         assert "cannot be re-scored as calibrated (OpenCV is not installed)" in lost.notes
         assert lost.extra["gps_level"][0] == "city"
-    finally:
-        index.close()

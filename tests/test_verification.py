@@ -4,6 +4,7 @@ and the service answer, the same from both."""
 import csv
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +194,16 @@ def test_query_answers_at_the_verified_photos_spot_at_street_level(gallery):
         params_file.write_text(saved)
 
 
+@contextmanager
+def gallery_knn(home: Path, photo: Path):
+    """(the gallery index's kNN method, the photo's path, its embedding), the index closed afterwards."""
+    index = load_index("gal", home, device="cpu")
+    try:
+        yield index.knn_method(), str(photo), index.backbone.embed([str(photo)])
+    finally:
+        index.close()
+
+
 def query_and_service_gps(home: Path, photo: Path) -> tuple[dict, dict]:
     """The `gps` of `query --json` on the file, and of the real service (`python -m geoindex.serve`) on its bytes."""
     import httpx
@@ -224,11 +235,8 @@ def test_probabilities_alone_never_pay_for_verification(gallery, monkeypatch):
     from geoindex.methods import Photos
 
     home, rows, queries = gallery
-    index = load_index("gal", home, device="cpu")
-    try:
-        knn = index.knn_method()
-        photo = str(queries / "revisit.jpg")
-        photos = Photos(index.backbone.embed([photo]), [photo])
+    with gallery_knn(home, queries / "revisit.jpg") as (knn, photo, embeddings):
+        photos = Photos(embeddings, [photo])
         verified = knn.predict(photos)
         assert verified.extra["gps_level"][0] == "street" and verified.extra["gps_inliers"][0] >= VERIFY["inliers"]
 
@@ -239,5 +247,3 @@ def test_probabilities_alone_never_pay_for_verification(gallery, monkeypatch):
         assert np.allclose(knn.predict_proba(fresh), verified.probs)  # tuning on val reads only these
         with pytest.raises(AssertionError, match="verification ran"):
             knn.predict(fresh)
-    finally:
-        index.close()
