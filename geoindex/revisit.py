@@ -273,16 +273,19 @@ def street_spaces(index, fitted=None) -> list:
     return spaces
 
 
-def _threshold(support, hits) -> tuple[float | None, int]:
-    """The lowest support at which answers at or above it are within 25 m STREET_PRECISION of the time, and
-    how many val answers that makes street level."""
-    order = np.argsort(-support, kind="stable")
+def lowest_precise_threshold(scores, hits) -> tuple[float | None, int]:
+    """The lowest score at which answers scoring at or above it are within 25 m STREET_PRECISION of the time, with
+    at least MIN_STREET_ANSWERS of them, and how many answers that is; (None, 0): no such score. Runs of equal
+    scores move whole: `>=` cannot cut a tie."""
+    order = np.argsort(-scores, kind="stable")
+    ranked = scores[order]
     counts = np.arange(1, len(order) + 1)
     precision = np.cumsum(hits[order]) / counts
-    ok = np.flatnonzero((precision >= STREET_PRECISION) & (counts >= MIN_STREET_ANSWERS))
+    run_ends = np.append(ranked[1:] != ranked[:-1], True)
+    ok = np.flatnonzero(run_ends & (precision >= STREET_PRECISION) & (counts >= MIN_STREET_ANSWERS))
     if not len(ok):
         return None, 0
-    return float(support[order[ok[-1]]]), int(ok[-1] + 1)
+    return ranked[ok[-1]].item(), int(ok[-1] + 1)
 
 
 def _quantile(values) -> float | None:
@@ -311,7 +314,7 @@ def space_calibration(data: RevisitSet, rows, winners, space, shortlists=None):
     support = np.where(eligible, np.concatenate([f["support"] for f in found]), -np.inf)
     street_m = haversine_km(np.tile(data.lat[rows], 2), np.tile(data.lon[rows], 2), centre[:, 0], centre[:, 1]) * 1000
     hits = np.nan_to_num(street_m, nan=np.inf) <= SPOT_M
-    threshold, covered = _threshold(support[eligible], hits[eligible])
+    threshold, covered = lowest_precise_threshold(support[eligible], hits[eligible])
     return threshold, covered, support, street_m, hits
 
 
@@ -457,14 +460,11 @@ def verified_mask(counts, verify: dict | None) -> np.ndarray:
 
 
 def inliers_threshold(counts, hits) -> int | None:
-    """The lowest inlier count at which answers at or above it are within 25 m STREET_PRECISION of the time, with
-    at least MIN_STREET_ANSWERS of them; runs of equal counts move whole (`>=` cannot cut a tie). None: none."""
-    chosen = None
-    for threshold in np.unique(counts[counts > 0])[::-1]:
-        answered = counts >= threshold
-        if answered.sum() >= MIN_STREET_ANSWERS and hits[answered].mean() >= STREET_PRECISION:
-            chosen = int(threshold)
-    return chosen
+    """The lowest inlier count at which verified answers are precise enough (lowest_precise_threshold, over the
+    answers with any inlier); None: none."""
+    some = counts > 0
+    threshold, _ = lowest_precise_threshold(counts[some], hits[some])
+    return None if threshold is None else int(threshold)
 
 
 def calibrate_verification(data: RevisitSet, rows, winners, space, shortlists=None) -> dict:

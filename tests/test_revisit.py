@@ -233,3 +233,14 @@ def test_the_place_benchmark_runs_on_a_dated_index(dated_index, tmp_path):
     assert saved["issue_rule_raw"]["queries"] + saved["issue_rule_raw"]["gallery"] > 0
     assert {"val", "test", "val_threshold"} <= set(saved["raw cosine"])
     assert saved["query_test"]["n"] > 0
+
+
+def test_the_street_threshold_moves_runs_of_equal_supports_whole(monkeypatch):
+    from geoindex import revisit
+
+    monkeypatch.setattr(revisit, "MIN_STREET_ANSWERS", 2)
+    # the first two of three equal supports would be right, but `support >= 0.5` answers all three at street level
+    support, hits = np.array([0.9, 0.5, 0.5, 0.5]), np.array([True, True, False, False])
+    assert revisit.lowest_precise_threshold(support, hits) == (None, 0)
+    assert revisit.lowest_precise_threshold(support, np.array([True, True, True, True])) == (0.5, 4)
+    assert revisit.lowest_precise_threshold(np.array([0.9, 0.7, 0.5]), np.array([True, True, False])) == (0.7, 2)
