@@ -337,6 +337,15 @@ def rerank_street(sims, ids, inliers, weight: float):
     return np.take_along_axis(fused, order, 1), np.take_along_axis(ids, order, 1)
 
 
+def rescore_shortlist(sims, ids, inliers, weight: float):
+    """A shortlist of any width with its first STREET_K re-scored (rerank_street) and the rest as searched:
+    (scores, ids, each neighbour's own similarity in the new order)."""
+    head_scores, head_ids = rerank_street(sims[:, :STREET_K], ids[:, :STREET_K], inliers, weight)
+    moved = (ids[:, :STREET_K, None] == head_ids[:, None, :]).argmax(1)  # where each new column came from
+    return (np.hstack([head_scores, sims[:, STREET_K:]]), np.hstack([head_ids, ids[:, STREET_K:]]),
+            np.hstack([np.take_along_axis(sims[:, :STREET_K], moved, 1), sims[:, STREET_K:]]))
+
+
 def dense_inliers(matcher, sources, ids, paths) -> np.ndarray:
     """Dense-matching inliers (Q, STREET_K) between photos (paths, images or LocalFeatures) and their street
     neighbours (ids into paths, -1 for none); a progress bar where there are many (bench's test photos)."""
@@ -539,9 +548,7 @@ def revisit_report(index, knn, split: str = "test") -> dict:
         matcher = shared_dense_matcher()
         if matcher is not None:  # as `query` answers: the first STREET_K re-scored by dense matching
             paths = data.table["path"].to_numpy()
-            head = rerank_street(sims[:, :STREET_K], ids[:, :STREET_K],
-                                 dense_inliers(matcher, paths[rows], ids, paths), weight)
-            sims, ids = np.hstack([head[0], sims[:, STREET_K:]]), np.hstack([head[1], ids[:, STREET_K:]])
+            sims, ids, _ = rescore_shortlist(sims, ids, dense_inliers(matcher, paths[rows], ids, paths), weight)
             search_recall, street_recall = street_recall, recall_within(ids, data.lat, data.lon, rows)
     cluster = street_answers(sims, ids, data.lat, data.lon, street.get("threshold"), data.labels, winners)
     final = gps_answers(city, cluster, street.get("spot_threshold"))

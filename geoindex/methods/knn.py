@@ -156,18 +156,14 @@ class KNNMethod(Method):
     def _rescored(self, photos: Photos, found, weight: float):
         """The search's street neighbours with the first STREET_K re-scored by dense matching, and their own
         similarities in that order."""
-        from ..revisit import STREET_K, dense_inliers, rerank_street
+        from ..revisit import dense_inliers, rescore_shortlist
         from ..verification import shared_dense_matcher
 
         matcher = shared_dense_matcher()
         sims, ids = found
         sources = photos.sources if photos.verify_sources is None else photos.verify_sources
         inliers = dense_inliers(matcher, sources, ids, self.index.train_meta["path"].to_numpy())
-        head = rerank_street(sims[:, :STREET_K], ids[:, :STREET_K], inliers, weight)
-        # each neighbour's own similarity follows it to its new place
-        moved = (ids[:, :STREET_K, None] == head[1][:, None, :]).argmax(1)
-        return (np.hstack([head[0], sims[:, STREET_K:]]), np.hstack([head[1], ids[:, STREET_K:]]),
-                np.hstack([np.take_along_axis(sims[:, :STREET_K], moved, 1), sims[:, STREET_K:]]))
+        return rescore_shortlist(sims, ids, inliers, weight)
 
     def _search(self, embeddings: np.ndarray, k: int, space, space_index):
         if space is None:
