@@ -33,7 +33,7 @@ DENSE_SIDE = 448        # the photo's longer side for the CNN (224 px street cro
 DENSE_STAGE = 4         # EfficientNet-Lite0 blocks up to this stage: stride 16, 112 channels
 DENSE_RANSAC_CELLS = 1.5  # homography reprojection error, in feature-map cells (16 px of the resized photo)
 # Mutual neighbours of two street photos are mostly outliers, so plain RANSAC runs its full 2,000 iterations;
-# OpenCV's USAC ranked val's shortlists as well (r@1 within 25 m 0.343 for both) at a quarter of the time
+# OpenCV's USAC ranked val's shortlists as well at about a quarter of the time
 DENSE_ESTIMATOR = "USAC_DEFAULT"
 DENSE_CACHE_PHOTOS = 1024  # ~175 KB each at 448 px (float16)
 MIN_MATCHES = 5
