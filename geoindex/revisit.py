@@ -452,14 +452,17 @@ def calibrate_street(index, knn, fitted=None) -> tuple[dict, object]:
 
 def verified_neighbours(inliers, ids, labels, winners):
     """From the inliers (Q, K) each query's neighbours (ids into labels, -1 for none) share with it: the
-    best-verified neighbour's id, its inlier count (-1 where that photo is not in the city the vote chose), and its
-    column."""
+    best-verified neighbour among those in the city the vote chose (a photo elsewhere never answers, however many
+    inliers it holds, and never hides the next best in the city), its inlier count (-1 where no neighbour is in
+    that city), and its column."""
     from .verification import best_verified
 
-    column, best = best_verified(inliers)
-    chosen = ids[np.arange(len(ids)), column] if len(ids) else np.zeros(0, dtype=np.int64)
-    in_city = (chosen >= 0) & (_at(chosen, labels, -1) == winners)
-    return chosen, np.where(in_city, best, -1), column
+    winners = np.asarray(winners)
+    in_city = (ids >= 0) & (_at(ids, labels, -1) == winners[:, None])
+    column, best = best_verified(np.where(in_city, inliers, -1))
+    rows = np.arange(len(ids))
+    chosen = ids[rows, column] if len(ids) else np.zeros(0, dtype=np.int64)
+    return chosen, np.where(in_city[rows, column], best, -1), column
 
 
 def verified_mask(counts, verify: dict | None) -> np.ndarray:

@@ -59,6 +59,28 @@ def test_dense_inliers_tell_another_view_of_a_scene_from_an_unrelated_one(tmp_pa
     assert counts[0, 1] >= 100 and counts[0, 0] < 30 and counts[0, 2] == 0
 
 
+@needs_matcher
+def test_square_photos_run_in_the_compiled_trunk_with_eager_pytorchs_features(tmp_path, monkeypatch):
+    import torch
+
+    from geoindex.runtime import _openvino
+    from geoindex.verification import DENSE_SIDE, _rgb
+
+    monkeypatch.setenv("GEOINDEX_CACHE", str(tmp_path / "cache"))
+    matcher = DenseMatcher()
+    photo = crop(scene(SCENES[1]), (0.0, 0.0, 0.8, 0.8))
+    _, compiled = matcher.features(photo)
+    assert matcher.runtime == ("openvino" if _openvino() is not None else "torch")
+    x = torch.from_numpy(np.array(_rgb(photo, DENSE_SIDE))).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.inference_mode():
+        eager = torch.nn.functional.normalize(matcher.trunk(x), dim=1)[0].flatten(1).T.numpy()
+    assert compiled.shape == eager.shape == ((DENSE_SIDE // 16) ** 2, 112)
+    cosine = (compiled.astype(np.float32) * eager).sum(1)  # both unit length per cell
+    assert cosine.min() > 0.999, cosine.min()  # float16 storage, not the runtime, sets this floor
+    wide = crop(scene(SCENES[1]), (0.0, 0.0, 0.8, 0.4)).resize((448, 224))  # not square: eager PyTorch
+    assert matcher.features(wide)[1].shape == (28 * 14, 112)
+
+
 def test_rescoring_adds_weighted_inliers_and_keeps_the_search_order_on_ties():
     from geoindex.revisit import rerank_street
 

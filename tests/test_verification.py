@@ -83,16 +83,18 @@ def test_odd_photos_are_left_unverified_without_an_error(tmp_path):
 
 def test_a_verified_photo_counts_only_in_the_city_the_vote_chose():
     from geoindex.revisit import verified_mask, verified_neighbours
-    inliers = np.array([[5, 40, 20], [0, 0, 0], [30, 0, 0]], dtype=np.int32)
-    ids = np.array([[7, 3, 9], [1, 2, -1], [4, -1, -1]])
+    inliers = np.array([[5, 40, 20], [0, 0, 0], [30, 0, 0], [50, 9, 0]], dtype=np.int32)
+    ids = np.array([[7, 3, 9], [1, 2, -1], [4, -1, -1], [3, 8, -1]])
     labels = np.zeros(10, dtype=np.int64)
-    labels[3] = 1  # the 40-inlier photo lies in the other city
-    chosen, counts, column = verified_neighbours(inliers, ids, labels, winners=np.array([0, 0, 0]))
-    assert chosen.tolist() == [3, 1, 4] and column.tolist() == [1, 0, 0] and counts.tolist() == [-1, 0, 30]
-    assert verified_mask(counts, {"inliers": 15}).tolist() == [False, False, True]
+    labels[[3, 8]] = 1  # the 40- and 50-inlier photos lie in the other city, and so does photo 8
+    chosen, counts, column = verified_neighbours(inliers, ids, labels, winners=np.array([0, 0, 0, 0]))
+    # the next best in the voted city answers; where no neighbour is in it, nothing is verified
+    assert chosen.tolist()[:3] == [9, 1, 4] and column.tolist()[:3] == [2, 0, 0]
+    assert counts.tolist() == [20, 0, 30, -1]
+    assert verified_mask(counts, {"inliers": 15}).tolist() == [True, False, True, False]
     assert not verified_mask(counts, {"inliers": None}).any() and not verified_mask(counts, None).any()
-    chosen, counts, _ = verified_neighbours(inliers, ids, labels, winners=np.array([1, 0, 0]))
-    assert counts.tolist() == [40, 0, 30]
+    chosen, counts, _ = verified_neighbours(inliers, ids, labels, winners=np.array([1, 0, 0, 1]))
+    assert chosen.tolist() == [3, 1, 4, 3] and counts.tolist() == [40, 0, 30, 50]
 
 
 def test_the_inlier_threshold_is_the_lowest_that_keeps_val_answers_precise_and_moves_ties_whole(monkeypatch):
