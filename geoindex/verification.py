@@ -268,8 +268,9 @@ class DenseMatcher(_Matcher):
     kind = "dense"
     name = f"EfficientNet-Lite0 ImageNet, stage {DENSE_STAGE} (stride 16), longer side {DENSE_SIDE} px"
 
-    def __init__(self, cv2=None, weights=None, cache_photos: int = DENSE_CACHE_PHOTOS):
+    def __init__(self, cv2=None, weights=None, cache_photos: int = DENSE_CACHE_PHOTOS, runtime: str | None = None):
         super().__init__(cache_photos)
+        self.requested_runtime = runtime  # as geoindex's --runtime: None follows the process's default
         import torch
 
         from .backbones import create_backbone
@@ -291,8 +292,8 @@ class DenseMatcher(_Matcher):
         if self._square is None:
             from .runtime import compile_model
 
-            self._square = compile_model(self.trunk, DENSE_SIDE, "cpu", precision="fp32", streams=1,
-                                         label="the dense matcher's EfficientNet-Lite0")
+            self._square = compile_model(self.trunk, DENSE_SIDE, "cpu", runtime=self.requested_runtime,
+                                         precision="fp32", streams=1, label="the dense matcher's EfficientNet-Lite0")
             self.runtime = getattr(self._square, "name", "torch")
         return self._square
 

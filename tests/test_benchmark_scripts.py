@@ -72,3 +72,21 @@ def test_extract_benchmark_int8_and_stages_smoke(tmp_path, monkeypatch):
     stages = results["stages_cpu_ms_per_photo"]
     assert stages["decode"] > 0 and stages["model (openvino-int8, all threads)"] > 0
     assert "of a photo's CPU time" in out
+
+
+def test_dense_matcher_benchmark_smoke(tmp_path):
+    import pytest
+
+    from geoindex.verification import dense_unavailable, shared_dense_matcher
+    london = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "london-or-london"
+    if not (london / "index.csv").is_file():
+        pytest.skip(f"no London-or-London photos at {london} (see ../shared/README.md)")
+    if shared_dense_matcher() is None:
+        pytest.skip(f"no dense matcher: {dense_unavailable()}")
+    out, results = run("dense_matcher.py", "--data", london, "--photos", 6, "--rounds", 2, "--pairs", 8,
+                       tmp_path=tmp_path)
+    assert results["photos"] == 6 and len(results["rounds_seconds"]["torch"]) == 2
+    assert all(s > 0 for s in results["seconds_a_photo"].values()) and results["speedup"] > 0
+    # the two runtimes' features agree to float16 storage: inlier counts on revisit pairs barely move
+    assert results["agreement"]["pairs"] == 8 and results["agreement"]["max_abs_difference"] <= 5
+    assert "identical for" in out
