@@ -67,10 +67,13 @@ def test_square_photos_run_in_the_compiled_trunk_with_eager_pytorchs_features(tm
     from geoindex.verification import DENSE_SIDE, _rgb
 
     monkeypatch.setenv("GEOINDEX_CACHE", str(tmp_path / "cache"))
-    matcher = DenseMatcher()
+    matcher = DenseMatcher(runtime="auto")
     photo = crop(scene(SCENES[1]), (0.0, 0.0, 0.8, 0.8))
     _, compiled = matcher.features(photo)
     assert matcher.runtime == ("openvino" if _openvino() is not None else "torch")
+    asked = DenseMatcher(runtime="torch")  # --runtime torch is obeyed
+    asked.features(photo)
+    assert asked.runtime == "torch"
     x = torch.from_numpy(np.array(_rgb(photo, DENSE_SIDE))).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.inference_mode():
         eager = torch.nn.functional.normalize(matcher.trunk(x), dim=1)[0].flatten(1).T.numpy()
