@@ -110,6 +110,7 @@ class _Matcher:
     def __init__(self, cache_photos: int):
         self.cache_photos = cache_photos
         self._cache: OrderedDict = OrderedDict()
+        self._cache_bytes = 0
         self._lock = threading.Lock()
 
     def _one(self, source):
@@ -125,9 +126,18 @@ class _Matcher:
 
     def _remember(self, key, found):
         with self._lock:
+            if key in self._cache:  # two threads computed the same photo: count it once
+                self._cache_bytes -= _nbytes(self._cache[key])
             self._cache[key] = found
+            self._cache_bytes += _nbytes(found)
             while len(self._cache) > self.cache_photos:
-                self._cache.popitem(last=False)
+                self._cache_bytes -= _nbytes(self._cache.popitem(last=False)[1])
+
+    def cache_stats(self) -> dict:
+        """What the cache of indexed photos' features holds: photos, MB, and its limit in photos."""
+        with self._lock:
+            return {"photos": len(self._cache), "mb": round(self._cache_bytes / 2**20, 2),
+                    "max_photos": self.cache_photos}
 
     def features_many(self, sources) -> list:
         """features() of each source."""
@@ -249,6 +259,10 @@ class Verifier(_Matcher):
                                    points_b[[g.trainIdx for g in good]], RANSAC_PX)
 
 
+def _nbytes(found) -> int:
+    return 0 if found is None else sum(part.nbytes for part in found)
+
+
 def _homography_inliers(cv2, points_a, points_b, threshold, method: str = "RANSAC") -> int:
     if len(points_a) < MIN_MATCHES:
         return 0
@@ -361,6 +375,12 @@ def shared_dense_matcher() -> DenseMatcher | None:
                 except Exception as exc:  # damaged weights: say why once, rather than fail every answer
                     _dense_missing = f"the dense matcher could not be loaded ({exc})"
         return _dense
+
+
+def cache_stats() -> dict:
+    """{matcher kind: its cache_stats()} for the matchers this process has made (none is made to answer)."""
+    with _shared_lock:
+        return {matcher.kind: matcher.cache_stats() for matcher in (_shared, _dense) if matcher is not None}
 
 
 def dense_unavailable() -> str | None:

@@ -206,8 +206,9 @@ def gallery_knn(home: Path, photo: Path):
         index.close()
 
 
-def query_and_service_gps(home: Path, photo: Path) -> tuple[dict, dict]:
-    """The `gps` of `query --json` on the file, and of the real service (`python -m geoindex.serve`) on its bytes."""
+def query_and_service_gps(home: Path, photo: Path, health: list | None = None) -> tuple[dict, dict]:
+    """The `gps` of `query --json` on the file, and of the real service (`python -m geoindex.serve`) on its bytes
+    (and its /healthz after that answer, appended to `health`)."""
     import httpx
     from test_serve import ServerProcess
 
@@ -219,6 +220,8 @@ def query_and_service_gps(home: Path, photo: Path) -> tuple[dict, dict]:
             response = httpx.post(server.url + "/v1/locate", files={"image": (photo.name, fh, "image/jpeg")},
                                   timeout=60)
         assert response.status_code == 200, response.text
+        if health is not None:
+            health.append(httpx.get(server.url + "/healthz", timeout=30).json())
         return expected, response.json()["results"][0]["gps"]
     finally:
         server.stop()
@@ -226,8 +229,12 @@ def query_and_service_gps(home: Path, photo: Path) -> tuple[dict, dict]:
 
 def test_the_service_verifies_an_upload_as_query_verifies_the_file(gallery):
     home, rows, queries = gallery
-    expected, gps = query_and_service_gps(home, queries / "revisit.jpg")
+    health = []
+    expected, gps = query_and_service_gps(home, queries / "revisit.jpg", health)
     assert gps["level"] == "street" and gps["inliers"] == expected["inliers"], (gps, expected)
+    # the indexed photos it verified against are cached, and /healthz says how much memory that holds
+    cached = health[0]["feature_caches"]["sift"]
+    assert cached["photos"] >= 1 and 0 < cached["mb"] < 1 and cached["max_photos"] >= cached["photos"], cached
     assert (gps["lat"], gps["lon"]) == (expected["lat"], expected["lon"])
     assert [member["row"] for member in gps["cluster"]] == [member["row"] for member in expected["cluster"]]
 
@@ -249,3 +256,19 @@ def test_probabilities_alone_never_pay_for_verification(gallery, monkeypatch):
         assert np.allclose(knn.predict_proba(fresh), verified.probs)  # tuning on val reads only these
         with pytest.raises(AssertionError, match="verification ran"):
             knn.predict(fresh)
+
+
+def test_the_feature_cache_counts_its_bytes_and_keeps_its_bound(tmp_path):
+    verifier = Verifier(cache_photos=2)
+    paths = []
+    for i, name in enumerate(SCENES[:3]):
+        crop(scene(name), (0.0, 0.0, 0.8, 0.8)).save(tmp_path / f"p{i}.jpg", quality=90)
+        paths.append(tmp_path / f"p{i}.jpg")
+    found = [verifier.features(p) for p in paths]
+    sizes = [sum(part.nbytes for part in f) for f in found]
+    stats = verifier.cache_stats()
+    assert stats["photos"] == 2 and stats["max_photos"] == 2  # the oldest photo was dropped
+    assert stats["mb"] == round((sizes[1] + sizes[2]) / 2**20, 2) and stats["mb"] > 0
+    verifier.features(tmp_path / "gone.jpg")  # an unreadable file is not cached
+    verifier.features(paths[2])  # a hit changes nothing
+    assert verifier.cache_stats() == stats

@@ -30,6 +30,7 @@ from ..config import ServeConfig
 from ..jsonio import jsonable
 from ..layout import MANIFEST
 from ..verification import LocalFeatures, shared_dense_matcher, shared_verifier
+from ..verification import cache_stats as feature_cache_stats
 from .batching import MicroBatcher, QueueFull
 from .uploads import (MULTIPART_OVERHEAD, ByteBudget, ClientGone, Costly, UploadError, decode_image, read_body,
                       split_uploads)
@@ -376,7 +377,10 @@ class Locator:
                 "build_id_on_disk": self.disk_build_id, "problem": self.problem.message if self.problem else None,
                 "loaded_at": snapshot.loaded_at, "reloads": self.reloads,
                 "uploads_held_mb": round(self.budget.held / 2**20, 2), "costly_decodes_waiting": self.costly_waiting,
-                "batching": self.batcher.stats(), "cpu_seconds_by_thread": thread_cpu_seconds()}
+                "batching": self.batcher.stats(), "cpu_seconds_by_thread": thread_cpu_seconds(),
+                # bounded (verification.CACHE_PHOTOS, DENSE_CACHE_PHOTOS), and outside --max-inflight-mb, which
+                # counts uploads
+                "feature_caches": feature_cache_stats()}
         return (503 if self.problem is not None else 200), body
 
 
