@@ -457,7 +457,7 @@ def verified_neighbours(inliers, ids, labels, winners):
     that city), and its column."""
     from .verification import best_verified
 
-    winners = np.asarray(winners)
+    winners = np.broadcast_to(np.ravel(winners), (len(ids),))  # one per query; a scalar for all
     in_city = (ids >= 0) & (_at(ids, labels, -1) == winners[:, None])
     column, best = best_verified(np.where(in_city, inliers, -1))
     rows = np.arange(len(ids))

@@ -493,7 +493,7 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _compile_config(threads: int | None, streams: int | None, precision: str = "fp32") -> dict:
+def _compile_config(threads: int | None, streams: int | None, precision: str = "fp32", stretch: bool = True) -> dict:
     """Up to MAX_STREAMS streams sharing the cores (on 2 cores: two streams of one thread), each batch split among
     them; at the precision asked (bf16, or f32 for fp32 and for an int8 model's layers left in float).
 
@@ -501,6 +501,8 @@ def _compile_config(threads: int | None, streams: int | None, precision: str = "
     decoder (or an HTTP thread) taking a core stalls the whole model; one-thread streams each lose only what
     they lose themselves, as `geoindex serve`'s two model threads do for the same reason. On an idle 2-core
     CPU one stream of two threads measured the same (effnet-duo end to end, 43 photos/s either way).
+    stretch=False keeps exactly `threads`: a model one caller runs beside the others (the dense matcher in
+    `geoindex serve`'s decoding lane) takes that caller's share of the cores, not all of them.
     The precision is always named: on CPUs with AMX or AVX512-BF16 OpenVINO would otherwise pick bf16 by itself,
     unchecked, for an fp32 or int8 model too.
     """
@@ -508,7 +510,7 @@ def _compile_config(threads: int | None, streams: int | None, precision: str = "
     cores = usable_cores()
     # `geoindex serve` gives each of its model threads a share of the cores as torch threads: together they
     # use them all, so the compiled model (shared by the model threads) gets all of them too.
-    total = threads * max(1, cores // threads)
+    total = threads * max(1, cores // threads) if stretch else threads
     streams = max(1, streams or int(os.environ.get(STREAMS_ENV) or 0) or min(total, MAX_STREAMS))
     per_stream = max(1, total // streams)
     return {"PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT", "NUM_STREAMS": str(streams),
@@ -523,12 +525,13 @@ class OpenVinoModel:
     name = "openvino"
 
     def __init__(self, module: torch.nn.Module, image_size: int, label: str = "the model", threads: int | None = None,
-                 streams: int | None = None, precision: str | None = None, calibration: Calibration | None = None):
+                 streams: int | None = None, precision: str | None = None, calibration: Calibration | None = None,
+                 stretch_threads: bool = True):
         self.module, self.image_size, self.label = module, image_size, label
         self.precision, self.calibration = resolve_precision(precision, "openvino"), calibration
         if self.precision == "int8" and calibration is None:
             raise GeoindexError("an int8 model needs calibration photos")
-        self.config = _compile_config(threads, streams, self.precision)
+        self.config = _compile_config(threads, streams, self.precision, stretch_threads)
         self.streams = int(self.config["NUM_STREAMS"])
         self._local = threading.local()
         self._rebuild = threading.Lock()
@@ -603,7 +606,7 @@ class OpenVinoModel:
 def compile_model(module: torch.nn.Module, image_size: int, device="cpu", *, runtime: str | None = None,
                   amp: bool | None = None, channels_last: bool = True, label: str = "the model",
                   threads: int | None = None, streams: int | None = None, precision: str | None = None,
-                  calibration: Calibration | None = None):
+                  calibration: Calibration | None = None, stretch_threads: bool = True):
     """The module as a callable float (N, 3, H, W) -> (N, D) float32 tensor (on `device` for torch, on the CPU for
     OpenVINO), for the runtime asked for. An fp32 OpenVINO export that fails or disagrees with PyTorch is said once,
     and PyTorch runs instead; int8 (OpenVINO only) was asked for explicitly, so its failure is an error."""
@@ -618,7 +621,8 @@ def compile_model(module: torch.nn.Module, image_size: int, device="cpu", *, run
                              calibration=calibration)
     if runs_in == "openvino" and not amp:
         try:
-            return OpenVinoModel(module, image_size, label, threads=threads, streams=streams, precision=precision)
+            return OpenVinoModel(module, image_size, label, threads=threads, streams=streams, precision=precision,
+                                 stretch_threads=stretch_threads)
         except Exception as exc:  # an unconvertible module must never stop a build: PyTorch can still run it
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             say_once(f"{label} cannot run in OpenVINO ({detail[:300]}); it runs in PyTorch")

@@ -300,14 +300,20 @@ class DenseMatcher(_Matcher):
 
     def _square_model(self):
         """The trunk as the runtime geoindex embeds with compiles it for square DENSE_SIDE inputs (street crops
-        all are): OpenVINO on a CPU where it is installed, about 4x eager PyTorch's photos/s on 2 cores. Always
-        fp32 and one stream: inlier counts that val calibrated must not depend on whether a CPU computes bf16, and
-        one photo at a time is what this matcher runs."""
+        all are): OpenVINO on a CPU where it is installed, 2.5x eager PyTorch's photos/s on 2 cores, decoding
+        included (benchmarks/dense_matcher.py). Always fp32 and one stream: inlier counts that val calibrated must
+        not depend on whether a CPU computes bf16, and one photo at a time is what this matcher runs. It takes the
+        process's torch threads and no more: in `geoindex serve` that is one model thread's share of the cores.
+        PyTorch, where it runs, keeps the trunk's memory format, which non-square photos share."""
         if self._square is None:
+            import torch
+
             from .runtime import compile_model
 
             self._square = compile_model(self.trunk, DENSE_SIDE, "cpu", runtime=self.requested_runtime,
-                                         precision="fp32", streams=1, label="the dense matcher's EfficientNet-Lite0")
+                                         precision="fp32", streams=1, threads=torch.get_num_threads(),
+                                         stretch_threads=False, channels_last=False,
+                                         label="the dense matcher's EfficientNet-Lite0")
             self.runtime = getattr(self._square, "name", "torch")
         return self._square
 

@@ -86,7 +86,7 @@ def test_dense_matcher_benchmark_smoke(tmp_path):
     out, results = run("dense_matcher.py", "--data", london, "--photos", 6, "--rounds", 2, "--pairs", 8,
                        tmp_path=tmp_path)
     assert results["photos"] == 6 and len(results["rounds_seconds"]["torch"]) == 2
-    assert all(s > 0 for s in results["seconds_a_photo"].values()) and results["speedup"] > 0
+    assert results["speedup"] == results["seconds_a_photo"]["torch"] / results["seconds_a_photo"]["compiled"]
     # the two runtimes' features agree to float16 storage: nearly every revisit pair counts the same inliers
-    assert results["agreement"]["pairs"] == 8 and results["agreement"]["identical"] >= 0.5
+    assert results["agreement"]["pairs"] == 8 and results["agreement"]["identical"] >= 0.75
     assert "identical for" in out

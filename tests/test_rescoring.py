@@ -71,17 +71,31 @@ def test_square_photos_run_in_the_compiled_trunk_with_eager_pytorchs_features(tm
     photo = crop(scene(SCENES[1]), (0.0, 0.0, 0.8, 0.8))
     _, compiled = matcher.features(photo)
     assert matcher.runtime == ("openvino" if _openvino() is not None else "torch")
-    asked = DenseMatcher(runtime="torch")  # --runtime torch is obeyed
+    # --runtime torch is obeyed, and leaves the trunk that non-square photos share as it was: their features do
+    # not depend on whether a square photo came first (the service computes an upload before its candidates)
+    asked = DenseMatcher(runtime="torch")
+    wide = crop(scene(SCENES[2]), (0.0, 0.0, 0.8, 0.4)).resize((448, 224))
+    before = asked.features(wide)[1]
     asked.features(photo)
-    assert asked.runtime == "torch"
+    assert asked.runtime == "torch" and np.array_equal(asked.features(wide)[1], before)
+    # in `geoindex serve` a model thread's share of the cores is the process's torch threads: the matcher takes
+    # that many, not every core
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = DenseMatcher(runtime="auto")
+        one.features(photo)
+        if one.runtime == "openvino":
+            assert one._square.config["INFERENCE_NUM_THREADS"] == "1" and one._square.config["NUM_STREAMS"] == "1"
+    finally:
+        torch.set_num_threads(threads)
     x = torch.from_numpy(np.array(_rgb(photo, DENSE_SIDE))).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.inference_mode():
         eager = torch.nn.functional.normalize(matcher.trunk(x), dim=1)[0].flatten(1).T.numpy()
     assert compiled.shape == eager.shape == ((DENSE_SIDE // 16) ** 2, 112)
     cosine = (compiled.astype(np.float32) * eager).sum(1)  # both unit length per cell
     assert cosine.min() > 0.999, cosine.min()  # float16 storage, not the runtime, sets this floor
-    wide = crop(scene(SCENES[1]), (0.0, 0.0, 0.8, 0.4)).resize((448, 224))  # not square: eager PyTorch
-    assert matcher.features(wide)[1].shape == (28 * 14, 112)
+    assert matcher.features(wide)[1].shape == (28 * 14, 112)  # not square: eager PyTorch
 
 
 def test_rescoring_adds_weighted_inliers_and_keeps_the_search_order_on_ties():

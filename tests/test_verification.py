@@ -91,6 +91,8 @@ def test_a_verified_photo_counts_only_in_the_city_the_vote_chose():
     # the next best in the voted city answers; where no neighbour is in it, nothing is verified
     assert chosen.tolist()[:3] == [9, 1, 4] and column.tolist()[:3] == [2, 0, 0]
     assert counts.tolist() == [20, 0, 30, -1]
+    for same in (0, np.zeros((4, 1), dtype=np.int64)):  # one city for all, or a column of them: read alike
+        assert verified_neighbours(inliers, ids, labels, winners=same)[1].tolist() == counts.tolist()
     assert verified_mask(counts, {"inliers": 15}).tolist() == [True, False, True, False]
     assert not verified_mask(counts, {"inliers": None}).any() and not verified_mask(counts, None).any()
     chosen, counts, _ = verified_neighbours(inliers, ids, labels, winners=np.array([1, 0, 0, 1]))
