@@ -300,7 +300,7 @@ class DenseMatcher(_Matcher):
 
     def _square_model(self):
         """The trunk as the runtime geoindex embeds with compiles it for square DENSE_SIDE inputs (street crops
-        all are): OpenVINO on a CPU where it is installed, 2.5x eager PyTorch's photos/s on 2 cores, decoding
+        all are): OpenVINO on a CPU where it is installed, 3.3x eager PyTorch's photos/s on 2 cores, decoding
         included (benchmarks/dense_matcher.py). Always fp32 and one stream: inlier counts that val calibrated must
         not depend on whether a CPU computes bf16, and one photo at a time is what this matcher runs. It takes the
         process's torch threads and no more: in `geoindex serve` that is one model thread's share of the cores.
