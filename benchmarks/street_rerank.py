@@ -55,10 +55,21 @@ def recall(ids, gallery_lat, gallery_lon, lat, lon) -> dict:
             "hits": hit}
 
 
-def ranked(queries, gallery, k):
-    scores = queries @ gallery.T
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    return np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable"), 1)
+def ranked(queries, gallery, k, chunk: int = 256):
+    """Each query's k most similar gallery rows, best first; queries go in chunks, so memory is chunk x gallery
+    whatever the number of queries (a 530k-photo gallery asked by itself included)."""
+    out = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), chunk):
+        scores = queries[start:start + chunk] @ gallery.T
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        out[start:start + chunk] = np.take_along_axis(
+            top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable"), 1)
+    return out
+
+
+def similarities(queries, gallery, ids):
+    """Each query's similarity to its gallery rows `ids` (Q, K), without a queries x gallery matrix."""
+    return np.einsum("qd,qkd->qk", queries, gallery[ids])
 
 
 def main(argv=None):
@@ -72,7 +83,6 @@ def main(argv=None):
     from geoindex.geo_index import load_index
     from geoindex.locate import resolve_index_path
     from geoindex.revisit import RevisitSet, revisit_queries
-    from geoindex.voting import haversine_km
     from geoindex.whitening import Whitening
 
     index = load_index(resolve_index_path(args.index, args.index_dir), device="cpu")
@@ -112,12 +122,17 @@ def main(argv=None):
             started = time.perf_counter()
             inliers = verifier.shortlist_inliers(list(paths[rows]), gallery[shortlist], paths)
             seconds = (time.perf_counter() - started) / max(len(rows), 1)
-            near = haversine_km(lat[:, None], lon[:, None], g_lat[None], g_lon[None]) * 1000 <= SPOT_M
-            width = max(1, int(near.sum(1).max()))
+            from sklearn.neighbors import BallTree
+
+            from geoindex.voting import EARTH_RADIUS_KM
+
+            near = BallTree(np.radians(np.column_stack([g_lat, g_lon]).astype(np.float64)), metric="haversine") \
+                .query_radius(np.radians(np.column_stack([lat, lon]).astype(np.float64)),
+                              SPOT_M / 1000 / EARTH_RADIUS_KM)
+            width = max(1, max((len(found) for found in near), default=0))
             spot = np.full((len(rows), width), -1)
             for i in rows_at:
-                found = gallery[np.flatnonzero(near[i])]
-                spot[i, :len(found)] = found
+                spot[i, :len(near[i])] = gallery[np.sort(near[i])]
             seeable = verifier.shortlist_inliers(list(paths[rows]), spot, paths).max(1)
             verification = {"seconds_per_query": seconds, "shortlists": {},
                             "verifiable": {t: float((seeable >= t).mean()) for t in INLIER_THRESHOLDS}}
@@ -145,7 +160,7 @@ def main(argv=None):
             started = time.perf_counter()
             found = dense.shortlist_inliers(list(paths[rows]), gallery[head], paths)
             seconds = (time.perf_counter() - started) / max(len(rows), 1)
-            similarity = np.take_along_axis(queries @ photos.T, head, 1)
+            similarity = similarities(queries, photos, head)
             rescoring = {"seconds_per_query": seconds, "weights": {}}
             for weight in RERANK_WEIGHTS:
                 _, order = rerank_street(similarity, head, found, weight)
@@ -156,15 +171,15 @@ def main(argv=None):
             print(f"  dense matching: {seconds:.2f} s a query (10 pairs)")
             result["dense_rescoring"] = rescoring
 
-        similarity = photos @ photos.T
-        order = np.argsort(-similarity, axis=1)[:, :max(n for n, _ in DBA_SETTINGS) + 1]  # itself first
+        order = ranked(photos, photos, max(n for n, _ in DBA_SETTINGS) + 1)  # itself first
+        similarity = similarities(photos, photos, order)
         result["dba"] = {}
         for n, power in DBA_SETTINGS:
-            weights = np.take_along_axis(similarity, order[:, :n + 1], 1).clip(0) ** power
+            weights = similarity[:, :n + 1].clip(0) ** power
             augmented = (photos[order[:, :n + 1]] * weights[..., None]).sum(1)
             augmented /= np.linalg.norm(augmented, axis=1, keepdims=True)
             first = ranked(queries, augmented, n)
-            q_weights = np.take_along_axis(queries @ augmented.T, first, 1).clip(0) ** power
+            q_weights = similarities(queries, augmented, first).clip(0) ** power
             expanded = queries + (augmented[first] * q_weights[..., None]).sum(1)
             expanded /= np.linalg.norm(expanded, axis=1, keepdims=True)
             dba = recall(ranked(queries, augmented, 10), g_lat, g_lon, lat, lon)

@@ -90,3 +90,48 @@ def test_dense_matcher_benchmark_smoke(tmp_path):
     # the two runtimes' features agree to float16 storage: nearly every revisit pair counts the same inliers
     assert results["agreement"]["pairs"] == 8 and results["agreement"]["identical"] >= 0.75
     assert "identical for" in out
+
+
+def test_street_rerank_ranks_in_chunks_as_one_matrix_would():
+    import numpy as np
+    sys.path.insert(0, str(BENCH.parent))
+    from benchmarks.street_rerank import ranked, similarities
+
+    rng = np.random.default_rng(0)
+    queries, gallery = rng.normal(size=(10, 8)), rng.normal(size=(50, 8))
+    full = np.argsort(-(queries @ gallery.T), axis=1)[:, :5]
+    top = ranked(queries, gallery, 5, chunk=3)  # chunks that do not divide the queries
+    assert top.tolist() == full.tolist()
+    assert np.allclose(similarities(queries, gallery, top), np.take_along_axis(queries @ gallery.T, full, 1))
+
+
+def test_street_rerank_benchmark_smoke(tmp_path):
+    import numpy as np
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from conftest import build_cnn_index
+
+    from geoindex.geo_index import load_index
+    from geoindex.layout import KNN_PARAMS, STREET_WHITENING
+    from geoindex.synthetic import make_synthetic_gsv
+    from geoindex.whitening import Whitening
+
+    root = make_synthetic_gsv(tmp_path / "GSV", cities=("Barcelona", "London"), places_per_city=8,
+                              images_per_place=3, image_size=(64, 48))
+    build_cnn_index(root, tmp_path / "idx", "rr")
+    index = load_index("rr", tmp_path / "idx")
+    Whitening.fit(index.store.embeddings("train"), max_dims=16).using(8, 1.0).save(
+        tmp_path / "idx" / "rr" / STREET_WHITENING)
+    index.close()
+    (tmp_path / "idx" / "rr" / KNN_PARAMS).write_text(json.dumps(
+        {"k": 5, "vote": "softmax", "temperature": 0.05, "tuned_on": "val",
+         "street": {"space": {"dims": 8, "power": 1.0}, "threshold": None}}))
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    out, results = run("street_rerank.py", "--index", "rr", "--index-dir", tmp_path / "idx", "--shortlist", 10,
+                       tmp_path=results_dir)
+    assert set(results["splits"]) == {"val", "test"}
+    for split, found in results["splits"].items():
+        assert found["queries"] > 0 and found["gallery_photos"] > found["queries"]
+        assert 0 <= found["street_space"]["r@1_25m"] <= found["street_space"]["r@10_25m"] <= 1
+        assert len(found["dba"]) == 6 and all(0 <= v["dba"]["r@1_25m"] <= 1 for v in found["dba"].values())
+        assert f"{split}: {found['queries']} queries" in out
