@@ -121,7 +121,7 @@ class KNNMethod(Method):
                 cached = self.street_index.search(space(photos.embeddings),
                                                   min(max(k, STREET_K), self.street_index.ntotal))
             photos.cache[key] = cached
-        weight = self._rescoring_weight() if photos.locate else None
+        weight = self._rescoring()[0] if photos.locate else None
         if weight and len(cached[0]):
             rescored = ("street-rescored", space_key, cached[0].shape[1])
             if rescored not in photos.cache:
@@ -130,28 +130,20 @@ class KNNMethod(Method):
         scores = cached[2] if similarities and len(cached) > 2 else cached[0]
         return scores[:, :k], cached[1][:, :k]
 
-    def _rescoring_weight(self) -> float | None:
-        """The dense re-scoring weight val chose, where this process can re-score as it was calibrated (the same
-        matcher, its weights and OpenCV at hand); else None."""
+    def _rescoring(self) -> tuple[float | None, str | None]:
+        """(the dense re-scoring weight val chose, where this process can re-score as it was calibrated: the same
+        matcher, its weights and OpenCV at hand; why it cannot, where it was calibrated re-scored); (None, None)
+        where val chose no re-scoring."""
         rerank = (self.settings.street or {}).get("rerank") or {}
         if not rerank.get("weight"):
-            return None
-        from ..verification import DenseMatcher, shared_dense_matcher
-
-        if rerank.get("matcher", DenseMatcher.name) != DenseMatcher.name or shared_dense_matcher() is None:
-            return None
-        return float(rerank["weight"])
-
-    def _rescoring_lost(self) -> str | None:
-        """Why street neighbours calibrated re-scored cannot be re-scored here, or None."""
-        rerank = (self.settings.street or {}).get("rerank") or {}
-        if not rerank.get("weight") or self._rescoring_weight() is not None:
-            return None
-        from ..verification import DenseMatcher, dense_unavailable
+            return None, None
+        from ..verification import DenseMatcher, dense_unavailable, shared_dense_matcher
 
         if rerank.get("matcher", DenseMatcher.name) != DenseMatcher.name:
-            return f"calibrated with another dense matcher ({rerank['matcher']})"
-        return dense_unavailable()
+            return None, f"calibrated with another dense matcher ({rerank['matcher']})"
+        if shared_dense_matcher() is None:
+            return None, dense_unavailable()
+        return float(rerank["weight"]), None
 
     def _rescored(self, photos: Photos, found, weight: float):
         """The search's street neighbours with the first STREET_K re-scored by dense matching, and their own
@@ -205,7 +197,7 @@ class KNNMethod(Method):
         train_labels = meta["label"].to_numpy()
         coords = city_answers(self, sims, ids, lats, lons, train_labels, probs)
         street = s.street or {}
-        lost = self._rescoring_lost() if photos.locate else None
+        lost = self._rescoring()[1] if photos.locate else None
         if lost:
             # the thresholds were set on re-scored neighbours: on the search's order they would not keep their
             # precision, so cluster answers stay city level (a verified photo still answers: the same 10 are checked)
@@ -251,8 +243,8 @@ class KNNMethod(Method):
         verifier = shared_verifier()
         if verifier is None:
             return None
-        ids = self.street_neighbours(photos, STREET_K)[1]  # the neighbours the cluster is found among
-        sims = self.street_neighbours(photos, STREET_K, similarities=True)[0]
+        # the neighbours the cluster is found among, with their own similarities
+        sims, ids = self.street_neighbours(photos, STREET_K, similarities=True)
         space = self.settings.street_whitening
         key = ("street-inliers", None if space is None else (space.dims, space.power))
         if key not in photos.cache:  # a hybrid answer asks kNN again for the same photos
