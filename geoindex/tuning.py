@@ -96,12 +96,20 @@ def rescoring_summary(rerank: dict | None) -> str:
         return ""
     if not rerank.get("weight"):
         return f"; street neighbours in the search's order ({rerank.get('note', 'not calibrated')})"
-    tried = (rerank.get("tried") or {})
-    before, after = tried.get("0", {}).get("first_within_25m"), tried.get(f"{rerank['weight']:g}", {}).get(
-        "first_within_25m")
+    tried = rerank.get("tried") or []
+    if isinstance(tried, dict):  # indexes from before the depth was chosen: {weight: figures}, 10 neighbours
+        tried = [{"k": 10, "weight": float(weight), **figures} for weight, figures in tried.items()]
+    depth = int(rerank.get("k") or 10)
+
+    def first(k, weight):
+        return next((t.get("first_within_25m") for t in tried
+                     if t.get("weight") == weight and (not weight or t.get("k") == k)), None)
+
+    before, after = first(None, 0.0), first(depth, float(rerank["weight"]))
     gain = (f": the first within 25 m for {before:.0%} -> {after:.0%} of val photos"
             if before is not None and after is not None else "")
-    return f"; street neighbours re-scored by dense matching (weight {rerank['weight']:g}{gain})"
+    return (f"; the first {depth} street neighbours re-scored by dense matching (weight {rerank['weight']:g}"
+            f"{gain})")
 
 
 def verification_summary(verify: dict | None) -> str:

@@ -164,27 +164,37 @@ class _Matcher:
     def inliers(self, a, b) -> int:
         raise NotImplementedError
 
-    def shortlist_inliers(self, queries: list, candidates: np.ndarray, paths, chunk: int = 64,
+    def shortlist_inliers(self, queries: list, candidates: np.ndarray, paths, chunk: int = 256,
                           progress: str | None = None) -> np.ndarray:
         """Inliers (Q, K) between each query (path or image) and its candidates (indexed photo numbers into
-        `paths`, -1 for none). Queries go in chunks whose candidates' features are held for the chunk, so a
-        photo shared by several shortlists of a chunk is computed once however small the cache. `progress`: a progress
-        bar's label (shown for more than one chunk)."""
+        `paths`, -1 for none). Queries go in chunks whose features are held for the chunk; each candidate of a
+        chunk is then computed once and matched against every query that lists it, so a photo shared by many
+        shortlists (deep ones overlap a lot) is computed once a chunk however small the cache, and memory is the
+        chunk's queries plus one candidate. `progress`: a progress bar's label (shown for more than one chunk's
+        worth of pairs)."""
         from tqdm.auto import tqdm
 
         out = np.zeros(candidates.shape, dtype=np.int32)
-        bar = tqdm(total=len(queries), desc=progress, unit="photo", disable=progress is None or len(queries) <= chunk)
+        pairs = int((candidates >= 0).sum())
+        bar = tqdm(total=pairs, desc=progress, unit="pair",
+                   disable=progress is None or len(queries) <= chunk)
         for start in range(0, len(queries), chunk):
             block = candidates[start:start + chunk]
-            wanted = np.unique(block[block >= 0])
-            held = dict(zip(wanted.tolist(), self.features_many([paths[int(i)] for i in wanted])))
-            for offset, query in enumerate(self.features_many(list(queries[start:start + chunk]))):
-                if query is None:
+            found = self.features_many(list(queries[start:start + chunk]))
+            rows, columns = np.nonzero(block >= 0)
+            ids = block[rows, columns]
+            order = np.argsort(ids, kind="stable")
+            rows, columns, ids = rows[order], columns[order], ids[order]
+            bounds = np.flatnonzero(np.diff(ids)) + 1
+            for group in np.split(np.arange(len(ids)), bounds):
+                if not len(group):
                     continue
-                for j, i in enumerate(block[offset]):
-                    if i >= 0:
-                        out[start + offset, j] = self.inliers(query, held[int(i)])
-            bar.update(len(block))
+                wanted = [g for g in group if found[rows[g]] is not None]
+                if wanted:
+                    candidate = self.features(paths[int(ids[group[0]])])
+                    for g in wanted:
+                        out[start + rows[g], columns[g]] = self.inliers(found[rows[g]], candidate)
+                bar.update(len(group))
         bar.close()
         return out
 

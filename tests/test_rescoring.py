@@ -113,21 +113,24 @@ def test_rescoring_adds_weighted_inliers_and_keeps_the_search_order_on_ties():
 
 class _Photos:
     """The protocol's table as RevisitSet has it, over hand-made shortlists: val photo r (of 100) is at its own
-    spot, 1.1 km from the next; its older capture, photo 100 + r, is found third by the search; every other
-    neighbour is an older capture of another spot."""
+    spot, 1.1 km from the next; its older capture, photo 100 + r, is found at `spot_column` (third) by the search;
+    every other neighbour is one of photos 200-299, 100 km north."""
 
-    def __init__(self, n_val=20):
+    def __init__(self, n_val=20, spot_column=2):
         import pandas as pd
 
+        self.spot_column = spot_column
         self.rows = np.arange(n_val)
-        self.lat = 51.0 + 0.01 * (np.arange(200) % 100)
-        self.lon = np.full(200, -0.1)
-        self.labels = np.zeros(200, dtype=np.int64)
-        self.table = pd.DataFrame({"path": [f"p{i}.jpg" for i in range(200)], "split": ["val"] * 200})
+        self.lat = np.concatenate([51.0 + 0.01 * (np.arange(200) % 100), 52.0 + 0.01 * np.arange(100)])
+        self.lon = np.full(300, -0.1)
+        self.labels = np.zeros(300, dtype=np.int64)
+        self.table = pd.DataFrame({"path": [f"p{i}.jpg" for i in range(300)], "split": ["val"] * 300})
 
     def neighbours(self, rows, k, space=None, gallery_splits=None):
-        ids = 100 + (rows[:, None] + 1 + np.arange(k)[None]) % 100
-        ids[:, 2] = 100 + rows
+        k = min(k, 100)
+        ids = 200 + (rows[:, None] + 1 + np.arange(k)[None]) % 100
+        if self.spot_column < k:
+            ids[:, self.spot_column] = 100 + rows
         return np.tile(np.linspace(0.9, 0.5, k, dtype=np.float32), (len(rows), 1)), ids
 
 
@@ -155,14 +158,32 @@ def test_val_weighs_the_rescoring_and_turns_it_off_where_it_does_not_help(monkey
     winners = np.zeros(2 * len(rows), dtype=np.int64)
     choice, take, scored = revisit.calibrate_rerank(data, rows, winners, None)
     assert take.tolist() == rows.tolist() and choice["n_val"] == len(rows)
-    assert choice["tried"]["0"]["first_within_25m"] == 0.0  # the search puts the spot third for every photo
+    assert _tried(choice, 10, 0.0)["first_within_25m"] == 0.0  # the search puts the spot third for every photo
     if right:
         assert choice["weight"] in revisit.RERANK_WEIGHTS and choice["weight"] > 0
-        assert choice["tried"][f"{choice['weight']:g}"]["first_within_25m"] == 1.0
-        assert (scored[0][1][:, 0] == rows + 100).all()
+        assert _tried(choice, choice["k"], choice["weight"])["first_within_25m"] == 1.0
+        assert choice["k"] == 10  # deeper re-scoring finds it as well and costs more matches: the fewest win
+        assert (scored[0][1][:, 0] == rows + 100).all() and scored[0][1].shape[1] == revisit.STREET_K
     else:  # the matcher favours a look-alike kilometres away: the search's order stands
         assert choice["weight"] is None and scored is None and "did not help" in choice["note"]
     json.dumps(choice)  # saved with the street calibration as it is
+
+
+def _tried(choice, k, weight):
+    (found,) = [t for t in choice["tried"] if t["weight"] == weight and (not weight or t["k"] == k)]
+    return found
+
+
+def test_val_rescores_deep_enough_to_reach_a_spot_the_search_puts_past_the_cluster(monkeypatch):
+    import geoindex.verification
+    from geoindex import revisit
+
+    data = _Photos(spot_column=30)  # past the first 10 and 25: only re-scoring 50 or more brings it up
+    monkeypatch.setattr(geoindex.verification, "shared_dense_matcher", lambda: _Matcher(True))
+    choice, _, scored = revisit.calibrate_rerank(data, data.rows, np.zeros(40, dtype=np.int64), None)
+    assert choice["k"] == 50 and choice["weight"] > 0
+    assert _tried(choice, 25, choice["weight"])["first_within_25m"] == 0.0
+    assert (scored[0][1][:, 0] == data.rows + 100).all() and (scored[1][1][:, 0] == data.rows + 100).all()
 
 
 def test_without_the_matcher_the_street_shortlist_keeps_the_search_order(monkeypatch):
@@ -209,7 +230,7 @@ def test_query_answers_from_the_rescored_order_and_probabilities_alone_never_pay
         # the search puts the look-alike first: the answer above is the re-scoring's
         assert Path(paths[searched[0]]).name == "look-alike.jpg"
         monkeypatch.setattr(revisit, "dense_inliers",
-                            lambda matcher, sources, ids, paths: np.where(ids == searched[-1], 90, 0))
+                            lambda matcher, sources, ids, paths, depth: np.where(ids[:, :depth] == searched[-1], 90, 0))
         assert knn.street_neighbours(Photos(embeddings, [photo]), 6)[1][0, 0] == searched[-1]
 
         expected = knn.predict(located).probs
@@ -234,10 +255,15 @@ def test_the_service_rescores_an_upload_as_query_rescores_the_file(rescored):
 def test_train_and_bench_logs_say_what_the_rescoring_chose():
     from geoindex.tuning import street_summary
 
-    street = {"threshold": None, "note": "too few", "rerank": {
-        "weight": 0.3, "tried": {"0": {"first_within_25m": 0.25}, "0.3": {"first_within_25m": 0.31}}}}
-    assert "re-scored by dense matching (weight 0.3: the first within 25 m for 25% -> 31% of val photos)" \
-        in street_summary(street)
+    street = {"threshold": None, "note": "too few", "rerank": {"weight": 0.3, "k": 25, "tried": [
+        {"k": 10, "weight": 0.0, "first_within_25m": 0.25}, {"k": 10, "weight": 0.3, "first_within_25m": 0.28},
+        {"k": 25, "weight": 0.3, "first_within_25m": 0.31}]}}
+    assert ("the first 25 street neighbours re-scored by dense matching (weight 0.3: the first within 25 m for "
+            "25% -> 31% of val photos)") in street_summary(street)
+    older = dict(street, rerank={"weight": 0.3, "k": 10, "tried": {"0": {"first_within_25m": 0.25},
+                                                                   "0.3": {"first_within_25m": 0.3}}})
+    assert "the first 10 street neighbours re-scored by dense matching (weight 0.3: the first within 25 m for " \
+        "25% -> 30%" in street_summary(older)
     off = dict(street, rerank={"weight": None, "note": "re-scoring by dense matching did not help on val"})
     assert "street neighbours in the search's order (re-scoring by dense matching did not help on val)" \
         in street_summary(off)
@@ -254,12 +280,35 @@ def test_answers_report_each_neighbours_own_similarity_not_its_score(rescored, m
         sims, searched = knn.street_neighbours(Photos(embeddings, [photo], locate=False), 6)
         own = dict(zip(searched[0].tolist(), sims[0].tolist()))
         monkeypatch.setattr(revisit, "dense_inliers",
-                            lambda matcher, sources, ids, paths: np.where(ids == searched[0, -1], 90, 0))
+                            lambda matcher, sources, ids, paths, depth: np.where(ids[:, :depth] == searched[0, -1], 90, 0))
         located = Photos(embeddings, [photo])
         scores, ids = knn.street_neighbours(located, 6)
         reported = knn.street_neighbours(located, 6, similarities=True)[0]
         assert ids[0, 0] == searched[0, -1] and scores[0, 0] == pytest.approx(own[searched[0, -1]] + 0.9)
         assert reported[0].tolist() == pytest.approx([own[i] for i in ids[0].tolist()])
+
+
+@needs_matcher
+def test_query_rescores_as_many_street_neighbours_as_val_chose(rescored, monkeypatch):
+    from geoindex import revisit
+    from geoindex.methods import Photos
+
+    home, rows, queries = rescored
+    with gallery_knn(home, queries / "revisit.jpg") as (knn, photo, embeddings):
+        searched = knn.street_neighbours(Photos(embeddings, [photo], locate=False), 6)[1][0]
+        asked = []
+
+        def last_one_matches(matcher, sources, ids, paths, depth):
+            asked.append(ids[:, :depth].shape[1])
+            return np.where(ids[:, :depth] == searched[-1], 90, 0)
+
+        monkeypatch.setattr(revisit, "dense_inliers", last_one_matches)
+        street = knn.settings.street
+        for depth, first in ((3, searched[0]), (10, searched[-1])):  # the sixth is out of reach of the first 3
+            monkeypatch.setattr(knn, "street_" if knn.fitted else "street",
+                                {**street, "rerank": {**street["rerank"], "k": depth}})
+            assert knn.street_neighbours(Photos(embeddings, [photo]), 6)[1][0, 0] == first
+        assert asked == [3, min(10, knn.index.store.count("train"))]
 
 
 @needs_matcher

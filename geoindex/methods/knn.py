@@ -105,48 +105,49 @@ class KNNMethod(Method):
     def street_neighbours(self, photos: Photos, k: int, similarities: bool = False):
         """(scores, train row ids) of the k nearest train photos in the street space, cached per set: their
         similarities, except that where the street calibration re-scores them by dense matching
-        (`street["rerank"]`) and the photos are being located, the first STREET_K come re-scored and re-sorted
+        (`street["rerank"]`) and the photos are being located, the first `rerank["k"]` come re-scored and re-sorted
         (`revisit.rerank_street`). similarities=True: the search's similarities, in that order (what answers
         report)."""
         from ..revisit import STREET_K
 
+        weight, depth, _ = self._rescoring() if photos.locate else (None, None, None)
+        width = max(k, STREET_K, depth or 0)
         space = self.settings.street_whitening
         space_key = None if space is None else (space.dims, space.power)
         key = ("street-neighbours", space_key)
         cached = photos.cache.get(key)
-        if cached is None or cached[0].shape[1] < max(k, STREET_K):
+        if cached is None or cached[0].shape[1] < width:
             if space is None:
-                cached = self.index.search(photos.embeddings, max(k, STREET_K))
+                cached = self.index.search(photos.embeddings, width)
             else:
-                cached = self.street_index.search(space(photos.embeddings),
-                                                  min(max(k, STREET_K), self.street_index.ntotal))
+                cached = self.street_index.search(space(photos.embeddings), min(width, self.street_index.ntotal))
             photos.cache[key] = cached
-        weight = self._rescoring()[0] if photos.locate else None
         if weight and len(cached[0]):
-            rescored = ("street-rescored", space_key, cached[0].shape[1])
+            rescored = ("street-rescored", space_key, cached[0].shape[1], depth)
             if rescored not in photos.cache:
-                photos.cache[rescored] = self._rescored(photos, cached, weight)
+                photos.cache[rescored] = self._rescored(photos, cached, weight, depth)
             cached = photos.cache[rescored]
         scores = cached[2] if similarities and len(cached) > 2 else cached[0]
         return scores[:, :k], cached[1][:, :k]
 
-    def _rescoring(self) -> tuple[float | None, str | None]:
-        """(the dense re-scoring weight val chose, where this process can re-score as it was calibrated: the same
-        matcher, its weights and OpenCV at hand; why it cannot, where it was calibrated re-scored); (None, None)
-        where val chose no re-scoring."""
+    def _rescoring(self) -> tuple[float | None, int | None, str | None]:
+        """(the dense re-scoring weight and how many street neighbours it re-scores, as val chose them, where this
+        process can re-score as it was calibrated: the same matcher, its weights and OpenCV at hand; why it cannot,
+        where it was calibrated re-scored); (None, None, None) where val chose no re-scoring."""
         rerank = (self.settings.street or {}).get("rerank") or {}
         if not rerank.get("weight"):
-            return None, None
+            return None, None, None
+        from ..revisit import rerank_depth
         from ..verification import DenseMatcher, dense_unavailable, shared_dense_matcher
 
         if rerank.get("matcher", DenseMatcher.name) != DenseMatcher.name:
-            return None, f"calibrated with another dense matcher ({rerank['matcher']})"
+            return None, None, f"calibrated with another dense matcher ({rerank['matcher']})"
         if shared_dense_matcher() is None:
-            return None, dense_unavailable()
-        return float(rerank["weight"]), None
+            return None, None, dense_unavailable()
+        return float(rerank["weight"]), rerank_depth(rerank), None
 
-    def _rescored(self, photos: Photos, found, weight: float):
-        """The search's street neighbours with the first STREET_K re-scored by dense matching, and their own
+    def _rescored(self, photos: Photos, found, weight: float, depth: int):
+        """The search's street neighbours with the first `depth` re-scored by dense matching, and their own
         similarities in that order."""
         from ..revisit import dense_inliers, rescore_shortlist
         from ..verification import shared_dense_matcher
@@ -154,7 +155,7 @@ class KNNMethod(Method):
         matcher = shared_dense_matcher()
         sims, ids = found
         sources = photos.sources if photos.verify_sources is None else photos.verify_sources
-        inliers = dense_inliers(matcher, sources, ids, self.index.train_meta["path"].to_numpy())
+        inliers = dense_inliers(matcher, sources, ids, self.index.train_meta["path"].to_numpy(), depth)
         return rescore_shortlist(sims, ids, inliers, weight)
 
     def _search(self, embeddings: np.ndarray, k: int, space, space_index):
@@ -197,7 +198,7 @@ class KNNMethod(Method):
         train_labels = meta["label"].to_numpy()
         coords = city_answers(self, sims, ids, lats, lons, train_labels, probs)
         street = s.street or {}
-        lost = self._rescoring()[1] if photos.locate else None
+        lost = self._rescoring()[2] if photos.locate else None
         if lost:
             # the thresholds were set on re-scored neighbours: on the search's order they would not keep their
             # precision, so cluster answers stay city level (a verified photo still answers: the same 10 are checked)
