@@ -17,8 +17,9 @@ Each row gives recall@1 and @10 within 25 m (the first neighbour's spot is what 
   whose spot a local-feature matcher can see, whatever the shortlist. Needs `pip install opencv-python-headless`;
   skipped, saying so, without it;
 * `dense re-scoring`: geoindex's `DenseMatcher` (mutual nearest neighbours of EfficientNet-Lite0 feature maps, a
-  homography), the first 10 re-scored at each of `revisit.RERANK_WEIGHTS` as `query` re-scores them (similarity +
-  weight x inliers / 100); the weight `geoindex train` chose on val is the index's `street.rerank.weight`;
+  homography), the first k of `revisit.RERANK_DEPTHS` re-scored at each of `revisit.RERANK_WEIGHTS` as `query`
+  re-scores them (similarity + weight x inliers / 100); what `geoindex train` chose on val is the index's
+  `street.rerank` (`k`, `weight`);
 * `database-side augmentation` (DBA, each gallery vector summed with its n nearest gallery vectors, weighted by
   similarity to the power a) and `alpha query expansion` on top of it;
 * `whitening fit on the gallery`: the street space's whitening learnt on the gallery's own photos instead of the
@@ -94,7 +95,7 @@ def main(argv=None):
     is_query = revisit_queries(data.lat, data.lon, data.dates)
     split_of = data.table["split"].to_numpy()
     paths = data.table["path"].to_numpy()
-    from geoindex.revisit import RERANK_WEIGHTS, SPOT_M, rerank_street
+    from geoindex.revisit import RERANK_DEPTHS, RERANK_WEIGHTS, SPOT_M, rerank_street
     from geoindex.verification import dense_unavailable, shared_dense_matcher, shared_verifier
 
     verifier, dense = shared_verifier(), shared_dense_matcher()
@@ -156,19 +157,25 @@ def main(argv=None):
             result["spatial_verification"] = verification
 
         if dense is not None:
-            head = shortlist[:, :10]
+            head = shortlist[:, :max(RERANK_DEPTHS)]
             started = time.perf_counter()
             found = dense.shortlist_inliers(list(paths[rows]), gallery[head], paths)
             seconds = (time.perf_counter() - started) / max(len(rows), 1)
             similarity = similarities(queries, photos, head)
-            rescoring = {"seconds_per_query": seconds, "weights": {}}
-            for weight in RERANK_WEIGHTS:
-                _, order = rerank_street(similarity, head, found, weight)
-                scored = recall(order, g_lat, g_lon, lat, lon)
-                scored.pop("hits")
-                rescoring["weights"][f"{weight:g}"] = scored
-                print(f"  dense re-scoring of the first 10, weight {weight:g}: r@1 {scored['r@1_25m']:.3f}")
-            print(f"  dense matching: {seconds:.2f} s a query (10 pairs)")
+            rescoring = {"seconds_per_query": seconds, "pairs_per_query": int(head.shape[1]), "depths": {}}
+            for depth in RERANK_DEPTHS:
+                if depth > head.shape[1]:
+                    continue
+                rescoring["depths"][depth] = {}
+                for weight in RERANK_WEIGHTS:
+                    _, order = rerank_street(similarity[:, :depth], head[:, :depth], found[:, :depth], weight)
+                    scored = recall(order, g_lat, g_lon, lat, lon)
+                    scored.pop("hits")
+                    rescoring["depths"][depth][f"{weight:g}"] = scored
+                print(f"  dense re-scoring of the first {depth:3d}, weights " + ", ".join(
+                    f"{w}: r@1 {v['r@1_25m']:.3f}" for w, v in rescoring["depths"][depth].items()))
+            print(f"  dense matching: {seconds:.2f} s a query ({head.shape[1]} pairs, candidates computed once "
+                  f"a chunk of queries)")
             result["dense_rescoring"] = rescoring
 
         order = ranked(photos, photos, max(n for n, _ in DBA_SETTINGS) + 1)  # itself first

@@ -37,6 +37,8 @@ DENSE_RANSAC_CELLS = 1.5  # homography reprojection error, in feature-map cells 
 DENSE_ESTIMATOR = "USAC_DEFAULT"
 DENSE_CACHE_PHOTOS = 1024  # ~175 KB each at 448 px (float16)
 MIN_MATCHES = 5
+CANDIDATE_BATCH = 256  # shortlisted photos whose features are computed together before their pairs are matched
+PROGRESS_PAIRS = 1000  # shortlists of more pairs than this show a progress bar (a second or more)
 
 
 def opencv():
@@ -164,37 +166,39 @@ class _Matcher:
     def inliers(self, a, b) -> int:
         raise NotImplementedError
 
-    def shortlist_inliers(self, queries: list, candidates: np.ndarray, paths, chunk: int = 256,
+    def shortlist_inliers(self, queries: list, candidates: np.ndarray, paths, chunk: int = 1024,
                           progress: str | None = None) -> np.ndarray:
         """Inliers (Q, K) between each query (path or image) and its candidates (indexed photo numbers into
         `paths`, -1 for none). Queries go in chunks whose features are held for the chunk; each candidate of a
         chunk is then computed once and matched against every query that lists it, so a photo shared by many
         shortlists (deep ones overlap a lot) is computed once a chunk however small the cache, and memory is the
-        chunk's queries plus one candidate. `progress`: a progress bar's label (shown for more than one chunk's
-        worth of pairs)."""
+        chunk's queries plus CANDIDATE_BATCH candidates (a chunk of 1,024 dense queries holds 180 MB).
+        `progress`: a progress bar's label (shown for more than PROGRESS_PAIRS pairs)."""
         from tqdm.auto import tqdm
 
         out = np.zeros(candidates.shape, dtype=np.int32)
         pairs = int((candidates >= 0).sum())
-        bar = tqdm(total=pairs, desc=progress, unit="pair",
-                   disable=progress is None or len(queries) <= chunk)
+        bar = tqdm(total=pairs, desc=progress, unit="pair", disable=progress is None or pairs <= PROGRESS_PAIRS)
         for start in range(0, len(queries), chunk):
             block = candidates[start:start + chunk]
             found = self.features_many(list(queries[start:start + chunk]))
             rows, columns = np.nonzero(block >= 0)
+            readable = np.array([found[r] is not None for r in rows], dtype=bool)
+            bar.update(int((~readable).sum()))
+            rows, columns = rows[readable], columns[readable]
             ids = block[rows, columns]
             order = np.argsort(ids, kind="stable")
             rows, columns, ids = rows[order], columns[order], ids[order]
-            bounds = np.flatnonzero(np.diff(ids)) + 1
-            for group in np.split(np.arange(len(ids)), bounds):
-                if not len(group):
-                    continue
-                wanted = [g for g in group if found[rows[g]] is not None]
-                if wanted:
-                    candidate = self.features(paths[int(ids[group[0]])])
-                    for g in wanted:
+            unique, starts = np.unique(ids, return_index=True)
+            groups = np.split(np.arange(len(ids)), starts[1:]) if len(ids) else []
+            # the features of a batch of candidates first, then all their pairs: alternating the CNN's thread pool
+            # with BLAS's and OpenCV's photo by photo cost more than twice the matching itself
+            for first in range(0, len(unique), CANDIDATE_BATCH):
+                held = self.features_many([paths[int(i)] for i in unique[first:first + CANDIDATE_BATCH]])
+                for candidate, group in zip(held, groups[first:first + CANDIDATE_BATCH]):
+                    for g in group:
                         out[start + rows[g], columns[g]] = self.inliers(found[rows[g]], candidate)
-                bar.update(len(group))
+                    bar.update(len(group))
         bar.close()
         return out
 

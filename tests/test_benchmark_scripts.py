@@ -135,3 +135,6 @@ def test_street_rerank_benchmark_smoke(tmp_path):
         assert 0 <= found["street_space"]["r@1_25m"] <= found["street_space"]["r@10_25m"] <= 1
         assert len(found["dba"]) == 6 and all(0 <= v["dba"]["r@1_25m"] <= 1 for v in found["dba"].values())
         assert f"{split}: {found['queries']} queries" in out
+        if "dense_rescoring" in found:  # the weights and OpenCV at hand: only depths the shortlist holds
+            assert list(found["dense_rescoring"]["depths"]) == ["10"]
+            assert set(found["dense_rescoring"]["depths"]["10"]) == {"0", "0.03", "0.1", "0.3", "1"}
