@@ -35,7 +35,9 @@ DENSE_RANSAC_CELLS = 1.5  # homography reprojection error, in feature-map cells 
 # Mutual neighbours of two street photos are mostly outliers, so plain RANSAC runs its full 2,000 iterations;
 # OpenCV's USAC ranked val's shortlists as well at about a quarter of the time
 DENSE_ESTIMATOR = "USAC_DEFAULT"
-DENSE_CACHE_PHOTOS = 1024  # ~175 KB each at 448 px (float16)
+# ~175 KB each at 448 px (float16), 700 MB in all: deep shortlists of a few thousand photos' neighbours (a `query`
+# of many photos, in batches) share most of them, and each one recomputed costs about 25 ms
+DENSE_CACHE_PHOTOS = 4096
 MIN_MATCHES = 5
 CANDIDATE_BATCH = 256  # shortlisted photos whose features are computed together before their pairs are matched
 PROGRESS_PAIRS = 1000  # shortlists of more pairs than this show a progress bar (a second or more)
