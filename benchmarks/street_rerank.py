@@ -212,7 +212,8 @@ def main(argv=None):
         "settings": {"ratio": verification_settings.RATIO, "ransac_px": verification_settings.RANSAC_PX,
                      "sift_features": verification_settings.SIFT_FEATURES,
                      "dense": verification_settings.DenseMatcher.name,
-                     "chosen_weight": ((knn.settings.street or {}).get("rerank") or {}).get("weight")},
+                     "chosen_weight": ((knn.settings.street or {}).get("rerank") or {}).get("weight"),
+                     "chosen_k": ((knn.settings.street or {}).get("rerank") or {}).get("k")},
         "splits": out,
         "command": "python benchmarks/street_rerank.py " + " ".join(argv or sys.argv[1:])})
     index.close()

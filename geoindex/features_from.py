@@ -196,7 +196,8 @@ def _knn_summary(params: dict) -> str:
     if (street.get("verify") or {}).get("inliers") is not None:
         gps += f", spatial verification at {street['verify']['inliers']} inliers"
     if (street.get("rerank") or {}).get("weight"):
-        gps += f", dense re-scoring at weight {street['rerank']['weight']:g}"
+        gps += (f", dense re-scoring of the first {street['rerank'].get('k') or 10} street neighbours at weight "
+                f"{street['rerank']['weight']:g}")
     return (f"its kNN settings (k={params.get('k')}, {params.get('vote')} vote, {space}, unlike threshold, {gps}); "
             "their spaces rebuilt over the new photos")
 

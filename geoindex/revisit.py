@@ -27,7 +27,7 @@ that covers the most val photos; then the second threshold, below which a city-l
 than the cluster's spot: the one that puts the most val answers within 25 m, 1 km and 25 km, summed over the three
 scales; each level's `radius_m` is the 80th percentile error of its val answers. Where dense matching is at hand
 (`verification.DenseMatcher`), the first k street neighbours are first re-scored by it (`rerank_street`) at the
-depth k and weight val chooses by the street space's rule (`calibrate_rerank`): a spot the search ranks 40th can
+depth k and weight val chooses by the street space's rule (`calibrate_rerank`): a spot the search ranks 60th can
 then come first. The cluster is found among the first STREET_K of the re-scored order, and everything after is set
 on that order.
 """

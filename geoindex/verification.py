@@ -40,7 +40,7 @@ DENSE_ESTIMATOR = "USAC_DEFAULT"
 DENSE_CACHE_PHOTOS = 4096
 MIN_MATCHES = 5
 CANDIDATE_BATCH = 256  # shortlisted photos whose features are computed together before their pairs are matched
-PROGRESS_PAIRS = 1000  # shortlists of more pairs than this show a progress bar (a second or more)
+PROGRESS_QUERIES = 64  # more queries than this show a progress bar (more than `query`'s or the service's batches)
 
 
 def opencv():
@@ -173,14 +173,17 @@ class _Matcher:
         """Inliers (Q, K) between each query (path or image) and its candidates (indexed photo numbers into
         `paths`, -1 for none). Queries go in chunks whose features are held for the chunk; each candidate of a
         chunk is then computed once and matched against every query that lists it, so a photo shared by many
-        shortlists (deep ones overlap a lot) is computed once a chunk however small the cache, and memory is the
-        chunk's queries plus CANDIDATE_BATCH candidates (a chunk of 1,024 dense queries holds 180 MB).
-        `progress`: a progress bar's label (shown for more than PROGRESS_PAIRS pairs)."""
+        shortlists (deep ones overlap a lot) is computed once a chunk however small the cache, and a pair listed
+        twice (a query's shortlists joined side by side) is matched once: the fitting's fixed seeds make its count
+        the same. Memory: the chunk's queries and CANDIDATE_BATCH candidates (a chunk of 1,024 dense queries holds
+        180 MB), beside the cache's own bound. `progress`: a progress bar's label (shown for more than
+        PROGRESS_QUERIES queries, so never inside one batch of `query` or the service)."""
         from tqdm.auto import tqdm
 
         out = np.zeros(candidates.shape, dtype=np.int32)
         pairs = int((candidates >= 0).sum())
-        bar = tqdm(total=pairs, desc=progress, unit="pair", disable=progress is None or pairs <= PROGRESS_PAIRS)
+        bar = tqdm(total=pairs, desc=progress, unit="pair",
+                   disable=progress is None or len(queries) <= PROGRESS_QUERIES)
         for start in range(0, len(queries), chunk):
             block = candidates[start:start + chunk]
             found = self.features_many(list(queries[start:start + chunk]))
@@ -198,8 +201,9 @@ class _Matcher:
             for first in range(0, len(unique), CANDIDATE_BATCH):
                 held = self.features_many([paths[int(i)] for i in unique[first:first + CANDIDATE_BATCH]])
                 for candidate, group in zip(held, groups[first:first + CANDIDATE_BATCH]):
-                    for g in group:
-                        out[start + rows[g], columns[g]] = self.inliers(found[rows[g]], candidate)
+                    asking, listed = np.unique(rows[group], return_inverse=True)
+                    counts = np.array([self.inliers(found[r], candidate) for r in asking], dtype=np.int32)
+                    out[start + rows[group], columns[group]] = counts[listed]
                     bar.update(len(group))
         bar.close()
         return out

@@ -111,6 +111,21 @@ def test_rescoring_adds_weighted_inliers_and_keeps_the_search_order_on_ties():
     assert rerank_street(sims, ids, inliers, 0.003)[1][0].tolist() == [4, 2, 7, -1]  # 0.8 + 0.0015 < 0.9
 
 
+def test_rescoring_a_deep_shortlist_keeps_the_rest_and_each_neighbours_own_similarity():
+    from geoindex.revisit import rerank_depth, rescore_shortlist
+
+    sims = np.array([[0.9, 0.8, 0.7, 0.6, 0.5], [0.9, 0.8, -3e38, -3e38, -3e38]], dtype=np.float32)
+    ids = np.array([[4, 2, 7, 9, 3], [5, 6, -1, -1, -1]])
+    inliers = np.array([[0, 0, 50, 0], [0, 90, 0, 0]])  # the first 4 re-scored; the fifth stays where it was
+    scores, order, own = rescore_shortlist(sims, ids, inliers, 1.0)
+    assert order.tolist() == [[7, 4, 2, 9, 3], [6, 5, -1, -1, -1]]
+    assert np.allclose(own[0], [0.7, 0.9, 0.8, 0.6, 0.5]) and np.allclose(own[1, :2], [0.8, 0.9])
+    assert np.allclose(scores[0], [1.2, 0.9, 0.8, 0.6, 0.5]) and (scores[1, 2:4] == -np.inf).all()
+    narrow = rescore_shortlist(sims[:, :2], ids[:, :2], inliers[:, :2], 1.0)[1]  # a gallery narrower than k
+    assert narrow.tolist() == [[4, 2], [6, 5]]
+    assert rerank_depth({"weight": 1.0, "k": 50}) == 50 and rerank_depth({"weight": 1.0}) == rerank_depth(None) == 10
+
+
 class _Photos:
     """The protocol's table as RevisitSet has it, over hand-made shortlists: val photo r (of 100) is at its own
     spot, 1.1 km from the next; its older capture, photo 100 + r, is found at `spot_column` (third) by the search;
@@ -304,10 +319,11 @@ def test_query_rescores_as_many_street_neighbours_as_val_chose(rescored, monkeyp
 
         monkeypatch.setattr(revisit, "dense_inliers", last_one_matches)
         street = knn.settings.street
+        located = Photos(embeddings, [photo])  # one set: what it cached at one depth never answers for another
         for depth, first in ((3, searched[0]), (10, searched[-1])):  # the sixth is out of reach of the first 3
             monkeypatch.setattr(knn, "street_" if knn.fitted else "street",
                                 {**street, "rerank": {**street["rerank"], "k": depth}})
-            assert knn.street_neighbours(Photos(embeddings, [photo]), 6)[1][0, 0] == first
+            assert knn.street_neighbours(located, 6)[1][0, 0] == first
         assert asked == [3, min(10, knn.index.store.count("train"))]
 
 

@@ -70,8 +70,11 @@ def test_inliers_tell_another_view_of_a_scene_from_an_unrelated_one(tmp_path):
     assert [len(x) for x in best_verified(np.zeros((0, 10), dtype=np.int32))] == [0, 0]
 
 
-def test_shortlists_compute_each_candidate_once_a_chunk_and_match_it_with_every_query_listing_it():
+def test_shortlists_compute_each_candidate_once_a_chunk_and_match_it_with_every_query_listing_it(monkeypatch):
+    import geoindex.verification
     from geoindex.verification import _Matcher
+
+    monkeypatch.setattr(geoindex.verification, "CANDIDATE_BATCH", 2)  # several batches of candidates a chunk
 
     class Counting(_Matcher):
         """Photos are numbers (not files: never cached) and their own features; inliers between a and b are
@@ -79,26 +82,29 @@ def test_shortlists_compute_each_candidate_once_a_chunk_and_match_it_with_every_
 
         def __init__(self):
             super().__init__(cache_photos=0)  # no cache: what is computed once is the chunk's doing
-            self.computed = []
+            self.computed, self.matched = [], []
 
         def _one(self, source):
             self.computed.append(source)
             return None if source == 9 else source
 
         def inliers(self, a, b):
+            self.matched.append((a, b))
             return 0 if a is None or b is None else 10 * a + b
 
     matcher = Counting()
     paths = np.arange(10)
     queries = [1, 2, 9, 3]  # 9 cannot be read: its candidates are never computed for it
-    shortlists = np.array([[4, 5, 6], [6, 4, -1], [7, 8, 7], [5, 6, 4]])
+    shortlists = np.array([[4, 5, 6, 4], [6, 4, -1, -1], [7, 8, 7, -1], [5, 6, 4, 5]])  # 4, 7, 5 listed twice
     counts = matcher.shortlist_inliers(queries, shortlists, paths, chunk=3)
     expected = np.where(shortlists >= 0, 10 * np.array([1, 2, 0, 3])[:, None] + shortlists, 0)
     expected[2] = 0
     assert counts.tolist() == expected.tolist()
     candidates = [c for c in matcher.computed if c not in queries]
+    matched = matcher.matched
     # chunk 1 (1, 2, 9): 4, 5 and 6 once each, 7 and 8 never (only 9 lists them); chunk 2 (3): 4, 5 and 6 again
     assert sorted(candidates[:3]) == [4, 5, 6] and sorted(candidates[3:]) == [4, 5, 6]
+    assert sorted(matched) == sorted(set(matched)) and len(matched) == 3 + 2 + 3  # a pair listed twice: matched once
 
 
 def test_odd_photos_are_left_unverified_without_an_error(tmp_path):

@@ -116,11 +116,13 @@ class KNNMethod(Method):
         space_key = None if space is None else (space.dims, space.power)
         key = ("street-neighbours", space_key)
         cached = photos.cache.get(key)
-        if cached is None or cached[0].shape[1] < width:
+        if space is not None:
+            width = min(width, self.street_index.ntotal)
+        if cached is None or cached[0].shape[1] < min(width, self.index.store.count("train")):
             if space is None:
                 cached = self.index.search(photos.embeddings, width)
             else:
-                cached = self.street_index.search(space(photos.embeddings), min(width, self.street_index.ntotal))
+                cached = self.street_index.search(space(photos.embeddings), width)
             photos.cache[key] = cached
         if weight and len(cached[0]):
             rescored = ("street-rescored", space_key, cached[0].shape[1], depth)
