@@ -111,14 +111,12 @@ class KNNMethod(Method):
         from ..revisit import STREET_K
 
         weight, depth, _ = self._rescoring() if photos.locate else (None, None, None)
-        width = max(k, STREET_K, depth or 0)
+        width = min(max(k, STREET_K, depth or 0), max(1, self.index.store.count("train")))  # a small index: fewer
         space = self.settings.street_whitening
         space_key = None if space is None else (space.dims, space.power)
         key = ("street-neighbours", space_key)
         cached = photos.cache.get(key)
-        if space is not None:
-            width = min(width, self.street_index.ntotal)
-        if cached is None or cached[0].shape[1] < min(width, self.index.store.count("train")):
+        if cached is None or cached[0].shape[1] < width:
             if space is None:
                 cached = self.index.search(photos.embeddings, width)
             else:
