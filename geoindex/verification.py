@@ -188,7 +188,7 @@ class _Matcher:
             block = candidates[start:start + chunk]
             found = self.features_many(list(queries[start:start + chunk]))
             rows, columns = np.nonzero(block >= 0)
-            readable = np.array([found[r] is not None for r in rows], dtype=bool)
+            readable = np.array([f is not None for f in found], dtype=bool)[rows]  # per query, not per pair
             bar.update(int((~readable).sum()))
             rows, columns = rows[readable], columns[readable]
             ids = block[rows, columns]

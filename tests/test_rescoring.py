@@ -245,7 +245,8 @@ def test_query_answers_from_the_rescored_order_and_probabilities_alone_never_pay
         # the search puts the look-alike first: the answer above is the re-scoring's
         assert Path(paths[searched[0]]).name == "look-alike.jpg"
         monkeypatch.setattr(revisit, "dense_inliers",
-                            lambda matcher, sources, ids, paths, depth: np.where(ids[:, :depth] == searched[-1], 90, 0))
+                            lambda matcher, sources, ids, paths, depth:
+                            np.where(ids[:, :depth] == searched[-1], 90, 0))
         assert knn.street_neighbours(Photos(embeddings, [photo]), 6)[1][0, 0] == searched[-1]
 
         expected = knn.predict(located).probs
@@ -295,7 +296,8 @@ def test_answers_report_each_neighbours_own_similarity_not_its_score(rescored, m
         sims, searched = knn.street_neighbours(Photos(embeddings, [photo], locate=False), 6)
         own = dict(zip(searched[0].tolist(), sims[0].tolist()))
         monkeypatch.setattr(revisit, "dense_inliers",
-                            lambda matcher, sources, ids, paths, depth: np.where(ids[:, :depth] == searched[0, -1], 90, 0))
+                            lambda matcher, sources, ids, paths, depth:
+                            np.where(ids[:, :depth] == searched[0, -1], 90, 0))
         located = Photos(embeddings, [photo])
         scores, ids = knn.street_neighbours(located, 6)
         reported = knn.street_neighbours(located, 6, similarities=True)[0]
