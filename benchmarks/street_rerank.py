@@ -1,6 +1,7 @@
 """Street level after the search: can re-ranking the street space's shortlist find the spot more often?
 
     python benchmarks/street_rerank.py --index NAME [--splits val,test] [--shortlist 100]
+    python benchmarks/street_rerank.py --index NAME --shortlist 300    # also re-scoring deeper than train tries
 
 The setting is issue 22's acceptance path (`street_heldout.py`): the revisit queries of a split (a photo that has
 a capture of another date within 25 m and is the newest within 25 m of itself) against a gallery of every other
@@ -19,7 +20,10 @@ Each row gives recall@1 and @10 within 25 m (the first neighbour's spot is what 
 * `dense re-scoring`: geoindex's `DenseMatcher` (mutual nearest neighbours of EfficientNet-Lite0 feature maps, a
   homography), the first k of `revisit.RERANK_DEPTHS` re-scored at each of `revisit.RERANK_WEIGHTS` as `query`
   re-scores them (similarity + weight x inliers / 100); what `geoindex train` chose on val is the index's
-  `street.rerank` (`k`, `weight`);
+  `street.rerank` (`k`, `weight`); with `--shortlist 200` or `300`, depths beyond what `train` tries
+  (BEYOND_DEPTHS) too, and how often the best dense count among a query's spot photos (every gallery photo within
+  25 m, wherever it ranks) beats the best of the shortlist's look-alikes (`spot_outscores_lookalikes`): the share
+  of queries any re-ranking by this matcher's count can get right, however deep;
 * `database-side augmentation` (DBA, each gallery vector summed with its n nearest gallery vectors, weighted by
   similarity to the power a) and `alpha query expansion` on top of it;
 * `whitening fit on the gallery`: the street space's whitening learnt on the gallery's own photos instead of the
@@ -42,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import save  # noqa: E402
 
 SHORTLISTS = (10, 25, 100)
+BEYOND_DEPTHS = (200, 300)  # dense re-scoring depths printed beyond revisit.RERANK_DEPTHS where --shortlist holds them
+RECALL_DEPTHS = (100, 200, 300)
 INLIER_THRESHOLDS = (10, 15, 20)
 DBA_SETTINGS = [(n, a) for n in (1, 2, 3) for a in (1.0, 3.0)]
 
@@ -52,7 +58,7 @@ def recall(ids, gallery_lat, gallery_lon, lat, lon) -> dict:
 
     hit = haversine_km(lat[:, None], lon[:, None], gallery_lat[ids], gallery_lon[ids]) * 1000 <= SPOT_M
     return {"r@1_25m": float(hit[:, 0].mean()), "r@10_25m": float(hit[:, :10].any(1).mean()),
-            **({"r@100_25m": float(hit[:, :100].any(1).mean())} if ids.shape[1] >= 100 else {}),
+            **{f"r@{k}_25m": float(hit[:, :k].any(1).mean()) for k in RECALL_DEPTHS if ids.shape[1] >= k},
             "hits": hit}
 
 
@@ -66,6 +72,21 @@ def ranked(queries, gallery, k, chunk: int = 256):
         out[start:start + chunk] = np.take_along_axis(
             top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable"), 1)
     return out
+
+
+def spot_photos(gallery, g_lat, g_lon, lat, lon):
+    """Each query's spot photos: the gallery rows (numbers into the index) within 25 m of it, -1 padded."""
+    from sklearn.neighbors import BallTree
+
+    from geoindex.revisit import SPOT_M
+    from geoindex.voting import EARTH_RADIUS_KM
+
+    near = BallTree(np.radians(np.column_stack([g_lat, g_lon]).astype(np.float64)), metric="haversine") \
+        .query_radius(np.radians(np.column_stack([lat, lon]).astype(np.float64)), SPOT_M / 1000 / EARTH_RADIUS_KM)
+    spot = np.full((len(lat), max(1, max((len(found) for found in near), default=0))), -1)
+    for i, found in enumerate(near):
+        spot[i, :len(found)] = gallery[np.sort(found)]
+    return spot
 
 
 def similarities(queries, gallery, ids):
@@ -95,7 +116,7 @@ def main(argv=None):
     is_query = revisit_queries(data.lat, data.lon, data.dates)
     split_of = data.table["split"].to_numpy()
     paths = data.table["path"].to_numpy()
-    from geoindex.revisit import RERANK_DEPTHS, RERANK_WEIGHTS, SPOT_M, rerank_street
+    from geoindex.revisit import RERANK_DEPTHS, RERANK_WEIGHTS, rerank_street
     from geoindex.verification import dense_unavailable, shared_dense_matcher, shared_verifier
 
     verifier, dense = shared_verifier(), shared_dense_matcher()
@@ -116,31 +137,23 @@ def main(argv=None):
         hits = base.pop("hits")
         result = {"queries": int(len(rows)), "gallery_photos": int(len(gallery)), "street_space": base}
         print(f"{split}: {len(rows)} queries, {len(gallery)} gallery photos; street space r@1 {base['r@1_25m']:.3f} "
-              f"r@10 {base['r@10_25m']:.3f} r@{shortlist.shape[1]} {base.get('r@100_25m', float('nan')):.3f}")
+              f"r@10 {base['r@10_25m']:.3f}" + "".join(f" r@{k} {base[f'r@{k}_25m']:.3f}" for k in RECALL_DEPTHS
+                                                        if f"r@{k}_25m" in base))
 
         rows_at = np.arange(len(rows))
+        spot = spot_photos(gallery, g_lat, g_lon, lat, lon)
         if verifier is not None:
+            verified = shortlist[:, :max(SHORTLISTS)]
             started = time.perf_counter()
-            inliers = verifier.shortlist_inliers(list(paths[rows]), gallery[shortlist], paths)
+            inliers = verifier.shortlist_inliers(list(paths[rows]), gallery[verified], paths)
             seconds = (time.perf_counter() - started) / max(len(rows), 1)
-            from sklearn.neighbors import BallTree
-
-            from geoindex.voting import EARTH_RADIUS_KM
-
-            near = BallTree(np.radians(np.column_stack([g_lat, g_lon]).astype(np.float64)), metric="haversine") \
-                .query_radius(np.radians(np.column_stack([lat, lon]).astype(np.float64)),
-                              SPOT_M / 1000 / EARTH_RADIUS_KM)
-            width = max(1, max((len(found) for found in near), default=0))
-            spot = np.full((len(rows), width), -1)
-            for i in rows_at:
-                spot[i, :len(near[i])] = gallery[np.sort(near[i])]
             seeable = verifier.shortlist_inliers(list(paths[rows]), spot, paths).max(1)
             verification = {"seconds_per_query": seconds, "shortlists": {},
                             "verifiable": {t: float((seeable >= t).mean()) for t in INLIER_THRESHOLDS}}
             print("  verifiable: a gallery photo within 25 m holds " + ", ".join(
                 f">= {t} inliers for {(seeable >= t).mean():.2f}" for t in INLIER_THRESHOLDS) + " of queries")
             for k in SHORTLISTS:
-                if k > shortlist.shape[1]:
+                if k > verified.shape[1]:
                     continue
                 # ties keep the search's order: a later neighbour needs more inliers, not as many
                 best = np.argmax(inliers[:, :k] - 1e-3 * np.arange(k), axis=1)
@@ -153,19 +166,18 @@ def main(argv=None):
                 print(f"  verified, first {k:3d}: r@1 {right.mean():.3f}; " + ", ".join(
                     f">= {t} inliers {(count >= t).mean():.2f} of queries, {right[count >= t].mean():.2f} right"
                     if (count >= t).any() else f">= {t} inliers none" for t in INLIER_THRESHOLDS))
-            print(f"  verification: {seconds:.2f} s a query ({shortlist.shape[1]} pairs)")
+            print(f"  verification: {seconds:.2f} s a query ({verified.shape[1]} pairs)")
             result["spatial_verification"] = verification
 
         if dense is not None:
-            head = shortlist[:, :max(RERANK_DEPTHS)]
+            depths = [d for d in RERANK_DEPTHS + BEYOND_DEPTHS if d <= shortlist.shape[1]] or [shortlist.shape[1]]
+            head = shortlist[:, :max(max(depths), min(max(RERANK_DEPTHS), shortlist.shape[1]))]
             started = time.perf_counter()
             found = dense.shortlist_inliers(list(paths[rows]), gallery[head], paths)
             seconds = (time.perf_counter() - started) / max(len(rows), 1)
             similarity = similarities(queries, photos, head)
             rescoring = {"seconds_per_query": seconds, "pairs_per_query": int(head.shape[1]), "depths": {}}
-            for depth in RERANK_DEPTHS:
-                if depth > head.shape[1]:
-                    continue
+            for depth in depths:
                 rescoring["depths"][depth] = {}
                 for weight in RERANK_WEIGHTS:
                     _, order = rerank_street(similarity[:, :depth], head[:, :depth], found[:, :depth], weight)
@@ -174,6 +186,11 @@ def main(argv=None):
                     rescoring["depths"][depth][f"{weight:g}"] = scored
                 print(f"  dense re-scoring of the first {depth:3d}, weights " + ", ".join(
                     f"{w}: r@1 {v['r@1_25m']:.3f}" for w, v in rescoring["depths"][depth].items()))
+            spot_best = np.where(spot >= 0, dense.shortlist_inliers(list(paths[rows]), spot, paths), -1).max(1)
+            lookalike_best = np.where(hits[:, :head.shape[1]], -1, found).max(1)
+            rescoring["spot_outscores_lookalikes"] = float((spot_best > lookalike_best).mean())
+            print(f"  the best dense count among the spot's photos beats the first {head.shape[1]}'s look-alikes for "
+                  f"{rescoring['spot_outscores_lookalikes']:.3f} of queries (any re-ranking by this count at best)")
             print(f"  dense matching: {seconds:.2f} s a query ({head.shape[1]} pairs, candidates computed once "
                   f"a chunk of queries)")
             result["dense_rescoring"] = rescoring

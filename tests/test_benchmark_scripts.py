@@ -138,3 +138,5 @@ def test_street_rerank_benchmark_smoke(tmp_path):
         if "dense_rescoring" in found:  # the weights and OpenCV at hand: only depths the shortlist holds
             assert list(found["dense_rescoring"]["depths"]) == ["10"]
             assert set(found["dense_rescoring"]["depths"]["10"]) == {"0", "0.03", "0.1", "0.3", "1"}
+            # the ceiling of any re-ranking by the dense count: a share of queries
+            assert 0 <= found["dense_rescoring"]["spot_outscores_lookalikes"] <= 1
