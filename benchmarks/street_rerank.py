@@ -30,7 +30,7 @@ Each row gives recall@1 and @10 within 25 m (the first neighbour's spot is what 
   train photos (an index of new places could refit it at build time).
 
 Nothing is chosen here: every variant is printed for val and test side by side, so that val alone can pick.
-Saves benchmarks/results/street_rerank_<NAME>.json.
+Saves benchmarks/results/street_rerank_<NAME><TAG>.json.
 """
 from __future__ import annotations
 
@@ -99,6 +99,7 @@ def main(argv=None):
     parser.add_argument("--index", required=True)
     parser.add_argument("--index-dir", default=None)
     parser.add_argument("--splits", default="val,test")
+    parser.add_argument("--tag", default="", help="appended to the results file's name")
     parser.add_argument("--shortlist", type=int, default=max(SHORTLISTS), help="neighbours verified at most")
     args = parser.parse_args(argv)
 
@@ -224,7 +225,7 @@ def main(argv=None):
 
     import geoindex.verification as verification_settings
 
-    save(f"street_rerank_{index.name}", {
+    save(f"street_rerank_{index.name}{args.tag}", {
         "index": index.name, "street_space": {"dims": space.dims, "power": space.power},
         "settings": {"ratio": verification_settings.RATIO, "ransac_px": verification_settings.RANSAC_PX,
                      "sift_features": verification_settings.SIFT_FEATURES,
