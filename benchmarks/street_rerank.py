@@ -172,7 +172,7 @@ def main(argv=None):
 
         if dense is not None:
             depths = [d for d in RERANK_DEPTHS + BEYOND_DEPTHS if d <= shortlist.shape[1]] or [shortlist.shape[1]]
-            head = shortlist[:, :max(max(depths), min(max(RERANK_DEPTHS), shortlist.shape[1]))]
+            head = shortlist  # --shortlist is how deep dense matching goes (100 by default: train's deepest)
             started = time.perf_counter()
             found = dense.shortlist_inliers(list(paths[rows]), gallery[head], paths)
             seconds = (time.perf_counter() - started) / max(len(rows), 1)
