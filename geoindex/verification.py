@@ -200,13 +200,45 @@ class _Matcher:
             # with BLAS's and OpenCV's photo by photo cost more than twice the matching itself
             for first in range(0, len(unique), CANDIDATE_BATCH):
                 held = self.features_many([paths[int(i)] for i in unique[first:first + CANDIDATE_BATCH]])
-                for candidate, group in zip(held, groups[first:first + CANDIDATE_BATCH]):
+
+                def match(job, found=found, rows=rows):
+                    candidate, group = job
                     asking, listed = np.unique(rows[group], return_inverse=True)
-                    counts = np.array([self.inliers(found[r], candidate) for r in asking], dtype=np.int32)
-                    out[start + rows[group], columns[group]] = counts[listed]
+                    return group, self.inliers_many([found[r] for r in asking], candidate)[listed]
+
+                for group, counts in _in_threads(match, list(zip(held, groups[first:first + CANDIDATE_BATCH]))):
+                    out[start + rows[group], columns[group]] = counts
                     bar.update(len(group))
         bar.close()
         return out
+
+    def inliers_many(self, found: list, candidate) -> np.ndarray:
+        """inliers(a, candidate) for each a of found, as int32."""
+        return np.array([self.inliers(a, candidate) for a in found], dtype=np.int32)
+
+
+def match_threads() -> int:
+    """Threads that match pairs at once: as many as torch computes with (the process's share of the cores; in
+    `geoindex serve`, one model thread's), each running BLAS on one core."""
+    import torch
+
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+
+
+def _in_threads(work, jobs: list):
+    """work(job) for each job, in order, on match_threads() threads with BLAS held to one thread each. A pair's
+    mutual neighbours and its homography (OpenCV lets go of the GIL) are one core's work; in one thread, BLAS's two
+    threads sped up the product and left OpenCV's fitting and the argmaxes serial: twice the pairs a second on
+    2 cores (benchmarks/dense_matcher.py), the same counts."""
+    threads = min(match_threads(), len(jobs))
+    if threads <= 1:
+        return [work(job) for job in jobs]
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(work, jobs))
 
 
 class Verifier(_Matcher):
@@ -355,14 +387,34 @@ class DenseMatcher(_Matcher):
 
     def inliers(self, a, b) -> int:
         """Homography inliers (USAC) among the mutual nearest neighbours of two photos' cells (0: nothing to fit)."""
-        if a is None or b is None:
-            return 0
-        (points_a, desc_a), (points_b, desc_b) = a, b
-        similarity = desc_a.astype(np.float32) @ desc_b.astype(np.float32).T
-        forward, backward = similarity.argmax(1), similarity.argmax(0)
-        mutual = np.flatnonzero(backward[forward] == np.arange(len(forward)))
-        return _homography_inliers(self.cv2, points_a[mutual], points_b[forward[mutual]], DENSE_RANSAC_CELLS,
-                                   DENSE_ESTIMATOR)
+        return int(self.inliers_many([a], b)[0])
+
+    def inliers_many(self, found: list, candidate) -> np.ndarray:
+        counts = np.zeros(len(found), dtype=np.int32)
+        if candidate is None:
+            return counts
+        points_b, desc_b = candidate
+        desc_b = desc_b.astype(np.float32)  # once for all the photos that list it
+        for i, a in enumerate(found):
+            if a is not None:
+                points_a, desc_a = a
+                cells_a, cells_b = mutual_neighbours(desc_a.astype(np.float32) @ desc_b.T)
+                counts[i] = _homography_inliers(self.cv2, points_a[cells_a], points_b[cells_b], DENSE_RANSAC_CELLS,
+                                                DENSE_ESTIMATOR)
+        return counts
+
+
+def mutual_neighbours(similarity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, their columns) that are each other's first argmax in `similarity`, rows ascending: the rows i with
+    similarity.argmax(0)[similarity.argmax(1)[i]] == i. Numpy's argmax down the columns (a strided pass) took 7 times
+    as long as their max at 784 x 784, so the max screens the rows and argmax runs only on the columns they point at
+    (the first of equal maxima wins, as in argmax(0))."""
+    forward = similarity.argmax(1)
+    best = similarity[np.arange(len(forward)), forward]
+    rows = np.flatnonzero(best == similarity.max(0)[forward])
+    if len(rows):
+        rows = rows[similarity[:, forward[rows]].argmax(0) == rows]
+    return rows, forward[rows]
 
 
 _shared: Verifier | None = None

@@ -311,3 +311,24 @@ def test_the_feature_cache_counts_its_bytes_and_keeps_its_bound(tmp_path):
     verifier.features(tmp_path / "gone.jpg")  # an unreadable file is not cached
     verifier.features(paths[2])  # a hit changes nothing
     assert verifier.cache_stats() == stats
+
+
+def test_mutual_neighbours_are_the_rows_and_columns_that_are_each_others_first_argmax():
+    from geoindex.verification import mutual_neighbours
+
+    def by_definition(similarity):
+        forward, backward = similarity.argmax(1), similarity.argmax(0)
+        rows = np.flatnonzero(backward[forward] == np.arange(len(forward)))
+        return rows, forward[rows]
+
+    rng = np.random.default_rng(0)
+    cases = [rng.standard_normal((40, 30)).astype(np.float32), rng.standard_normal((30, 40)).astype(np.float32)]
+    tied = rng.standard_normal((40, 30)).astype(np.float32)
+    tied[[5, 17, 33]] = tied[2]          # equal rows: a column's maximum is reached by several rows
+    tied[:, [8, 21]] = tied[:, [3, 3]]   # equal columns: a row's maximum is reached by several columns
+    tied[9, :] = tied[9].max()           # a row whose every column is its maximum
+    cases += [tied, np.zeros((6, 7), np.float32), rng.integers(0, 3, (50, 50)).astype(np.float32)]
+    for similarity in cases:
+        found, expected = mutual_neighbours(similarity), by_definition(similarity)
+        assert found[0].tolist() == expected[0].tolist() and found[1].tolist() == expected[1].tolist()
+    assert len(by_definition(cases[-1])[0]) > 0 and len(by_definition(tied)[0]) > 0
