@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -235,10 +236,35 @@ def _in_threads(work, jobs: list):
         return [work(job) for job in jobs]
     from concurrent.futures import ThreadPoolExecutor
 
+    with _one_blas_thread(), ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(work, jobs))
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limiter = None
+
+
+@contextmanager
+def _one_blas_thread():
+    """BLAS at one thread while any caller is inside; the limit it had once the last one leaves. threadpoolctl's
+    own context restores what it found on entry: two of the service's requests matching at once would leave BLAS at
+    one thread for good when the first to enter left last."""
+    global _blas_users, _blas_limiter
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(work, jobs))
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_limiter = threadpool_limits(1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
 
 
 class Verifier(_Matcher):

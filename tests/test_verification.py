@@ -332,3 +332,55 @@ def test_mutual_neighbours_are_the_rows_and_columns_that_are_each_others_first_a
         found, expected = mutual_neighbours(similarity), by_definition(similarity)
         assert found[0].tolist() == expected[0].tolist() and found[1].tolist() == expected[1].tolist()
     assert len(by_definition(cases[-1])[0]) > 0 and len(by_definition(tied)[0]) > 0
+
+
+
+def test_matching_from_several_threads_at_once_gives_blas_its_threads_back(monkeypatch):
+    """The service matches several requests' shortlists at once; each holds BLAS to one thread while its pairs run
+    on threads of their own. Whatever order they finish in, BLAS is held at one thread while any is inside and
+    given back its own limit once the last leaves (threadpoolctl's context alone restores what it found on entry:
+    the first in, leaving first, would give BLAS its threads back under the other, which would then restore one)."""
+    import threading
+
+    import threadpoolctl
+
+    from geoindex import verification
+
+    state = {"threads": 2}
+    events = []
+
+    class Limits:  # threadpoolctl.threadpool_limits, on a BLAS whose limit is `state`
+        def __init__(self, limits, user_api):
+            assert (limits, user_api) == (1, "blas")
+            self.original, state["threads"] = state["threads"], 1
+            events.append("held")
+
+        def restore_original_limits(self):
+            state["threads"] = self.original
+            events.append("restored")
+
+    monkeypatch.setattr(threadpoolctl, "threadpool_limits", Limits)
+    inside, release = threading.Barrier(3, timeout=30), [threading.Event(), threading.Event()]
+    seen = []
+
+    def request(i):
+        with verification._one_blas_thread():
+            inside.wait()
+            release[i].wait(30)
+            seen.append(state["threads"])  # what this request's pairs ran with to the end
+
+    # daemons, and waits with a timeout: a failed assertion must not leave the run waiting on them
+    threads = [threading.Thread(target=request, args=(i,), daemon=True) for i in range(2)]
+    for t in threads:
+        t.start()
+    inside.wait()
+    assert state["threads"] == 1
+    release[0].set()  # the first to enter leaves first: the other still matches, at one thread
+    threads[0].join(30)
+    assert state["threads"] == 1
+    release[1].set()
+    threads[1].join(30)
+    assert state["threads"] == 2 and seen == [1, 1] and events == ["held", "restored"]
+    with verification._one_blas_thread():  # and again, alone
+        assert state["threads"] == 1
+    assert state["threads"] == 2 and events == ["held", "restored"] * 2
