@@ -248,8 +248,8 @@ _blas_limiter = None
 @contextmanager
 def _one_blas_thread():
     """BLAS at one thread while any caller is inside; the limit it had once the last one leaves. threadpoolctl's
-    own context restores what it found on entry: two of the service's requests matching at once would leave BLAS at
-    one thread for good when the first to enter left last."""
+    own context restores what it found on entry: of two service requests matching at once, the first in, leaving
+    first, would give BLAS its threads back under the other, which would then leave it at one thread for good."""
     global _blas_users, _blas_limiter
     from threadpoolctl import threadpool_limits
 
