@@ -207,9 +207,12 @@ class _Matcher:
                     asking, listed = np.unique(rows[group], return_inverse=True)
                     return group, self.inliers_many([found[r] for r in asking], candidate)[listed]
 
-                for group, counts in _in_threads(match, list(zip(held, groups[first:first + CANDIDATE_BATCH]))):
+                def record(result, start=start, rows=rows, columns=columns):
+                    group, counts = result
                     out[start + rows[group], columns[group]] = counts
                     bar.update(len(group))
+
+                _in_threads(match, list(zip(held, groups[first:first + CANDIDATE_BATCH])), record)
         bar.close()
         return out
 
@@ -226,18 +229,22 @@ def match_threads() -> int:
     return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
 
 
-def _in_threads(work, jobs: list):
-    """work(job) for each job, in order, on match_threads() threads with BLAS held to one thread each. A pair's
+def _in_threads(work, jobs: list, done) -> None:
+    """done(work(job)) for each job, in order, in the calling thread as each result comes (a progress bar moves
+    candidate by candidate), the work on match_threads() threads with BLAS held to one thread each. A pair's
     mutual neighbours and its homography (OpenCV lets go of the GIL) are one core's work; in one thread, BLAS's two
     threads sped up the product and left OpenCV's fitting and the argmaxes serial: twice the pairs a second on
     2 cores (benchmarks/dense_matcher.py), the same counts."""
     threads = min(match_threads(), len(jobs))
     if threads <= 1:
-        return [work(job) for job in jobs]
+        for job in jobs:
+            done(work(job))
+        return
     from concurrent.futures import ThreadPoolExecutor
 
     with _one_blas_thread(), ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(work, jobs))
+        for result in pool.map(work, jobs):
+            done(result)
 
 
 _blas_lock = threading.Lock()
@@ -431,7 +438,8 @@ class DenseMatcher(_Matcher):
 
 
 def mutual_neighbours(similarity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, their columns) that are each other's first argmax in `similarity`, rows ascending: the rows i with
+    """(rows, their columns) that are each other's first argmax in `similarity` (finite: a NaN is never a maximum
+    here, as it is to argmax), rows ascending: the rows i with
     similarity.argmax(0)[similarity.argmax(1)[i]] == i. Numpy's argmax down the columns (a strided pass) took 7 times
     as long as their max at 784 x 784, so the max screens the rows and argmax runs only on the columns they point at
     (the first of equal maxima wins, as in argmax(0))."""
