@@ -440,9 +440,9 @@ class DenseMatcher(_Matcher):
 def mutual_neighbours(similarity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rows, their columns) that are each other's first argmax in `similarity` (finite: a NaN is never a maximum
     here, as it is to argmax), rows ascending: the rows i with
-    similarity.argmax(0)[similarity.argmax(1)[i]] == i. Numpy's argmax down the columns (a strided pass) took 7 times
-    as long as their max at 784 x 784, so the max screens the rows and argmax runs only on the columns they point at
-    (the first of equal maxima wins, as in argmax(0))."""
+    similarity.argmax(0)[similarity.argmax(1)[i]] == i. Numpy's argmax down the columns is a strided pass, much
+    slower than their max, so the max screens the rows and argmax runs only on the columns they point at (the first
+    of equal maxima wins, as in argmax(0))."""
     forward = similarity.argmax(1)
     best = similarity[np.arange(len(forward)), forward]
     rows = np.flatnonzero(best == similarity.max(0)[forward])

@@ -334,7 +334,6 @@ def test_mutual_neighbours_are_the_rows_and_columns_that_are_each_others_first_a
     assert len(by_definition(cases[-1])[0]) > 0 and len(by_definition(tied)[0]) > 0
 
 
-
 def test_matching_from_several_threads_at_once_gives_blas_its_threads_back(monkeypatch):
     """The service matches several requests' shortlists at once; each holds BLAS to one thread while its pairs run
     on threads of their own. Whatever order they finish in, BLAS is held at one thread while any is inside and
