@@ -305,7 +305,11 @@ class TrainingLoop:
         # None: the best epoch was the checkpoint's own, whose weights are "model".
         self.best_state = state["best_model"] if state["best_model"] is not None else (
             copy.deepcopy(self.model.state_dict()) if self.best_epoch == state["epoch"] else None)
-        torch.set_rng_state(state["rng"])  # augmentations continue exactly as an uninterrupted run draws them
+        # augmentations (CPU) and dropout (the device's generator) continue exactly as an uninterrupted run draws
+        # them; map_location moved the saved states to the device, and set_rng_state takes CPU bytes only
+        torch.set_rng_state(state["rng"].cpu())
+        if self.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self.log(f"resuming the {spec.what} after epoch {state['epoch']}")
 
     def _save_checkpoint(self, epoch: int) -> None:
@@ -314,7 +318,9 @@ class TrainingLoop:
                       "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                       "scaler": self.scaler.state_dict(), "best": self.best, "best_epoch": self.best_epoch,
                       "bad": self.bad, "best_model": None if self.best_epoch == epoch else self.best_state,
-                      "rng": torch.get_rng_state()}, self.checkpoint_path,
+                      "rng": torch.get_rng_state(),
+                      "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+                     self.checkpoint_path,
                      f"the {self.settings.name} checkpoint of epoch {epoch}",
                      f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no epoch is kept")
         fault_point(spec.fault_point)
