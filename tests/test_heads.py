@@ -56,8 +56,9 @@ def test_finetune_checkpoints_and_resumes(small_index, tmp_path):
     first = train_finetune(index, epochs=1, batch_size=16, num_workers=0, device="cpu", progress=False, log=lambda m: None)
     assert (first.folder / "checkpoint.pt").is_file() and (first.folder / "backbone.pt").is_file()
     with pytest.raises(Exception, match="--resume"):
-        train_finetune(index, epochs=2, num_workers=0, progress=False, log=lambda m: None)
-    second = train_finetune(index, epochs=2, batch_size=16, num_workers=0, resume=True, progress=False, log=lambda m: None)
+        train_finetune(index, epochs=2, num_workers=0, device="cpu", progress=False, log=lambda m: None)
+    second = train_finetune(index, epochs=2, batch_size=16, num_workers=0, resume=True, device="cpu", progress=False,
+                            log=lambda m: None)
     assert list(second.history["epoch"]) == [1, 2]
     assert second.history.iloc[0].to_dict() == pytest.approx(first.history.iloc[0].to_dict())
     clf = load_classifier(index, "finetune")

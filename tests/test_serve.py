@@ -38,10 +38,20 @@ def strict_loads(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
+def skip_without_the_serve_extra():
+    """Tests of the running service skip, saying why, where the serve extra is not installed."""
+    from geoindex.serve import missing_packages
+
+    missing = missing_packages()
+    if missing:
+        pytest.skip(f"the serve extra is not installed ({', '.join(missing)}): pip install 'geoindex[serve]'")
+
+
 class ServerProcess:
     """`python -m geoindex.serve ...` on a free port; stopped with SIGTERM as a service manager would."""
 
     def __init__(self, *args, env=None, preexec_fn=None):
+        skip_without_the_serve_extra()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -338,6 +348,7 @@ def test_uploads_never_touch_the_disk(tiny_index, monkeypatch):
     import tempfile as tempfile_module
 
     import numpy as np
+    skip_without_the_serve_extra()
     import uvicorn
 
     from geoindex.serve.app import create_app
@@ -419,6 +430,7 @@ def test_help_says_how_to_run_behind_a_reverse_proxy():
 
 
 def test_unknown_index_is_one_line_and_no_traceback(tiny_index):
+    skip_without_the_serve_extra()
     _, index_dir = tiny_index
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "geoindex.serve", "--index", "nope", "--index-dir", str(index_dir),
@@ -426,6 +438,16 @@ def test_unknown_index_is_one_line_and_no_traceback(tiny_index):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "no index named 'nope'" in proc.stderr and "tiny" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_serve_without_its_extra_says_what_to_install_in_one_line(tmp_path):
+    script = ("import sys; sys.modules['uvicorn'] = None; from geoindex.cli import main; "
+              "main(['serve', '--index', 'any', '--index-dir', sys.argv[1]], prog_name='geoindex')")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "Error: geoindex serve needs its extra, and uvicorn is not installed: pip install 'geoindex[serve]'"]
 
 
 # ---------------------------------------------------------------------------- the micro-batcher alone
