@@ -130,3 +130,26 @@ def test_confusion_matrix_keeps_its_axis_labels_inside_the_picture(tmp_path):
     for text in (ax.yaxis.label, ax.xaxis.label, *ax.get_yticklabels(), *ax.get_xticklabels()):
         box = text.get_window_extent(renderer)
         assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1, (text.get_text(), box)
+
+
+def test_a_stage_estimate_leaves_the_first_batch_out(monkeypatch):
+    """The first batch pays for warming up (on a GPU a 13-second stage was once announced as "about 4 min"): the
+    estimate is the time so far plus what is left at the second batch's speed."""
+    from geoindex import build
+
+    clock = iter([0.0, 100.0, 101.0])  # started; first batch of 10 ends after 100 s; the second after 1 s more
+    monkeypatch.setattr(build.time, "perf_counter", lambda: next(clock))
+    said = []
+    estimate = build.StageEstimate(said.append, "trunk features", 1000)
+    estimate.seen(10)
+    assert said == []
+    estimate.seen(10)
+    assert said == ["trunk features: 1,000 photos, about 3 min in all at 10.0 photos/s"]  # 101 s + 980 / 10 s
+    estimate.seen(10)
+    assert len(said) == 1
+
+    monkeypatch.setattr(build.time, "perf_counter", lambda: 5.0)
+    whole = build.StageEstimate(said.append, "re-embedding", 8)
+    whole.seen(8)
+    whole.seen(0)
+    assert len(said) == 1  # one batch was the whole stage: nothing to estimate
