@@ -64,6 +64,26 @@ def _city_figures(index_path: Path) -> dict | None:
     return {"test_accuracy": accuracy, "knn": accuracy.get("knn"), "best": max(accuracy.values(), default=None)}
 
 
+def _save(args, argv, steps, record, failed, final: bool) -> dict:
+    from geoindex.locate import resolve_index_path
+
+    try:
+        city = _city_figures(resolve_index_path(args.name))
+    except Exception as error:  # noqa: BLE001 - no index (its build failed): the record says why
+        city = {"error": str(error)}
+    heldout_file = RESULTS / f"street_heldout_test{args.tag}.json"
+    heldout = json.loads(heldout_file.read_text())["figures"] if "heldout" in record and "heldout" not in failed \
+        and heldout_file.exists() else None
+    measured = [record[s]["seconds"] for s in ("build", "train") if "seconds" in record.get(s, {})]
+    payload = {"data": Path(args.data).name, "device": args.device, "finished": final,
+               "steps_asked": steps, "steps": record,
+               "build_plus_train_seconds": round(sum(measured), 1) if len(measured) == 2 else None,
+               "city": city, "street_heldout_test": heldout,
+               "command": "python benchmarks/pipeline_timing.py " + " ".join(_without_logs(argv or sys.argv[1:]))}
+    save(f"pipeline_timing{args.tag}", payload)
+    return payload
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
@@ -77,8 +97,6 @@ def main(argv=None):
     unknown = sorted(set(steps) - set(STEPS))
     if unknown:
         parser.error(f"unknown steps {unknown}; choose from {', '.join(STEPS)}")
-
-    from geoindex.locate import resolve_index_path
 
     logs = Path(args.logs or tempfile.mkdtemp(prefix="pipeline-timing-"))
     logs.mkdir(parents=True, exist_ok=True)
@@ -102,20 +120,9 @@ def main(argv=None):
             failed.add(step)
             record[step]["log_tail"] = tail
             print("\n".join("  | " + line for line in tail), flush=True)
-    try:
-        city = _city_figures(resolve_index_path(args.name))
-    except Exception as error:  # noqa: BLE001 - no index (its build failed): the record says why
-        city = {"error": str(error)}
-    heldout_file = RESULTS / f"street_heldout_test{args.tag}.json"
-    heldout = json.loads(heldout_file.read_text())["figures"] if "heldout" in steps and "heldout" not in failed \
-        and heldout_file.exists() else None
-    measured = [record[s]["seconds"] for s in ("build", "train") if "seconds" in record.get(s, {})]
-    payload = {"data": Path(args.data).name, "device": args.device, "steps": record,
-               "build_plus_train_seconds": round(sum(measured), 1) if len(measured) == 2 else None,
-               "city": city, "street_heldout_test": heldout,
-               "command": "python benchmarks/pipeline_timing.py " + " ".join(_without_logs(argv or sys.argv[1:]))}
+        _save(args, argv, steps, record, failed, final=False)  # a run stopped at a time limit keeps what finished
+    payload = _save(args, argv, steps, record, failed, final=True)
     print(json.dumps({k: payload[k] for k in ("build_plus_train_seconds", "city", "street_heldout_test")}, indent=2))
-    save(f"pipeline_timing{args.tag}", payload)
     return 1 if failed else 0
 
 

@@ -140,3 +140,25 @@ def test_street_rerank_benchmark_smoke(tmp_path):
             assert set(found["dense_rescoring"]["depths"]["10"]) == {"0", "0.03", "0.1", "0.3", "1"}
             # the ceiling of any re-ranking by the dense count: a share of queries
             assert 0 <= found["dense_rescoring"]["spot_outscores_lookalikes"] <= 1
+
+
+def test_pipeline_timing_records_each_step_and_skips_what_a_failed_step_feeds(tmp_path, tree):
+    env = {**os.environ, "GEOINDEX_BENCH_RESULTS": str(tmp_path / "results"), "GEOINDEX_HOME": str(tmp_path / "home")}
+
+    def timing(data, steps):
+        proc = subprocess.run([sys.executable, str(BENCH / "pipeline_timing.py"), "--data", str(data), "--name", "t",
+                               "--device", "cpu", "--steps", steps, "--logs", str(tmp_path / "logs")],
+                              capture_output=True, text=True, env=env, timeout=600)
+        return proc, json.loads((tmp_path / "results" / "pipeline_timing.json").read_text())
+
+    proc, results = timing(tree, "build")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert results["finished"] and results["steps"]["build"]["exit"] == 0 and results["steps"]["build"]["seconds"] > 0
+    assert (tmp_path / "home" / "t" / "manifest.json").is_file()
+    assert "--logs" not in results["command"] and str(tmp_path) not in results["command"]
+
+    proc, results = timing(tmp_path / "no-such-folder", "build,train,bench")
+    assert proc.returncode == 1
+    assert results["steps"]["build"]["exit"] != 0 and "no-such-folder" in "\n".join(results["steps"]["build"]["log_tail"])
+    assert results["steps"]["train"] == {"skipped": "build failed"} and results["steps"]["bench"] == {"skipped":
+                                                                                                     "train failed"}
