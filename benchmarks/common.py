@@ -39,6 +39,20 @@ def machine() -> dict:
     return info
 
 
+def without_option(args: list, option: str) -> list:
+    """A command's arguments less `option` and its value (`--opt V` or `--opt=V`): for an option that changes no
+    figure, such as where logs went, and would put a machine's folder into a committed result."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
+
+
 class Timer:
     def __enter__(self):
         self.start = time.perf_counter()

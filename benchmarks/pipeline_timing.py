@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, save  # noqa: E402
+from benchmarks.common import RESULTS, save, without_option  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("build", "train", "heldout", "bench")
@@ -40,19 +40,6 @@ def _command(step: str, args) -> list[str]:
         return ["-m", "geoindex.cli", "bench", "--index", args.name, *device]
     # the acceptance path: its own `build --features-from` and `query` run on the device auto picks
     return [str(Path(__file__).with_name("street_heldout.py")), "--index", args.name, f"--tag={args.tag}"]
-
-
-def _without_logs(args: list) -> list:
-    """The arguments less --logs: where the logs went changes no figure and names a machine's folder."""
-    out, skip = [], False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg == "--logs":
-            skip = True
-        elif not arg.startswith("--logs="):
-            out.append(arg)
-    return out
 
 
 def _city_figures(index_path: Path) -> dict | None:
@@ -79,7 +66,7 @@ def _save(args, argv, steps, record, failed, final: bool) -> dict:
                "steps_asked": steps, "steps": record,
                "build_plus_train_seconds": round(sum(measured), 1) if len(measured) == 2 else None,
                "city": city, "street_heldout_test": heldout,
-               "command": "python benchmarks/pipeline_timing.py " + " ".join(_without_logs(argv or sys.argv[1:]))}
+               "command": "python benchmarks/pipeline_timing.py " + " ".join(without_option(argv or sys.argv[1:], "--logs"))}
     save(f"pipeline_timing{args.tag}", payload)
     return payload
 

@@ -32,21 +32,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import save  # noqa: E402
-
-
-def _without_workdir(args: list) -> list:
-    """The command's arguments less --workdir: where the CSVs and logs went changes no figure, and a machine's
-    folder does not belong in a committed result."""
-    out, skip = [], False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg == "--workdir":
-            skip = True
-        elif not arg.startswith("--workdir="):
-            out.append(arg)
-    return out
+from benchmarks.common import save, without_option  # noqa: E402
 
 
 def main(argv=None):
@@ -124,7 +110,7 @@ def main(argv=None):
     print(json.dumps(figures, indent=2))
     save(f"street_heldout_{args.split}{args.tag}", {"index": args.index, "split": args.split, "gallery": args.gallery,
                                           "figures": figures,
-                                          "command": "python benchmarks/street_heldout.py " + " ".join(_without_workdir(argv or sys.argv[1:]))})
+                                          "command": "python benchmarks/street_heldout.py " + " ".join(without_option(argv or sys.argv[1:], "--workdir"))})
 
 
 if __name__ == "__main__":
