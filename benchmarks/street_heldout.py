@@ -36,13 +36,16 @@ from benchmarks.common import save, without_option  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # an abbreviated --workdir would escape without_option
     parser.add_argument("--index", required=True)
     parser.add_argument("--index-dir", default=None)
     parser.add_argument("--split", default="test", choices=("test", "val"))
     parser.add_argument("--gallery", default="all", choices=("all", "split"))
     parser.add_argument("--tag", default="", help="appended to the results file's name")
     parser.add_argument("--workdir", default=None, help="where the CSVs and logs go [default: a temporary folder]")
+    parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
+                        help="for its build and query [default: theirs]")
     args = parser.parse_args(argv)
 
     from geoindex.geo_index import load_index
@@ -76,6 +79,7 @@ def main(argv=None):
         for step, command in (("build", ["build", "--data", str(workdir / "gallery.csv"), "--features-from",
                                          str(path), "--name", gallery_name, "--overwrite"]),
                               ("query", ["query", "--index", gallery_name, "--json", str(workdir / "queries.csv")])):
+            command += ["--device", args.device] if args.device else []
             print("$ geoindex " + " ".join(command), flush=True)
             started = time.perf_counter()
             done = subprocess.run([sys.executable, "-m", "geoindex.cli", *command], env=env,

@@ -271,30 +271,39 @@ def _is_disk_full(exc: BaseException) -> bool:
 
 
 class StageEstimate:
-    """Says once, after the second batch, about how long a stage of `total` photos will take. The speed is the
-    second batch's: the first pays for warming up (a CUDA context and its kernel choice, loader workers
-    starting), which on a GPU made a 13-second stage read "about 4 min"."""
+    """Says once, early in a stage of `total` photos, about how long the whole stage will take: the time so far
+    plus what is left at the speed measured since the first batch ended. The first batch pays for warming up (a
+    CUDA context and its kernel choice, loader workers starting), which on a GPU made a 13-second stage read
+    "about 4 min"; and the speed is taken over at least MEASURE_S seconds, since the loader's workers decode the
+    next batches while the first is computed, which would flatter a single batch."""
 
-    def __init__(self, log: Callable[[str], None], what: str, total: int):
-        self.log, self.what, self.total = log, what, total
-        self.started, self.done = time.perf_counter(), 0
-        self.warm: tuple[float, int] | None = None  # (time, photos) when the first batch ended
+    MEASURE_S = 3.0
+
+    def __init__(self, log: Callable[[str], None], what: str, total: int, clock: Callable[[], float] = time.perf_counter):
+        self.log, self.what, self.total, self.clock = log, what, total, clock
+        self.started, self.done = clock(), 0
+        self.first_batch_end: tuple[float, int] | None = None  # (time, photos done)
         self.said = total == 0
 
     def seen(self, photos: int) -> None:
         self.done += photos
-        if self.said:
+        if self.said or photos == 0:
             return
-        now = time.perf_counter()
-        if self.warm is None:
-            self.warm = (now, self.done)
-            self.said = self.done >= self.total  # one batch was the whole stage: nothing left to estimate
+        if self.done >= self.total:  # the stage ended before a speed could be measured: nothing left to say
+            self.said = True
+            return
+        now = self.clock()
+        if self.first_batch_end is None:
+            self.first_batch_end = (now, self.done)
+            return
+        since, done_then = self.first_batch_end
+        if now - since < self.MEASURE_S:
             return
         self.said = True
-        rate = (self.done - self.warm[1]) / max(now - self.warm[0], 1e-6)
+        rate = (self.done - done_then) / (now - since)
         seconds = now - self.started + (self.total - self.done) / rate
         took = f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
-        self.log(f"{self.what}: {self.total:,} photos, about {took} in all at {rate:.1f} photos/s")
+        self.log(f"{self.what}: {self.total:,} photos, about {took} at {rate:.1f} photos/s")
 
 
 def _new_assembly(paths: BuildPaths) -> Path:

@@ -156,6 +156,8 @@ def test_pipeline_timing_records_each_step_and_skips_what_a_failed_step_feeds(tm
     assert results["finished"] and results["steps"]["build"]["exit"] == 0 and results["steps"]["build"]["seconds"] > 0
     assert (tmp_path / "home" / "t" / "manifest.json").is_file()
     assert "--logs" not in results["command"] and str(tmp_path) not in results["command"]
+    assert str(tree) not in results["command"] and f"--data {tree.name} " in results["command"]
+    assert results["city"] is None and results["street_heldout_test"] is None  # bench and heldout did not run
 
     proc, results = timing(tmp_path / "no-such-folder", "build,train,bench")
     assert proc.returncode == 1

@@ -40,11 +40,11 @@ def strict_loads(text: str):
 
 def skip_without_the_serve_extra():
     """Tests of the running service skip, saying why, where the serve extra is not installed."""
-    from geoindex.serve import missing_packages
+    from geoindex.serve import INSTALL_HINT, missing_packages
 
     missing = missing_packages()
     if missing:
-        pytest.skip(f"the serve extra is not installed ({', '.join(missing)}): pip install 'geoindex[serve]'")
+        pytest.skip(f"the serve extra is not installed ({', '.join(missing)}): {INSTALL_HINT}")
 
 
 class ServerProcess:
@@ -440,14 +440,17 @@ def test_unknown_index_is_one_line_and_no_traceback(tiny_index):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_serve_without_its_extra_says_what_to_install_in_one_line(tmp_path):
-    script = ("import sys; sys.modules['uvicorn'] = None; from geoindex.cli import main; "
+@pytest.mark.parametrize("blocked", [("uvicorn",), ("fastapi", "uvicorn", "python_multipart")])
+def test_serve_without_its_extra_says_what_to_install_in_one_line(tmp_path, blocked):
+    script = ("import sys; sys.modules.update(dict.fromkeys(sys.argv[2:])); from geoindex.cli import main; "
               "main(['serve', '--index', 'any', '--index-dir', sys.argv[1]], prog_name='geoindex')")
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path), *blocked], capture_output=True, text=True,
+                          timeout=120,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    named = "uvicorn is" if len(blocked) == 1 else "fastapi, uvicorn, python-multipart are"
     assert proc.stderr.strip().splitlines() == [
-        "Error: geoindex serve needs its extra, and uvicorn is not installed: pip install 'geoindex[serve]'"]
+        f"Error: geoindex serve needs its extra, and {named} not installed: pip install 'geoindex[serve]'"]
 
 
 # ---------------------------------------------------------------------------- the micro-batcher alone

@@ -8,18 +8,20 @@ arrive together in one model call, `app` is the FastAPI app, `cli` the click com
 imports torch or FastAPI at import time, so `geoindex --help` stays fast.
 """
 
-# the serve extra's modules that `geoindex serve` cannot run without (python-multipart is imported as either name)
-REQUIRED_MODULES = {"fastapi": ("fastapi",), "uvicorn": ("uvicorn",), "python-multipart": ("python_multipart", "multipart")}
+# the serve extra's packages that `geoindex serve` cannot run without, and the module each is imported as
+REQUIRED_MODULES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python-multipart": "python_multipart"}
+INSTALL_HINT = "pip install 'geoindex[serve]'"
 
 
 def missing_packages() -> list[str]:
-    """The serve extra's packages that are not installed (distribution names, for pip)."""
-    import sys
-    from importlib.util import find_spec
+    """The serve extra's packages that do not import (distribution names, for pip). Imported, not looked up: one
+    installed but broken (a dependency of it missing) must be named here, not fail later with a traceback."""
+    import importlib
 
-    def installed(module: str) -> bool:
-        if module in sys.modules:  # imported already, or None where an import of it was blocked
-            return sys.modules[module] is not None
-        return find_spec(module) is not None
-
-    return [package for package, modules in REQUIRED_MODULES.items() if not any(map(installed, modules))]
+    missing = []
+    for package, module in REQUIRED_MODULES.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    return missing

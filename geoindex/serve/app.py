@@ -31,6 +31,7 @@ from ..jsonio import jsonable
 from ..layout import MANIFEST
 from ..verification import LocalFeatures, shared_dense_matcher, shared_verifier
 from ..verification import cache_stats as feature_cache_stats
+from . import INSTALL_HINT
 from .batching import MicroBatcher, QueueFull
 from .uploads import (MULTIPART_OVERHEAD, ByteBudget, ClientGone, Costly, UploadError, decode_image, read_body,
                       split_uploads)
@@ -628,7 +629,7 @@ def _docs_page(app, root: str):
 
     if _swagger_ui_assets() is None:  # an install without the serve extra's fastapi-offline: a page needing nothing
         return HTMLResponse(f"<!doctype html><title>geoindex API</title><h1>geoindex API</h1><p>Swagger UI is not "
-                            f"installed (pip install -e '.[serve]'); the API's description is "
+                            f"installed ({INSTALL_HINT}); the API's description is "
                             f"<a href='{root}{app.openapi_url}'>{app.openapi_url}</a> (OpenAPI JSON).</p>")
     return get_swagger_ui_html(openapi_url=f"{root}{app.openapi_url}", title="geoindex API",
                                swagger_js_url=f"{root}/static/swagger/swagger-ui-bundle.js",

@@ -113,13 +113,12 @@ def serve(index_name, index_dir, host, port, workers, max_upload_mb, max_request
     embedded together (dynamic micro-batching). Nothing from an upload is written to disk.
     """
     from ..errors import GeoindexError
-    from . import missing_packages
+    from . import INSTALL_HINT, missing_packages
 
     missing = missing_packages()
     if missing:
         raise click.ClickException(f"geoindex serve needs its extra, and {', '.join(missing)} "
-                                   f"{'is' if len(missing) == 1 else 'are'} not installed: "
-                                   "pip install 'geoindex[serve]'")
+                                   f"{'is' if len(missing) == 1 else 'are'} not installed: {INSTALL_HINT}")
     config = ServeConfig(host=host, port=port, workers=workers, max_upload_mb=max_upload_mb,
                          max_request_mb=max_request_mb, max_inflight_mb=max_inflight_mb, max_files=max_files,
                          max_pixels=max_pixels, reload_check_s=reload_check_s, max_batch=max_batch,
